@@ -1,0 +1,129 @@
+"""The timing harness shared by every benchmark script.
+
+Each script compares implementations of one op side by side in one run - the eager reference,
+``torch.compile`` of it, and each fast backend - and prints one table row per (implementation, size)
+with the median time, peak memory and, where the script gives the bytes the op must move, achieved
+GB/s. ``--json PATH`` appends the rows to a JSON-lines file that ``BENCHMARKS.md`` is written from.
+
+GPU timing uses CUDA events around each call after warm-up, median of many repeats; CPU timing uses
+``time.perf_counter`` the same way. Peak memory is ``torch.cuda.max_memory_allocated`` over one call,
+minus what was allocated before it (the inputs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, List, Optional
+
+import torch
+
+
+@dataclass
+class Row:
+    op: str
+    impl: str
+    size: str
+    ms: Optional[float]  # None: the implementation failed or is unavailable; see note
+    peak_mb: Optional[float] = None
+    gbps: Optional[float] = None
+    note: str = ""
+    device: str = ""
+    date: str = field(default_factory=lambda: datetime.date.today().isoformat())
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def time_fn(fn: Callable[[], object], device: str, warmup: int = 5, reps: int = 50, max_s: float = 2.0) -> float:
+    """Median milliseconds of ``fn()`` (which must do all its work, forward and backward)."""
+    for _ in range(warmup):
+        fn()
+    times: List[float] = []
+    budget = time.perf_counter() + max_s
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+            if time.perf_counter() > budget and len(times) >= 5:
+                break
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+            if time.perf_counter() > budget and len(times) >= 5:
+                break
+    return statistics.median(times)
+
+
+def peak_mb(fn: Callable[[], object], device: str) -> Optional[float]:
+    if not device.startswith("cuda"):
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def measure(op: str, impl: str, size: str, fn: Callable[[], object], device: str, nbytes: Optional[int] = None, **kw) -> Row:
+    """Time ``fn`` and build its row; an exception becomes a row with the error as its note."""
+    try:
+        ms = time_fn(fn, device, **kw)
+        mb = peak_mb(fn, device)
+    except Exception as e:  # a failing implementation is reported, not hidden
+        return Row(op, impl, size, None, note=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}", device=device_name(device))
+    gbps = nbytes / (ms * 1e-3) / 1e9 if nbytes else None
+    return Row(op, impl, size, ms, mb, gbps, device=device_name(device))
+
+
+def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> Optional[float]:
+    """Measured device-to-device copy bandwidth in GB/s (bytes read + written), the ceiling for
+    memory-bound kernels."""
+    if not device.startswith("cuda"):
+        return None
+    src = torch.empty(nbytes // 4, device=device, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    ms = time_fn(lambda: dst.copy_(src), device, warmup=3, reps=20)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", default=None, help="append rows as JSON lines to this file")
+    p.add_argument("--quick", action="store_true", help="fewer sizes and repeats (smoke run)")
+    return p
+
+
+def report(rows: List[Row], json_path: Optional[str] = None, baseline: str = "eager") -> None:
+    """Print a table (with speed-up over ``baseline`` for the same op and size) and save JSON lines."""
+    base = {(r.op, r.size): r.ms for r in rows if r.impl == baseline and r.ms}
+    print(f"{'op':<14}{'impl':<16}{'size':<22}{'ms':>10}{'x ' + baseline:>10}{'peak MB':>10}{'GB/s':>9}  note")
+    for r in rows:
+        ms = f"{r.ms:.4f}" if r.ms is not None else "-"
+        sp = f"{base[(r.op, r.size)] / r.ms:.2f}" if r.ms and base.get((r.op, r.size)) else "-"
+        mb = f"{r.peak_mb:.1f}" if r.peak_mb is not None else "-"
+        gb = f"{r.gbps:.0f}" if r.gbps is not None else "-"
+        print(f"{r.op:<14}{r.impl:<16}{r.size:<22}{ms:>10}{sp:>10}{mb:>10}{gb:>9}  {r.note}")
+    sys.stdout.flush()
+    if json_path:
+        with open(json_path, "a") as f:
+            for r in rows:
+                f.write(json.dumps(asdict(r)) + "\n")

@@ -1,0 +1,1 @@
+"""Triton kernels of tldr_fast (installed as ``tldr_fast.kernels``)."""

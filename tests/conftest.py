@@ -1,0 +1,31 @@
+"""Shared fixtures. Importing tests.helpers first sets up the Triton interpreter when there is no GPU."""
+
+import os
+
+import pytest
+import torch
+
+from tests.helpers import FAST_BACKENDS, HAS_CUDA, backend_or_skip
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=FAST_BACKENDS)
+def fast(request):
+    """Each fast backend in turn (skipped where it cannot run), on the test device."""
+    return backend_or_skip(request.param)
+
+
+@pytest.fixture
+def gen():
+    """A fresh generator: every run draws new inputs; the seed is printed on failure."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"input seed: {seed}")
+    return torch.Generator().manual_seed(seed)

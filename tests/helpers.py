@@ -1,0 +1,55 @@
+"""Helpers shared by the tests.
+
+Without a GPU, Triton kernels run under the interpreter (TRITON_INTERPRET=1, fp32, small shapes): that
+must be set before triton is first imported, so this module, imported by conftest, sets it. Fused
+kernels fill their outputs with NaN before writing when TLDR_FAST_POISON=1, so that an element a
+kernel forgot to write shows up. GPU-only tests carry ``@pytest.mark.gpu`` and are skipped, not
+failed, without CUDA.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["TLDR_FAST_POISON"] = "1"
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+FAST_BACKENDS = ("triton", "cuda")
+
+
+def backend_or_skip(name: str, device: str = DEVICE):
+    """The backend's own ops (no fallback to another backend), or a pytest skip saying why it cannot
+    run here."""
+    from tldr_fast.backends import BackendUnavailable, resolve
+
+    try:
+        return resolve(name, device, fallback=False)
+    except BackendUnavailable as e:
+        pytest.skip(f"backend {name!r} unavailable on {device}: {e}")
+
+
+def rand(gen, *shape, dtype=torch.float32, device=DEVICE, scale=1.0):
+    """Standard normal values drawn on the CPU from ``gen`` (so a seed reproduces them anywhere)."""
+    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+
+def assert_close(actual, expected, rtol=2e-5, atol=1e-6, what=""):
+    """fp32 tolerance: about 1e-5 relative; every element finite (poisoned outputs are NaN)."""
+    assert torch.isfinite(actual).all(), f"{what}: non-finite elements (unwritten output?)"
+    torch.testing.assert_close(
+        actual.float().cpu(), expected.float().cpu(), rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}"
+    )
+
+
+def assert_low_precision_close(actual, reference_lp, reference_hp, slack=2.0, atol=1e-6, what=""):
+    """bf16/fp16: our error against a high-precision reference is at most ``slack`` times the
+    reference's own low-precision error (elementwise bound on norms)."""
+    assert torch.isfinite(actual).all(), f"{what}: non-finite elements"
+    hp = reference_hp.double().cpu()
+    ours = (actual.double().cpu() - hp).norm()
+    theirs = (reference_lp.double().cpu() - hp).norm()
+    assert ours <= slack * theirs + atol * (1 + hp.norm()), f"{what}: error {ours:.3g} vs reference's own {theirs:.3g}"

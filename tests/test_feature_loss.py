@@ -1,0 +1,128 @@
+"""feature_loss: the closed forms against the B x B definitions, and fast backends against them."""
+
+import pytest
+import torch
+
+from tldr_fast import reference as ref
+from tests.helpers import DEVICE, assert_close, assert_low_precision_close, rand
+
+
+def naive_feature_terms(phi):
+    """The definitions of DESIGN.md, with the B x B matrices the closed forms avoid."""
+    b = phi.shape[0]
+    u = phi / phi.norm(dim=1, keepdim=True)
+    sim = u @ u.t()
+    cos = sum(sim[i, j] for i in range(b) for j in range(b) if i != j) / (b * (b - 1))
+    ortho = (phi @ phi.t() - torch.eye(b, dtype=phi.dtype)).square().sum() / b**2
+    return torch.stack([cos, ortho])
+
+
+@pytest.mark.parametrize("b,d", [(6, 3), (4, 9), (2, 2)])  # both Gram branches (D < B, D > B)
+def test_reference_matches_definitions(gen, b, d):
+    phi = rand(gen, b, d, dtype=torch.float64, device="cpu").requires_grad_(True)
+    w = torch.rand(2, generator=gen, dtype=torch.float64) + 0.5
+    loss, terms = ref.feature_loss(phi, w)
+    naive = naive_feature_terms(phi)
+    torch.testing.assert_close(terms, naive.detach(), rtol=1e-10, atol=1e-12)
+    g = torch.autograd.grad(loss, phi)[0]
+    g_naive = torch.autograd.grad((w * naive).sum(), phi)[0]
+    torch.testing.assert_close(g, g_naive, rtol=1e-10, atol=1e-12)
+
+
+def test_reference_gradients_match_the_derivations(gen):
+    """dOrtho/dPhi = 4 (Phi Phi^T Phi - Phi) / B^2 and dCos/du_i = 2 (S - u_i) / (B (B-1))."""
+    b, d = 8, 5
+    phi = rand(gen, b, d, dtype=torch.float64, device="cpu").requires_grad_(True)
+    g_ortho = torch.autograd.grad(ref.feature_loss(phi, torch.tensor([0.0, 1.0], dtype=torch.float64))[0], phi)[0]
+    p = phi.detach()
+    torch.testing.assert_close(g_ortho, 4 * (p @ (p.t() @ p) - p) / b**2)
+    g_cos = torch.autograd.grad(ref.feature_loss(phi, torch.tensor([1.0, 0.0], dtype=torch.float64))[0], phi)[0]
+    norm = p.norm(dim=1, keepdim=True)
+    u = p / norm
+    du = 2 * (u.sum(0, keepdim=True) - u) / (b * (b - 1))
+    torch.testing.assert_close(g_cos, (du - u * (u * du).sum(1, keepdim=True)) / norm)
+
+
+@pytest.mark.parametrize("b,d", [(5, 3), (3, 7)])
+def test_reference_gradcheck(gen, b, d):
+    phi = rand(gen, b, d, dtype=torch.float64, device="cpu").requires_grad_(True)
+    w = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda f: ref.feature_loss(f, w)[0], (phi,))
+
+
+SHAPES = [(37, 3), (5, 64), (37, 300), (2, 64), (300, 64), (129, 17)]  # (B, D): D < B and D > B
+
+
+def check_backend(fast, phi, w, **tol):
+    upstream = 1.7
+    out = []
+    for impl in (ref.feature_loss, fast.feature_loss):
+        f = phi.detach().clone().requires_grad_(True)
+        loss, terms = impl(f, w)
+        (loss * upstream).backward()
+        out.append((loss, terms, f.grad))
+    (l0, t0, g0), (l1, t1, g1) = out
+    assert l1.dtype == torch.float32 and t1.shape == (2,)
+    # Cos is a difference of O(B^2) sums: judge it against the size of those sums
+    assert_close(t1, t0, what="terms", **tol)
+    assert_close(l1, l0, what="loss", **tol)
+    assert_close(g1, g0, what="d/dfeatures", **tol)
+
+
+@pytest.mark.parametrize("b,d", SHAPES)
+def test_fast_matches_reference(fast, gen, b, d):
+    phi = rand(gen, b, d) + 0.3  # a common direction, as real features have: Cos well away from 0
+    w = (torch.rand(2, generator=gen) + 0.5).to(DEVICE)
+    check_backend(fast, phi, w, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("term", range(2))
+def test_fast_each_term_gradient(fast, gen, term):
+    phi = rand(gen, 23, 19)
+    w = torch.zeros(2, device=DEVICE)
+    w[term] = 1.0
+    check_backend(fast, phi, w, rtol=2e-5, atol=2e-6)
+
+
+def test_fast_zero_row_is_finite(fast, gen):
+    """A dead feature row (all zeros, as after a ReLU) must not produce NaN: the norm is clamped."""
+    phi = rand(gen, 9, 16)
+    phi[3] = 0
+    w = torch.ones(2, device=DEVICE)
+    check_backend(fast, phi, w, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b,d", [(1024, 256), (8191, 300), (65536, 256), (300, 4096)])
+def test_fast_low_precision(fast, gen, dtype, b, d):
+    phi = (rand(gen, b, d) + 0.3).to(dtype)
+    w = torch.tensor([1.0, 0.01], device=DEVICE)
+    res = {}
+    for name, impl, x in (("hp", ref.feature_loss, phi.double()), ("ref_lp", ref.feature_loss, phi), ("ours", fast.feature_loss, phi)):
+        f = x.detach().clone().requires_grad_(True)
+        loss, terms = impl(f, w.to(x.dtype) if name == "hp" else w)
+        loss.backward()
+        res[name] = (terms, f.grad)
+    for i, what in enumerate(("terms", "d/dfeatures")):
+        ours, lp_ref, hp = res["ours"][i], res["ref_lp"][i], res["hp"][i]
+        assert_low_precision_close(ours, lp_ref, hp, slack=2.0, atol=1e-5, what=what)
+
+
+@pytest.mark.gpu
+def test_fast_under_torch_compile_fullgraph(fast, gen):
+    phi = rand(gen, 513, 64)
+    w = torch.tensor([1.0, 0.1], device=DEVICE)
+
+    def block(f):
+        loss, terms = fast.feature_loss(f.relu(), w)
+        return loss, terms
+
+    f1 = phi.clone().requires_grad_(True)
+    loss, terms = torch.compile(block, fullgraph=True)(f1)
+    loss.backward()
+    f2 = phi.clone().requires_grad_(True)
+    loss2, terms2 = block(f2)
+    loss2.backward()
+    assert_close(terms, terms2, what="terms")
+    assert_close(f1.grad, f2.grad, what="d/dfeatures")

@@ -1,0 +1,220 @@
+"""The reference implementation of every op, in plain PyTorch.
+
+This module is the oracle of the test suite: each fused kernel (``kernels/``, Triton) and each op of
+the C++/CUDA extension (``csrc/``) computes exactly these functions, with the same names, arguments
+and return values. Formulas are those of ``DESIGN.md`` section 2; autograd provides the gradients.
+
+Every loss op follows one contract so that all backends are interchangeable::
+
+    loss, terms = op(inputs..., weights)
+
+``terms`` is a detached fp32 vector of the unweighted loss terms (for logging), ``loss`` the fp32
+scalar ``sum(weights * terms)`` through which gradients flow. ``weights`` is an fp32 tensor on the
+inputs' device, so schedules change it without a recompile or a host sync.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+HEAD_TERMS = ("ce", "kl", "ce_pert", "kl_pert", "grad_norm")
+FEATURE_TERMS = ("cos", "ortho")
+PRIOR_TERMS = ("tv", "pix")
+PERTURBATIONS = ("rademacher", "uniform", "gaussian")
+
+# Features are divided by max(||phi||, NORM_EPS), as F.normalize does.
+NORM_EPS = 1e-12
+
+
+def _acc(t: Tensor) -> Tensor:
+    """The accumulation dtype: fp64 stays fp64 (for gradcheck), everything else computes in fp32."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def head_loss(
+    logits: Tensor,
+    target: Tensor,
+    labels: Tensor,
+    features: Optional[Tensor],
+    weights: Tensor,
+    head_bias: bool = True,
+) -> Tuple[Tensor, Tensor]:
+    """CE, KL(c||p) on clean and perturbed logits, and the closed-form head grad-norm.
+
+    Args:
+        logits: ``[N, K]`` with N = B (clean only) or 2B (clean rows first, then perturbed).
+        target: ``[B, K]`` conditioning distribution ``c`` (one-hot for hot conditioning).
+        labels: ``[B]`` int64 class of each sample (``argmax c``).
+        features: ``[B, D]`` penultimate features of the clean images (input of the linear head),
+            or None to skip the grad-norm term.
+        weights: ``[5]`` fp32 weights of ``HEAD_TERMS``.
+        head_bias: whether the linear head has a bias (adds ``||d CE/db||^2``).
+
+    Returns:
+        ``(loss [], terms [5])``: ce, kl, ce_pert, kl_pert, grad_norm (0 where not computed).
+
+    The grad-norm is ``||grad_theta H(c, p)||_2`` over the head's weight W and bias b, where
+    ``H(c, p) = -(1/B) sum_i sum_k c_ik log p_ik`` (the CE for hot c). With ``E = P - C``:
+    ``grad_W = E^T Phi / B``, ``grad_b = sum_i e_i / B``.
+    """
+    n, k = logits.shape
+    b = target.shape[0]
+    logp = F.log_softmax(_acc(logits), dim=1)  # [N, K]
+    c = target.to(logp.dtype)
+    zero = logp.new_zeros(())
+
+    def ce_kl(lp: Tensor) -> Tuple[Tensor, Tensor]:
+        ce = -lp.gather(1, labels[:, None]).mean()
+        # 0 * log 0 = 0: xlogy gives exactly that.
+        kl = (torch.xlogy(c, c) - c * lp).sum(1).mean()
+        return ce, kl
+
+    ce, kl = ce_kl(logp[:b])
+    ce_p, kl_p = ce_kl(logp[b:]) if n == 2 * b else (zero, zero)
+    gn = zero
+    if features is not None:
+        e = logp[:b].exp() - c  # [B, K]
+        g = e.t() @ features.to(logp.dtype)  # [K, D]
+        s = g.square().sum()
+        if head_bias:
+            s = s + e.sum(0).square().sum()
+        gn = s.sqrt() / b
+    terms = torch.stack([ce, kl, ce_p, kl_p, gn])
+    return (weights.to(terms.dtype) * terms).sum(), terms.detach()
+
+
+def feature_loss(features: Tensor, weights: Tensor) -> Tuple[Tensor, Tensor]:
+    """Batch diversity: mean pairwise cosine similarity and orthogonality of penultimate features.
+
+    Args:
+        features: ``[B, D]`` with B >= 2.
+        weights: ``[2]`` fp32 weights of ``FEATURE_TERMS``.
+
+    Returns:
+        ``(loss [], terms [2])``: ``Cos = (||sum_i u_i||^2 - B) / (B(B-1))`` with
+        ``u_i = phi_i / ||phi_i||``; ``Ortho = ||Phi^T Phi||_F^2 - 2||Phi||_F^2 + B`` over ``B^2``
+        (equal to ``||Phi Phi^T - I||_F^2 / B^2``), with the smaller Gram matrix.
+    """
+    phi = _acc(features)
+    b, d = phi.shape
+    u = phi / phi.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+    cos = (u.sum(0).square().sum() - b) / (b * (b - 1))
+    gram = phi.t() @ phi if d <= b else phi @ phi.t()  # [D, D] or [B, B]: same Frobenius norm
+    ortho = (gram.square().sum() - 2 * phi.square().sum() + b) / (b * b)
+    terms = torch.stack([cos, ortho])
+    return (weights.to(terms.dtype) * terms).sum(), terms.detach()
+
+
+def image_prior(images: Tensor, weights: Tensor, lo: float = -1.0, hi: float = 1.0) -> Tuple[Tensor, Tensor]:
+    """Total variation and pixel-range penalty of a batch of images.
+
+    Args:
+        images: ``[B, C, H, W]``.
+        weights: ``[2]`` fp32 weights of ``PRIOR_TERMS``.
+        lo, hi: the valid pixel range.
+
+    Returns:
+        ``(loss [], terms [2])``: ``TV = (1/B) sum dh^2 + dw^2`` (squared differences of vertical
+        and horizontal neighbours), ``Pix = sum relu(x - hi) + relu(lo - x)`` (a sum, as DESIGN.md
+        writes it, not a mean).
+    """
+    x = _acc(images)
+    b = x.shape[0]
+    tv = ((x[:, :, 1:, :] - x[:, :, :-1, :]).square().sum() + (x[:, :, :, 1:] - x[:, :, :, :-1]).square().sum()) / b
+    pix = F.relu(x - hi).sum() + F.relu(lo - x).sum()
+    terms = torch.stack([tv, pix])
+    return (weights.to(terms.dtype) * terms).sum(), terms.detach()
+
+
+def perturb_noise(shape: torch.Size, kind: str, generator: torch.Generator, device, dtype=torch.float32) -> Tensor:
+    """Noise ``s`` of a perturbation: Rademacher (+-1), uniform in [-1, 1] or standard Gaussian."""
+    if kind == "rademacher":
+        return torch.randint(0, 2, shape, generator=generator, device=device).to(dtype) * 2 - 1
+    if kind == "uniform":
+        return torch.rand(shape, generator=generator, device=device, dtype=dtype) * 2 - 1
+    if kind == "gaussian":
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    raise ValueError(f"unknown perturbation {kind!r}; expected one of {PERTURBATIONS}")
+
+
+def perturb(images: Tensor, eps: float, lo: float, hi: float, kind: str, seed: int) -> Tensor:
+    """``clip(x + eps * s, lo, hi)`` with noise ``s`` of the given kind drawn from ``seed``.
+
+    Args:
+        images: ``[B, C, H, W]`` (any shape works).
+        eps: absolute perturbation size, in the images' units.
+        lo, hi: clipping range.
+        kind: one of ``PERTURBATIONS``.
+        seed: the noise is a deterministic function of (seed, shape, device).
+
+    The gradient w.r.t. ``images`` is 1 where the clip is inactive and 0 where it clips.
+    Backends draw their noise from their own generators: the same seed gives the same images within
+    one backend, not across backends.
+    """
+    gen = torch.Generator(device=images.device).manual_seed(int(seed))
+    x = _acc(images)
+    s = perturb_noise(images.shape, kind, gen, images.device, x.dtype)
+    return (x + eps * s).clamp(lo, hi).to(images.dtype)
+
+
+def grad_norm_full(logits: Tensor, target: Tensor, params) -> Tensor:
+    """``||grad_theta H(c, p)||_2`` over all classifier parameters, by double backward.
+
+    Args:
+        logits: ``[B, K]`` clean logits, part of a graph that reaches ``params``.
+        target: ``[B, K]`` conditioning distribution.
+        params: the classifier's parameters (with ``requires_grad``).
+
+    Returns a differentiable scalar (``create_graph=True``).
+    """
+    logp = F.log_softmax(_acc(logits), dim=1)
+    h = -(target.to(logp.dtype) * logp).sum(1).mean()
+    grads = torch.autograd.grad(h, params, create_graph=True, allow_unused=True)
+    return torch.sqrt(sum(_acc(g).square().sum() for g in grads if g is not None))
+
+
+# SSIM constants: scikit-image's defaults (uniform 7x7 window, K1, K2, sample covariance).
+SSIM_WIN = 7
+SSIM_K1 = 0.01
+SSIM_K2 = 0.03
+
+
+def pairwise_ssim(a: Tensor, b: Tensor, data_range: float = 1.0) -> Tensor:
+    """SSIM of every image of ``a`` against every image of ``b``, as scikit-image defines it.
+
+    Args:
+        a: ``[N, C, H, W]``, b: ``[M, C, H, W]`` with H, W >= 7; floats in ``[0, data_range]``.
+
+    Returns:
+        ``[N, M]`` fp32 (fp64 for fp64 inputs): ``structural_similarity(a_i, b_j, data_range=...,
+        channel_axis=0)`` - mean over the valid 7x7 windows and over channels.
+
+    This is the batched-torch oracle: it materialises ``[N, M, C, H, W]`` products, so callers chunk
+    (``tldr_fast.ssim.pairwise_ssim`` does).
+    """
+    dt = torch.float64 if a.dtype == torch.float64 else torch.float32
+    a, b = a.to(dt), b.to(dt)
+    n, c, h, w = a.shape
+    m = b.shape[0]
+    np_ = SSIM_WIN * SSIM_WIN
+    cov_norm = np_ / (np_ - 1)
+    c1 = (SSIM_K1 * data_range) ** 2
+    c2 = (SSIM_K2 * data_range) ** 2
+
+    def box(t: Tensor) -> Tensor:  # [..., H, W] -> [..., H-6, W-6]: mean over each valid window
+        lead = t.shape[:-2]
+        return F.avg_pool2d(t.reshape(-1, 1, h, w), SSIM_WIN, stride=1).reshape(*lead, h - SSIM_WIN + 1, w - SSIM_WIN + 1)
+
+    mu_a, mu_b = box(a), box(b)  # [N, C, h', w'], [M, C, h', w']
+    var_a = cov_norm * (box(a * a) - mu_a * mu_a)
+    var_b = cov_norm * (box(b * b) - mu_b * mu_b)
+    mu_a, var_a = mu_a[:, None], var_a[:, None]  # [N, 1, C, h', w']
+    mu_b, var_b = mu_b[None], var_b[None]  # [1, M, C, h', w']
+    cov = cov_norm * (box(a[:, None] * b[None]) - mu_a * mu_b)  # [N, M, C, h', w']
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a * mu_a + mu_b * mu_b + c1) * (var_a + var_b + c2))
+    return s.mean(dim=(2, 3, 4))
