@@ -1,0 +1,252 @@
+"""The public API: invert, InversionConfig, Inversion, checkpoints, resume, and clear errors."""
+
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+
+from tldr_fast import Inversion, InversionConfig, LossWeights, Ramp, invert
+from tldr_fast.classifier import ClassifierError, FrozenClassifier
+from tldr_fast.config import TERMS
+
+TINY = dict(steps=6, batch_size=8, nz=8, ngf=8, device="cpu", progress=False, eval_per_class=2, log_every=2)
+
+
+def mlp(k=3, shape=(1, 8, 8), hidden=16, seed=0):
+    torch.manual_seed(seed)
+    c, h, w = shape
+    return nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, hidden), nn.ReLU(), nn.Linear(hidden, k))
+
+
+class TupleNet(nn.Module):
+    """Returns (logits, features) itself, with no recognisable head."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 12), nn.Tanh())
+        self.w = nn.Parameter(torch.randn(3, 12))
+
+    def forward(self, x):
+        f = self.body(x)
+        return f @ self.w.t(), f
+
+
+def test_invert_returns_a_trained_inversion():
+    clf = mlp()
+    before = [p.clone() for p in clf.parameters()]
+    inv = invert(clf, 3, (1, 8, 8), **TINY)
+    assert isinstance(inv, Inversion) and inv.step == 6
+    assert set(inv.history) == {"step", *TERMS} and inv.history["step"] == [2, 4, 6]
+    assert set(inv.metrics) >= {"accuracy", "confidence", "perturbed_accuracy"}
+    assert all(torch.equal(a, b) for a, b in zip(before, clf.parameters())), "the classifier must never change"
+    assert all(p.grad is None for p in clf.parameters())
+    x = inv.sample(n_per_class=4)
+    assert x.shape == (12, 1, 8, 8) and x.abs().max() <= 1 and x.device.type == "cpu"
+    assert inv.sample(labels=[2, 0]).shape == (2, 1, 8, 8)
+
+
+def test_sample_is_batched_and_seeded():
+    inv = invert(mlp(), 3, (1, 8, 8), **TINY)
+    a = inv.sample(n_per_class=5, batch_size=4, seed=1)
+    b = inv.sample(n_per_class=5, batch_size=7, seed=1)
+    assert torch.equal(inv.labels(n_per_class=5), torch.tensor([0] * 5 + [1] * 5 + [2] * 5))
+    assert not torch.equal(a, inv.sample(n_per_class=5, batch_size=4, seed=2))
+    torch.testing.assert_close(a[:4], b[:4])  # the same latents come first whatever the batch size
+
+
+def test_same_seed_same_result_on_cpu():
+    a = invert(mlp(), 3, (1, 8, 8), seed=3, **TINY)
+    b = invert(mlp(), 3, (1, 8, 8), seed=3, **TINY)
+    for p, q in zip(a.generator.state_dict().values(), b.generator.state_dict().values()):
+        assert torch.equal(p, q)
+    assert a.history == b.history
+
+
+@pytest.mark.parametrize("grad_norm", ["head", "full", "off"])
+@pytest.mark.parametrize("conditioning", ["hot", "soft"])
+def test_modes_run(grad_norm, conditioning):
+    clf = mlp()
+    inv = invert(clf, 3, (1, 8, 8), grad_norm=grad_norm, conditioning=conditioning, perturbation="gaussian", **TINY)
+    gn = inv.history["grad_norm"]
+    assert (max(gn) > 0) == (grad_norm != "off")
+    assert all(p.grad is None for p in clf.parameters()), "full grad-norm must not materialise classifier .grad"
+
+
+def test_head_and_full_grad_norm_agree_on_a_linear_model():
+    """On a classifier that is just a linear layer, both definitions are the same number."""
+    torch.manual_seed(0)
+    clf = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+    terms = {}
+    for mode in ("head", "full"):
+        torch.manual_seed(0)
+        inv = invert(clf, 3, (1, 8, 8), grad_norm=mode, **{**TINY, "steps": 1, "log_every": 1})
+        terms[mode] = inv.history["grad_norm"][0]
+    assert terms["head"] == pytest.approx(terms["full"], rel=1e-5)
+
+
+def test_tuple_classifier_and_named_head():
+    inv = invert(TupleNet(), 3, (1, 8, 8), grad_norm="off", **TINY)
+    assert inv.history["cos"][-1] != 0
+    with pytest.raises(ClassifierError, match="final nn.Linear"):
+        invert(TupleNet(), 3, (1, 8, 8), grad_norm="head", **TINY)
+    clf = nn.Sequential(nn.Flatten(), nn.Linear(64, 3), nn.ReLU(), nn.Linear(3, 3))  # the last candidate wins
+    assert FrozenClassifier(clf, 3, (1, 8, 8)).head_name == "3"
+    assert FrozenClassifier(clf, 3, (1, 8, 8), head="3").head_bias
+    with pytest.raises(ClassifierError, match="not the classifier's output"):
+        FrozenClassifier(clf, 3, (1, 8, 8), head="1")
+    with pytest.raises(ClassifierError, match="not an nn.Linear"):
+        FrozenClassifier(clf, 3, (1, 8, 8), head="2")
+    with pytest.raises(ClassifierError, match="not a submodule"):
+        FrozenClassifier(clf, 3, (1, 8, 8), head="fc")
+
+
+def test_schedules_and_weights():
+    cfg = InversionConfig(schedules={"tv": (0.0, 1.0, 0, 4)}, weights={"cos": 0.5})
+    assert cfg.weights.cos == 0.5 and cfg.weight("tv", 2) == 0.5 and cfg.weight("tv", 10) == 1.0
+    assert cfg.weight("ce", 3) == LossWeights().ce
+    assert cfg.active("tv") and not cfg.active("kl")
+    assert Ramp(1.0, 0.0, 10, 20).at(torch.tensor([0.0, 15.0, 30.0])).tolist() == [1.0, 0.5, 0.0]
+    inv = invert(mlp(), 3, (1, 8, 8), schedules={"tv": Ramp(0.0, 1e-3, 0, 4)}, tv=5.0, **TINY)
+    assert inv.history["tv"][-1] > 0
+    off = invert(mlp(), 3, (1, 8, 8), weights={"tv": 0.0, "pix": 0.0, "cos": 0.0, "ortho": 0.0, "ce_pert": 0.0}, **TINY)
+    assert off.history["tv"][-1] == off.history["cos"][-1] == off.history["ce_pert"][-1] == 0.0
+
+
+# --- checkpoints and resume ----------------------------------------------------------------------
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path):
+    cfg = dict(TINY, steps=10, schedules={"tv": (0.0, 1e-3, 0, 8)}, checkpoint_every=0)
+    full = invert(mlp(), 3, (1, 8, 8), **cfg)
+    ckpt = tmp_path / "run.pt"
+    first = invert(mlp(), 3, (1, 8, 8), checkpoint=ckpt, **{**cfg, "steps": 4})
+    assert first.step == 4 and ckpt.exists()
+    resumed = invert(mlp(), 3, (1, 8, 8), resume=ckpt, steps=10)
+    assert resumed.step == 10
+    for (name, p), q in zip(full.generator.state_dict().items(), resumed.generator.state_dict().values()):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7, msg=name)
+    assert resumed.history["step"] == full.history["step"]
+    for t in TERMS:
+        assert resumed.history[t] == pytest.approx(full.history[t], rel=1e-5, abs=1e-7)
+
+
+def test_checkpoints_are_written_periodically_and_atomically(tmp_path):
+    ckpt = tmp_path / "sub" / "run.pt"
+    invert(mlp(), 3, (1, 8, 8), checkpoint=ckpt, checkpoint_every=2, **{**TINY, "steps": 4})
+    assert ckpt.exists() and not list(ckpt.parent.glob(".*.tmp"))
+    inv = Inversion.load(ckpt, classifier=mlp())
+    assert inv.step == 4 and inv.sample(n_per_class=1).shape == (3, 1, 8, 8)
+    assert set(inv.classifier_metrics(n_per_class=2)) >= {"accuracy", "confidence"}
+
+
+def test_interrupt_saves_a_resumable_checkpoint(tmp_path):
+    class Stop(nn.Module):  # raises KeyboardInterrupt at its 4th training forward (after the probe)
+        def __init__(self):
+            super().__init__()
+            self.net, self.calls = mlp(), 0
+
+        def forward(self, x):
+            self.calls += 1
+            if self.calls == 5:
+                raise KeyboardInterrupt
+            return self.net(x)
+
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(KeyboardInterrupt):
+        invert(Stop(), 3, (1, 8, 8), checkpoint=ckpt, **TINY)
+    resumed = invert(mlp(), 3, (1, 8, 8), resume=ckpt)
+    assert resumed.step == TINY["steps"]
+
+
+def test_checkpoint_loading_never_unpickles_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    bad = tmp_path / "evil.pt"
+    with open(bad, "wb") as f:
+        pickle.dump({"format": "tldr_fast.inversion/1", "x": Evil()}, f)
+    with pytest.raises(ValueError, match="weights only"):
+        Inversion.load(bad)
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+
+def test_wrong_image_shape():
+    with pytest.raises(ClassifierError, match=r"image_shape=\(1, 9, 9\)"):
+        invert(mlp(), 3, (1, 9, 9), **TINY)
+    with pytest.raises(ValueError, match="image_shape"):
+        invert(mlp(), 3, (28, 28), **TINY)
+    with pytest.raises(ValueError, match="image_shape"):
+        invert(mlp(), 3, (1, 4, 4), **TINY)
+
+
+def test_num_classes_mismatch():
+    with pytest.raises(ClassifierError, match="out_features=5"):
+        invert(mlp(k=3), 5, (1, 8, 8), **TINY)
+    with pytest.raises(ValueError, match="num_classes"):
+        invert(mlp(), 1, (1, 8, 8), **TINY)
+
+
+def test_nan_logits():
+    class NaNNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 3)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1)) * float("nan")
+
+    with pytest.raises(ClassifierError, match="NaN"):
+        invert(NaNNet(), 3, (1, 8, 8), **TINY)
+
+
+def test_softmax_after_the_head_is_refused():
+    clf = nn.Sequential(nn.Flatten(), nn.Linear(64, 3), nn.Softmax(dim=1))
+    with pytest.raises(ClassifierError, match="softmax"):
+        invert(clf, 3, (1, 8, 8), **TINY)
+
+
+def test_not_a_module():
+    with pytest.raises(ClassifierError, match="nn.Module"):
+        invert(lambda x: x, 3, (1, 8, 8), **TINY)
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ({"stepz": 3}, "did you mean 'steps'"),
+        ({"weights": {"tvv": 1.0}}, "did you mean 'tv'"),
+        ({"grad_norm": "hed"}, "did you mean 'head'"),
+        ({"backend": "cuda2"}, "backend"),
+        ({"perturbation": "salt"}, "perturbation"),
+        ({"batch_size": 1}, "batch_size"),
+        ({"eps": 2.0}, "eps"),
+        ({"steps": 0}, "steps"),
+        ({"tv": -1.0}, "tv"),
+        ({"preprocess": "imagenet"}, "preprocess"),
+    ],
+)
+def test_bad_options_are_clear(override, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        invert(mlp(), 3, (1, 8, 8), **{**TINY, **override})
+
+
+def test_unknown_backend_and_unavailable_device():
+    from tldr_fast.backends import BackendUnavailable, resolve
+
+    with pytest.raises(BackendUnavailable, match="unknown backend"):
+        resolve("fast", "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA"):
+            invert(mlp(), 3, (1, 8, 8), **{**TINY, "device": "cuda"})
+
+
+def test_config_round_trip():
+    cfg = InversionConfig(steps=7, schedules={"tv": (0, 1, 0, 5)}, preprocess=((0.5,), (0.25,)), weights={"cos": 2.0})
+    assert InversionConfig.from_dict(cfg.to_dict()) == cfg
+    custom = InversionConfig(preprocess=lambda x: x)
+    with pytest.raises(ValueError, match="preprocess"):
+        InversionConfig.from_dict(custom.to_dict())

@@ -1,0 +1,50 @@
+"""Atomic, weights-only checkpoints: nothing is lost on a crash and nothing arbitrary is unpickled."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Union
+
+import torch
+
+FORMAT = "tldr_fast.inversion/1"
+PathLike = Union[str, os.PathLike]
+
+
+def atomic_save(obj: Any, path: PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``: a
+    reader sees the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(path: PathLike, state: Dict[str, Any]) -> None:
+    """Save an inversion state (plain data and tensors only) atomically."""
+    atomic_save({"format": FORMAT, **state}, path)
+
+
+def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``: tensors and plain containers, never code."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a tldr_fast checkpoint that loads safely (weights only): {e}") from e
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a tldr_fast inversion checkpoint (format {FORMAT!r})")
+    return state

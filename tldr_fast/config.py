@@ -1,0 +1,261 @@
+"""Configuration of an inversion run: loss weights, their schedules, and every option, validated."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
+
+from .reference import PERTURBATIONS
+
+# The loss terms, in the order of the per-step term vector and of ``Inversion.history``.
+TERMS = ("ce", "kl", "ce_pert", "kl_pert", "grad_norm", "cos", "ortho", "tv", "pix")
+
+CONDITIONINGS = ("hot", "soft")
+GRAD_NORMS = ("head", "full", "off")
+DTYPES = ("float32", "bfloat16")
+BACKEND_NAMES = ("auto", "torch", "triton", "cuda")
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Weight of each loss term (DESIGN.md §2): ``L = sum_t weight_t * term_t``.
+
+    ``ce``/``kl`` act on the clean images, ``*_pert`` on the perturbed ones; KL equals CE for hot
+    conditioning, so the defaults use CE. ``pix`` is inert for the generator's tanh output.
+    """
+
+    ce: float = 1.0
+    kl: float = 0.0
+    ce_pert: float = 1.0
+    kl_pert: float = 0.0
+    grad_norm: float = 0.1
+    cos: float = 0.1
+    ortho: float = 1e-3
+    tv: float = 2e-4
+    pix: float = 1.0
+
+
+@dataclass(frozen=True)
+class Ramp:
+    """A linear schedule: ``start`` until ``begin_step``, then linearly to ``end`` at ``end_step``, then
+    ``end``. Steps are absolute, so a resumed run follows the same schedule.
+
+    >>> Ramp(0.0, 1.0, 0, 100).at(50)
+    0.5
+    """
+
+    start: float
+    end: float
+    begin_step: int = 0
+    end_step: int = 1000
+
+    def __post_init__(self):
+        if self.end_step <= self.begin_step:
+            raise ValueError(f"Ramp: end_step ({self.end_step}) must be after begin_step ({self.begin_step})")
+
+    def at(self, step):
+        """The value at ``step`` (an int, or a tensor of steps)."""
+        t = (step - self.begin_step) / (self.end_step - self.begin_step)
+        t = t.clamp(0.0, 1.0) if hasattr(t, "clamp") else min(max(t, 0.0), 1.0)
+        return self.start + (self.end - self.start) * t
+
+
+Preprocess = Union[None, str, Callable, Tuple[Sequence[float], Sequence[float]], Mapping[str, Sequence[float]]]
+
+
+@dataclass(frozen=True)
+class InversionConfig:
+    """Every option of ``invert``; any field can also be passed to ``invert`` as a keyword.
+
+    Args:
+        steps: optimisation steps of the generator.
+        batch_size: images per step (B); the classifier sees 2B when a perturbed term is on.
+        lr, betas: Adam on the generator only.
+        seed: everything random (labels, latents, perturbations) derives from (seed, step).
+        device: "auto" (the GPU when there is one), "cpu", "cuda", "cuda:1", ...
+        dtype: "float32", or "bfloat16" autocast for the generator and classifier (losses in fp32).
+        backend: "auto", "torch" (reference), "triton" or "cuda" (the C++/CUDA extension).
+        conditioning: "hot" (one-hot, TLDR) or "soft" (softmax of Gaussian logits).
+        perturbation: "rademacher", "uniform" or "gaussian" noise for the robustness terms.
+        eps: perturbation size as a fraction of the pixel range (the generator's [-1, 1]).
+        grad_norm: "head" (closed form on the final linear layer), "full" (double backward over all
+            classifier weights, the paper's definition) or "off".
+        weights: a ``LossWeights`` (or a dict of the weights to change).
+        schedules: ``{term: Ramp(...)}`` (or a tuple ``(start, end, begin_step, end_step)``)
+            overriding that term's constant weight.
+        nz, ngf: generator latent size and width.
+        preprocess: maps the generator's [-1, 1] output to the classifier's input: None (from the
+            classifier's ``tldr_meta`` when it has one, else to [0, 1]), "unit" ([0, 1]),
+            "identity" ([-1, 1]), ``(mean, std)`` or ``{"mean": ..., "std": ...}`` (of [0, 1] images),
+            or any callable.
+        head: name of the classifier's final ``nn.Linear`` (found automatically when None).
+        checkpoint_every: save a checkpoint every N steps (0: only at the end).
+        log_every: record the loss terms in ``history`` every N steps.
+        eval_per_class: fresh samples per class for the final accuracy/confidence metrics.
+        progress: show a progress bar.
+    """
+
+    steps: int = 1000
+    batch_size: int = 256
+    lr: float = 2e-3
+    betas: Tuple[float, float] = (0.5, 0.999)
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "float32"
+    backend: str = "auto"
+    conditioning: str = "hot"
+    perturbation: str = "rademacher"
+    eps: float = 0.1
+    grad_norm: str = "head"
+    weights: LossWeights = field(default_factory=LossWeights)
+    schedules: Mapping[str, Ramp] = field(default_factory=dict)
+    nz: int = 100
+    ngf: int = 64
+    preprocess: Preprocess = None
+    head: Optional[str] = None
+    checkpoint_every: int = 0
+    log_every: int = 10
+    eval_per_class: int = 64
+    progress: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.weights, Mapping):
+            object.__setattr__(self, "weights", _with_weights(LossWeights(), self.weights))
+        if not isinstance(self.weights, LossWeights):
+            raise TypeError(f"weights must be a LossWeights or a dict, got {type(self.weights).__name__}")
+        object.__setattr__(self, "betas", tuple(self.betas))
+        object.__setattr__(self, "schedules", {k: _ramp(k, v) for k, v in dict(self.schedules).items()})
+        object.__setattr__(self, "preprocess", _preprocess(self.preprocess))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError``/``TypeError`` naming the first bad option and what it accepts."""
+        for name in ("steps", "batch_size", "nz", "ngf", "checkpoint_every", "log_every", "eval_per_class", "seed"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise TypeError(f"{name} must be an int, got {v!r}")
+        _positive(self, "steps", "nz", "ngf", "log_every", "eval_per_class")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be at least 2 (the diversity terms compare images), got {self.batch_size}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        if not (isinstance(self.eps, (int, float)) and 0 <= self.eps <= 1):
+            raise ValueError(f"eps is a fraction of the pixel range and must be in [0, 1], got {self.eps!r}")
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("backend", self.backend, BACKEND_NAMES)
+        _choice("conditioning", self.conditioning, CONDITIONINGS)
+        _choice("perturbation", self.perturbation, PERTURBATIONS)
+        _choice("grad_norm", self.grad_norm, GRAD_NORMS)
+        if not isinstance(self.device, str):
+            raise TypeError(f"device must be a string such as 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        for name, value in asdict(self.weights).items():
+            if not isinstance(value, (int, float)) or value != value or value < 0:
+                raise ValueError(f"weight {name!r} must be a finite number >= 0, got {value!r}")
+        if isinstance(self.preprocess, str) and self.preprocess not in ("unit", "identity"):
+            raise ValueError(f"preprocess must be None, 'unit', 'identity', (mean, std) or a callable, got {self.preprocess!r}")
+
+    def weight(self, term: str, step):
+        """The weight of ``term`` at ``step`` (an int or a tensor of steps), by its schedule if it has one."""
+        ramp = self.schedules.get(term)
+        return ramp.at(step) if ramp is not None else getattr(self.weights, term)
+
+    def active(self, term: str) -> bool:
+        """Whether ``term`` has a nonzero weight at some step (inactive terms are not computed)."""
+        ramp = self.schedules.get(term)
+        return bool(ramp.start or ramp.end) if ramp is not None else getattr(self.weights, term) != 0
+
+    def with_overrides(self, **overrides: Any) -> "InversionConfig":
+        """A copy with fields (or single loss weights, e.g. ``tv=1e-3``) replaced; unknown names are
+        an error that suggests the closest valid one. ``grad_norm`` names the mode; its weight is set
+        with ``weights={"grad_norm": ...}``."""
+        field_names = {f.name for f in fields(self)}
+        weight_names = {f.name for f in fields(LossWeights)}
+        plain = {k: v for k, v in overrides.items() if k in field_names}
+        loose = {k: v for k, v in overrides.items() if k in weight_names - field_names}  # grad_norm is the mode
+        unknown = set(overrides) - field_names - weight_names
+        if unknown:
+            name = sorted(unknown)[0]
+            hint = difflib.get_close_matches(name, sorted(field_names | weight_names), n=1)
+            raise TypeError(f"unknown option {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+        weights = plain.pop("weights", self.weights)
+        if isinstance(weights, Mapping):
+            weights = _with_weights(self.weights, weights)
+        return replace(self, weights=_with_weights(weights, loose), **plain)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain data (for checkpoints and JSON); a callable preprocess is recorded by name only."""
+        d = asdict(self)
+        d["schedules"] = {k: asdict(v) for k, v in self.schedules.items()}
+        d["betas"] = list(self.betas)
+        if callable(self.preprocess):
+            d["preprocess"] = f"callable:{getattr(self.preprocess, '__qualname__', 'custom')}"
+        elif isinstance(self.preprocess, tuple):
+            d["preprocess"] = [list(v) for v in self.preprocess]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], preprocess: Preprocess = None) -> "InversionConfig":
+        """Inverse of ``to_dict``; a callable preprocess must be given again."""
+        d = dict(d)
+        pre = d.get("preprocess")
+        if isinstance(pre, str) and pre.startswith("callable:"):
+            if preprocess is None:
+                raise ValueError(f"this run used a custom preprocess ({pre[9:]}): pass preprocess= again")
+            d["preprocess"] = preprocess
+        d["weights"] = LossWeights(**d["weights"])
+        d["schedules"] = {k: Ramp(**v) for k, v in d.get("schedules", {}).items()}
+        return cls(**d)
+
+
+def _with_weights(base: LossWeights, changes: Mapping[str, float]) -> LossWeights:
+    names = {f.name for f in fields(LossWeights)}
+    for k in changes:
+        if k not in names:
+            hint = difflib.get_close_matches(k, sorted(names), n=1)
+            raise TypeError(f"unknown loss weight {k!r}" + (f"; did you mean {hint[0]!r}?" if hint else f"; expected one of {sorted(names)}"))
+    return replace(base, **changes)
+
+
+def _preprocess(p: Preprocess) -> Preprocess:
+    """(mean, std) in any container form -> a tuple of two tuples of floats; other forms unchanged."""
+    if isinstance(p, Mapping):
+        if set(p) != {"mean", "std"}:
+            raise ValueError(f"a preprocess dict needs exactly the keys 'mean' and 'std', got {sorted(p)}")
+        p = (p["mean"], p["std"])
+    if isinstance(p, (tuple, list)):
+        if len(p) != 2:
+            raise ValueError(f"preprocess as a sequence must be (mean, std), got {p!r}")
+        mean, std = ([float(v)] if isinstance(v, (int, float)) else [float(x) for x in v] for v in p)
+        if len(mean) != len(std) or any(s <= 0 for s in std):
+            raise ValueError(f"preprocess (mean, std) need equal lengths and positive std, got {p!r}")
+        return (tuple(mean), tuple(std))
+    return p
+
+
+def _ramp(term: str, v: Any) -> Ramp:
+    if term not in TERMS:
+        raise ValueError(f"schedule for unknown term {term!r}; expected one of {TERMS}")
+    if isinstance(v, Ramp):
+        return v
+    if isinstance(v, Mapping):
+        return Ramp(**v)
+    if isinstance(v, (tuple, list)) and len(v) in (2, 4):
+        return Ramp(*v)
+    raise TypeError(f"schedule for {term!r} must be a Ramp, a dict or (start, end[, begin_step, end_step]), got {v!r}")
+
+
+def _choice(name: str, value: Any, options: Sequence[str]) -> None:
+    if value not in options:
+        hint = difflib.get_close_matches(str(value), options, n=1)
+        raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+
+
+def _positive(cfg: InversionConfig, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"{name} must be positive, got {getattr(cfg, name)}")
