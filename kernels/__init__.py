@@ -1,1 +1,15 @@
-"""Triton kernels of tldr_fast (installed as ``tldr_fast.kernels``)."""
+"""Triton kernels of tldr_fast (installed as ``tldr_fast.kernels``).
+
+Each op has the signature, return values and semantics of the op of the same name in
+``tldr_fast.reference``. The loss ops are ``torch.library`` ops (namespace ``tldr_triton``) with their
+gradient computed in the fused forward, so a loss built from them traces under
+``torch.compile(fullgraph=True)``; ``pairwise_ssim`` (evaluation only, no autograd) is a plain function.
+"""
+
+from .feature_loss import feature_loss
+from .head_loss import head_loss
+from .image_prior import image_prior
+from .pairwise_ssim import pairwise_ssim
+from .perturb import perturb
+
+__all__ = ["head_loss", "feature_loss", "image_prior", "perturb", "pairwise_ssim"]

@@ -1,0 +1,45 @@
+"""Benchmark feature_loss, forward + backward: eager reference, torch.compile(reference), Triton, CUDA.
+
+    python benchmarks/benchmark_feature_loss.py [--device cuda] [--json out.jsonl] [--quick]
+
+Features [B, D = 256] (post-ReLU), B in {256, 1024, 8192, 65536}; Cos and Ortho by their closed forms
+(D x D Gram). GB/s counts the bytes the op must move at least: the features read once, their gradient
+written once (the Gram products make this op compute-bound at large B in fp32).
+"""
+
+import torch
+
+from benchmark_head_loss import bench_args, implementations  # shared by every op's script
+from common import Row, copy_bandwidth, measure, report
+
+D = 256
+
+
+def make_inputs(b: int, device: str, dtype=torch.float32):
+    g = torch.Generator().manual_seed(b)
+    features = (torch.randn(b, D, generator=g) + 0.3).relu().to(device, dtype).requires_grad_(True)
+    return features, torch.tensor([1.0, 0.1], device=device)
+
+
+def main() -> None:
+    args = bench_args(__doc__.splitlines()[0])
+    rows = []
+    for name, fn, note in implementations("feature_loss", args.device, args.quick):
+        for b in args.sizes:
+            size = f"B={b} D={D}"
+            if fn is None:
+                rows.append(Row("feature_loss", name, size, None, note=note))
+                continue
+            features, w = make_inputs(b, args.device)
+
+            def step():
+                return torch.autograd.grad(fn(features, w)[0], features)
+
+            rows.append(measure("feature_loss", name, size, step, args.device, 2 * features.numel() * features.element_size(), **args.timing))
+    bw = copy_bandwidth(args.device)
+    print(f"device copy bandwidth: {f'{bw:.0f} GB/s' if bw else 'n/a'}")
+    report(rows, args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Benchmark image_prior, forward + backward: eager reference, torch.compile(reference), Triton, CUDA.
+
+    python benchmarks/benchmark_image_prior.py [--device cuda] [--json out.jsonl] [--quick]
+
+Images 1x28x28 and 3x32x32, B in {256, 1024, 8192, 65536}. GB/s counts the bytes the op must move at
+least (images read once, their gradient written once): compare with the printed copy bandwidth (the
+goal is >= 70% of it at large B).
+"""
+
+import torch
+
+from benchmark_head_loss import bench_args, implementations  # shared by every op's script
+from common import Row, copy_bandwidth, measure, report
+
+IMAGE_SHAPES = ((1, 28, 28), (3, 32, 32))
+
+
+def make_images(b: int, chw, device: str, dtype=torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(b)
+    return (1.2 * torch.randn(b, *chw, generator=g)).tanh().to(device, dtype).requires_grad_(True)
+
+
+def main() -> None:
+    args = bench_args(__doc__.splitlines()[0])
+    w = torch.tensor([1e-3, 1.0], device=args.device)
+    rows = []
+    for name, fn, note in implementations("image_prior", args.device, args.quick):
+        for chw in IMAGE_SHAPES:
+            for b in args.sizes:
+                size = f"B={b} {'x'.join(map(str, chw))}"
+                if fn is None:
+                    rows.append(Row("image_prior", name, size, None, note=note))
+                    continue
+                x = make_images(b, chw, args.device)
+
+                def step():
+                    return torch.autograd.grad(fn(x, w, -1.0, 1.0)[0], x)
+
+                rows.append(measure("image_prior", name, size, step, args.device, 2 * x.numel() * x.element_size(), **args.timing))
+    bw = copy_bandwidth(args.device)
+    print(f"device copy bandwidth: {f'{bw:.0f} GB/s' if bw else 'n/a'}")
+    report(rows, args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""Compile every kernel launch of the ops for a GPU target without a GPU (a CI check for Hopper).
+
+    python -m tldr_fast.kernels._aot [op ...] [--arch 90]
+
+runs each op on small CPU tensors with the real (not interpreted) Triton kernels, replacing the launch by
+an ahead-of-time compilation (Triton front end, LLVM, ptxas) of exactly that kernel variant for
+``cuda:<arch>``, and prints one line per distinct variant: registers, spills, shared memory. It exits
+non-zero if any variant fails to compile. Needs ``TRITON_INTERPRET`` unset and Triton's NVIDIA backend;
+no GPU and no driver.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64", torch.int32: "i32"}
+
+
+def _arg_type(v) -> str:
+    if isinstance(v, torch.Tensor):
+        return "*" + _DTYPES[v.dtype]
+    if isinstance(v, bool):
+        return "i1"
+    if isinstance(v, int):
+        return "i32" if -(2**31) <= v < 2**31 else "i64"
+    if isinstance(v, float):
+        return "fp32"
+    raise TypeError(f"unsupported kernel argument {v!r}")
+
+
+def _resource_usage(cubin: bytes) -> str:
+    """Registers and spill (local memory) bytes per thread, from cuobjdump's resource usage."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton import knobs
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([knobs.nvidia.cuobjdump.path, "-res-usage", f.name], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", out)
+    local = re.search(r"LOCAL:(\d+)", out)
+    return f"regs={regs.group(1) if regs else '?'} spill_bytes={local.group(1) if local else '?'}"
+
+
+class _Compiler:
+    """Stands in for ``torch.library.wrap_triton``: ``wrap(kernel)[grid](*args, **kw)`` compiles."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+        self.seen: Dict[str, str] = {}
+        self.failed: List[str] = []
+
+    def __call__(self, kernel):
+        return _Launcher(self, kernel)
+
+    def compile(self, kernel, args, kwargs) -> None:
+        import triton
+        from triton.compiler import ASTSource
+
+        options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+        bound = dict(zip(kernel.arg_names, args), **kwargs)
+        signature, constexprs, attrs = {}, {}, {}
+        for i, p in enumerate(kernel.params):
+            v = bound[p.name]
+            if p.is_constexpr:
+                signature[p.name] = "constexpr"
+                constexprs[p.name] = v
+                continue
+            signature[p.name] = _arg_type(v)
+            # the specialisation the runtime applies: 16-byte aligned pointers, ints divisible by 16
+            aligned = v.data_ptr() % 16 == 0 if isinstance(v, torch.Tensor) else type(v) is int and v % 16 == 0
+            if aligned and p.name not in kernel.do_not_specialize:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        key = f"{kernel.__name__}{sorted(signature.items())}{sorted(constexprs.items())}{sorted(attrs)}{options}"
+        if key in self.seen:
+            return
+        what = f"{kernel.__name__}[{', '.join(f'{k}={v}' for k, v in {**constexprs, **options}.items())}]"
+        try:
+            compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=self.target, options=options)
+            md = compiled.metadata
+            self.seen[key] = f"ok  {_resource_usage(compiled.asm['cubin'])} smem={md.shared} warps={md.num_warps}  {what}"
+        except Exception as e:  # report every failure, not just the first
+            self.seen[key] = f"FAILED  {what}: {type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
+            self.failed.append(what)
+        print(self.seen[key], flush=True)
+
+
+class _Launcher:
+    def __init__(self, compiler: _Compiler, kernel):
+        self.compiler, self.kernel = compiler, kernel
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.compiler.compile(self.kernel, args, kwargs)
+
+
+def _cases(op: str):
+    """Representative calls of each op: the dtypes and shapes that select every constexpr branch."""
+    import torch.nn.functional as F
+
+    from tldr_fast import kernels
+
+    for dtype in (torch.float32, torch.bfloat16):
+        if op == "head_loss":
+            w = torch.ones(5)
+            for b, k, d, variants in ((1024, 10, 256, "full"), (4099, 1000, 512, "gn"), (65536, 10, 256, "gn")):
+                labels = torch.zeros(b, dtype=torch.int64)
+                target = F.one_hot(labels, k).to(dtype)
+                feats = torch.zeros(b, d, dtype=dtype)
+                z2 = torch.zeros(2 * b, k, dtype=dtype)
+                yield lambda: kernels.head_loss(z2, target, labels, feats, w, True)
+                if variants == "full":
+                    yield lambda: kernels.head_loss(z2[:b], target, labels, feats, w, False)
+                    yield lambda: kernels.head_loss(z2, target, labels, None, w, True)
+        elif op == "feature_loss":
+            for b, d in ((1024, 256), (65536, 256), (300, 4096)):
+                yield lambda: kernels.feature_loss(torch.ones(b, d, dtype=dtype), torch.ones(2))
+        elif op == "image_prior":
+            for shape in ((1024, 1, 28, 28), (4, 3, 224, 300)):
+                yield lambda: kernels.image_prior(torch.zeros(shape, dtype=dtype), torch.ones(2), -1.0, 1.0)
+        elif op == "perturb":
+            x = torch.zeros(64, 3, 32, 32, dtype=dtype, requires_grad=True)
+            for kind in ("rademacher", "uniform", "gaussian"):
+                yield lambda: kernels.perturb(x, 0.1, -1.0, 1.0, kind, 1).sum().backward()
+        else:
+            raise ValueError(f"unknown op {op!r}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("ops", nargs="*", default=["head_loss", "feature_loss", "image_prior", "perturb"])
+    p.add_argument("--arch", type=int, default=90)
+    a = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("unset TRITON_INTERPRET: the interpreter has no compiler to check")
+    os.environ.pop("TLDR_FAST_POISON", None)  # CPU NaN fills of big buffers are just slow here
+    compiler = _Compiler(a.arch)
+    torch.library.wrap_triton = compiler  # what kernels._utils.launch calls
+    import importlib
+
+    for name in ("_gram", "image_prior"):  # size grids as for an H100 (132 SMs): split paths included
+        importlib.import_module(f"{__package__}.{name}").num_sms = lambda device: 132
+    for op in a.ops:
+        for case in _cases(op):
+            case()
+    print(f"{len(compiler.seen)} kernel variants, {len(compiler.failed)} failed")
+    return 1 if compiler.failed else 0
+
+
+def compile_check(*ops: str, arch: int = 90, timeout: float = 900) -> Optional[Tuple[bool, str]]:
+    """Run this checker in a fresh process (the interpreter may be on in the caller's):
+    ``(all compiled, output)``, or None when Triton has no NVIDIA backend/ptxas here."""
+    try:
+        from triton import knobs
+
+        if not os.path.exists(knobs.nvidia.ptxas.path):
+            return None
+    except Exception:
+        return None
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TLDR_FAST_POISON")}
+    cmd = [sys.executable, "-m", __name__, *ops, "--arch", str(arch)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return r.returncode == 0, r.stdout + r.stderr
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""feature_loss: mean pairwise cosine similarity and orthogonality of the penultimate features, by their
+closed forms, with the gradient computed in the forward.
+
+Notation: Phi [B, D], r_i = max(||phi_i||, eps) (eps = reference.NORM_EPS), u_i = phi_i / r_i,
+S = sum_i u_i [D], and the smaller Gram matrix: G = Phi^T Phi [D, D] when D <= B, else Phi Phi^T [B, B]
+(no B x B matrix unless D > B).
+
+    Cos   = (||S||^2 - B) / (B (B-1))
+    Ortho = (||G||_F^2 - 2 ||Phi||_F^2 + B) / B^2
+
+Gradients (autograd of the reference, derived):
+    dCos/du_i = 2 S / (B (B-1)); through u_i = phi_i / r_i:
+        d/dphi_i = (dCos/du_i - u_i (u_i . dCos/du_i)) / r_i   when ||phi_i|| >= eps,
+        d/dphi_i = dCos/du_i / eps                             when the norm is clamped (no projection);
+    so d/dphi_i = 2 (S - [||phi_i|| >= eps] u_i t_i) / (B (B-1) r_i) with t_i = u_i . S.
+    dOrtho/dPhi = 4 (Phi (Phi^T Phi) - Phi) / B^2 = 4 ((Phi Phi^T) Phi - Phi) / B^2.
+t_i comes with the matrix product: phi_i . S is (Phi G_aug)_{i, D} for G_aug = [Phi^T Phi | S], or
+(G w)_i with w = 1/r for the B x B Gram (then S = Phi^T w is accumulated in the same loop).
+
+Kernels (launches): ``_feature_norms_kernel`` (row norms, ||Phi||_F^2 pieces), the Gram kernel
+(G, plus S as an extra column of Phi^T [Phi | 1/r] in the D x D case; ||G||^2 pieces and ||S||^2
+pieces, from that column or from w^T G w for the B x B Gram; a split-sum kernel at large B), ``_feature_grad_kernel`` (d/dPhi, and the terms in its program 0):
+3, or 4 at large B.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference import NORM_EPS
+from ._gram import EXTRA_INV, EXTRA_NONE, gram, plan_gram
+from ._reduce import _finish, _store_partial_row
+from ._utils import FP32_DOT, TERMS_PAD, block, cdiv, compute_dtype, empty, launch, triton_op, weights_fp32
+
+Tensor = torch.Tensor
+_PREC: tl.constexpr = tl.constexpr(FP32_DOT)
+_COS, _ORTHO = 0, 1  # columns of terms / partial sums
+_BLOCK_ROWS = 256  # partial-sum rows summed per step by _finish
+_NORM_ROWS = 16  # feature rows per program of the norms kernel
+
+
+@triton.jit
+def _feature_norms_kernel(
+    phi_ptr,  # features: [B, D]
+    norm_ptr,  # ||phi_i||: [B] fp32
+    part_ptr,  # partial sums: [rows, 2]; this kernel's rows 0 .. grid-1
+    B, D, inv_b2, cos_const, ortho_const,
+    BB: tl.constexpr, BD: tl.constexpr, TP: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BB + tl.arange(0, BB)
+    mask_r = rows < B
+    sq = tl.zeros([BB], tl.float32)
+    for d0 in range(0, D, BD):
+        cols = d0 + tl.arange(0, BD)
+        x = tl.load(phi_ptr + rows[:, None] * D + cols[None, :],
+                    mask=mask_r[:, None] & (cols < D)[None, :], other=0.0).to(tl.float32)
+        sq += tl.sum(x * x, axis=1)
+    tl.store(norm_ptr + rows, tl.sqrt(sq), mask=mask_r)
+    # Ortho gets -2 ||Phi||^2 / B^2; program 0 adds the constants of both terms
+    first = pid == 0
+    cos = tl.where(first, cos_const, 0.0)
+    ortho = -2.0 * inv_b2 * tl.sum(sq, axis=0) + tl.where(first, ortho_const, 0.0)
+    _store_partial_row(part_ptr, pid, 2, 0, cos, 1, ortho, TP)
+
+
+@triton.jit
+def _feature_grad_kernel(
+    phi_ptr,  # features: [B, D]
+    norm_ptr,  # ||phi_i||: [B] fp32
+    g_ptr,  # D x D: G_aug = [Phi^T Phi | S] [D, D+1]; B x B: Phi Phi^T [B, B]; fp32
+    w_ptr,  # weights: [2] fp32
+    part_ptr, n_part,  # partial sums: [n_part, 2], complete
+    dphi_ptr,  # d loss / d features: [B, D]
+    terms_ptr, loss_ptr,  # [2], []: written by program (0, 0)
+    B, D, eps, cos_scale, ortho_scale,
+    GRAM_BB: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
+    TP: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = pid_b * BB + tl.arange(0, BB)
+    cols = pid_d * BD + tl.arange(0, BD)
+    mask_r = rows < B
+    mask_d = cols < D
+    ortho = tl.zeros([BB, BD], tl.float32)  # (Phi G)[rows, cols] or (G Phi)[rows, cols]
+    phi_s = tl.zeros([BB], tl.float32)  # phi_i . S
+    if GRAM_BB:
+        s = tl.zeros([BD], tl.float32)  # S[cols] = sum_k w_k phi_k[cols]
+        for k0 in range(0, B, BK):
+            ks = k0 + tl.arange(0, BK)
+            mask_k = ks < B
+            g = tl.load(g_ptr + rows[:, None] * B + ks[None, :], mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+            phi_k = tl.load(phi_ptr + ks[:, None] * D + cols[None, :],
+                            mask=mask_k[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+            w_k = tl.where(mask_k, 1.0 / tl.maximum(tl.load(norm_ptr + ks, mask=mask_k, other=1.0), eps), 0.0)
+            phi_s += tl.sum(g * w_k[None, :], axis=1)
+            s += tl.sum(w_k[:, None] * phi_k, axis=0)
+            ortho = tl.dot(g, phi_k, ortho, input_precision=_PREC)
+    else:
+        ldg = D + 1
+        s = tl.load(g_ptr + cols * ldg + D, mask=mask_d, other=0.0)
+        for k0 in range(0, D, BK):
+            ks = k0 + tl.arange(0, BK)
+            mask_k = ks < D
+            phi_k = tl.load(phi_ptr + rows[:, None] * D + ks[None, :],
+                            mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + ks[:, None] * ldg + cols[None, :], mask=mask_k[:, None] & mask_d[None, :], other=0.0)
+            phi_s += tl.sum(phi_k * tl.load(g_ptr + ks * ldg + D, mask=mask_k, other=0.0)[None, :], axis=1)
+            ortho = tl.dot(phi_k, g, ortho, input_precision=_PREC)
+
+    mask = mask_r[:, None] & mask_d[None, :]
+    phi = tl.load(phi_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    norm = tl.load(norm_ptr + rows, mask=mask_r, other=1.0)
+    r = tl.maximum(norm, eps)
+    t = phi_s / r  # u_i . S
+    u = phi / r[:, None]
+    d_cos = (s[None, :] - tl.where((norm >= eps)[:, None], u * t[:, None], 0.0)) / r[:, None]
+    grad = tl.load(w_ptr + 0) * cos_scale * d_cos + tl.load(w_ptr + 1) * ortho_scale * (ortho - phi)
+    tl.store(dphi_ptr + rows[:, None] * D + cols[None, :], grad.to(dphi_ptr.dtype.element_ty), mask=mask)
+
+    if (pid_b == 0) & (pid_d == 0):
+        _finish(part_ptr, n_part, 2, w_ptr, terms_ptr, loss_ptr, -1, TP, BLOCK_ROWS)
+
+
+@triton_op("tldr_triton::feature_loss")
+def _feature_loss_op(features: Tensor, weights: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """(loss [], terms [2], d loss/d features [B, D])."""
+    phi = features.contiguous()
+    b, d = phi.shape
+    device = phi.device
+    gram_bb = d > b
+    p1 = cdiv(b, _NORM_ROWS)
+    if gram_bb:  # X = Phi^T [D, B] (a strided view), G = Phi Phi^T; reduction over D <= a few thousand
+        plan = plan_gram(d, b, b, EXTRA_NONE, device, splittable=False)
+        view = (1, d)
+    else:  # X = Phi [B, D], C = Phi^T [Phi | 1/r] = [G | S]
+        plan = plan_gram(b, d, d, EXTRA_INV, device)
+        view = (d, 1)
+    n_part = p1 + plan.partial_rows
+    part = empty((n_part, 2), device)
+    norms = empty((b,), device)
+    launch(
+        _feature_norms_kernel, (p1,), phi, norms, part, b, d, 1.0 / b**2, -1.0 / (b - 1), 1.0 / b,
+        BB=_NORM_ROWS, BD=block(d, hi=128), TP=TERMS_PAD, num_warps=4,
+    )
+    # ||G||^2 / B^2 into Ortho; ||S||^2 / (B (B-1)) (extra column, or w^T G w) into Cos
+    g = gram(plan, phi, view, phi, view, part, p1, (_ORTHO, _COS), (1.0 / b**2, 1.0 / (b * (b - 1))),
+             v=norms, eps=NORM_EPS, quad=gram_bb)
+    dphi = empty((b, d), device, features.dtype)
+    loss, terms = empty((), device), empty((2,), device)
+    bb, bd = 32, block(d, hi=64)
+    launch(
+        _feature_grad_kernel, (cdiv(b, bb), cdiv(d, bd)),
+        phi, norms, g, weights, part, n_part, dphi, terms, loss,
+        b, d, NORM_EPS, 2.0 / (b * (b - 1)), 4.0 / b**2,
+        GRAM_BB=gram_bb, BB=bb, BD=bd, BK=32, TP=TERMS_PAD, BLOCK_ROWS=_BLOCK_ROWS, num_warps=8,
+    )
+    return loss, terms, dphi
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    _, terms, dphi = output
+    ctx.mark_non_differentiable(terms, dphi)
+    ctx.save_for_backward(dphi, terms)
+
+
+def _backward(ctx, grad_loss, *_):
+    dphi, terms = ctx.saved_tensors
+    d_features = dphi * grad_loss if ctx.needs_input_grad[0] else None
+    d_weights = terms * grad_loss if ctx.needs_input_grad[1] else None
+    return d_features, d_weights
+
+
+_feature_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def feature_loss(features: Tensor, weights: Tensor) -> Tuple[Tensor, Tensor]:
+    """Fused ``tldr_fast.reference.feature_loss``: ``features`` [B, D] with B >= 2, ``weights`` [2] fp32
+    on the device; returns ``(loss [], terms [2])`` = (Cos, Ortho). Gradients flow to features (in their
+    dtype) and weights."""
+    if features.dim() != 2 or features.shape[0] < 2:
+        raise ValueError(f"feature_loss needs features [B >= 2, D], got {tuple(features.shape)}")
+    loss, terms, _ = _feature_loss_op(compute_dtype(features), weights_fp32(weights, 2, features.device))
+    return loss, terms

@@ -1,0 +1,113 @@
+"""feature_loss, Triton-specific: the split D x D Gram, the B x B Gram over several tiles, clamped
+norms, bitwise determinism, the weights' gradient, torch.library registration and compilation for
+Hopper. Cross-backend value/gradient checks live in test_feature_loss.py."""
+
+import importlib
+
+import pytest
+import torch
+
+from tldr_fast.reference import NORM_EPS
+from tests.helpers import DEVICE, assert_close, backend_or_skip, rand
+from tests.test_feature_loss import check_backend
+
+op_module = importlib.import_module("tldr_fast.kernels.feature_loss")
+gram_module = importlib.import_module("tldr_fast.kernels._gram")
+
+
+@pytest.fixture
+def triton_backend():
+    return backend_or_skip("triton")
+
+
+def weights(gen):
+    return (torch.rand(2, generator=gen) + 0.5).to(DEVICE)
+
+
+def test_split_gram_path(triton_backend, gen):
+    """D x D Gram (with S in its extra column) split over row ranges and summed by a second kernel."""
+    b, d = 300, 16
+    assert gram_module.plan_gram(b, d, d, gram_module.EXTRA_INV, torch.device(DEVICE)).splits > 1
+    check_backend(triton_backend, rand(gen, b, d) + 0.3, weights(gen), rtol=2e-5, atol=2e-6)
+
+
+def test_many_partial_rows(triton_backend, gen):
+    """More partial-sum rows than the finishing program reads per step (a tall, thin batch)."""
+    b, d = 4200, 3
+    assert -(-b // op_module._NORM_ROWS) > op_module._BLOCK_ROWS  # rows written by the norms kernel alone
+    check_backend(triton_backend, rand(gen, b, d) + 0.3, weights(gen), rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("b,d", [(70, 100), (40, 40), (40, 41)])
+def test_gram_choice_boundary_and_tiles(triton_backend, gen, b, d):
+    """D > B uses the B x B Gram (here 2 x 2 tiles of it, and its quadratic form for Cos); D = B the
+    D x D one."""
+    check_backend(triton_backend, rand(gen, b, d) + 0.3, weights(gen), rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("b,d", [(9, 16), (6, 20)])  # both Gram branches
+def test_clamped_norms(triton_backend, gen, b, d):
+    """A zero row and a row with 0 < ||phi|| < eps: the norm is clamped, u = phi / eps and the
+    gradient has no projection term, exactly as the reference's autograd."""
+    phi = rand(gen, b, d)
+    phi[1] = 0
+    phi[4] *= 0.1 * NORM_EPS / phi[4].norm()
+    check_backend(triton_backend, phi, torch.ones(2, device=DEVICE), rtol=2e-5, atol=2e-6)
+
+
+def test_bitwise_deterministic(triton_backend, gen):
+    phi = rand(gen, 300, 16)
+    runs = []
+    for _ in range(2):
+        f = phi.clone().requires_grad_(True)
+        loss, terms = triton_backend.feature_loss(f, weights(torch.Generator().manual_seed(1)))
+        loss.backward()
+        runs.append((loss, terms, f.grad))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_weights_gradient_is_the_terms(triton_backend, gen):
+    w = weights(gen).requires_grad_(True)
+    loss, terms = triton_backend.feature_loss(rand(gen, 12, 7), w)
+    (loss * 0.5).backward()
+    assert not terms.requires_grad
+    assert_close(w.grad, 0.5 * terms, what="d/dweights")
+
+
+@pytest.mark.parametrize("b,d", [(6, 5), (3, 9)])
+def test_opcheck(gen, b, d):
+    torch.library.opcheck(op_module._feature_loss_op, (rand(gen, b, d).requires_grad_(True), weights(gen)))
+
+
+def test_too_small_batch_is_a_clear_error(triton_backend, gen):
+    with pytest.raises(ValueError, match="B >= 2"):
+        triton_backend.feature_loss(rand(gen, 1, 8), weights(gen))
+
+
+def test_torch_compile_fullgraph(triton_backend, gen):
+    phi = rand(gen, 33, 8)
+    w = weights(gen)
+
+    def block(f):
+        return triton_backend.feature_loss(f.relu(), w)
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    out = []
+    for fn in (compiled, block):
+        f = phi.clone().requires_grad_(True)
+        loss, terms = fn(f)
+        loss.backward()
+        out.append((terms, f.grad))
+    for a, b, what in zip(*out, ("terms", "d/dfeatures")):
+        assert_close(a, b, what=what)
+
+
+def test_kernels_compile_for_hopper():
+    from tldr_fast.kernels._aot import compile_check
+
+    result = compile_check("feature_loss")
+    if result is None:
+        pytest.skip("Triton's NVIDIA backend (ptxas) is not available")
+    ok, output = result
+    assert ok, output

@@ -1,0 +1,107 @@
+"""image_prior, Triton-specific: persistent programs over many tiles, column tiling (neighbours across
+tile edges), degenerate image sizes, bitwise determinism, the weights' gradient, torch.library
+registration and compilation for Hopper. Cross-backend checks live in test_image_prior.py."""
+
+import importlib
+
+import pytest
+import torch
+
+from tests.helpers import DEVICE, assert_close, backend_or_skip, rand
+from tests.test_image_prior import check_backend
+
+op_module = importlib.import_module("tldr_fast.kernels.image_prior")
+
+
+@pytest.fixture
+def triton_backend():
+    return backend_or_skip("triton")
+
+
+def weights(gen):
+    return (torch.rand(2, generator=gen) + 0.5).to(DEVICE)
+
+
+def test_persistent_loop_and_column_tiles(triton_backend, gen):
+    """W = 300 > one column block and more tiles than programs: each program loops over several
+    tiles and the TV differences cross tile edges in both directions."""
+    shape = (2, 2, 64, 300)
+    device = torch.device(DEVICE)
+    n_rows, w = shape[0] * shape[1] * shape[2], shape[3]
+    bw = min(op_module.next_pow2(w), 256)
+    tiles = -(-n_rows // (op_module._TILE // bw)) * -(-w // bw)
+    assert bw < w and tiles > op_module._PROGRAMS_PER_SM * op_module.num_sms(device)
+    check_backend(triton_backend, rand(gen, *shape, scale=1.3), weights(gen), -1.0, 1.0)
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 1, 7), (3, 2, 7, 1), (1, 1, 1, 1), (4, 1, 5, 3)])
+def test_degenerate_sizes(triton_backend, gen, shape):
+    """A single line, a single column, a single pixel: TV terms without neighbours vanish."""
+    check_backend(triton_backend, rand(gen, *shape, scale=1.3), weights(gen), -1.0, 1.0)
+
+
+def test_pixels_on_the_bounds_have_zero_pix_gradient(triton_backend, gen):
+    """relu'(0) = 0: pixels exactly at lo or hi get no Pix gradient (as torch)."""
+    x = rand(gen, 2, 1, 6, 6).clamp(-1, 1)
+    x[0, 0, 0, :3] = 1.0
+    x[1, 0, 2, :3] = -1.0
+    check_backend(triton_backend, x, torch.tensor([0.0, 1.0], device=DEVICE), -1.0, 1.0)
+
+
+def test_non_contiguous_input(triton_backend, gen):
+    x = rand(gen, 3, 9, 8, 2, scale=1.3).permute(0, 3, 1, 2)  # [3, 2, 9, 8], channels-last-like
+    check_backend(triton_backend, x, weights(gen), -1.0, 1.0)
+
+
+def test_bitwise_deterministic(triton_backend, gen):
+    x = rand(gen, 2, 2, 64, 300, scale=1.3)
+    w = weights(gen)
+    runs = []
+    for _ in range(2):
+        xi = x.clone().requires_grad_(True)
+        loss, terms = triton_backend.image_prior(xi, w, -1.0, 1.0)
+        loss.backward()
+        runs.append((loss, terms, xi.grad))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_weights_gradient_is_the_terms(triton_backend, gen):
+    w = weights(gen).requires_grad_(True)
+    loss, terms = triton_backend.image_prior(rand(gen, 2, 3, 5, 6, scale=1.3), w, -1.0, 1.0)
+    (loss * 2.0).backward()
+    assert not terms.requires_grad
+    assert_close(w.grad, 2.0 * terms, what="d/dweights")
+
+
+def test_opcheck(gen):
+    x = rand(gen, 2, 3, 5, 6, scale=1.3).requires_grad_(True)
+    torch.library.opcheck(op_module._image_prior_op, (x, weights(gen), -1.0, 1.0))
+
+
+def test_torch_compile_fullgraph(triton_backend, gen):
+    x = rand(gen, 3, 3, 8, 8)
+    w = weights(gen)
+
+    def block(xi):
+        return triton_backend.image_prior(torch.tanh(xi) * 1.2, w, -1.0, 1.0)
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    out = []
+    for fn in (compiled, block):
+        xi = x.clone().requires_grad_(True)
+        loss, terms = fn(xi)
+        loss.backward()
+        out.append((terms, xi.grad))
+    for a, b, what in zip(*out, ("terms", "d/dimages")):
+        assert_close(a, b, what=what)
+
+
+def test_kernels_compile_for_hopper():
+    from tldr_fast.kernels._aot import compile_check
+
+    result = compile_check("image_prior")
+    if result is None:
+        pytest.skip("Triton's NVIDIA backend (ptxas) is not available")
+    ok, output = result
+    assert ok, output
