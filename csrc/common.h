@@ -1,0 +1,103 @@
+// Host-side helpers shared by the CPU (.cpp) and CUDA (.cu) implementations of the ops: argument
+// checks and the normalised inputs each kernel expects (contiguous, compute dtype, fp32/fp64 weights).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <optional>
+
+namespace tldr_fast {
+
+// Features are divided by max(||phi||, kNormEps), as F.normalize does (reference.NORM_EPS).
+constexpr double kNormEps = 1e-12;
+
+// The accumulation dtype: fp64 stays fp64 (for gradcheck), every other float computes in fp32 (reference._acc).
+inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// at::parallel_for grain for rows of `row_len` elements: about 16k elements per task.
+inline int64_t parallel_grain(int64_t row_len) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(row_len, 1)); }
+
+inline void check_floating(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be a floating-point tensor, got ", t.scalar_type());
+}
+
+// weights: [n] on the device of `like` -> contiguous, in the accumulation dtype (read by the kernels on the
+// device: no host sync).
+inline at::Tensor prepare_weights(const at::Tensor& weights, int64_t n, const at::Tensor& like, at::ScalarType acc) {
+  check_floating(weights, "weights");
+  TORCH_CHECK(weights.dim() == 1 && weights.size(0) == n, "weights must have shape [", n, "], got ", weights.sizes());
+  TORCH_CHECK(weights.device() == like.device(), "weights must be on ", like.device(), ", got ", weights.device());
+  return weights.to(acc).contiguous();
+}
+
+// head_loss inputs, normalised. N = B (clean rows) or 2B (clean rows, then perturbed rows).
+struct HeadLossInputs {
+  at::Tensor logits;    // [N, K] contiguous, compute dtype
+  at::Tensor target;    // [B, K] contiguous, accumulation dtype
+  at::Tensor labels;    // [B] int64 contiguous
+  at::Tensor features;  // [B, D] contiguous, compute dtype; undefined without features
+  at::Tensor weights;   // [5] accumulation dtype
+  at::ScalarType acc;
+  int64_t n, b, k, d;   // d = 0 without features
+};
+
+// The compute dtype is the promotion of logits' and features' dtypes (they normally agree); the target is
+// read in the accumulation dtype so that a fp32 soft target keeps its precision next to bf16 logits.
+inline HeadLossInputs prepare_head_loss(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& labels,
+                                        const std::optional<at::Tensor>& features, const at::Tensor& weights) {
+  check_floating(logits, "logits");
+  check_floating(target, "target");
+  TORCH_CHECK(logits.dim() == 2, "logits must be [N, K], got ", logits.sizes());
+  TORCH_CHECK(target.dim() == 2, "target must be [B, K], got ", target.sizes());
+  const int64_t n = logits.size(0), k = logits.size(1), b = target.size(0);
+  TORCH_CHECK(b > 0 && k > 0, "head_loss needs B > 0 and K > 0, got target ", target.sizes());
+  TORCH_CHECK(target.size(1) == k, "target must be [B, K] with K = ", k, ", got ", target.sizes());
+  TORCH_CHECK(n == b || n == 2 * b, "logits must have B or 2B rows (B = ", b, "), got ", n);
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == b, "labels must be [B] with B = ", b, ", got ", labels.sizes());
+  TORCH_CHECK(!at::isFloatingType(labels.scalar_type()) && labels.scalar_type() != at::kBool,
+              "labels must be an integer tensor, got ", labels.scalar_type());
+  TORCH_CHECK(target.device() == logits.device() && labels.device() == logits.device(),
+              "logits, target and labels must be on one device");
+  at::ScalarType compute = logits.scalar_type();
+  int64_t d = 0;
+  if (features.has_value()) {
+    const at::Tensor& f = *features;
+    check_floating(f, "features");
+    TORCH_CHECK(f.dim() == 2 && f.size(0) == b && f.size(1) > 0, "features must be [B, D] with B = ", b,
+                " and D > 0, got ", f.sizes());
+    TORCH_CHECK(f.device() == logits.device(), "features must be on ", logits.device());
+    compute = at::promote_types(compute, f.scalar_type());
+    d = f.size(1);
+  }
+  const at::ScalarType acc = acc_dtype(compute);
+  HeadLossInputs in;
+  in.logits = logits.to(compute).contiguous();
+  in.target = target.to(acc).contiguous();
+  in.labels = labels.to(at::kLong).contiguous();
+  if (features.has_value()) in.features = features->to(compute).contiguous();
+  in.weights = prepare_weights(weights, 5, logits, acc);
+  in.acc = acc;
+  in.n = n;
+  in.b = b;
+  in.k = k;
+  in.d = d;
+  return in;
+}
+
+// features: [B, D] with B >= 2 -> contiguous.
+inline at::Tensor prepare_feature_loss(const at::Tensor& features) {
+  check_floating(features, "features");
+  TORCH_CHECK(features.dim() == 2 && features.size(0) >= 2 && features.size(1) > 0,
+              "features must be [B, D] with B >= 2 and D > 0, got ", features.sizes());
+  return features.contiguous();
+}
+
+// images: [B, C, H, W], non-empty -> contiguous (NCHW).
+inline at::Tensor prepare_image_prior(const at::Tensor& images) {
+  check_floating(images, "images");
+  TORCH_CHECK(images.dim() == 4 && images.numel() > 0, "images must be a non-empty [B, C, H, W], got ", images.sizes());
+  return images.contiguous();
+}
+
+}  // namespace tldr_fast

@@ -1,0 +1,360 @@
+"""The C++/CUDA extension: loading, build facts, custom-op registration (opcheck), the compile-only check of
+the CUDA sources, and the clear failure of a broken build. Values and gradients against the reference are
+checked by the cross-backend tests (the ``fast`` fixture's "cuda" parameter runs these ops); the tests here
+cover what those do not: gradients w.r.t. the weights, fp64 gradcheck, mixed and low-precision dtypes on
+the CPU, non-contiguous inputs.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tldr_fast import extension as ext
+from tldr_fast import reference as ref
+from tldr_fast.backends import BackendUnavailable, resolve
+from tests.helpers import DEVICE, HAS_CUDA, assert_close, assert_low_precision_close, rand
+
+DEVICES = ["cpu", "cuda"] if HAS_CUDA else ["cpu"]
+
+
+@pytest.fixture(scope="module")
+def lib():
+    """The loaded extension (built or JIT-built on first use), or a skip saying why it is not there."""
+    try:
+        ext.require("cpu")
+    except BackendUnavailable as e:
+        pytest.skip(str(e))
+    return torch.ops.tldr_fast
+
+
+# --- loading and build facts -----------------------------------------------------------------------------
+
+
+def test_info_describes_the_loaded_library(lib):
+    info = ext.info()
+    assert info["built"] is True and info["how"] in ("prebuilt", "jit") and info["error"] is None
+    assert os.path.exists(info["path"])
+    for op in ext.LOSS_OPS:
+        assert "cpu" in info["ops"][op]
+        assert ("cuda" in info["ops"][op]) == info["cuda"]
+    if info["cuda"]:
+        assert info["cuda_archs"] and all(a[0].isdigit() for a in info["cuda_archs"])
+    else:
+        assert info["cuda_archs"] == []
+
+
+def test_require_matches_the_kernels_present(lib):
+    ext.require("cpu")
+    if ext.info()["cuda"]:
+        ext.require("cuda")
+    else:
+        with pytest.raises(BackendUnavailable, match="without CUDA"):
+            ext.require("cuda")
+    with pytest.raises(BackendUnavailable, match="not 'mps'"):
+        ext.require("mps")
+
+
+def test_backend_dispatch_serves_the_extension_ops(lib):
+    backend = resolve("cuda", DEVICE, fallback=False)
+    for op in ext.LOSS_OPS:
+        assert getattr(backend, op) is getattr(ext, op)
+    assert hasattr(ext, "pairwise_ssim") == hasattr(lib, "pairwise_ssim")
+
+
+def test_build_flags_follow_the_environment(monkeypatch):
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0 9.0+PTX")
+    assert ext.cuda_archs() == ["8.0", "9.0+PTX"]
+    assert ext.nvcc_flags()[1:] == [
+        "-gencode=arch=compute_80,code=sm_80",
+        "-gencode=arch=compute_90,code=sm_90",
+        "-gencode=arch=compute_90,code=compute_90",
+    ]
+    assert "-DTLDR_FAST_CUDA_ARCHS=8.0_9.0+PTX" in ext.cxx_flags(with_cuda=True)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "Hopper")
+    with pytest.raises(ValueError, match="TORCH_CUDA_ARCH_LIST"):
+        ext.nvcc_flags()
+    monkeypatch.setenv("TLDR_FAST_BUILD_CUDA", "0")
+    assert ext.build_with_cuda() is False
+    monkeypatch.setenv("TLDR_FAST_BUILD_CUDA", "1")
+    if torch.version.cuda is None:
+        with pytest.raises(RuntimeError, match="no CUDA"):
+            ext.build_with_cuda()
+    cu = ext.sources(with_cuda=True)
+    assert set(ext.sources(with_cuda=False)) < set(cu) and all(s.endswith((".cpp", ".cu")) for s in cu)
+
+
+# --- a broken or disabled build: one clear message, never a crash ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def broken_library(tmp_path_factory):
+    """What open_library returns when the prebuilt module is missing and the JIT build fails to compile."""
+    tmp_path = tmp_path_factory.mktemp("broken")
+    csrc = tmp_path / "csrc"
+    csrc.mkdir()
+    (csrc / "broken.cpp").write_text("#include <torch/library.h>\nthis is not C++;\n")
+    return ext.open_library(
+        prebuilt="tldr_fast._no_such_module",
+        csrc=str(csrc),
+        jit=True,
+        name="tldr_fast_broken_test",
+        build_directory=str(tmp_path),
+    )
+
+
+def test_failed_jit_build_is_reported_not_raised(broken_library):
+    assert broken_library.how == "missing" and broken_library.module is None
+    assert "tldr_fast._no_such_module not importable" in broken_library.error
+    assert "just-in-time build failed" in broken_library.error
+    assert "broken.cpp" in broken_library.error  # the compiler's error line
+
+
+def test_failed_build_gives_one_clear_backend_error(broken_library, monkeypatch):
+    monkeypatch.setattr(ext, "_library", broken_library)
+    monkeypatch.setattr(ext, "_ready", False)
+    for device in ("cpu", "cuda"):
+        with pytest.raises(BackendUnavailable, match="extension is unavailable.*Fix:"):
+            ext.require(device)
+        with pytest.raises(BackendUnavailable, match="just-in-time build failed"):
+            resolve("cuda", device, fallback=False)
+    with pytest.raises(BackendUnavailable):
+        ext.head_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), None, torch.ones(5))
+    assert not hasattr(ext, "pairwise_ssim")
+    assert ext.info() == {"built": False, "how": "missing", "error": broken_library.error}
+    assert resolve("auto", "cpu", quiet=True).name == "torch"
+
+
+def test_jit_opt_out_and_missing_sources(tmp_path):
+    off = ext.open_library(prebuilt="tldr_fast._no_such_module", jit=False)
+    assert off.module is None and "TLDR_FAST_JIT=0" in off.error
+    empty = ext.open_library(prebuilt="tldr_fast._no_such_module", csrc=str(tmp_path), jit=True)
+    assert empty.module is None and "no C++ sources" in empty.error
+
+
+def test_import_never_builds_or_fails():
+    env = dict(os.environ, TLDR_FAST_JIT="0")
+    code = "import tldr_fast, tldr_fast.extension as e, tldr_fast.backends; assert e._library is None"
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+CPU_ONLY_CHECK = pytest.mark.skipif(HAS_CUDA, reason="a build check for CPU CI: on a GPU machine the real build does it")
+
+
+@CPU_ONLY_CHECK
+def test_jit_build_loads_in_a_fresh_process(tmp_path):
+    """The just-in-time path end to end (flags, module init, op registration, Python-side rules), in a
+    fresh process, on a subset of csrc/ to keep the compile short: the library and one op's CPU kernel."""
+    csrc = tmp_path / "csrc"
+    csrc.mkdir()
+    for name in ("tldr_fast.cpp", "common.h", "image_prior.cpp"):
+        shutil.copy(os.path.join(ext.CSRC, name), csrc / name)
+    code = (
+        "import torch, tldr_fast.extension as e\n"
+        f"lib = e.open_library(prebuilt='tldr_fast._no_such_module', csrc={str(csrc)!r}, jit=True, "
+        f"build_directory={str(tmp_path)!r})\n"
+        "assert lib.how == 'jit', lib.error\n"
+        "assert lib.module.with_cuda == 0 and lib.module.cuda_archs == ''\n"
+        "x = torch.randn(2, 1, 5, 5)\n"
+        "loss, terms, g = torch.ops.tldr_fast.image_prior(x, torch.ones(2), -1.0, 1.0)\n"
+        "assert torch.isfinite(g).all() and terms.shape == (2,)\n"
+    )
+    env = dict(os.environ, TLDR_FAST_BUILD_CUDA="0")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+# --- custom-op registration: schema, fake tensors, autograd, torch.compile (opcheck) ----------------------
+
+
+def head_args(gen, device, b=6, k=5, d=4, pert=True, features=True, dtype=torch.float32, head_bias=True):
+    labels = torch.randint(0, k, (b,), generator=gen).to(device)
+    target = F.softmax(rand(gen, b, k, device=device), 1).to(dtype)
+    logits = rand(gen, (2 if pert else 1) * b, k, device=device, dtype=dtype).requires_grad_(True)
+    feats = rand(gen, b, d, device=device, dtype=dtype).requires_grad_(True) if features else None
+    weights = (torch.rand(5, generator=gen) + 0.5).to(device)
+    return (logits, target, labels, feats, weights, head_bias)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "case",
+    [dict(), dict(pert=False), dict(features=False), dict(head_bias=False), dict(dtype=torch.bfloat16), dict(b=1, k=1)],
+)
+def test_opcheck_head_loss(lib, gen, device, case):
+    torch.library.opcheck(lib.head_loss.default, head_args(gen, device, **case))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,dtype", [((7, 3), torch.float32), ((3, 9), torch.float32), ((5, 4), torch.float16)])
+def test_opcheck_feature_loss(lib, gen, device, shape, dtype):
+    phi = rand(gen, *shape, device=device, dtype=dtype).requires_grad_(True)
+    torch.library.opcheck(lib.feature_loss.default, (phi, torch.ones(2, device=device)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "shape,dtype", [((2, 3, 5, 6), torch.float32), ((3, 1, 4, 8), torch.bfloat16), ((1, 1, 1, 1), torch.float32)]
+)
+def test_opcheck_image_prior(lib, gen, device, shape, dtype):
+    x = rand(gen, *shape, device=device, dtype=dtype, scale=1.5).requires_grad_(True)
+    torch.library.opcheck(lib.image_prior.default, (x, torch.ones(2, device=device), -1.0, 1.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_pairwise_ssim(lib, gen, device):
+    if not hasattr(lib, "pairwise_ssim"):
+        pytest.skip("the loaded extension has no pairwise_ssim (csrc/pairwise_ssim.cpp not compiled in)")
+    a = torch.rand(3, 2, 9, 8, generator=gen).to(device)
+    b = torch.rand(4, 2, 9, 8, generator=gen).to(device)
+    torch.library.opcheck(lib.pairwise_ssim.default, (a, b, 1.0))
+
+
+def test_ops_under_torch_compile_fullgraph(lib, gen):
+    """All three loss ops in one compiled graph, forward and backward, on the test device."""
+    logits, target, labels, feats, w, _ = head_args(gen, DEVICE, b=9, k=4, d=6)
+    x = rand(gen, 2, 3, 5, 6)
+
+    def block(z, f, x):
+        l1, t1 = ext.head_loss(z, target, labels, f, w)
+        l2, t2 = ext.feature_loss(f.relu(), w[:2])
+        l3, t3 = ext.image_prior(torch.tanh(x), w[:2], -1.0, 1.0)
+        return l1 + l2 + 2.0 * l3, torch.cat([t1, t2, t3])
+
+    results = []
+    for fn in (torch.compile(block, fullgraph=True), block):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (logits, feats, x)]
+        loss, terms = fn(*leaves)
+        loss.backward()
+        results.append((loss, terms, *(t.grad for t in leaves)))
+    for a, b, what in zip(*results, ("loss", "terms", "d/dlogits", "d/dfeatures", "d/dimages")):
+        assert_close(a, b, what=what)
+
+
+# --- what the cross-backend tests do not cover ------------------------------------------------------------
+
+
+def test_gradcheck_fp64_with_weights(lib, gen):
+    """fp64 inputs compute in fp64: gradcheck the saved gradients, the weights' gradient included."""
+    logits, target, labels, feats, _, _ = head_args(gen, DEVICE, b=4, k=3, d=2, dtype=torch.float64)
+    w = (torch.rand(5, generator=gen, dtype=torch.float64) + 0.5).to(DEVICE).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda z, f, w: ext.head_loss(z, target, labels, f, w)[0], (logits, feats, w))
+    phi = rand(gen, 5, 3, dtype=torch.float64).requires_grad_(True)
+    w2 = w[:2].detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda p, w: ext.feature_loss(p, w)[0], (phi, w2))
+    x = rand(gen, 2, 2, 4, 5, dtype=torch.float64, scale=1.5).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x, w: ext.image_prior(x, w, -1.0, 1.0)[0], (x, w2))
+
+
+def test_terms_are_detached_and_weights_get_their_gradient(lib, gen):
+    logits, target, labels, feats, w, _ = head_args(gen, DEVICE)
+    w.requires_grad_(True)
+    loss, terms = ext.head_loss(logits, target, labels, feats, w)
+    assert loss.requires_grad and not terms.requires_grad
+    (gw,) = torch.autograd.grad(loss * 1.5, w)
+    _, ref_terms = ref.head_loss(logits, target, labels, feats, w)
+    assert_close(gw, 1.5 * ref_terms, what="d loss / d weights")
+
+
+def test_mixed_dtypes_and_int32_labels(lib, gen):
+    """bf16 logits and features with a fp32 soft target and int32 labels: the target keeps fp32 precision."""
+    logits, target, labels, feats, w, _ = head_args(gen, DEVICE, b=33, k=10, d=17, dtype=torch.bfloat16)
+    target = F.softmax(rand(gen, 33, 10, device=DEVICE), 1)  # fp32
+    out = {}
+    for name, impl, args in (
+        ("hp", ref.head_loss, (logits.double(), target.double(), labels, feats.double(), w.double())),
+        ("ref_lp", ref.head_loss, (logits, target, labels, feats, w)),
+        ("ours", ext.head_loss, (logits, target, labels.int(), feats, w)),
+    ):
+        z, f = [t.detach().clone().requires_grad_(True) for t in (args[0], args[3])]
+        loss, terms = impl(z, args[1], args[2], f, args[4])
+        loss.backward()
+        out[name] = (terms, z.grad, f.grad)
+    for i, what in enumerate(("terms", "d/dlogits", "d/dfeatures")):
+        assert out["ours"][i].dtype == out["ref_lp"][i].dtype, what
+        assert_low_precision_close(out["ours"][i], out["ref_lp"][i], out["hp"][i], slack=2.0, atol=1e-5, what=what)
+
+
+def test_non_contiguous_inputs(lib, gen):
+    x = rand(gen, 3, 4, 7, 9, scale=1.3).to(memory_format=torch.channels_last).requires_grad_(True)
+    w = torch.tensor([0.7, 1.3], device=DEVICE)
+    for a, b in zip(ext.image_prior(x, w, -1.0, 1.0), ref.image_prior(x, w, -1.0, 1.0)):
+        assert_close(a, b, what="image_prior on channels_last")
+    g1 = torch.autograd.grad(ext.image_prior(x, w)[0], x)[0]
+    g0 = torch.autograd.grad(ref.image_prior(x, w)[0], x)[0]
+    assert_close(g1, g0, what="d/dimages on channels_last")
+    phi = rand(gen, 9, 5).t().requires_grad_(True)  # [5, 9], column-major
+    g1 = torch.autograd.grad(ext.feature_loss(phi, w)[0], phi)[0]
+    g0 = torch.autograd.grad(ref.feature_loss(phi, w)[0], phi)[0]
+    assert_close(g1, g0, what="d/dfeatures, transposed input")
+
+
+def test_bad_arguments_are_clear_errors(lib, gen):
+    logits, target, labels, feats, w, _ = head_args(gen, "cpu")
+    with pytest.raises(RuntimeError, match="label .* out of range"):
+        ext.head_loss(logits, target, labels + 100, feats, w)
+    with pytest.raises(RuntimeError, match="weights must have shape"):
+        ext.head_loss(logits, target, labels, feats, w[:3])
+    with pytest.raises(RuntimeError, match="B or 2B rows"):
+        ext.head_loss(logits[:5], target, labels, feats, w)
+    with pytest.raises(RuntimeError, match="B >= 2"):
+        ext.feature_loss(torch.randn(1, 4), w[:2])
+
+
+# --- the CUDA sources compile (nvcc, compile only; runs without a GPU) ------------------------------------
+
+
+def _nvcc():
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    for home in (CUDA_HOME, os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def _nvcc_command(nvcc, src, obj, gen_dir):
+    import sysconfig
+
+    from torch.utils import cpp_extension
+
+    includes = [gen_dir, *cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
+    return [
+        nvcc, "-c", src, "-o", obj,
+        *[f"-I{p}" for p in includes],
+        *cpp_extension.COMMON_NVCC_FLAGS,
+        *ext.nvcc_flags(["9.0"]),
+        "-std=c++20", "--compiler-options", "-fPIC",
+        "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C",
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+    ]  # fmt: skip
+
+
+@CPU_ONLY_CHECK
+def test_cuda_sources_compile_for_sm90():
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (CUDA_HOME, /usr/local/cuda, PATH): the CUDA sources cannot be compile-checked")
+    sources = [s for s in ext.sources(with_cuda=True) if s.endswith(".cu")]
+    assert sources, "no csrc/*.cu"
+    with tempfile.TemporaryDirectory() as tmp:
+        # A CPU-only torch lacks this generated header; a CUDA build of torch has exactly this content.
+        gen_dir = os.path.join(tmp, "gen")
+        os.makedirs(os.path.join(gen_dir, "c10", "cuda", "impl"))
+        with open(os.path.join(gen_dir, "c10", "cuda", "impl", "cuda_cmake_macros.h"), "w") as f:
+            f.write("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+
+        def compile_one(src):
+            obj = os.path.join(tmp, os.path.basename(src) + ".o")
+            proc = subprocess.run(_nvcc_command(nvcc, src, obj, gen_dir), capture_output=True, text=True)
+            return src, proc.returncode, (proc.stdout + proc.stderr)[-4000:]
+
+        with ThreadPoolExecutor(max_workers=max(1, min(len(sources), os.cpu_count() or 1))) as pool:
+            results = list(pool.map(compile_one, sources))
+    failed = [f"{os.path.basename(src)}:\n{log}" for src, rc, log in results if rc != 0]
+    assert not failed, "nvcc failed:\n" + "\n".join(failed)
