@@ -195,10 +195,11 @@ def pairwise_ssim(a: Tensor, b: Tensor, data_range: float = 1.0) -> Tensor:
         channel_axis=0)`` - mean over the valid 7x7 windows and over channels.
 
     This is the batched-torch oracle: it materialises ``[N, M, C, H, W]`` products, so callers chunk
-    (``tldr_fast.ssim.pairwise_ssim`` does).
+    (``tldr_fast.ssim.pairwise_ssim`` does). It computes in fp64, as scikit-image does: in fp32,
+    ``box(a b) - mu_a mu_b`` cancels on flat bright images.
     """
-    dt = torch.float64 if a.dtype == torch.float64 else torch.float32
-    a, b = a.to(dt), b.to(dt)
+    out_dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+    a, b = a.double(), b.double()
     n, c, h, w = a.shape
     m = b.shape[0]
     np_ = SSIM_WIN * SSIM_WIN
@@ -217,4 +218,4 @@ def pairwise_ssim(a: Tensor, b: Tensor, data_range: float = 1.0) -> Tensor:
     mu_b, var_b = mu_b[None], var_b[None]  # [1, M, C, h', w']
     cov = cov_norm * (box(a[:, None] * b[None]) - mu_a * mu_b)  # [N, M, C, h', w']
     s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a * mu_a + mu_b * mu_b + c1) * (var_a + var_b + c2))
-    return s.mean(dim=(2, 3, 4))
+    return s.mean(dim=(2, 3, 4)).to(out_dtype)

@@ -1,43 +1,231 @@
-"""SSIM at training-set scale: the chunked driver over the ``pairwise_ssim`` op of each backend.
+"""SSIM at training-set scale: the ``[N, M]`` SSIM matrix, its top-k per row, and per-class blocks.
 
-``pairwise_ssim`` returns the full ``[N, M]`` matrix, computed block by block so that any N x M fits
-in memory; ``nearest_ssim`` streams the top-k per row without ever storing ``N x M``. SSIM is
-scikit-image's ``structural_similarity`` with its defaults (7x7 uniform window, K1=0.01, K2=0.03,
-sample covariance, ``data_range`` 1), averaged over channels.
+SSIM is scikit-image's ``structural_similarity`` with its defaults (7x7 uniform window, K1 = 0.01,
+K2 = 0.03, sample covariance, ``data_range`` 1 for images in [0, 1]), averaged over the valid window
+positions and the channels. ``tldr_fast.reference.pairwise_ssim`` defines it. The "cuda", "triton"
+and "torch" implementations agree with scikit-image to 1e-4 (~1e-7 measured); the fp32 reference
+computes ``E[ab] - E[a]E[b]``, which cancels in flat bright regions (errors up to ~2e-4 there).
+
+Implementations (``backend=``), all computing the same ``[n, m]`` block of the matrix:
+
+* ``"cuda"``: the C++/CUDA extension's op ``torch.ops.tldr_fast.pairwise_ssim`` (``csrc/pairwise_ssim*``):
+  a CPU kernel vectorised over pairs, and a CUDA kernel;
+* ``"triton"``: ``tldr_fast.kernels.pairwise_ssim``, tiled tensor-core matrix products (GPU);
+* ``"torch"``: :func:`pairwise_ssim_torch` below, plain PyTorch organised as batched matrix products;
+* ``"reference"``: the batched oracle (materialises ``[n, m, C, H, W]``; for tests and benchmarks).
+
+``"auto"`` takes the first available of ``AUTO_ORDER[device type]``. The drivers split any ``N x M``
+into blocks sized from ``budget_mb``, so nothing runs out of memory; :func:`nearest_ssim` streams the
+top-k per row without storing ``N x M``.
+
+Cost: the window means and variances belong to one image and are computed once per image; only the
+cross term ``sum_q a_q b_q`` over each window is per pair. Seen per window position ``p``, it is a
+matrix product ``[n, 49] x [49, m]`` of the images' windows; with each window's mean subtracted first
+(``cov = sum_q (a_q - mu_a)(b_q - mu_b) / 48``) there is no cancellation and fp32 is accurate.
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Tuple, Union
+import contextlib
+import sys
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .backends import resolve
+from . import extension, reference
+from .backends import BackendUnavailable, resolve
 
-ArrayLike = Union[torch.Tensor, np.ndarray]
+Tensor = torch.Tensor
+ArrayLike = Union[Tensor, np.ndarray]
+SsimOp = Callable[[Tensor, Tensor, float], Tensor]
+
+WIN = reference.SSIM_WIN
+NPIX = WIN * WIN  # pixels per window
+IMPLEMENTATIONS = {
+    "cuda": "the C++/CUDA extension",
+    "triton": "the Triton kernel",
+    "torch": "PyTorch matrix products",
+    "reference": "the batched reference",
+}
+# Preference of backend="auto" per device type: the first one available is used.
+AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cuda", "torch")}
+# Elements of each [positions, n, m] temporary of the torch path: large enough that the per-op
+# overhead (and, on the CPU, the threads' synchronisation) is small, small enough to stay in memory.
+TORCH_CHUNK = {"cpu": 1 << 20, "cuda": 1 << 24}
+_announced: set = set()
 
 
-def as_unit_images(x: ArrayLike) -> torch.Tensor:
-    """``[N, C, H, W]`` (or ``[N, H, W]``) images as a tensor in [0, 1]: uint8 is divided by 255,
-    floats are taken as they are; anything else is a clear error."""
+# --- inputs ----------------------------------------------------------------------------------------
+
+
+def _images(x: ArrayLike) -> Tensor:
+    """``[N, C, H, W]`` (or ``[N, H, W]``) uint8 or float images as a tensor, checked, not converted."""
     t = torch.as_tensor(x)
     if t.dim() == 3:
         t = t[:, None]
     if t.dim() != 4:
         raise ValueError(f"expected images [N, C, H, W] or [N, H, W], got shape {tuple(t.shape)}")
-    if t.shape[-1] < 7 or t.shape[-2] < 7:
+    if t.shape[-1] < WIN or t.shape[-2] < WIN:
         raise ValueError(f"SSIM uses a 7x7 window: images must be at least 7x7, got {tuple(t.shape[-2:])}")
-    if t.dtype == torch.uint8:
-        return t
-    if not t.is_floating_point():
+    if t.dtype != torch.uint8 and not t.is_floating_point():
         raise TypeError(f"images must be uint8 or floating point, got {t.dtype}")
     return t
 
 
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def as_unit_images(x: ArrayLike) -> Tensor:
+    """``[N, C, H, W]`` (or ``[N, H, W]``) images as a float tensor in [0, 1]: uint8 is divided by 255
+    (to fp32), floats are returned as they are; anything else is a clear error."""
+    t = _images(x)
+    return t.float().div_(255) if t.dtype == torch.uint8 else t
+
+
+def _to_device(x: Tensor, device: torch.device) -> Tensor:
+    """A block of images on the compute device (uint8 travels as uint8, then becomes fp32 / 255)."""
+    x = x.to(device, non_blocking=True)
+    return x.float().div_(255) if x.dtype == torch.uint8 else x
+
+
+def _pair(a: ArrayLike, b: ArrayLike) -> Tuple[Tensor, Tensor]:
+    a, b = _images(a), _images(b)
+    if a.shape[1:] != b.shape[1:]:
+        raise ValueError(f"a and b must have the same [C, H, W], got {tuple(a.shape[1:])} and {tuple(b.shape[1:])}")
+    return a, b
+
+
+# --- the torch implementation ----------------------------------------------------------------------
+
+
+def _centered_windows(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Every 7x7 window of every image, minus its mean, and the windows' statistics.
+
+    x: ``[n, C, H, W]`` fp32 -> ``(windows [P, n, 49], mu [P, n], var [P, n])`` over the ``P = C (H-6)(W-6)``
+    positions: ``windows[p, i, q] = x_i[q] - mu[p, i]`` (pixel q of window p), ``var`` the sample variance.
+    """
+    n, c, h, w = x.shape
+    win = F.unfold(x.reshape(n * c, 1, h, w), WIN)  # [n C, 49, (H-6)(W-6)]
+    mu = win.mean(1, keepdim=True)
+    win = win.sub_(mu)
+    var = win.square().sum(1).div_(NPIX - 1)  # [n C, (H-6)(W-6)]
+    pos = c * win.shape[-1]
+    windows = win.view(n, c, NPIX, win.shape[-1]).permute(1, 3, 0, 2).reshape(pos, n, NPIX)
+    return windows, mu.view(n, pos).t(), var.view(n, pos).t()
+
+
+@contextlib.contextmanager
+def _exact_fp32_matmul(device: torch.device) -> Iterator[None]:
+    """fp32 matrix products in full precision (no TF32) while inside, whatever the global setting."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = saved
+
+
+def pairwise_ssim_torch(a: Tensor, b: Tensor, data_range: float = 1.0) -> Tensor:
+    """``reference.pairwise_ssim`` in plain PyTorch, organised as batched matrix products.
+
+    a: ``[N, C, H, W]``, b: ``[M, C, H, W]`` floats (uint8: divided by 255) -> ``[N, M]`` fp32.
+
+    Per window position p (a batch of the products): ``2 cov + c2 = (2/48) W_a,p W_b,p^T + c2`` with
+    the centred windows ``W`` (``[n, 49]``), and ``2 mu_a mu_b + c1`` likewise as a rank-1 product;
+    positions are taken in chunks so that the ``[chunk, n, m]`` temporaries stay small.
+    """
+    device = a.device
+    a, b = as_unit_images(a).float(), as_unit_images(b).float()
+    wa, mua, va = _centered_windows(a)  # [P, N, 49], [P, N], [P, N]
+    wb, mub, vb = _centered_windows(b)  # [P, M, 49], [P, M], [P, M]
+    pos, n, m = wa.shape[0], a.shape[0], b.shape[0]
+    c1 = (reference.SSIM_K1 * data_range) ** 2
+    c2 = (reference.SSIM_K2 * data_range) ** 2
+    lum_a, lum_b = (mua.square() + c1)[:, :, None], mub.square()[:, None, :]  # mu_a^2 + c1, mu_b^2
+    con_a, con_b = (va + c2)[:, :, None], vb[:, None, :]  # var_a + c2, var_b
+    c1_t, c2_t = a.new_full((1, 1, 1), c1), a.new_full((1, 1, 1), c2)
+    out = a.new_zeros(n, m)
+    step = max(1, TORCH_CHUNK.get(device.type, TORCH_CHUNK["cuda"]) // max(1, n * m))
+    with _exact_fp32_matmul(device):
+        for s in range(0, pos, step):
+            p = slice(s, s + step)
+            num = torch.baddbmm(c2_t, wa[p], wb[p].transpose(1, 2), alpha=2 / (NPIX - 1))  # 2 cov + c2
+            num.mul_(torch.baddbmm(c1_t, mua[p, :, None], mub[p, None, :], alpha=2))  # (2 mu_a mu_b + c1)
+            den = torch.add(lum_a[p], lum_b[p]).mul_(con_a[p] + con_b[p])
+            out += num.div_(den).sum(0)
+    return out.div_(pos)
+
+
+# --- choosing an implementation ----------------------------------------------------------------------
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _op(name: str, device: torch.device) -> SsimOp:
+    """The ``pairwise_ssim`` of one implementation, or ``BackendUnavailable`` saying why not."""
+    if name == "torch":
+        return pairwise_ssim_torch
+    if name == "reference":
+        return reference.pairwise_ssim
+    if name in ("cuda", "triton"):
+        ops = resolve(name, device, quiet=True, fallback=False)
+        missing = BackendUnavailable(f"backend {name!r} has no pairwise_ssim kernel for {device.type} tensors")
+        if not hasattr(ops, "pairwise_ssim"):
+            raise missing
+        if name == "cuda" and not extension._has_kernel("pairwise_ssim", device.type):
+            raise missing  # e.g. an extension built without csrc/pairwise_ssim.cu
+        return ops.pairwise_ssim
+    raise BackendUnavailable(f"unknown SSIM backend {name!r}; expected 'auto' or one of {tuple(IMPLEMENTATIONS)}")
+
+
+def implementation(backend: str = "auto", device: Optional[Union[str, torch.device]] = None) -> Tuple[str, SsimOp]:
+    """``(name, op)``: the implementation that ``backend`` means on ``device`` (default: the GPU when
+    there is one). ``"auto"`` takes the first available of ``AUTO_ORDER`` and says so once on stderr."""
+    device = torch.device(device) if device is not None else _default_device()
+    if backend != "auto":
+        return backend, _op(backend, device)
+    for name in AUTO_ORDER.get(device.type, ("torch",)):
+        try:
+            op = _op(name, device)
+        except BackendUnavailable:
+            continue
+        if device.type not in _announced:
+            _announced.add(device.type)
+            print(f"tldr_fast: pairwise_ssim backend 'auto' -> {name!r} ({IMPLEMENTATIONS[name]}) on {device.type}",
+                  file=sys.stderr)
+        return name, op
+    raise AssertionError("unreachable: the torch implementation is always available")
+
+
+# --- blocks ------------------------------------------------------------------------------------------
+
+
+def _footprint(name: str, device: torch.device, c: int, h: int, w: int) -> Tuple[int, int, int]:
+    """Working memory of one block, in bytes: ``(fixed, per image, per pair)`` (upper estimates)."""
+    pos = c * (h - WIN + 1) * (w - WIN + 1)
+    if name == "reference":  # products, window sums and formula temporaries of [n, m, C, H, W]
+        return 0, 8 * c * h * w, 24 * c * h * w
+    if name == "torch":  # unfolded, centred and permuted windows; the [chunk, n, m] temporaries
+        return 16 * TORCH_CHUNK.get(device.type, TORCH_CHUNK["cuda"]), 12 * NPIX * pos, 16
+    return 0, 24 * (c * h * w + 2 * pos), 16  # fp64 copies, pixel-major copies, window statistics
+
+
+def _block_shape(name: str, device: torch.device, a: Tensor, b: Tensor, budget_mb: float) -> Tuple[int, int]:
+    """``(bn, bm)``: rows of ``a`` and of ``b`` per block; the whole of ``a`` when it fits."""
+    fixed, per_image, per_pair = _footprint(name, device, *a.shape[1:])
+    avail = max(budget_mb * 2**20 - fixed, 0)
+    n, m = max(1, a.shape[0]), max(1, b.shape[0])
+    bn = n
+    while True:
+        bm = int((avail - bn * per_image) // (per_image + bn * per_pair))
+        if bm >= min(m, 256) or bn == 1:
+            return bn, max(1, min(m, bm))
+        bn = (bn + 1) // 2
 
 
 def _blocks(n: int, size: int) -> Iterator[slice]:
@@ -45,18 +233,7 @@ def _blocks(n: int, size: int) -> Iterator[slice]:
         yield slice(i, min(i + size, n))
 
 
-def _block_sizes(a: torch.Tensor, b: torch.Tensor, device: str, budget_mb: float) -> Tuple[int, int]:
-    """Block shape whose working set (the reference materialises ``[n, m, C, H, W]``) fits the budget."""
-    per_pair = a[0].numel() * 4 * 3  # products + window sums, fp32
-    pairs = max(1, int(budget_mb * 2**20 / per_pair))
-    m = min(b.shape[0], 4096 if device.startswith("cuda") else 1024)
-    n = max(1, min(a.shape[0], pairs // m))
-    return n, m
-
-
-def _prepare(x: ArrayLike, device: str) -> torch.Tensor:
-    t = as_unit_images(x).to(device)
-    return t.float() / 255 if t.dtype == torch.uint8 else t
+# --- drivers -----------------------------------------------------------------------------------------
 
 
 def pairwise_ssim(
@@ -64,33 +241,39 @@ def pairwise_ssim(
     b: ArrayLike,
     data_range: float = 1.0,
     backend: str = "auto",
-    device: Optional[str] = None,
+    device: Optional[Union[str, torch.device]] = None,
     budget_mb: float = 512,
     progress: bool = False,
-) -> torch.Tensor:
-    """The ``[N, M]`` SSIM matrix of images ``a`` against images ``b`` (fp32, on the CPU).
+    out_device: Optional[Union[str, torch.device]] = "cpu",
+) -> Tensor:
+    """The ``[N, M]`` fp32 SSIM matrix of images ``a`` against images ``b``.
 
     Args:
-        a: ``[N, C, H, W]`` or ``[N, H, W]``, uint8 (divided by 255) or float in ``[0, data_range]``.
-        b: ``[M, C, H, W]`` or ``[M, H, W]``, same channels and size as ``a``.
-        backend: "auto", "torch", "triton" or "cuda" (see ``tldr_fast.backends``).
-        device: where to compute; default the GPU when there is one.
-        budget_mb: working memory per block.
+        a: ``[N, C, H, W]`` or ``[N, H, W]``, uint8 (divided by 255) or float in ``[0, data_range]``;
+            a tensor on any device or a numpy array.
+        b: ``[M, C, H, W]`` or ``[M, H, W]``, the same channels and size as ``a``.
+        backend: "auto", "cuda", "triton", "torch" or "reference" (see the module docstring).
+        device: where to compute; default the GPU when there is one. Blocks move there one at a time.
+        budget_mb: working memory of one block on ``device``.
+        progress: show a progress bar over the blocks.
+        out_device: where the matrix is returned; None: ``device``.
 
     >>> x = torch.rand(3, 1, 16, 16)
-    >>> pairwise_ssim(x, x).diagonal()
-    tensor([1., 1., 1.])
+    >>> torch.allclose(pairwise_ssim(x, x, backend="torch").diagonal(), torch.ones(3))
+    True
     """
-    device = device or _default_device()
-    a, b = _prepare(a, device), _prepare(b, device)
-    if a.shape[1:] != b.shape[1:]:
-        raise ValueError(f"a and b must have the same [C, H, W], got {tuple(a.shape[1:])} and {tuple(b.shape[1:])}")
-    op = resolve(backend, device, quiet=True).pairwise_ssim
-    bn, bm = _block_sizes(a, b, device, budget_mb)
-    out = torch.empty(a.shape[0], b.shape[0], dtype=torch.float32)
-    blocks = [(i, j) for i in _blocks(a.shape[0], bn) for j in _blocks(b.shape[0], bm)]
-    for i, j in tqdm(blocks, desc="SSIM", disable=not progress, unit="block"):
-        out[i, j] = op(a[i], b[j], data_range).float().cpu()
+    a, b = _pair(a, b)
+    device = torch.device(device) if device is not None else _default_device()
+    name, op = implementation(backend, device)
+    bn, bm = _block_shape(name, device, a, b, budget_mb)
+    out = torch.empty(a.shape[0], b.shape[0], dtype=torch.float32, device=out_device or device)
+    bar = tqdm(total=-(-a.shape[0] // bn) * -(-b.shape[0] // bm), desc="SSIM", unit="block", disable=not progress)
+    for j in _blocks(b.shape[0], bm):
+        bj = _to_device(b[j], device)
+        for i in _blocks(a.shape[0], bn):
+            out[i, j] = op(_to_device(a[i], device), bj, data_range)
+            bar.update()
+    bar.close()
     return out
 
 
@@ -100,26 +283,59 @@ def nearest_ssim(
     k: int = 1,
     data_range: float = 1.0,
     backend: str = "auto",
-    device: Optional[str] = None,
+    device: Optional[Union[str, torch.device]] = None,
     budget_mb: float = 512,
     progress: bool = False,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` most similar images of ``b`` for each image of ``a``: ``(values [N, k], indices [N, k])``,
-    by descending SSIM, streamed over blocks of ``b`` so that ``N x M`` is never stored."""
-    device = device or _default_device()
-    a, b = _prepare(a, device), _prepare(b, device)
-    if a.shape[1:] != b.shape[1:]:
-        raise ValueError(f"a and b must have the same [C, H, W], got {tuple(a.shape[1:])} and {tuple(b.shape[1:])}")
+) -> Tuple[Tensor, Tensor]:
+    """The ``k`` most similar images of ``b`` for each image of ``a``: ``(values [N, k], indices [N, k])``
+    (fp32 and int64, on the CPU), by descending SSIM; the top-k is merged block by block, so ``N x M``
+    is never stored. ``k`` is capped at ``M``. Arguments as :func:`pairwise_ssim`."""
+    a, b = _pair(a, b)
+    device = torch.device(device) if device is not None else _default_device()
+    name, op = implementation(backend, device)
     k = min(k, b.shape[0])
-    op = resolve(backend, device, quiet=True).pairwise_ssim
-    bn, bm = _block_sizes(a, b, device, budget_mb)
+    bn, bm = _block_shape(name, device, a, b, budget_mb)
     vals = torch.full((a.shape[0], k), -float("inf"), device=device)
     idx = torch.zeros((a.shape[0], k), dtype=torch.long, device=device)
-    blocks = [(i, j) for i in _blocks(a.shape[0], bn) for j in _blocks(b.shape[0], bm)]
-    for i, j in tqdm(blocks, desc="SSIM top-k", disable=not progress, unit="block"):
-        s = op(a[i], b[j], data_range).float()  # [n, m]
-        cand_v = torch.cat([vals[i], s], 1)
-        cand_i = torch.cat([idx[i], torch.arange(j.start, j.stop, device=device).expand(s.shape[0], -1)], 1)
-        top = cand_v.topk(k, dim=1)
-        vals[i], idx[i] = top.values, cand_i.gather(1, top.indices)
+    bar = tqdm(total=-(-a.shape[0] // bn) * -(-b.shape[0] // bm), desc="SSIM top-k", unit="block", disable=not progress)
+    for j in _blocks(b.shape[0], bm):
+        bj = _to_device(b[j], device)
+        cols = torch.arange(j.start, j.stop, device=device)
+        for i in _blocks(a.shape[0], bn):
+            s = op(_to_device(a[i], device), bj, data_range).float()  # [n, m]
+            top = torch.cat([vals[i], s], 1).topk(k, dim=1)
+            idx[i] = torch.cat([idx[i], cols.expand(s.shape[0], -1)], 1).gather(1, top.indices)
+            vals[i] = top.values
+            bar.update()
+    bar.close()
     return vals.cpu(), idx.cpu()
+
+
+def classwise_ssim(
+    gen: ArrayLike,
+    gen_labels: ArrayLike,
+    ref: ArrayLike,
+    ref_labels: ArrayLike,
+    classes: Optional[Sequence[int]] = None,
+    **kwargs,
+) -> Dict[int, Tensor]:
+    """Per class ``c``, the SSIM matrix ``[n_c, m_c]`` of the generated images of class c against the
+    reference (training) images of class c: rows in the order of ``(gen_labels == c).nonzero()``,
+    columns in the order of ``(ref_labels == c).nonzero()``.
+
+    Args:
+        gen, ref: images as for :func:`pairwise_ssim`; gen_labels ``[N]``, ref_labels ``[M]`` integers.
+        classes: the classes to compute (default: every class of ``gen_labels``).
+        **kwargs: passed to :func:`pairwise_ssim` (backend, device, budget_mb, ...).
+    """
+    gen, ref = _pair(gen, ref)
+    gl, rl = torch.as_tensor(gen_labels).cpu(), torch.as_tensor(ref_labels).cpu()
+    if gl.shape != (gen.shape[0],) or rl.shape != (ref.shape[0],):
+        raise ValueError(f"labels must be [N] and [M], got {tuple(gl.shape)} and {tuple(rl.shape)}")
+    if classes is None:
+        classes = gl.unique().tolist()
+    out = {}
+    for c in classes:
+        gi, ri = (gl == c).nonzero().flatten(), (rl == c).nonzero().flatten()
+        out[int(c)] = pairwise_ssim(gen[gi.to(gen.device)], ref[ri.to(ref.device)], **kwargs)
+    return out
