@@ -1,0 +1,132 @@
+"""The tldr-fast command line: help, one-line errors, and every subcommand end to end on tiny budgets."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tldr_fast.cli import build_parser, main
+from tldr_fast.grid import grid_size
+
+COMMANDS = ("train-classifier", "invert", "sample", "evaluate", "info", "demo")
+TINY = ["--batch-size", "8", "--device", "cpu", "--backend", "torch", "--quiet"]
+
+
+def _cli(*args, cwd=None):
+    """Run ``python -m tldr_fast.cli`` in a subprocess; no just-in-time extension build."""
+    env = {**os.environ, "TLDR_FAST_JIT": "0"}
+    return subprocess.run([sys.executable, "-m", "tldr_fast.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert f"tldr-fast {command}" in out and "--" in out
+
+
+def test_every_command_is_registered():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert set(sub.choices) == set(COMMANDS)
+
+
+@pytest.mark.parametrize(
+    "argv,reason",
+    [
+        (["train-classifier", "--data", "cifar", "--out", "x.pt"], "unknown data set 'cifar'"),
+        (["train-classifier", "--epochs", "zero", "--out", "x.pt"], "argument --epochs: expected a positive integer"),
+        (["train-classifier", "--data", "digits", "--n-per-class", "500", "--out", "x.pt"], "fewer than n_per_class=500"),
+        (["invert", "--classifier", "absent.pt", "--out", "inv.pt"], "no such classifier checkpoint: absent.pt"),
+        (["evaluate", "--images", "absent.npz", "--out", "e"], "no training set to compare with"),
+        (["sample", "--out", "s.npz"], "the following arguments are required: --inversion"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_bad_input_is_one_line(argv, reason, monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert len(err.splitlines()) == 1 and reason in err and "Traceback" not in err, err
+
+
+def test_bad_input_through_the_console(tmp_path):
+    r = _cli("invert", "--classifier", "absent.pt", "--out", "inv.pt", cwd=tmp_path)
+    assert r.returncode == 1
+    assert r.stderr.strip() == "tldr-fast invert: error: no such classifier checkpoint: absent.pt"
+    r = _cli("evaluate", "--out", "e", cwd=tmp_path)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--inversion" in r.stderr
+
+
+def test_info(monkeypatch, capsys):
+    monkeypatch.setenv("TLDR_FAST_JIT", "0")  # report the extension, never build it here
+    assert main(["info", "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["backends"]["cpu"]["torch"] == "ok" and set(facts["backends"]["cuda"]) == {"torch", "triton", "cuda"}
+    assert {"torch", "triton", "extension", "cuda_devices"} <= set(facts)
+    assert main(["info"]) == 0 and "backends:" in capsys.readouterr().out
+
+
+def test_train_invert_sample_evaluate(tmp_path, capsys):
+    clf, inv = tmp_path / "clf.pt", tmp_path / "inv.pt"
+    assert main(["train-classifier", "--data", "digits", "--n-per-class", "20", "--epochs", "3", "--arch", "mlp",
+                 "--test-data", "digits", "--device", "cpu", "--quiet", "--out", str(clf)]) == 0
+    assert "train accuracy" in capsys.readouterr().out
+    assert main(["invert", "--classifier", str(clf), "--out", str(inv), "--steps", "4", *TINY]) == 0
+    assert "after 4 steps" in capsys.readouterr().out
+    assert main(["invert", "--classifier", str(clf), "--resume", str(inv), "--out", str(inv), "--steps", "6", *TINY]) == 0
+    assert "after 6 steps" in capsys.readouterr().out
+
+    assert main(["sample", "--inversion", str(inv), "--n-per-class", "3", "--device", "cpu", "--out", str(tmp_path / "s.npz")]) == 0
+    with np.load(tmp_path / "s.npz") as z:
+        assert z["images"].shape == (30, 1, 8, 8) and z["images"].dtype == np.uint8
+        assert z["labels"].tolist() == [c for c in range(10) for _ in range(3)]
+    assert main(["sample", "--inversion", str(inv), "--n-per-class", "2", "--device", "cpu", "--out", str(tmp_path / "pngs")]) == 0
+    pngs = sorted((tmp_path / "pngs").glob("*/*.png"))
+    assert len(pngs) == 20 and pngs[0].parent.name == "0"
+    with Image.open(pngs[0]) as im:
+        assert im.size == (8, 8)
+
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--images", str(tmp_path / "s.npz"), "--classifier", str(clf), "--eval-classifier", str(clf),
+                 "--backend", "torch", "--device", "cpu", "--quiet", "--grid-per-class", "2", "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["num_generated"] == 30 and m["num_train"] == 200 and m["train_source"] == "digits"
+    assert m["overall"]["attack_accuracy"] is not None and m["generated_from"] == {"images": str(tmp_path / "s.npz")}
+    with Image.open(out / "grid.png") as im:
+        assert im.size == grid_size(10, 2, 8, 8)
+    assert (out / "summary.txt").read_text().startswith("30 generated images")
+
+    assert main(["evaluate", "--inversion", str(inv), "--classifier", str(clf), "--n-per-class", "2", "--backend", "torch",
+                 "--device", "cpu", "--quiet", "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["num_generated"] == 20 and m["overall"]["target_confidence"] is not None
+
+
+def test_demo_end_to_end(tmp_path):
+    """The embedded demo on a tiny budget, through the console: files, JSON fields, PNG, then the cache."""
+    out, cache = tmp_path / "demo", tmp_path / "cache"
+    args = ["demo", "--out", str(out), "--cache-dir", str(cache), "--train-per-class", "10", "--epochs", "2", "--batch-size", "16",
+            "--n-per-class", "3", "--grid-per-class", "3", "--device", "cpu", "--backend", "torch", "--quiet"]
+    r = _cli(*args, "--steps", "6")
+    assert r.returncode == 0, r.stderr
+    assert {p.name for p in out.iterdir()} == {"metrics.json", "grid.png", "summary.txt", "classifier.pt", "inversion.pt"}
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["num_generated"] == 30 and m["num_train"] == 100 and m["train_source"] == "mnist:train"
+    assert set(m["overall"]) >= {"nn_ssim_mean", "reconstructed_nn", "reconstructed_matched", "target_confidence"}
+    assert m["demo"]["inversion_steps"] == 6 and len(m["images"]) == 30
+    with Image.open(out / "grid.png") as im:
+        assert im.format == "PNG" and im.size == grid_size(10, 3, 28, 28)
+    assert "reconstructed (SSIM >= 0.4)" in (out / "summary.txt").read_text()
+    assert len(list(cache.glob("*.pt"))) == 1
+    r = _cli(*args, "--steps", "2")
+    assert r.returncode == 0 and "reusing the classifier cached" in r.stderr, r.stderr

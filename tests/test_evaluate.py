@@ -1,0 +1,185 @@
+"""Leakage evaluation: Hungarian matching, nearest-neighbour SSIM, reconstructed fractions, classifier
+metrics, the JSON report and the grid."""
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tldr_fast import invert
+from tldr_fast.data import load_dataset, load_digits, subset
+from tldr_fast.evaluate import DEFINITIONS, evaluate, match_one_to_one
+from tldr_fast.grid import grid_size
+from tldr_fast.models import predict_logits, train_classifier
+from tldr_fast.reference import pairwise_ssim as reference_ssim
+
+SSIM = dict(backend="torch", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def train():
+    return subset(load_dataset("mnist:test"), 12, seed=0)  # 120 real 28 x 28 digits
+
+
+@pytest.fixture(scope="module")
+def digits_clf():
+    ds = subset(load_digits(), 30, seed=0)
+    return ds, train_classifier(ds, "mlp", epochs=8, batch_size=32, device="cpu")
+
+
+def _noise(gen, n, shape=(1, 28, 28)):
+    return torch.rand(n, *shape, generator=gen) * 2 - 1  # in [-1, 1]
+
+
+def _brute_force(sim: np.ndarray) -> float:
+    n, m = sim.shape
+    if n <= m:
+        return max(sim[np.arange(n), list(cols)].sum() for cols in itertools.permutations(range(m), n))
+    return max(sim[list(rows), np.arange(m)].sum() for rows in itertools.permutations(range(n), m))
+
+
+@pytest.mark.parametrize("n,m", [(1, 1), (3, 3), (4, 6), (5, 5), (2, 7), (6, 3), (5, 1)])
+def test_matching_is_optimal_and_one_to_one(gen, n, m):
+    sim = torch.rand(n, m, generator=gen, dtype=torch.float64).numpy()
+    partner, score = match_one_to_one(sim)
+    matched = partner >= 0
+    assert matched.sum() == min(n, m)
+    assert len(set(partner[matched].tolist())) == matched.sum()  # one-to-one
+    assert np.all(np.isnan(score[~matched]))
+    np.testing.assert_allclose(score[matched], sim[matched.nonzero()[0], partner[matched]])
+    assert score[matched].sum() == pytest.approx(_brute_force(sim), rel=1e-12)
+
+
+def test_planted_copy_is_found_and_counted(gen, train):
+    images = _noise(gen, 20)
+    labels = torch.arange(10).repeat_interleave(2)  # two per class
+    pos = int(torch.nonzero(train.labels == 3)[5])
+    images[7] = train.images[pos] * 2 - 1  # generated image 7 (class 3) copies a training image
+    r = evaluate(images, train, labels, tau=0.4, **SSIM)
+    assert r.nn_ssim[7].item() == pytest.approx(1.0, abs=1e-5)
+    assert int(r.nn_index[7]) == pos and int(r.matched_index[7]) == pos
+    assert r.matched_ssim[7].item() == pytest.approx(1.0, abs=1e-5)
+    assert torch.equal(r.nearest[7], train.images[pos])
+    others = torch.arange(20) != 7
+    assert (r.nn_ssim[others] < 0.4).all()  # noise is not reconstruction
+    d = r.to_dict()
+    assert d["overall"]["reconstructed_nn"] == pytest.approx(1 / 20)
+    assert d["overall"]["reconstructed_matched"] == pytest.approx(1 / 20)
+    c3 = next(c for c in d["per_class"] if c["class"] == 3)
+    assert c3["reconstructed_nn"] == 0.5 and c3["nn_ssim_max"] == pytest.approx(1.0, abs=1e-5)
+    assert d["images"][7]["nn_source_index"] == int(train.indices[pos])
+
+
+def test_nearest_neighbour_is_the_best_of_its_class(gen, train):
+    images = _noise(gen, 6) * 0.3 + 0.2 + torch.linspace(-0.5, 0.5, 28).view(1, 1, 1, 28)  # some structure
+    labels = torch.tensor([0, 0, 4, 4, 4, 9])
+    r = evaluate(images.clamp(-1, 1), train, labels, **SSIM)
+    x01 = ((images.clamp(-1, 1) + 1) / 2).double()
+    for i, c in enumerate(labels.tolist()):
+        members = torch.nonzero(train.labels == c).view(-1)
+        s = reference_ssim(x01[i : i + 1], train.images[members].double())[0]
+        assert r.nn_ssim[i].item() == pytest.approx(s.max().item(), abs=1e-4)
+        assert int(train.labels[r.nn_index[i]]) == c
+        assert int(r.nn_index[i]) == int(members[s.argmax()])
+
+
+def test_value_range(gen, train):
+    x01 = (_noise(gen, 10) + 1) / 2
+    labels = torch.arange(10)
+    a = evaluate(x01, train, labels, value_range=(0, 1), **SSIM)
+    b = evaluate(x01 * 2 - 1, train, labels, **SSIM)
+    torch.testing.assert_close(a.nn_ssim, b.nn_ssim)
+    assert torch.equal(a.nn_index, b.nn_index)
+
+
+def test_more_generated_than_training_images(gen):
+    ds = subset(load_digits(), 2, seed=1)  # two training images per class
+    images = _noise(gen, 5, (1, 8, 8))
+    labels = torch.tensor([1, 1, 1, 1, 2])
+    r = evaluate(images, ds, labels, **SSIM)
+    cls1 = labels == 1
+    assert int((r.matched_index[cls1] >= 0).sum()) == 2  # only two partners exist
+    assert torch.isnan(r.matched_ssim[cls1]).sum() == 2
+    data = json.loads(r.to_json())  # NaN is written as null, not as invalid JSON
+    unmatched = [im for im in data["images"] if im["matched_ssim"] is None]
+    assert len(unmatched) == 2 and all(im["matched_train_index"] is None for im in unmatched)
+
+
+def test_classifier_metrics(gen, digits_clf):
+    ds, clf = digits_clf
+    images = ds.images[:20] * 2 - 1  # training images: the classifier knows them
+    labels = ds.labels[:20].clone()
+    labels[:3] = (labels[:3] + 1) % 10  # three conditioned on the wrong class
+    r = evaluate(images, ds, labels, classifier=clf, eval_classifier=clf, **SSIM)
+    p = torch.softmax(predict_logits(clf, ds.images[:20]), 1)
+    torch.testing.assert_close(r.target_prob, p[torch.arange(20), labels])
+    o = r.to_dict()["overall"]
+    expected = (p.argmax(1) == labels).double().mean().item()
+    assert o["attack_accuracy"] == pytest.approx(expected) and o["target_accuracy"] == pytest.approx(expected)
+    assert o["target_confidence"] == pytest.approx(p[torch.arange(20), labels].mean().item(), rel=1e-6)
+    assert o["reconstructed_nn"] == 1.0  # every image is a training image
+
+
+def test_report_json_summary_and_grid(gen, digits_clf, tmp_path):
+    ds, clf = digits_clf
+    labels = torch.arange(10).repeat_interleave(3)
+    r = evaluate(_noise(gen, 30, (1, 8, 8)), ds, labels, classifier=clf, **SSIM)
+    r.save_json(tmp_path / "m.json")
+    d = json.loads((tmp_path / "m.json").read_text())
+    assert set(d) >= {"tau", "definitions", "num_generated", "num_train", "train_source", "overall", "per_class", "images"}
+    assert set(d["definitions"]) == set(DEFINITIONS)
+    keys = {"n_generated", "nn_ssim_mean", "nn_ssim_median", "nn_ssim_max", "matched_ssim_mean", "reconstructed_nn",
+            "reconstructed_matched", "attack_accuracy", "target_accuracy", "target_confidence"}
+    assert set(d["overall"]) == keys and all(set(c) == keys | {"class", "name", "n_train"} for c in d["per_class"])
+    assert d["overall"]["attack_accuracy"] is None and d["overall"]["target_confidence"] is not None
+    assert len(d["images"]) == 30 and d["num_train"] == 300 and len(d["per_class"]) == 10
+    text = r.summary()
+    assert f"{100 * d['overall']['reconstructed_nn']:.1f}%" in text and len(text.splitlines()) == 5 + 10
+    size = r.save_grid(tmp_path / "g.png", per_class=2)
+    with Image.open(tmp_path / "g.png") as im:
+        assert im.format == "PNG" and im.size == size == grid_size(10, 2, 8, 8)
+        assert im.size[0] > 2 * 2 * 8 * 2  # upscaled: each 8 x 8 image is at least 56 px wide
+
+
+def test_inversion_input(digits_clf):
+    ds, clf = digits_clf
+    inv = invert(clf, 10, (1, 8, 8), steps=3, batch_size=8, ngf=8, nz=8, eval_per_class=2, device="cpu", backend="torch", progress=False)
+    r = evaluate(inv, ds, n_per_class=3, **SSIM)
+    assert r.labels.tolist() == [c for c in range(10) for _ in range(3)]
+    assert r.generated.min() >= 0 and r.generated.max() <= 1
+    torch.testing.assert_close(r.generated, (inv.sample(n_per_class=3) + 1) / 2)
+    # without an explicit classifier, confidence comes from the inversion's own target
+    p = torch.softmax(predict_logits(clf, r.generated), 1)
+    torch.testing.assert_close(r.target_prob, p[torch.arange(30), r.labels], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="labels= is only for image tensors"):
+        evaluate(inv, ds, torch.zeros(30), **SSIM)
+
+
+def test_bad_input(train):
+    x = torch.zeros(4, 1, 28, 28)
+    with pytest.raises(ValueError, match="labels="):
+        evaluate(x, train, **SSIM)
+    with pytest.raises(ValueError, match="training images"):
+        evaluate(torch.zeros(4, 1, 8, 8), train, torch.zeros(4), **SSIM)
+    with pytest.raises(ValueError, match="tau"):
+        evaluate(x, train, torch.zeros(4), tau=2, **SSIM)
+    with pytest.raises(TypeError, match="Inversion"):
+        evaluate([1, 2], train, **SSIM)
+    tensors = evaluate(x, (train.images, train.labels), torch.zeros(4), **SSIM)  # (images, labels) works too
+    assert math.isfinite(tensors.nn_ssim[0].item())
+
+
+@pytest.mark.gpu
+def test_gpu_matches_cpu(gen, train):
+    images = _noise(gen, 20)
+    images[3] = train.images[0] * 2 - 1
+    labels = torch.arange(10).repeat_interleave(2)
+    labels[3] = train.labels[0]
+    cpu = evaluate(images, train, labels, backend="torch", device="cpu")
+    gpu = evaluate(images, train, labels, backend="auto", device="cuda")
+    torch.testing.assert_close(gpu.nn_ssim, cpu.nn_ssim, rtol=0, atol=1e-4)
+    assert torch.equal(gpu.nn_index[3], cpu.nn_index[3]) and gpu.nn_ssim[3] > 0.9999

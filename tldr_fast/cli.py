@@ -1,0 +1,424 @@
+"""The ``tldr-fast`` command line: train a classifier, invert it, sample, evaluate, or run the demo.
+
+    tldr-fast demo --out demo/                      # the whole pipeline on 1,000 MNIST images
+    tldr-fast train-classifier --data mnist --n-per-class 100 --out clf.pt
+    tldr-fast invert --classifier clf.pt --steps 2000 --out inv.pt
+    tldr-fast sample --inversion inv.pt --n-per-class 10 --out samples.npz   # or a folder of PNGs
+    tldr-fast evaluate --inversion inv.pt --classifier clf.pt --out eval/
+    tldr-fast info
+
+Every command exits non-zero with a one-line reason on bad input (--traceback shows the full one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from .data import ImageDataset
+
+PROG = "tldr-fast"
+DEMO_TRAIN_PER_CLASS = 100  # 1,000 MNIST training images
+DEMO_EPOCHS = 10
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block) and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _n_per_class(text: str) -> Union[int, str]:
+    if text == "all":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}")
+    return n
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
+def _add_run_options(p: argparse.ArgumentParser, seed_help: str = "seed of everything random") -> None:
+    p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--seed", type=int, default=0, help=f"{seed_help} (default: 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_invert_options(p: argparse.ArgumentParser, steps: int, batch_size: int) -> None:
+    p.add_argument("--steps", type=_positive_int, default=steps, help=f"generator optimisation steps (default: {steps})")
+    p.add_argument("--batch-size", type=_positive_int, default=batch_size, help=f"images per step (default: {batch_size})")
+    p.add_argument("--lr", type=float, default=None, help="generator learning rate (default: InversionConfig's)")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cuda"), help="kernels for the loss ops and SSIM (default: auto)")
+    p.add_argument("--conditioning", choices=("hot", "soft"), default=None, help="hot: one-hot (TLDR, default); soft: softmax of noise")
+    p.add_argument("--grad-norm", choices=("head", "full", "off"), default=None, help="gradient-norm term: head (closed form, default), full (double backward), off")
+
+
+def _add_eval_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--n-per-class", type=_positive_int, default=10, help="generated images per class to evaluate (default: 10)")
+    p.add_argument("--tau", type=float, default=0.4, help="SSIM threshold of 'reconstructed' (default: 0.4)")
+    p.add_argument("--grid-per-class", type=_positive_int, default=8, help="pairs per class in grid.png (default: 8)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of all subcommands (each sets ``func``)."""
+    parser = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--traceback", action="store_true", help="on an error, show the full traceback instead of one line")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    from .data import dataset_names
+
+    data_help = f"data set: {', '.join(dataset_names())}, an .npz, a folder of IDX files or of class folders; NAME:test picks the test split"
+
+    p = sub.add_parser("train-classifier", help="train a small CNN or MLP on a class-balanced subset and save it", description=(
+        "Train the reference CNN (or MLP) on n images per class of a data set and save weights + metadata "
+        "(architecture, normalisation, class names, the subset's indices, accuracies) to a weights-only checkpoint."))
+    p.add_argument("--data", default="mnist", help=f"{data_help} (default: mnist)")
+    p.add_argument("--n-per-class", type=_n_per_class, default=DEMO_TRAIN_PER_CLASS, help="training images per class, or 'all' (default: 100)")
+    p.add_argument("--test-data", default=None, help="held-out data set for the test accuracy, e.g. mnist:test (default: none)")
+    p.add_argument("--arch", choices=("cnn", "mlp"), default="cnn", help="classifier architecture (default: cnn)")
+    p.add_argument("--epochs", type=_positive_int, default=DEMO_EPOCHS, help=f"training epochs (default: {DEMO_EPOCHS})")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="training batch size (default: 64)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: 3e-3)")
+    p.add_argument("--out", required=True, help="checkpoint to write (.pt)")
+    _add_run_options(p, "seed of the subset, initialisation and batches")
+    p.set_defaults(func=cmd_train_classifier)
+
+    p = sub.add_parser("invert", help="train a generator that inverts a saved classifier (TLDR)", description=(
+        "Invert a classifier saved by train-classifier: train a label-conditioned generator against it and save "
+        "the inversion (generator, config, history, metrics). --resume continues an interrupted run."))
+    p.add_argument("--classifier", required=True, help="classifier checkpoint from train-classifier")
+    p.add_argument("--out", required=True, help="inversion checkpoint to write (.pt)")
+    p.add_argument("--resume", default=None, help="continue from this inversion checkpoint")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="also save --out every N steps (default: only at the end)")
+    _add_invert_options(p, steps=1000, batch_size=256)
+    _add_run_options(p)
+    p.set_defaults(func=cmd_invert)
+
+    p = sub.add_parser("sample", help="write N generated images per class to an .npz or a folder of PNGs", description=(
+        "Sample an inversion: --out ending in .npz writes uint8 images [N, C, H, W], labels and class names; "
+        "any other --out is a folder with one sub-folder of PNGs per class."))
+    p.add_argument("--inversion", required=True, help="inversion checkpoint from invert")
+    p.add_argument("--n-per-class", type=_positive_int, default=10, help="images per class (default: 10)")
+    p.add_argument("--out", required=True, help=".npz file or folder")
+    p.add_argument("--device", default="auto", help="device of the generator (default: auto)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: the inversion's own)")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("evaluate", help="measure how much of the training set an inversion reconstructs", description=(
+        "Compare generated images with the training images of their class by SSIM (nearest neighbour and "
+        "one-to-one Hungarian matching), and report attack accuracy and target confidence. Writes metrics.json, "
+        "grid.png and summary.txt into --out. The training set is the one recorded in --classifier unless --data is given."))
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--inversion", help="inversion checkpoint (sampled --n-per-class per class)")
+    src.add_argument("--images", help="generated images: an .npz with images (uint8, or floats in [0, 1]) and labels, as `sample` writes")
+    p.add_argument("--classifier", default=None, help="the target classifier checkpoint (its training subset, confidence)")
+    p.add_argument("--eval-classifier", default=None, help="an independent classifier checkpoint for the attack accuracy")
+    p.add_argument("--data", default=None, help=f"training set to compare with instead of the classifier's: {data_help}")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cuda"), help="SSIM kernels (default: auto)")
+    p.add_argument("--out", required=True, help="folder for metrics.json, grid.png, summary.txt")
+    _add_eval_options(p)
+    _add_run_options(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("info", help="versions, devices and which backends can run here", description=(
+        "Print torch/triton versions, the devices torch sees, tldr_fast.backends.available() for cpu and cuda, "
+        "and the C++/CUDA extension's build info."))
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="the whole pipeline on 1,000 MNIST images, in a few minutes on a CPU", description=(
+        "Train (or reuse from --cache-dir) a small CNN on 1,000 MNIST training images, invert it, evaluate the "
+        "generated images against those 1,000 images, and write metrics.json, grid.png, classifier.pt, "
+        "inversion.pt and summary.txt into --out. The defaults take at most a few minutes on a 2-core CPU."))
+    p.add_argument("--out", default="tldr-demo", help="output folder (default: tldr-demo)")
+    p.add_argument("--cache-dir", default=None, help="where the trained classifier is cached (default: $TLDR_FAST_CACHE or ~/.cache/tldr_fast)")
+    p.add_argument("--train-per-class", type=_positive_int, default=DEMO_TRAIN_PER_CLASS, help="MNIST training images per class (default: 100)")
+    p.add_argument("--epochs", type=_positive_int, default=DEMO_EPOCHS, help=f"classifier training epochs (default: {DEMO_EPOCHS})")
+    _add_invert_options(p, steps=400, batch_size=64)
+    _add_eval_options(p)
+    _add_run_options(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+# --- the commands ----------------------------------------------------------------------------------------
+
+
+def _say(msg: str) -> None:
+    print(f"{PROG}: {msg}", file=sys.stderr)
+
+
+def _device(args: argparse.Namespace) -> str:
+    """``--device`` made concrete once per command ("auto": the GPU when there is one, quietly)."""
+    from .invert import resolve_device
+
+    if args.device == "auto" and not torch.cuda.is_available():
+        return "cpu"
+    return str(resolve_device(args.device))
+
+
+def _train(args: argparse.Namespace, train: ImageDataset, test: Optional[ImageDataset], arch: str, lr: float, batch_size: int):
+    from .models import train_classifier
+
+    _say(f"training a {arch} on {len(train)} images of {train.source}")
+    return train_classifier(
+        train, arch, epochs=args.epochs, batch_size=batch_size, lr=lr, seed=args.seed,
+        device=args.device, progress=not args.quiet, test=test,
+    )
+
+
+def _accuracies(meta: Dict[str, Any]) -> str:
+    test = meta.get("test_accuracy")
+    return f"train accuracy {meta['train_accuracy']:.3f}" + (f", test accuracy {test:.3f}" if test is not None else "")
+
+
+def cmd_train_classifier(args: argparse.Namespace) -> int:
+    from .data import load_dataset, subset
+    from .models import save_classifier
+
+    args.device = _device(args)
+    train = subset(load_dataset(args.data, seed=args.seed), args.n_per_class, seed=args.seed)
+    test = load_dataset(args.test_data) if args.test_data else None
+    model = _train(args, train, test, args.arch, args.lr, args.batch_size)
+    save_classifier(model, args.out)
+    print(f"saved {args.out}: {_accuracies(model.tldr_meta)}")
+    return 0
+
+
+def _invert(args: argparse.Namespace, classifier: torch.nn.Module, out: Path, resume: Optional[str] = None, checkpoint_every: int = 0):
+    from . import invert
+
+    meta = classifier.tldr_meta
+    overrides = {
+        k: v for k, v in {"lr": args.lr, "conditioning": args.conditioning, "grad_norm": args.grad_norm}.items() if v is not None
+    }
+    return invert(  # saves `out` at the end, resumable (with the optimiser state)
+        classifier, meta["num_classes"], tuple(meta["input_shape"]), resume=resume, checkpoint=out,
+        steps=args.steps, batch_size=args.batch_size, seed=args.seed, device=args.device, backend=args.backend,
+        progress=not args.quiet, checkpoint_every=checkpoint_every, **overrides,
+    )
+
+
+def _metrics_line(metrics: Optional[Dict[str, float]]) -> str:
+    if not metrics:
+        return "no metrics"
+    return ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float))
+
+
+def cmd_invert(args: argparse.Namespace) -> int:
+    from .models import load_classifier
+
+    args.device = _device(args)
+    classifier = load_classifier(args.classifier, args.device)
+    inv = _invert(args, classifier, Path(args.out), args.resume, args.checkpoint_every)
+    print(f"saved {args.out} after {inv.step} steps: target classifier {_metrics_line(inv.metrics)}")
+    return 0
+
+
+def _load_inversion(path: str, device: str, classifier: Optional[torch.nn.Module] = None):
+    from . import Inversion
+
+    return Inversion.load(path, classifier=classifier, device=device)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .grid import save_image_folder
+
+    inv = _load_inversion(args.inversion, _device(args))
+    images = inv.sample(n_per_class=args.n_per_class, seed=args.seed)  # [K n, C, H, W] in [-1, 1]
+    labels = torch.arange(inv.num_classes).repeat_interleave(args.n_per_class)
+    x01 = ((images + 1) / 2).clamp(0, 1)
+    out = Path(args.out)
+    if out.suffix == ".npz":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        pixels = (x01 * 255).round().to(torch.uint8).numpy()
+        np.savez_compressed(out, images=pixels, labels=labels.numpy())
+    else:
+        save_image_folder(out, x01, labels, inv.num_classes)
+    print(f"wrote {len(labels)} images ({args.n_per_class} per class) to {out}")
+    return 0
+
+
+def _write_evaluation(report, out: Path, grid_per_class: int, extra: Dict[str, Any], header: Sequence[str] = ()) -> None:
+    report.save_json(out / "metrics.json", extra)
+    report.save_grid(out / "grid.png", per_class=grid_per_class)
+    summary = "\n".join([*header, report.summary()])
+    (out / "summary.txt").write_text(summary + "\n")
+    print(summary)
+    print(f"wrote {out / 'metrics.json'}, {out / 'grid.png'}, {out / 'summary.txt'}")
+
+
+def _training_set(classifier: Optional[torch.nn.Module], data: Optional[str]):
+    from .data import load_dataset
+
+    if data:
+        return load_dataset(data)
+    meta = getattr(classifier, "tldr_meta", None) or {}
+    if "train_source" not in meta:
+        raise ValueError("no training set to compare with: give --data, or --classifier with a recorded training subset")
+    return load_dataset(meta["train_source"]).select_source(meta["train_indices"])
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .data import load_npz
+    from .evaluate import evaluate
+    from .models import load_classifier
+
+    device = _device(args)
+    target = load_classifier(args.classifier, device) if args.classifier else None
+    judge = load_classifier(args.eval_classifier, device) if args.eval_classifier else None
+    train = _training_set(target, args.data)
+    common = dict(tau=args.tau, classifier=target, eval_classifier=judge, backend=args.backend, device=device, progress=not args.quiet)
+    if args.inversion:
+        inv = _load_inversion(args.inversion, device, target)
+        report = evaluate(inv, train, n_per_class=args.n_per_class, **common)
+        source = {"inversion": args.inversion}
+    else:
+        gen = load_npz(args.images)  # [N, C, H, W] in [0, 1]
+        report = evaluate(gen.images, train, gen.labels, value_range=(0.0, 1.0), **common)
+        source = {"images": args.images}
+    _write_evaluation(report, Path(args.out), args.grid_per_class, {"generated_from": source})
+    return 0
+
+
+def info() -> Dict[str, Any]:
+    """Versions, devices, and the availability of every backend on cpu and cuda."""
+    from . import __version__, extension
+    from .backends import available
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError as e:
+        triton_version = f"not installed ({e})"
+    devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return {
+        "tldr_fast": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "cuda_devices": devices,
+        "cpu_threads": torch.get_num_threads(),
+        "backends": {"cpu": available("cpu"), "cuda": available("cuda")},
+        "extension": extension.info(),
+    }
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    facts = info()
+    if args.json:
+        print(json.dumps(facts, indent=2, default=str))
+        return 0
+    _print_tree(facts)
+    return 0
+
+
+def _print_tree(d: Dict[str, Any], indent: str = "") -> None:
+    for key, value in d.items():
+        if isinstance(value, dict):
+            print(f"{indent}{key}:")
+            _print_tree(value, indent + "  ")
+        else:
+            print(f"{indent}{key}: {value}")
+
+
+def _cache_dir(given: Optional[str]) -> Path:
+    if given:
+        return Path(given)
+    if os.environ.get("TLDR_FAST_CACHE"):
+        return Path(os.environ["TLDR_FAST_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tldr_fast"
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .data import load_dataset, subset
+    from .evaluate import evaluate
+    from .models import load_classifier, save_classifier
+
+    start = time.perf_counter()
+    args.device = _device(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cached = _cache_dir(args.cache_dir) / f"demo-cnn-mnist-{args.train_per_class}pc-{args.epochs}ep-seed{args.seed}.pt"
+    if cached.is_file():
+        _say(f"reusing the classifier cached at {cached}")
+        classifier = load_classifier(cached, args.device)
+        train = _training_set(classifier, None)
+    else:
+        train = subset(load_dataset("mnist"), args.train_per_class, seed=args.seed)
+        test = subset(load_dataset("mnist:test"), 100, seed=args.seed)  # 1,000 held-out images
+        classifier = _train(args, train, test, "cnn", 3e-3, 64)
+        save_classifier(classifier, cached)
+    save_classifier(classifier, out / "classifier.pt")
+    _say(f"classifier: {_accuracies(classifier.tldr_meta)}")
+    inv = _invert(args, classifier, out / "inversion.pt")
+    _say(f"inversion: target classifier {_metrics_line(inv.metrics)}")
+    report = evaluate(
+        inv, train, n_per_class=args.n_per_class, tau=args.tau, classifier=classifier, backend=args.backend,
+        device=args.device, progress=not args.quiet,
+    )
+    seconds = round(time.perf_counter() - start, 1)
+    header = [
+        f"demo: CNN on {len(train)} MNIST images ({_accuracies(classifier.tldr_meta)}), inverted in {inv.step} steps "
+        f"of {args.batch_size} images; {seconds} s in all",
+    ]
+    extra = {"demo": {"classifier": classifier.tldr_meta["arch"], "train_accuracy": classifier.tldr_meta["train_accuracy"],
+                      "test_accuracy": classifier.tldr_meta["test_accuracy"], "inversion_steps": inv.step,
+                      "inversion_batch_size": args.batch_size, "inversion_metrics": inv.metrics, "seconds": seconds}}
+    _write_evaluation(report, out, args.grid_per_class, extra, header)
+    return 0
+
+
+# --- entry point ------------------------------------------------------------------------------------------
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    if not isinstance(err, (ValueError, TypeError, OSError, RuntimeError)) or isinstance(err, NotImplementedError):
+        text = f"{type(err).__name__}: {text}"
+    return text
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``tldr-fast`` with ``argv`` (default: the process's arguments); returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return 130
+    except Exception as e:  # noqa: BLE001 - the command line reports every failure in one line
+        if args.traceback:
+            raise
+        print(f"{PROG} {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

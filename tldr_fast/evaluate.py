@@ -1,0 +1,322 @@
+"""How much of the training set an inversion reconstructs: SSIM matching, attack accuracy, confidence.
+
+``evaluate`` compares generated images with the training images **of the same class** (DESIGN.md
+section 2, "Evaluation"):
+
+* ``nn_ssim``: for each generated image, the SSIM of its nearest neighbour (the most similar training
+  image of its class).
+* one-to-one matching: per class, the Hungarian assignment (``scipy.optimize.linear_sum_assignment``,
+  maximising total SSIM) of generated images to distinct training images; ``matched_ssim`` is each
+  generated image's partner's SSIM. When a class has more generated than training images, the
+  surplus generated images stay unmatched.
+* ``reconstructed_nn`` = fraction of generated images with ``nn_ssim >= tau``;
+  ``reconstructed_matched`` = fraction of generated images whose matched partner has SSIM ``>= tau``
+  (unmatched ones count as not reconstructed). As the matching is one-to-one, the latter counts
+  distinct training images: it cannot be inflated by many near-copies of one training image.
+* ``attack_accuracy``: fraction of generated images that an independent evaluation classifier
+  assigns to the conditioned class (when one is given).
+* ``target_accuracy`` / ``target_confidence``: the target classifier's accuracy on the generated
+  images and its mean probability of the conditioned class (when it is known).
+
+SSIM is scikit-image's (``tldr_fast.ssim``), on images in [0, 1].
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+from scipy.optimize import linear_sum_assignment
+
+from .data import ImageDataset
+from .grid import save_pair_grid
+from .models import predict_logits
+from .ssim import classwise_ssim
+
+Tensor = torch.Tensor
+PathLike = Union[str, os.PathLike]
+
+DEFINITIONS = {
+    "nn_ssim": "SSIM between a generated image and the most similar training image of its class",
+    "matched_ssim": "SSIM between a generated image and its partner in the per-class one-to-one (Hungarian, max total SSIM) "
+    "matching of generated to training images; null when unmatched (more generated than training images)",
+    "reconstructed_nn": "fraction of generated images with nn_ssim >= tau",
+    "reconstructed_matched": "fraction of generated images whose matched partner has SSIM >= tau (unmatched count as not); "
+    "counts distinct training images",
+    "attack_accuracy": "fraction of generated images the independent evaluation classifier assigns to the conditioned class",
+    "target_accuracy": "fraction of generated images the target classifier assigns to the conditioned class",
+    "target_confidence": "mean probability the target classifier gives the conditioned class",
+    "ssim": "scikit-image structural_similarity defaults (7x7 uniform window, K1=0.01, K2=0.03, data_range=1), images in [0, 1]",
+}
+
+
+def match_one_to_one(similarity: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """The one-to-one matching of rows to columns with the largest total similarity.
+
+    Returns ``(partner [n], score [n])``: the column matched to each row (-1 where a row stays
+    unmatched because there are fewer columns than rows) and its similarity (NaN when unmatched).
+    """
+    n = similarity.shape[0]
+    partner, score = np.full(n, -1, dtype=np.int64), np.full(n, np.nan)
+    if similarity.size:
+        rows, cols = linear_sum_assignment(similarity, maximize=True)
+        partner[rows], score[rows] = cols, similarity[rows, cols]
+    return partner, score
+
+
+@dataclass
+class EvaluationReport:
+    """The result of ``evaluate``: per generated image, and summaries per class and overall.
+
+    Per image (``[N]`` tensors, in the order of ``labels``): ``nn_ssim``, ``nn_index`` (position of the
+    nearest training image in the training ``ImageDataset``, -1 if its class has none), ``matched_ssim``
+    (NaN when unmatched), ``matched_index`` (-1 when unmatched); when the classifiers are known,
+    ``target_prob`` and ``target_pred`` (the target's probability of the conditioned class, and its
+    predicted class) and ``eval_pred`` (the evaluation classifier's predicted class).
+    """
+
+    tau: float
+    class_names: List[str]
+    labels: Tensor
+    generated: Tensor  # [N, C, H, W] in [0, 1]
+    nearest: Tensor  # [N, C, H, W] in [0, 1]: each generated image's nearest training image (zeros if none)
+    nn_ssim: Tensor
+    nn_index: Tensor
+    matched_ssim: Tensor
+    matched_index: Tensor
+    train: ImageDataset
+    target_prob: Optional[Tensor] = None
+    target_pred: Optional[Tensor] = None
+    eval_pred: Optional[Tensor] = None
+
+    def _stats(self, sel: Tensor) -> Dict[str, Any]:
+        n = int(sel.sum())
+        y, nn_s, m_s = self.labels[sel], self.nn_ssim[sel], self.matched_ssim[sel]
+        found = nn_s[~torch.isnan(nn_s)]  # classes without training images have no neighbour
+
+        def mean(t: Tensor) -> Optional[float]:
+            t = t[~torch.isnan(t)]
+            return float(t.double().mean()) if len(t) else None
+
+        def hit_rate(pred: Optional[Tensor]) -> Optional[float]:
+            return mean((pred[sel] == y).double()) if pred is not None else None
+
+        return {
+            "n_generated": n,
+            "nn_ssim_mean": mean(nn_s),
+            "nn_ssim_median": float(found.median()) if len(found) else None,
+            "nn_ssim_max": float(found.max()) if len(found) else None,
+            "matched_ssim_mean": mean(m_s),
+            "reconstructed_nn": float((nn_s >= self.tau).sum()) / n if n else None,
+            "reconstructed_matched": float((m_s >= self.tau).sum()) / n if n else None,
+            "attack_accuracy": hit_rate(self.eval_pred),
+            "target_accuracy": hit_rate(self.target_pred),
+            "target_confidence": mean(self.target_prob[sel]) if self.target_prob is not None else None,
+        }
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain data: settings, definitions, overall and per-class metrics, and every image's match."""
+        counts = self.train.class_counts()
+        per_class = []
+        for c in torch.unique(self.labels).tolist():
+            per_class.append({"class": c, "name": self.class_names[c], "n_train": counts[c], **self._stats(self.labels == c)})
+        src = self.train.indices
+        images = []
+        for i in range(len(self.labels)):
+            nn_i, m_i = int(self.nn_index[i]), int(self.matched_index[i])
+            images.append(
+                {
+                    "label": int(self.labels[i]),
+                    "nn_ssim": _num(self.nn_ssim[i]),
+                    "nn_train_index": nn_i if nn_i >= 0 else None,
+                    "nn_source_index": int(src[nn_i]) if nn_i >= 0 else None,
+                    "matched_ssim": _num(self.matched_ssim[i]),
+                    "matched_train_index": m_i if m_i >= 0 else None,
+                    "matched_source_index": int(src[m_i]) if m_i >= 0 else None,
+                    "target_prob": _num(self.target_prob[i]) if self.target_prob is not None else None,
+                    "eval_prediction": int(self.eval_pred[i]) if self.eval_pred is not None else None,
+                }
+            )
+        return {
+            "tau": self.tau,
+            "definitions": DEFINITIONS,
+            "num_generated": len(self.labels),
+            "num_train": len(self.train),
+            "train_source": self.train.source,
+            "image_shape": list(self.generated.shape[1:]),
+            "class_names": list(self.class_names),
+            "overall": self._stats(torch.ones_like(self.labels, dtype=torch.bool)),
+            "per_class": per_class,
+            "images": images,
+        }
+
+    def to_json(self, indent: Optional[int] = 2) -> str:
+        """``to_dict`` as JSON text (NaN written as null)."""
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    def save_json(self, path: PathLike, extra: Optional[Dict[str, Any]] = None) -> None:
+        """Write ``to_dict()`` (with the entries of ``extra`` added, e.g. run settings) as JSON to ``path``."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps({**self.to_dict(), **(extra or {})}, indent=2, allow_nan=False) + "\n")
+
+    def save_grid(self, path: PathLike, per_class: int = 8) -> Tuple[int, int]:
+        """A PNG of each class's ``per_class`` most similar generated images beside their nearest
+        training images, SSIM under each pair (``tldr_fast.grid.pair_grid``); returns its size."""
+        return save_pair_grid(path, self.generated, self.nearest, self.labels, self.nn_ssim, self.class_names, per_class)
+
+    def summary(self) -> str:
+        """A few lines for people: the overall numbers, then one line per class."""
+        d = self.to_dict()
+        o = d["overall"]
+        pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+        num = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+        lines = [
+            f"{len(self.labels)} generated images ({len(torch.unique(self.labels))} classes) vs {len(self.train)} training "
+            f"images ({self.train.source})",
+            f"nearest-neighbour SSIM (same class): mean {num(o['nn_ssim_mean'])}, median {num(o['nn_ssim_median'])}, "
+            f"max {num(o['nn_ssim_max'])}",
+            f"reconstructed (SSIM >= {self.tau:g}): {pct(o['reconstructed_nn'])} by nearest neighbour, "
+            f"{pct(o['reconstructed_matched'])} by one-to-one matching (mean matched SSIM {num(o['matched_ssim_mean'])})",
+            f"attack accuracy (evaluation classifier): {pct(o['attack_accuracy'])}; target classifier: accuracy "
+            f"{pct(o['target_accuracy'])}, confidence {num(o['target_confidence'])}",
+            f"{'class':>12} {'n':>5} {'nn ssim':>8} {'rec nn':>7} {'rec 1:1':>7} {'attack':>7} {'conf':>6}",
+        ]
+        for c in d["per_class"]:
+            lines.append(
+                f"{str(c['name'])[:12]:>12} {c['n_generated']:>5} {num(c['nn_ssim_mean']):>8} {pct(c['reconstructed_nn']):>7} "
+                f"{pct(c['reconstructed_matched']):>7} {pct(c['attack_accuracy']):>7} {num(c['target_confidence']):>6}"
+            )
+        return "\n".join(lines)
+
+
+def _num(v: Tensor) -> Optional[float]:
+    x = float(v)
+    return None if math.isnan(x) else x
+
+
+def _as_train(train: Union[ImageDataset, Tuple[Any, Any]], num_classes: int) -> ImageDataset:
+    if isinstance(train, ImageDataset):
+        return train
+    if not (isinstance(train, (tuple, list)) and len(train) == 2):
+        raise TypeError("train must be an ImageDataset or a tuple (images [M, C, H, W] in [0, 1], labels [M])")
+    images, labels = torch.as_tensor(train[0]), torch.as_tensor(train[1]).long()
+    images = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    k = max(num_classes, int(labels.max()) + 1 if len(labels) else 0)
+    return ImageDataset(images, labels, [str(i) for i in range(k)], torch.arange(len(labels)), "tensors")
+
+
+def _logits_fn(classifier: Optional[nn.Module], inversion: Any) -> Optional[Callable[[Tensor], Tensor]]:
+    """Logits of images in [0, 1] under ``classifier`` (normalised by its ``tldr_meta``), or under the
+    inversion's own frozen target (with the inversion's exact preprocessing) when no classifier is given."""
+    if classifier is not None:
+        return lambda x01: predict_logits(classifier, x01)
+    target = getattr(inversion, "target", None)
+    if target is None:
+        return None
+    device = next(target.parameters()).device
+
+    def run(x01: Tensor) -> Tensor:
+        with torch.no_grad():
+            return torch.cat([target((x * 2 - 1).to(device))[0].float().cpu() for x in x01.split(1024)])
+
+    return run
+
+
+def evaluate(
+    generated: Union[Tensor, Any],
+    train: Union[ImageDataset, Tuple[Any, Any]],
+    labels: Optional[Tensor] = None,
+    *,
+    n_per_class: int = 10,
+    value_range: Tuple[float, float] = (-1.0, 1.0),
+    tau: float = 0.4,
+    classifier: Optional[nn.Module] = None,
+    eval_classifier: Optional[nn.Module] = None,
+    class_names: Optional[Sequence[str]] = None,
+    backend: str = "auto",
+    device: Optional[str] = None,
+    progress: bool = False,
+) -> EvaluationReport:
+    """Evaluate generated images against the training set (definitions in the module docstring).
+
+    Args:
+        generated: images ``[N, C, H, W]`` with ``labels``, or an ``Inversion`` (anything with
+            ``.sample(n_per_class=...)`` and ``.num_classes``), sampled ``n_per_class`` per class.
+        train: the training set: an ``ImageDataset`` or ``(images [M, C, H, W] in [0, 1] or uint8,
+            labels [M])``.
+        labels: ``[N]`` conditioned class of each generated image (tensors only).
+        n_per_class: images per class sampled from an ``Inversion``.
+        value_range: the range of ``generated`` pixels: ``(-1, 1)`` for an inversion's output (default),
+            ``(0, 1)`` for images already in [0, 1]; mapped linearly to [0, 1] and clipped.
+        tau: the SSIM threshold of "reconstructed".
+        classifier: the target classifier (logits of ``(x01 - mean) / std`` per its ``tldr_meta``;
+            [0, 1] images if it has none). Default: the ``Inversion``'s own target, if it has one.
+        eval_classifier: an independent classifier for the attack accuracy (same input convention).
+        class_names: default: the training set's.
+        backend, device: of the SSIM computation (``tldr_fast.ssim.classwise_ssim``).
+        progress: progress bars of the SSIM computation.
+    """
+    inversion = None
+    if isinstance(generated, Tensor):
+        if labels is None:
+            raise ValueError("labels= (the conditioned class of each generated image) is required with an image tensor")
+        images = generated
+    elif hasattr(generated, "sample") and hasattr(generated, "num_classes"):
+        if labels is not None:
+            raise ValueError("labels= is only for image tensors: an Inversion is sampled n_per_class per class")
+        inversion = generated
+        images = inversion.sample(n_per_class=n_per_class)
+        labels = torch.arange(inversion.num_classes).repeat_interleave(n_per_class)
+        value_range = (-1.0, 1.0)
+    else:
+        raise TypeError(f"generated must be an image tensor [N, C, H, W] or an Inversion, got {type(generated).__name__}")
+    labels = torch.as_tensor(labels).long().cpu()
+    if images.dim() != 4 or labels.shape != (images.shape[0],):
+        raise ValueError(f"expected images [N, C, H, W] and labels [N], got {tuple(images.shape)} and {tuple(labels.shape)}")
+    lo, hi = value_range
+    if not hi > lo:
+        raise ValueError(f"value_range must be (low, high) with high > low, got {value_range}")
+    if not 0 <= tau <= 1:
+        raise ValueError(f"tau must be an SSIM threshold in [0, 1], got {tau}")
+    x01 = ((images.detach().float().cpu() - lo) / (hi - lo)).clamp_(0, 1)
+    k = getattr(inversion, "num_classes", None) or int(labels.max()) + 1
+    train = _as_train(train, k)
+    if list(x01.shape[1:]) != train.image_shape:
+        raise ValueError(f"generated images are {list(x01.shape[1:])}, training images {train.image_shape}")
+    if int(labels.max()) >= train.num_classes:
+        raise ValueError(f"labels go up to {int(labels.max())} but the training set has {train.num_classes} classes")
+    names = list(class_names) if class_names is not None else list(train.class_names)
+
+    n = len(labels)
+    nn_ssim, matched_ssim = torch.full((n,), math.nan), torch.full((n,), math.nan)
+    nn_index, matched_index = torch.full((n,), -1, dtype=torch.long), torch.full((n,), -1, dtype=torch.long)
+    nearest = torch.zeros_like(x01)
+    present = set(train.labels.tolist())
+    classes = [c for c in torch.unique(labels).tolist() if c in present]  # a class without training images has no match
+    sims = classwise_ssim(x01, labels, train.images, train.labels, classes, backend=backend, device=device, progress=progress)
+    for c, s in sims.items():  # s: [n_c, m_c], rows and columns in the order of nonzero()
+        gen_pos = torch.nonzero(labels == c).view(-1)
+        train_pos = torch.nonzero(train.labels == c).view(-1)
+        best, arg = s.max(dim=1)
+        nn_ssim[gen_pos], nn_index[gen_pos] = best, train_pos[arg]
+        nearest[gen_pos] = train.images[train_pos[arg]]
+        partner, score = match_one_to_one(s.double().numpy())
+        matched = torch.from_numpy(partner >= 0)
+        matched_ssim[gen_pos] = torch.from_numpy(score).float()
+        matched_index[gen_pos[matched]] = train_pos[torch.from_numpy(partner[partner >= 0])]
+
+    report = EvaluationReport(tau, names, labels, x01, nearest, nn_ssim, nn_index, matched_ssim, matched_index, train)
+    target = _logits_fn(classifier, inversion)
+    if target is not None:
+        p = torch.softmax(target(x01), dim=1)
+        report.target_prob, report.target_pred = p.gather(1, labels[:, None]).view(-1), p.argmax(1)
+    if eval_classifier is not None:
+        report.eval_pred = predict_logits(eval_classifier, x01).argmax(1)
+    return report

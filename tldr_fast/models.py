@@ -1,0 +1,261 @@
+"""The reference classifiers for small images, their training loop, and weights-only checkpoints.
+
+Contract with ``tldr_fast.invert`` (and ``tldr_fast.evaluate``): a classifier built here carries
+``model.tldr_meta``, a plain dict with at least ``arch``, ``input_shape`` ``[C, H, W]``, ``num_classes``,
+``mean`` and ``std`` (per channel, of [0, 1] images) and ``class_names``. ``forward`` takes images
+normalised as ``(x01 - mean) / std`` and returns logits ``[B, K]``; the final layer, ``model.head``, is an
+``nn.Linear`` fed by the penultimate features ``model.features(x)`` ``[B, D]``.
+
+Checkpoints are one ``torch.save`` file of tensors and a JSON string, loaded with
+``torch.load(weights_only=True)``: loading never runs code from the file. Writes are atomic.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .checkpoint import PathLike, atomic_save
+from .data import ImageDataset
+from .invert import resolve_device
+
+Tensor = torch.Tensor
+
+CHECKPOINT_FORMAT = "tldr_fast.classifier/1"
+
+
+def _check_shape(input_shape: Sequence[int]) -> Tuple[int, int, int]:
+    if len(input_shape) != 3 or min(input_shape) < 1 or min(input_shape[1:]) < 8:
+        raise ValueError(f"input_shape must be [C, H, W] with H, W >= 8, got {list(input_shape)}")
+    return int(input_shape[0]), int(input_shape[1]), int(input_shape[2])
+
+
+def _conv_block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class SmallCNN(nn.Module):
+    """Three 3x3 conv blocks (batch norm, ReLU; max-pool after the first two), a dense feature layer
+    with batch norm and dropout, and a linear head. Any ``[C, H, W]`` with H, W >= 8.
+
+    >>> SmallCNN([1, 28, 28], 10)(torch.zeros(2, 1, 28, 28)).shape
+    torch.Size([2, 10])
+    """
+
+    def __init__(
+        self, input_shape: Sequence[int], num_classes: int, width: int = 16, feature_dim: int = 128, dropout: float = 0.25
+    ):
+        super().__init__()
+        c, h, w = _check_shape(input_shape)
+        pooled = (min(h // 4, 7), min(w // 4, 7))
+        self.features = nn.Sequential(  # [B, C, H, W] -> [B, feature_dim]
+            _conv_block(c, width),
+            nn.MaxPool2d(2),  # [B, width, H/2, W/2]
+            _conv_block(width, 2 * width),
+            nn.MaxPool2d(2),  # [B, 2 width, H/4, W/4]
+            _conv_block(2 * width, 4 * width),
+            nn.AdaptiveAvgPool2d(pooled),  # the identity up to 28 x 28 (and 8 x 8 at most)
+            nn.Dropout(dropout),
+            nn.Flatten(),
+            nn.Linear(4 * width * pooled[0] * pooled[1], feature_dim, bias=False),
+            nn.BatchNorm1d(feature_dim),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+        )
+        self.head = nn.Linear(feature_dim, num_classes)  # [B, feature_dim] -> logits [B, K]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+class SmallMLP(nn.Module):
+    """Two dense layers (batch norm, ReLU, dropout) and a linear head, on flattened images.
+
+    >>> SmallMLP([1, 8, 8], 10)(torch.zeros(2, 1, 8, 8)).shape
+    torch.Size([2, 10])
+    """
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, hidden: int = 256, feature_dim: int = 128, dropout: float = 0.2):
+        super().__init__()
+        c, h, w = _check_shape(input_shape)
+        self.features = nn.Sequential(  # [B, C, H, W] -> [B, feature_dim]
+            nn.Flatten(),
+            nn.Linear(c * h * w, hidden, bias=False),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, feature_dim, bias=False),
+            nn.BatchNorm1d(feature_dim),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+        )
+        self.head = nn.Linear(feature_dim, num_classes)  # [B, feature_dim] -> logits [B, K]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+ARCHS = {"cnn": SmallCNN, "mlp": SmallMLP}
+
+
+def build_classifier(arch: str, input_shape: Sequence[int], num_classes: int, **arch_kwargs: Any) -> nn.Module:
+    """A fresh ``"cnn"`` or ``"mlp"`` (``arch_kwargs``: the class's own options, e.g. ``width``)."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {tuple(ARCHS)}, got {arch!r}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    return ARCHS[arch](list(input_shape), num_classes, **arch_kwargs)
+
+
+def normalize(model: nn.Module, x01: Tensor) -> Tensor:
+    """Images in [0, 1] as ``model`` takes them: ``(x01 - mean) / std`` from its ``tldr_meta``, or
+    unchanged for a model without one (such a model takes [0, 1] images)."""
+    meta = getattr(model, "tldr_meta", None)
+    if not meta:
+        return x01
+    mean = torch.tensor(meta["mean"], dtype=x01.dtype, device=x01.device).view(1, -1, 1, 1)
+    std = torch.tensor(meta["std"], dtype=x01.dtype, device=x01.device).view(1, -1, 1, 1)
+    return (x01 - mean) / std
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x01: Tensor, batch_size: int = 1024) -> Tensor:
+    """Logits ``[N, K]`` (fp32, CPU) of ``model`` in eval mode on images ``[N, C, H, W]`` in [0, 1],
+    normalised by ``normalize``; batched on the model's device. The model's mode is restored."""
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    try:
+        out = [model(normalize(model, x01[i : i + batch_size].to(device))).float().cpu() for i in range(0, len(x01), batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, 0)
+
+
+def accuracy(model: nn.Module, ds: ImageDataset, batch_size: int = 1024) -> float:
+    """Fraction of ``ds`` that ``model`` classifies correctly."""
+    return (predict_logits(model, ds.images, batch_size).argmax(1) == ds.labels).float().mean().item()
+
+
+def train_classifier(
+    dataset: ImageDataset,
+    arch: str = "cnn",
+    epochs: int = 10,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
+    device: str = "auto",
+    progress: bool = False,
+    test: Optional[ImageDataset] = None,
+    weight_decay: float = 1e-4,
+    **arch_kwargs: Any,
+) -> nn.Module:
+    """Train a ``"cnn"`` or ``"mlp"`` classifier on ``dataset`` and return it in eval mode on ``device``.
+
+    Adam with a one-cycle learning-rate schedule, cross-entropy, no augmentation (the model is meant to
+    fit its training set, as the models that inversion audits do). Normalisation mean/std are the
+    training images' per-channel statistics. Deterministic for a given ``seed`` on the CPU; the global
+    RNG is left as it was. ``model.tldr_meta`` records the architecture, normalisation, class names,
+    the training subset (``train_source``, ``train_indices``), ``train_accuracy`` and, when ``test`` is
+    given, ``test_accuracy``.
+    """
+    if len(dataset) == 0:
+        raise ValueError("cannot train on an empty data set")
+    for name, v in (("epochs", epochs), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr!r}")
+    if test is not None and test.image_shape != dataset.image_shape:
+        raise ValueError(f"test images are {test.image_shape}, training images {dataset.image_shape}")
+    dev = resolve_device(device)
+    x = dataset.images
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        model = build_classifier(arch, dataset.image_shape, dataset.num_classes, **arch_kwargs).to(dev)
+        gen = torch.Generator().manual_seed(seed)
+        xn = ((x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)).to(dev)
+        y = dataset.labels.to(dev)
+        steps_per_epoch = math.ceil(len(x) / batch_size)
+        opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
+        model.train()
+        bar = tqdm(range(epochs), desc=f"train {arch}", unit="epoch", disable=not progress)
+        for _ in bar:
+            order = torch.randperm(len(x), generator=gen).to(dev)
+            correct, total_loss = 0, 0.0
+            for i in range(steps_per_epoch):
+                idx = order[i * batch_size : (i + 1) * batch_size]
+                if len(idx) < 2:  # batch norm needs two samples
+                    continue
+                logits = model(xn[idx])
+                loss = F.cross_entropy(logits, y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total_loss += loss.detach() * len(idx)
+                correct += (logits.detach().argmax(1) == y[idx]).sum()
+            bar.set_postfix(loss=f"{float(total_loss) / len(x):.3f}", acc=f"{int(correct) / len(x):.3f}")
+    model.eval()
+    model.tldr_meta = {
+        "arch": arch,
+        "arch_kwargs": dict(arch_kwargs),
+        "input_shape": dataset.image_shape,
+        "num_classes": dataset.num_classes,
+        "mean": mean.tolist(),
+        "std": std.tolist(),
+        "class_names": list(dataset.class_names),
+        "train_source": dataset.source,
+        "train_indices": dataset.indices.tolist(),
+        "epochs": epochs,
+        "seed": seed,
+        "test_source": test.source if test is not None else None,
+    }
+    model.tldr_meta["train_accuracy"] = accuracy(model, dataset)  # needs the normalisation above
+    model.tldr_meta["test_accuracy"] = accuracy(model, test) if test is not None else None
+    return model
+
+
+def save_classifier(model: nn.Module, path: PathLike) -> None:
+    """Write the weights and ``model.tldr_meta`` (as JSON) to ``path`` atomically."""
+    meta = getattr(model, "tldr_meta", None)
+    if not meta or meta.get("arch") not in ARCHS:
+        raise ValueError("save_classifier saves the classifiers of tldr_fast.models (built with a tldr_meta); save others with torch.save")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_save({"format": CHECKPOINT_FORMAT, "meta": json.dumps(meta), "state_dict": state}, path)
+
+
+def load_classifier(path: PathLike, device: str = "cpu") -> nn.Module:
+    """A classifier saved by ``save_classifier``, in eval mode on ``device``, with its ``tldr_meta``.
+
+    The file is read with ``torch.load(weights_only=True)``: a file holding anything but tensors and
+    plain data (e.g. a tampered pickle) is refused with a ``ValueError`` and nothing in it runs.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such classifier checkpoint: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not a readable tldr_fast classifier checkpoint (refused: {first})") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a tldr_fast classifier checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    meta: Dict[str, Any] = json.loads(ckpt["meta"])
+    model = build_classifier(meta["arch"], meta["input_shape"], meta["num_classes"], **meta.get("arch_kwargs", {}))
+    model.load_state_dict(ckpt["state_dict"])
+    model.tldr_meta = meta
+    return model.to(resolve_device(device)).eval()
+
