@@ -30,9 +30,9 @@ class LossWeights:
     ce_pert: float = 1.0
     kl_pert: float = 0.0
     grad_norm: float = 0.1
-    cos: float = 0.1
-    ortho: float = 1e-3
-    tv: float = 2e-4
+    cos: float = 1.0
+    ortho: float = 1e-5  # Ortho acts on raw features: its scale is ||phi||^4, hundreds to thousands
+    tv: float = 1e-3
     pix: float = 1.0
 
 

@@ -21,12 +21,18 @@ from .step import PIXEL_RANGE, TLDRObjective, step_seed
 Tensor = torch.Tensor
 
 
+_cpu_noticed = False
+
+
 def resolve_device(name: str) -> torch.device:
-    """``"auto"`` is the GPU when there is one, else the CPU (with a one-line notice)."""
+    """``"auto"`` is the GPU when there is one, else the CPU (with a one-line notice, once)."""
+    global _cpu_noticed
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        print("tldr_fast: no GPU found, running on the CPU", file=sys.stderr)
+        if not _cpu_noticed:
+            _cpu_noticed = True
+            print("tldr_fast: no GPU found, running on the CPU", file=sys.stderr)
         return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
