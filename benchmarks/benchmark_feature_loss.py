@@ -9,8 +9,7 @@ written once (the Gram products make this op compute-bound at large B in fp32).
 
 import torch
 
-from benchmark_head_loss import bench_args, implementations  # shared by every op's script
-from common import Row, copy_bandwidth, measure, report
+from common import Row, bench_args, copy_bandwidth, implementations, measure, report
 
 D = 256
 

@@ -7,44 +7,12 @@ closed-form head grad-norm (head with bias), B in {256, 1024, 8192, 65536}. GB/s
 op must move at least: logits, target, labels and features read once, their gradients written once.
 """
 
-import argparse
-from typing import Callable, List, Tuple
-
 import torch
 import torch.nn.functional as F
 
-from common import Row, copy_bandwidth, measure, parser, report
-from tldr_fast import reference as ref
-from tldr_fast.backends import BackendUnavailable, resolve
+from common import Row, bench_args, copy_bandwidth, implementations, measure, report
 
-SIZES = (256, 1024, 8192, 65536)
-QUICK_SIZES = (16,)  # --quick: a smoke run (the Triton interpreter on a CPU is slow)
-QUICK_TIMING = dict(warmup=1, reps=2, max_s=0.2)
 K, D = 10, 256
-
-
-def bench_args(description: str) -> argparse.Namespace:
-    """common.parser plus ``--sizes`` (batch sizes, e.g. ``1024,65536``); sets ``sizes`` and ``timing``."""
-    p = parser(description)
-    p.add_argument("--sizes", type=lambda s: tuple(int(v) for v in s.split(",")), help="batch sizes, e.g. 1024,65536")
-    args = p.parse_args()
-    args.sizes = args.sizes or (QUICK_SIZES if args.quick else SIZES)
-    args.timing = QUICK_TIMING if args.quick else {}
-    return args
-
-
-def implementations(op: str, device: str, quick: bool) -> List[Tuple[str, Callable, str]]:
-    """(name, function or None, note) for the eager and compiled reference and each fast backend."""
-    fn = getattr(ref, op)
-    out = [("eager", fn, ""), ("compile", None, "skipped with --quick") if quick else ("compile", torch.compile(fn, dynamic=False), "")]
-    for name in ("triton", "cuda"):
-        try:
-            out.append((name, getattr(resolve(name, device, fallback=False), op), ""))
-        except BackendUnavailable as e:
-            out.append((name, None, f"unavailable: {str(e)[:100]}"))
-        except AttributeError:
-            out.append((name, None, f"backend {name!r} has no {op}"))
-    return out
 
 
 def make_inputs(b: int, device: str, dtype=torch.float32):

@@ -9,10 +9,8 @@ goal is >= 70% of it at large B).
 
 import torch
 
-from benchmark_head_loss import bench_args, implementations  # shared by every op's script
-from common import Row, copy_bandwidth, measure, report
+from common import Row, bench_args, copy_bandwidth, implementations, measure, report
 
-IMAGE_SHAPES = ((1, 28, 28), (3, 32, 32))
 
 
 def make_images(b: int, chw, device: str, dtype=torch.float32) -> torch.Tensor:
@@ -25,7 +23,7 @@ def main() -> None:
     w = torch.tensor([1e-3, 1.0], device=args.device)
     rows = []
     for name, fn, note in implementations("image_prior", args.device, args.quick):
-        for chw in IMAGE_SHAPES:
+        for chw in args.shapes:
             for b in args.sizes:
                 size = f"B={b} {'x'.join(map(str, chw))}"
                 if fn is None:

@@ -14,12 +14,11 @@ from typing import Callable, List, Tuple
 
 import torch
 
-from benchmark_head_loss import bench_args
 from benchmark_head_loss import make_inputs as head_inputs
-from benchmark_image_prior import IMAGE_SHAPES, make_images
-from common import Row, copy_bandwidth, measure, report
+from benchmark_image_prior import make_images
+from common import Row, bench_args, copy_bandwidth, measure, report
 from tldr_fast import reference as ref
-from tldr_fast.backends import OPS, BackendUnavailable, resolve
+from tldr_fast.backends import BackendUnavailable, resolve
 
 EPS, SEED = 0.1, 1234
 
@@ -42,12 +41,9 @@ def make_block(ops) -> Callable:
 def implementations(device: str, quick: bool) -> List[Tuple[str, Callable, str]]:
     out = [("eager", make_block(ref), "")]
     out.append(("compile", None, "skipped with --quick") if quick else ("compile", torch.compile(make_block(ref), dynamic=False), ""))
-    for name in ("triton", "cuda"):
+    for name in ("triton", "cuda"):  # "cuda" has no perturb: it takes Triton's, as invert does
         try:
-            ops = resolve(name, device, fallback=False)
-            missing = [op for op in OPS[:4] if not hasattr(ops, op)]
-            if missing:
-                raise BackendUnavailable(f"no {', '.join(missing)}")
+            ops = resolve(name, device)
         except BackendUnavailable as e:
             out.append((name, None, f"unavailable: {str(e)[:100]}"))
             continue
@@ -65,7 +61,7 @@ def main() -> None:
     w_prior = torch.tensor([1e-3, 1.0], device=args.device)
     rows = []
     for name, fn, note in implementations(args.device, args.quick):
-        for chw in IMAGE_SHAPES:
+        for chw in args.shapes:
             for b in args.sizes:
                 size = f"B={b} {'x'.join(map(str, chw))}"
                 if fn is None:

@@ -11,9 +11,8 @@ copy bandwidth (the goal is >= 70% of it at large B).
 
 import torch
 
-from benchmark_head_loss import bench_args, implementations  # shared by every op's script
-from benchmark_image_prior import IMAGE_SHAPES, make_images
-from common import Row, copy_bandwidth, measure, report
+from benchmark_image_prior import make_images
+from common import Row, bench_args, copy_bandwidth, implementations, measure, report
 
 EPS, KIND = 0.1, "rademacher"
 
@@ -22,7 +21,7 @@ def main() -> None:
     args = bench_args(__doc__.splitlines()[0])
     rows = []
     for name, fn, note in implementations("perturb", args.device, args.quick):
-        for chw in IMAGE_SHAPES:
+        for chw in args.shapes:
             for b in args.sizes:
                 for passes in ("fwd", "fwd+bwd"):
                     size = f"B={b} {'x'.join(map(str, chw))} {passes}"

@@ -75,13 +75,14 @@ VARIANTS = [  # (impl label, backend, grad_norm, dtype, compile the generator an
 def main():
     p = parser(__doc__)
     p.add_argument("--variants", default=",".join(v[0] for v in VARIANTS))
+    p.add_argument("--configs", default="1x28x28:1024,3x32x32:1024,1x28x28:4096", help="image shape:batch, comma-separated")
     args = p.parse_args()
     device = args.device
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    configs = [((1, 28, 28), 1024), ((3, 32, 32), 1024), ((1, 28, 28), 4096)]
-    if args.quick or device == "cpu":
+    configs = [(tuple(int(d) for d in c.split(":")[0].split("x")), int(c.split(":")[1])) for c in args.configs.split(",")]
+    if args.quick:
         configs = [((1, 28, 28), 64)]
     wanted = set(args.variants.split(","))
     rows = []

@@ -20,7 +20,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -110,6 +110,46 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="append rows as JSON lines to this file")
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats (smoke run)")
     return p
+
+
+SIZES = (256, 1024, 8192, 65536)
+QUICK_SIZES = (16,)  # --quick: a smoke run (the Triton interpreter on a CPU is slow)
+QUICK_TIMING = dict(warmup=1, reps=2, max_s=0.2)
+IMAGE_SHAPES = ((1, 28, 28), (3, 32, 32))
+
+
+def bench_args(description: str) -> argparse.Namespace:
+    """``parser`` plus ``--sizes`` (batch sizes) and ``--shapes`` (image shapes); sets ``sizes``,
+    ``shapes`` and ``timing``."""
+    p = parser(description)
+    p.add_argument("--sizes", type=lambda s: tuple(int(v) for v in s.split(",")), help="batch sizes, e.g. 1024,65536")
+    p.add_argument(
+        "--shapes",
+        type=lambda s: tuple(tuple(int(d) for d in v.split("x")) for v in s.split(",")),
+        help="image shapes, e.g. 1x28x28,3x32x32",
+    )
+    args = p.parse_args()
+    args.sizes = args.sizes or (QUICK_SIZES if args.quick else SIZES)
+    args.shapes = args.shapes or IMAGE_SHAPES
+    args.timing = QUICK_TIMING if args.quick else {}
+    return args
+
+
+def implementations(op: str, device: str, quick: bool) -> List[Tuple[str, Optional[Callable], str]]:
+    """(name, function or None, note) for the eager and compiled reference and each fast backend."""
+    from tldr_fast import reference as ref
+    from tldr_fast.backends import BackendUnavailable, resolve
+
+    fn = getattr(ref, op)
+    out = [("eager", fn, ""), ("compile", None, "skipped with --quick") if quick else ("compile", torch.compile(fn, dynamic=False), "")]
+    for name in ("triton", "cuda"):
+        try:
+            out.append((name, getattr(resolve(name, device, fallback=False), op), ""))
+        except BackendUnavailable as e:
+            out.append((name, None, f"unavailable: {str(e)[:100]}"))
+        except AttributeError:
+            out.append((name, None, f"backend {name!r} has no {op}"))
+    return out
 
 
 def report(rows: List[Row], json_path: Optional[str] = None, baseline: str = "eager") -> None:

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# One GPU session, start to finish: build the CUDA extension, run the test suite on the GPU, then the
+# benchmarks side by side, most important first. Logs go to $OUT (default ./gpu_out): env.log,
+# build.log, tests.log, bench.log and bench.jsonl (the rows BENCHMARKS.md is written from).
+#
+#   bash benchmarks/gpu_session.sh                       # everything
+#   PARTS="build bench" DEADLINE=300 bash benchmarks/gpu_session.sh
+#
+# DEADLINE (seconds, default 560) bounds the whole session: each part runs under a time limit that
+# ends by then, and a part that would start with under 20 s left is skipped (and says so).
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+PARTS=${PARTS:-"build tests bench"}
+TESTS=${TESTS:-tests}
+BENCHES=${BENCHES:-"block ssim step ops"}
+DEADLINE=${DEADLINE:-560}
+PY=${PY:-python3}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} TLDR_FAST_JIT=0
+T0=$(date +%s)
+elapsed() { echo $(($(date +%s) - T0)); }
+stamp() { echo "[$(elapsed)s] $*"; }
+has() { [[ " $2 " == *" $1 "* ]]; }
+budget() {  # budget <wanted seconds>: what is left of it before the deadline (0: skip)
+    local left=$((DEADLINE - $(elapsed)))
+    if ((left < 20)); then echo 0; elif (($1 < left)); then echo "$1"; else echo "$left"; fi
+}
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+    $PY -c "import torch, triton, sys; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+} >"$OUT/env.log" 2>&1
+cat "$OUT/env.log"
+
+if has build "$PARTS"; then
+    if $PY -c "import tldr_fast.extension as e, sys; sys.exit(0 if e.info().get('cuda') else 1)" >/dev/null 2>&1; then
+        stamp "build: the CUDA extension is already built"
+    else
+        stamp "build: pip install -e . with the CUDA extension (arch $TORCH_CUDA_ARCH_LIST)"
+        TLDR_FAST_BUILD_CUDA=1 timeout "$(budget 300)" $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/build.log" 2>&1
+        if ! $PY -c "import tldr_fast.kernels, tldr_fast._C" >>"$OUT/build.log" 2>&1; then
+            # an older pip/setuptools that cannot do the editable install: build in place, map kernels/ by hand
+            stamp "build: fallback to setup.py build_ext --inplace"
+            TLDR_FAST_BUILD_CUDA=1 timeout "$(budget 300)" $PY setup.py build_ext --inplace >>"$OUT/build.log" 2>&1
+            ln -sfn ../kernels tldr_fast/kernels
+        fi
+    fi
+    $PY -c "import tldr_fast.extension as e; print(e.info())" 2>&1 | tee -a "$OUT/build.log" | tail -2
+fi
+
+if has tests "$PARTS"; then
+    t=$(budget 240)
+    stamp "tests ($t s): $TESTS"
+    ((t > 0)) && timeout "$t" $PY -m pytest -q -p no:cacheprovider --timeout 120 -rfE $TESTS >"$OUT/tests.log" 2>&1
+    grep -E "passed|failed|error" "$OUT/tests.log" | tail -40
+fi
+
+if has bench "$PARTS"; then
+    J="$OUT/bench.jsonl"
+    B="$OUT/bench.log"
+    run() {  # run <seconds> <script> [args]: one benchmark script, its output appended to bench.log
+        local t
+        t=$(budget "$1")
+        shift
+        if ((t == 0)); then
+            stamp "bench: SKIPPED (deadline) $*" | tee -a "$B"
+            return
+        fi
+        stamp "bench ($t s): $*" | tee -a "$B"
+        (cd benchmarks && timeout "$t" $PY "$@" --device cuda --json "../$J") >>"$B" 2>&1 || echo "  (exit $?)" >>"$B"
+    }
+    if has block "$BENCHES"; then run 110 benchmark_loss_block.py --sizes 256,1024,8192,65536 --shapes 1x28x28; fi
+    if has ssim "$BENCHES"; then run 90 benchmark_pairwise_ssim.py --mnist; fi
+    if has step "$BENCHES"; then
+        run 100 benchmark_step.py --configs 1x28x28:1024,3x32x32:1024,1x28x28:4096 \
+            --variants eager-full,eager-head,triton-head,cuda-head,triton-head-bf16,cuda-head-bf16
+        run 60 benchmark_step.py --configs 1x28x28:1024 --variants compile-head
+    fi
+    if has ops "$BENCHES"; then
+        run 45 benchmark_image_prior.py --sizes 1024,65536
+        run 45 benchmark_perturb.py --sizes 1024,65536
+        run 45 benchmark_head_loss.py --sizes 1024,65536
+        run 45 benchmark_feature_loss.py --sizes 1024,65536
+    fi
+    grep -E "^(loss_block|head_loss|feature_loss|image_prior|perturb|pairwise_ssim|step) |copy bandwidth|SKIPPED|exit" "$B" | tail -120
+fi
+stamp "done"
