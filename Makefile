@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(VENV)/bin/tldr-fast demo --out demo_out
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	TLDR_FAST_REQUIRE_DATA=1 $(PY) -m pytest -q
 
 bench-gpu: $(STAMP)
 	bash benchmarks/gpu_session.sh

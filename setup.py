@@ -5,7 +5,7 @@ The project metadata lives in pyproject.toml; this file only adds the extension:
 * a ``CUDAExtension`` (CPU and CUDA kernels) when torch has CUDA and nvcc is found, else a ``CppExtension``
   (CPU kernels only); ``TLDR_FAST_BUILD_CUDA=auto|0|1`` overrides, ``TORCH_CUDA_ARCH_LIST`` picks the GPU
   architectures (default "8.0;9.0"), ``TLDR_FAST_BUILD_EXT=0`` skips the extension;
-* built with ninja from every ``csrc/*.cpp`` (and ``csrc/*.cu`` with CUDA).
+* built with ninja from ``csrc/*.cpp`` and ``csrc/cpu/*.cpp`` (and ``csrc/cuda/*.cu`` with CUDA).
 
 The extension needs torch at build time, so install with ``pip install --no-build-isolation -e .`` (an
 isolated build environment has no torch). If the extension cannot be built, the pure-Python package is

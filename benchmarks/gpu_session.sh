@@ -13,7 +13,6 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 PARTS=${PARTS:-"build tests bench"}
-TESTS=${TESTS:-tests}
 BENCHES=${BENCHES:-"block ssim step ops"}
 DEADLINE=${DEADLINE:-560}
 PY=${PY:-python3}
@@ -51,15 +50,30 @@ if has build "$PARTS"; then
     $PY -c "import tldr_fast.extension as e; print(e.info())" 2>&1 | tee -a "$OUT/build.log" | tail -2
 fi
 
+# Test groups, each under its own limit so that every group prints its summary: name|seconds|pytest args
+TEST_GROUPS=${TEST_GROUPS:-"cuda-ops|90|tests/test_extension.py tests/test_head_loss.py tests/test_feature_loss.py tests/test_image_prior.py -k cuda
+ssim|60|tests/test_pairwise_ssim.py
+triton-ops|120|tests/test_head_loss.py tests/test_feature_loss.py tests/test_image_prior.py tests/test_perturb.py -k triton
+triton-extra|90|tests/test_head_loss_triton.py tests/test_feature_loss_triton.py tests/test_image_prior_triton.py tests/test_perturb_triton.py
+rest|120|tests/test_invert.py tests/test_generator.py tests/test_evaluate.py tests/test_models.py"}
+
 if has tests "$PARTS"; then
-    t=$(budget 240)
-    stamp "tests ($t s): $TESTS"
-    ((t > 0)) && timeout "$t" $PY -m pytest -q -p no:cacheprovider --timeout 120 -rfE $TESTS >"$OUT/tests.log" 2>&1
-    grep -E "passed|failed|error" "$OUT/tests.log" | tail -40
+    while IFS='|' read -r name want args; do
+        [[ -z "$name" ]] && continue
+        t=$(budget "$want")
+        if ((t == 0)); then
+            stamp "tests $name: SKIPPED (deadline)" | tee -a "$OUT/tests.log"
+            continue
+        fi
+        stamp "tests $name ($t s): $args" | tee -a "$OUT/tests.log"
+        # shellcheck disable=SC2086
+        timeout "$t" $PY -m pytest -q -p no:cacheprovider --timeout 60 --tb=short -rfE $args >>"$OUT/tests.log" 2>&1 || echo "  (exit $?)" >>"$OUT/tests.log"
+        grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)|exit [0-9]" "$OUT/tests.log" | tail -n 30 | grep -v "^$" | tail -n 12
+    done <<<"$TEST_GROUPS"
 fi
 
 if has bench "$PARTS"; then
-    J="$OUT/bench.jsonl"
+    J="$(cd "$OUT" && pwd)/bench.jsonl"
     B="$OUT/bench.log"
     run() {  # run <seconds> <script> [args]: one benchmark script, its output appended to bench.log
         local t
@@ -70,9 +84,10 @@ if has bench "$PARTS"; then
             return
         fi
         stamp "bench ($t s): $*" | tee -a "$B"
-        (cd benchmarks && timeout "$t" $PY "$@" --device cuda --json "../$J") >>"$B" 2>&1 || echo "  (exit $?)" >>"$B"
+        (cd benchmarks && timeout "$t" $PY "$@" --device cuda --json "$J") >>"$B" 2>&1 || echo "  (exit $?)" >>"$B"
     }
-    if has block "$BENCHES"; then run 110 benchmark_loss_block.py --sizes 256,1024,8192,65536 --shapes 1x28x28; fi
+    # shellcheck disable=SC2086
+    if has block "$BENCHES"; then run 110 benchmark_loss_block.py ${BLOCK_ARGS:-"--sizes 256,1024,8192,65536 --shapes 1x28x28"}; fi
     if has ssim "$BENCHES"; then run 90 benchmark_pairwise_ssim.py --mnist; fi
     if has step "$BENCHES"; then
         run 100 benchmark_step.py --configs 1x28x28:1024,3x32x32:1024,1x28x28:4096 \

@@ -29,3 +29,31 @@ def gen():
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"input seed: {seed}")
     return torch.Generator().manual_seed(seed)
+
+
+def _data_unavailable(excinfo) -> bool:
+    from tldr_fast.data import DataUnavailable
+
+    return isinstance(excinfo, DataUnavailable)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    return (yield from _skip_missing_data())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    return (yield from _skip_missing_data())
+
+
+def _skip_missing_data():
+    """A test whose offline data set is not installed is skipped with the install command as its reason,
+    unless TLDR_FAST_REQUIRE_DATA=1 (``make test`` installs the data and sets it: there, missing data
+    fails)."""
+    try:
+        return (yield)
+    except Exception as e:
+        if not _data_unavailable(e) or os.environ.get("TLDR_FAST_REQUIRE_DATA") == "1":
+            raise
+        pytest.skip(f"data not installed: {e}")

@@ -152,8 +152,8 @@ def test_jit_build_loads_in_a_fresh_process(tmp_path):
     """The just-in-time path end to end (flags, module init, op registration, Python-side rules), in a
     fresh process, on a subset of csrc/ to keep the compile short: the library and one op's CPU kernel."""
     csrc = tmp_path / "csrc"
-    csrc.mkdir()
-    for name in ("tldr_fast.cpp", "common.h", "image_prior.cpp"):
+    (csrc / "cpu").mkdir(parents=True)
+    for name in ("tldr_fast.cpp", "common.h", "cpu/image_prior.cpp"):
         shutil.copy(os.path.join(ext.CSRC, name), csrc / name)
     code = (
         "import torch, tldr_fast.extension as e\n"
@@ -209,7 +209,7 @@ def test_opcheck_image_prior(lib, gen, device, shape, dtype):
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_pairwise_ssim(lib, gen, device):
     if not hasattr(lib, "pairwise_ssim"):
-        pytest.skip("the loaded extension has no pairwise_ssim (csrc/pairwise_ssim.cpp not compiled in)")
+        pytest.skip("the loaded extension has no pairwise_ssim (csrc/cpu/pairwise_ssim.cpp not compiled in)")
     a = torch.rand(3, 2, 9, 8, generator=gen).to(device)
     b = torch.rand(4, 2, 9, 8, generator=gen).to(device)
     torch.library.opcheck(lib.pairwise_ssim.default, (a, b, 1.0))
@@ -341,7 +341,7 @@ def test_cuda_sources_compile_for_sm90():
     if nvcc is None:
         pytest.skip("nvcc not found (CUDA_HOME, /usr/local/cuda, PATH): the CUDA sources cannot be compile-checked")
     sources = [s for s in ext.sources(with_cuda=True) if s.endswith(".cu")]
-    assert sources, "no csrc/*.cu"
+    assert sources, "no csrc/cuda/*.cu"
     with tempfile.TemporaryDirectory() as tmp:
         # A CPU-only torch lacks this generated header; a CUDA build of torch has exactly this content.
         gen_dir = os.path.join(tmp, "gen")

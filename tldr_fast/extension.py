@@ -1,7 +1,7 @@
 """The C++/CUDA extension (backend ``"cuda"``): loading, build configuration, and the Python face of its ops.
 
 The shared library built from ``csrc/`` registers the ops ``torch.ops.tldr_fast.{head_loss, feature_loss,
-image_prior}`` (and ``pairwise_ssim`` where ``csrc/pairwise_ssim*`` is compiled in), with C++ kernels for CPU
+image_prior}`` (and ``pairwise_ssim`` where ``csrc/*/pairwise_ssim*`` is compiled in), with C++ kernels for CPU
 tensors and, when built with CUDA, CUDA kernels. Each loss op returns ``(loss, terms, grad_<input>...)``:
 the gradients of ``loss`` come out of the forward, so autograd's backward only scales them by the upstream
 gradient (``torch.library.register_autograd`` below), and ``torch.library.register_fake`` gives every op a
@@ -81,10 +81,12 @@ def cuda_archs() -> List[str]:
 
 
 def sources(with_cuda: bool, csrc: str = CSRC) -> List[str]:
-    """The extension's translation units: every ``csrc/*.cpp``, plus every ``csrc/*.cu`` with CUDA."""
-    files = sorted(glob.glob(os.path.join(csrc, "*.cpp")))
+    """The extension's translation units: ``csrc/*.cpp`` (the library) and ``csrc/cpu/*.cpp`` (the CPU
+    kernels), plus ``csrc/cuda/*.cu`` with CUDA. An op's CPU and CUDA files share its name, so they live
+    in separate folders (their object files would collide in one)."""
+    files = sorted(glob.glob(os.path.join(csrc, "*.cpp"))) + sorted(glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
     if with_cuda:
-        files += sorted(glob.glob(os.path.join(csrc, "*.cu")))
+        files += sorted(glob.glob(os.path.join(csrc, "cuda", "*.cu")))
     return files
 
 
@@ -289,7 +291,7 @@ def _pairwise_ssim(a: Tensor, b: Tensor, data_range: float = 1.0) -> Tensor:
 
 
 def __getattr__(name: str):
-    # pairwise_ssim exists only where the loaded library has the op (csrc/pairwise_ssim* compiled in);
+    # pairwise_ssim exists only where the loaded library has the op (csrc/*/pairwise_ssim* compiled in);
     # otherwise the backend dispatch takes it from the next backend.
     if name == "pairwise_ssim" and _load().module is not None and _has_op("pairwise_ssim"):
         return _pairwise_ssim

@@ -8,7 +8,7 @@ computes ``E[ab] - E[a]E[b]``, which cancels in flat bright regions (errors up t
 
 Implementations (``backend=``), all computing the same ``[n, m]`` block of the matrix:
 
-* ``"cuda"``: the C++/CUDA extension's op ``torch.ops.tldr_fast.pairwise_ssim`` (``csrc/pairwise_ssim*``):
+* ``"cuda"``: the C++/CUDA extension's op ``torch.ops.tldr_fast.pairwise_ssim`` (``csrc/*/pairwise_ssim*``):
   a CPU kernel vectorised over pairs, and a CUDA kernel;
 * ``"triton"``: ``tldr_fast.kernels.pairwise_ssim``, tiled tensor-core matrix products (GPU);
 * ``"torch"``: :func:`pairwise_ssim_torch` below, plain PyTorch organised as batched matrix products;
@@ -178,7 +178,7 @@ def _op(name: str, device: torch.device) -> SsimOp:
         if not hasattr(ops, "pairwise_ssim"):
             raise missing
         if name == "cuda" and not extension._has_kernel("pairwise_ssim", device.type):
-            raise missing  # e.g. an extension built without csrc/pairwise_ssim.cu
+            raise missing  # e.g. an extension built without csrc/cuda/pairwise_ssim.cu
         return ops.pairwise_ssim
     raise BackendUnavailable(f"unknown SSIM backend {name!r}; expected 'auto' or one of {tuple(IMPLEMENTATIONS)}")
 

@@ -23,7 +23,7 @@
 #include <limits>
 #include <tuple>
 
-#include "common.h"
+#include "../common.h"
 
 namespace tldr_fast {
 namespace {

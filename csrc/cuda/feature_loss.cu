@@ -12,8 +12,8 @@
 
 #include <tuple>
 
-#include "common.h"
-#include "cuda_common.cuh"
+#include "../common.h"
+#include "common.cuh"
 
 namespace tldr_fast {
 namespace cuda {

@@ -27,7 +27,7 @@
 #include <utility>
 #include <vector>
 
-#include "pairwise_ssim.h"
+#include "../pairwise_ssim.h"
 
 namespace tldr_fast {
 namespace ssim {

@@ -14,7 +14,7 @@
 #include <algorithm>
 #include <tuple>
 
-#include "common.h"
+#include "../common.h"
 
 namespace tldr_fast {
 namespace {

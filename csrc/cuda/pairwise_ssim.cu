@@ -18,8 +18,8 @@
 #include <cstdint>
 #include <utility>
 
-#include "cuda_common.cuh"
-#include "pairwise_ssim.h"
+#include "common.cuh"
+#include "../pairwise_ssim.h"
 
 namespace tldr_fast {
 namespace ssim {

@@ -19,7 +19,7 @@
 #include <cmath>
 #include <tuple>
 
-#include "common.h"
+#include "../common.h"
 
 namespace tldr_fast {
 namespace {
