@@ -155,13 +155,13 @@ def implementations(op: str, device: str, quick: bool) -> List[Tuple[str, Option
 def report(rows: List[Row], json_path: Optional[str] = None, baseline: str = "eager") -> None:
     """Print a table (with speed-up over ``baseline`` for the same op and size) and save JSON lines."""
     base = {(r.op, r.size): r.ms for r in rows if r.impl == baseline and r.ms}
-    print(f"{'op':<14}{'impl':<16}{'size':<22}{'ms':>10}{'x ' + baseline:>10}{'peak MB':>10}{'GB/s':>9}  note")
+    print(f"{'op':<14}{'impl':<18}{'size':<22}{'ms':>10}{'x ' + baseline:>10}{'peak MB':>10}{'GB/s':>9}  note")
     for r in rows:
         ms = f"{r.ms:.4f}" if r.ms is not None else "-"
         sp = f"{base[(r.op, r.size)] / r.ms:.2f}" if r.ms and base.get((r.op, r.size)) else "-"
         mb = f"{r.peak_mb:.1f}" if r.peak_mb is not None else "-"
         gb = f"{r.gbps:.0f}" if r.gbps is not None else "-"
-        print(f"{r.op:<14}{r.impl:<16}{r.size:<22}{ms:>10}{sp:>10}{mb:>10}{gb:>9}  {r.note}")
+        print(f"{r.op:<14}{r.impl:<18}{r.size:<22}{ms:>10}{sp:>10}{mb:>10}{gb:>9}  {r.note}")
     sys.stdout.flush()
     if json_path:
         with open(json_path, "a") as f:
