@@ -34,6 +34,7 @@ import triton.language as tl
 from ..reference import NORM_EPS
 from ._gram import EXTRA_INV, EXTRA_NONE, gram, plan_gram
 from ._reduce import _finish, _store_partial_row
+from ..fused_autograd import fused_autograd
 from ._utils import FP32_DOT, TERMS_PAD, block, cdiv, compute_dtype, empty, launch, triton_op, weights_fp32
 
 Tensor = torch.Tensor
@@ -163,19 +164,7 @@ def _feature_loss_op(features: Tensor, weights: Tensor) -> Tuple[Tensor, Tensor,
     return loss, terms, dphi
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    _, terms, dphi = output
-    ctx.mark_non_differentiable(terms, dphi)
-    ctx.save_for_backward(dphi, terms)
-
-
-def _backward(ctx, grad_loss, *_):
-    dphi, terms = ctx.saved_tensors
-    d_features = dphi * grad_loss if ctx.needs_input_grad[0] else None
-    d_weights = terms * grad_loss if ctx.needs_input_grad[1] else None
-    return d_features, d_weights
-
-
+_setup_context, _backward = fused_autograd((0,), 1)  # d loss/d x: the gradient the forward wrote
 _feature_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 

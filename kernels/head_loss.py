@@ -33,6 +33,7 @@ import triton.language as tl
 
 from ._gram import EXTRA_NONE, EXTRA_ONES, gram, plan_gram
 from ._reduce import _finish, _finish_kernel, _sum_partials
+from ..fused_autograd import fused_autograd
 from ._utils import FP32_DOT, TERMS_PAD, block, cdiv, check_devices, compute_dtype, empty, launch, triton_op, weights_fp32
 
 Tensor = torch.Tensor
@@ -272,22 +273,7 @@ def _head_loss_op(
     return loss, terms, dz, dphi
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    features = inputs[3]
-    _, terms, dz, dphi = output
-    ctx.has_features = features is not None
-    ctx.mark_non_differentiable(terms, dz, dphi)
-    ctx.save_for_backward(dz, dphi, terms)
-
-
-def _backward(ctx, grad_loss, *_):
-    dz, dphi, terms = ctx.saved_tensors
-    d_logits = dz * grad_loss if ctx.needs_input_grad[0] else None
-    d_features = dphi * grad_loss if ctx.has_features and ctx.needs_input_grad[3] else None
-    d_weights = terms * grad_loss if ctx.needs_input_grad[4] else None
-    return d_logits, None, None, d_features, d_weights, None
-
-
+_setup_context, _backward = fused_autograd((0, 3), 4)  # d loss/d x: the gradient the forward wrote
 _head_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 

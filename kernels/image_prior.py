@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ._reduce import _finish_kernel
+from ..fused_autograd import fused_autograd
 from ._utils import TERMS_PAD, cdiv, compute_dtype, empty, launch, next_pow2, num_sms, triton_op, weights_fp32
 
 Tensor = torch.Tensor
@@ -96,19 +97,7 @@ def _image_prior_op(images: Tensor, weights: Tensor, lo: float, hi: float) -> Tu
     return loss, terms, dx
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    _, terms, dx = output
-    ctx.mark_non_differentiable(terms, dx)
-    ctx.save_for_backward(dx, terms)
-
-
-def _backward(ctx, grad_loss, *_):
-    dx, terms = ctx.saved_tensors
-    d_images = dx * grad_loss if ctx.needs_input_grad[0] else None
-    d_weights = terms * grad_loss if ctx.needs_input_grad[1] else None
-    return d_images, d_weights, None, None
-
-
+_setup_context, _backward = fused_autograd((0,), 1)  # d loss/d x: the gradient the forward wrote
 _image_prior_op.register_autograd(_backward, setup_context=_setup_context)
 
 

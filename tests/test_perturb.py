@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tldr_fast.reference import PERTURBATIONS
-from tests.helpers import DEVICE, backend_or_skip, rand
+from tests.helpers import backend_or_skip, rand
 
 
 @pytest.fixture(params=["torch", "triton"])

@@ -32,6 +32,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .fused_autograd import fused_autograd
+
 Tensor = torch.Tensor
 
 CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
@@ -334,34 +336,6 @@ _AUTOGRAD = {
 }
 
 
-def _autograd_rules(grad_inputs: Tuple[int, ...], weights_index: int):
-    """setup_context and backward of a loss op returning ``(loss, terms, grad_<x>...)``: d loss / d x is the
-    saved gradient, d loss / d weights is ``terms``; both are scaled by the upstream gradient of ``loss``.
-    ``terms`` and the gradients are outputs without a gradient of their own."""
-
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.mark_non_differentiable(*output[1:])
-        ctx.set_materialize_grads(False)  # no zero tensors for the outputs without gradient
-        ctx.n_inputs = len(inputs)
-        ctx.present = tuple(inputs[i] is not None for i in grad_inputs)
-        ctx.weights_dtype = inputs[weights_index].dtype
-        ctx.save_for_backward(*output[1:])
-
-    def backward(ctx, grad_loss, *_):
-        terms, *grads = ctx.saved_tensors
-        out: List[Optional[Tensor]] = [None] * ctx.n_inputs
-        if grad_loss is None:  # the loss does not reach the output being differentiated
-            return tuple(out)
-        for i, g, present in zip(grad_inputs, grads, ctx.present):
-            if present and ctx.needs_input_grad[i]:
-                out[i] = grad_loss * g
-        if ctx.needs_input_grad[weights_index]:
-            out[weights_index] = (grad_loss * terms).to(ctx.weights_dtype)
-        return tuple(out)
-
-    return setup_context, backward
-
-
 def _register() -> None:
     """The fake and autograd rules of every op the loaded library defines (once, right after loading)."""
     torch.library.register_fake("tldr_fast::head_loss")(_fake_head_loss)
@@ -370,5 +344,5 @@ def _register() -> None:
     if _has_op("pairwise_ssim"):
         torch.library.register_fake("tldr_fast::pairwise_ssim")(_fake_pairwise_ssim)
     for op, (grad_inputs, weights_index) in _AUTOGRAD.items():
-        setup_context, backward = _autograd_rules(grad_inputs, weights_index)
+        setup_context, backward = fused_autograd(grad_inputs, weights_index)
         torch.library.register_autograd(f"tldr_fast::{op}", backward, setup_context=setup_context)

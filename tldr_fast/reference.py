@@ -200,8 +200,7 @@ def pairwise_ssim(a: Tensor, b: Tensor, data_range: float = 1.0) -> Tensor:
     """
     out_dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
     a, b = a.double(), b.double()
-    n, c, h, w = a.shape
-    m = b.shape[0]
+    c, h, w = a.shape[1:]
     np_ = SSIM_WIN * SSIM_WIN
     cov_norm = np_ / (np_ - 1)
     c1 = (SSIM_K1 * data_range) ** 2
