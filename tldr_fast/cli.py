@@ -38,18 +38,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _n_per_class(text: str) -> Union[int, str]:
-    if text == "all":
-        return text
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}")
-    return n
-
-
 def _positive_int(text: str) -> int:
     try:
         n = int(text)
@@ -58,6 +46,15 @@ def _positive_int(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return n
+
+
+def _n_per_class(text: str) -> Union[int, str]:
+    if text == "all":
+        return text
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}") from None
 
 
 def _add_run_options(p: argparse.ArgumentParser, seed_help: str = "seed of everything random") -> None:

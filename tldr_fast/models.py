@@ -42,6 +42,10 @@ def _conv_block(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
+def _dense_block(cin: int, cout: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(cin, cout, bias=False), nn.BatchNorm1d(cout), nn.ReLU(inplace=True), nn.Dropout(dropout))
+
+
 class SmallCNN(nn.Module):
     """Three 3x3 conv blocks (batch norm, ReLU; max-pool after the first two), a dense feature layer
     with batch norm and dropout, and a linear head. Any ``[C, H, W]`` with H, W >= 8.
@@ -65,10 +69,7 @@ class SmallCNN(nn.Module):
             nn.AdaptiveAvgPool2d(pooled),  # the identity up to 28 x 28 (and 8 x 8 at most)
             nn.Dropout(dropout),
             nn.Flatten(),
-            nn.Linear(4 * width * pooled[0] * pooled[1], feature_dim, bias=False),
-            nn.BatchNorm1d(feature_dim),
-            nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
+            _dense_block(4 * width * pooled[0] * pooled[1], feature_dim, dropout),
         )
         self.head = nn.Linear(feature_dim, num_classes)  # [B, feature_dim] -> logits [B, K]
 
@@ -88,14 +89,8 @@ class SmallMLP(nn.Module):
         c, h, w = _check_shape(input_shape)
         self.features = nn.Sequential(  # [B, C, H, W] -> [B, feature_dim]
             nn.Flatten(),
-            nn.Linear(c * h * w, hidden, bias=False),
-            nn.BatchNorm1d(hidden),
-            nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
-            nn.Linear(hidden, feature_dim, bias=False),
-            nn.BatchNorm1d(feature_dim),
-            nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
+            _dense_block(c * h * w, hidden, dropout),
+            _dense_block(hidden, feature_dim, dropout),
         )
         self.head = nn.Linear(feature_dim, num_classes)  # [B, feature_dim] -> logits [B, K]
 
