@@ -26,7 +26,6 @@ from ._reduce import _store_partial_row, _sum_splits_kernel
 from ._utils import FP32_DOT, INTERPRET, TERMS_PAD, block, cdiv, empty, launch, num_sms
 
 EXTRA_NONE, EXTRA_ONES, EXTRA_INV = 0, 1, 2
-_PREC: tl.constexpr = tl.constexpr(FP32_DOT)
 _SPLIT_BLOCK = 1024
 # A split handles at least this many rows: fewer launches at moderate batch sizes on the GPU; small
 # under the interpreter so that the tests exercise the split path.
@@ -41,7 +40,7 @@ def _gram_kernel(
     out_ptr, ldc,  # C: [M, ldc] fp32 (FINAL) or split partials [S, M, ldc]
     part_ptr, part_row0, T, col_lo, scale_lo, col_hi, scale_hi,
     R, M, N, rows_per_split,
-    EXTRA: tl.constexpr, QUAD: tl.constexpr, FINAL: tl.constexpr, DOT_FP32: tl.constexpr,
+    EXTRA: tl.constexpr, QUAD: tl.constexpr, FINAL: tl.constexpr, DOT_FP32: tl.constexpr, PREC: tl.constexpr,
     BR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TP: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -66,7 +65,7 @@ def _gram_kernel(
         if DOT_FP32:
             x = x.to(tl.float32)
             y = y.to(tl.float32)
-        acc = tl.dot(tl.trans(x), y, acc, input_precision=_PREC)
+        acc = tl.dot(tl.trans(x), y, acc, input_precision=PREC)
         if EXTRA == 1:
             ext += tl.sum(x.to(tl.float32), axis=0)  # masked rows are 0
         elif EXTRA == 2:
@@ -152,7 +151,7 @@ def gram(
         v if v is not None else x, eps, out, plan.ldc,
         part, part_row0, part.shape[1], cols[0], scales[0], cols[1], scales[1],
         plan.R, plan.M, plan.N, plan.rows_per_split,
-        EXTRA=plan.extra, QUAD=quad, FINAL=final, DOT_FP32=x.dtype != y.dtype or x.dtype == torch.float32,
+        EXTRA=plan.extra, QUAD=quad, FINAL=final, DOT_FP32=x.dtype != y.dtype or x.dtype == torch.float32, PREC=FP32_DOT,
         BR=plan.br, BM=plan.bm, BN=plan.bn, TP=TERMS_PAD, num_warps=8,
     )
     if not final:

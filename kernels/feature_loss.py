@@ -38,7 +38,6 @@ from ..fused_autograd import fused_autograd
 from ._utils import FP32_DOT, TERMS_PAD, block, cdiv, compute_dtype, empty, launch, triton_op, weights_fp32
 
 Tensor = torch.Tensor
-_PREC: tl.constexpr = tl.constexpr(FP32_DOT)
 _COS, _ORTHO = 0, 1  # columns of terms / partial sums
 _BLOCK_ROWS = 256  # partial-sum rows summed per step by _finish
 _NORM_ROWS = 16  # feature rows per program of the norms kernel
@@ -79,7 +78,7 @@ def _feature_grad_kernel(
     dphi_ptr,  # d loss / d features: [B, D]
     terms_ptr, loss_ptr,  # [2], []: written by program (0, 0)
     B, D, eps, cos_scale, ortho_scale,
-    GRAM_BB: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
+    GRAM_BB: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
     TP: tl.constexpr, BLOCK_ROWS: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
@@ -101,7 +100,7 @@ def _feature_grad_kernel(
             w_k = tl.where(mask_k, 1.0 / tl.maximum(tl.load(norm_ptr + ks, mask=mask_k, other=1.0), eps), 0.0)
             phi_s += tl.sum(g * w_k[None, :], axis=1)
             s += tl.sum(w_k[:, None] * phi_k, axis=0)
-            ortho = tl.dot(g, phi_k, ortho, input_precision=_PREC)
+            ortho = tl.dot(g, phi_k, ortho, input_precision=PREC)
     else:
         ldg = D + 1
         s = tl.load(g_ptr + cols * ldg + D, mask=mask_d, other=0.0)
@@ -112,7 +111,7 @@ def _feature_grad_kernel(
                             mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
             g = tl.load(g_ptr + ks[:, None] * ldg + cols[None, :], mask=mask_k[:, None] & mask_d[None, :], other=0.0)
             phi_s += tl.sum(phi_k * tl.load(g_ptr + ks * ldg + D, mask=mask_k, other=0.0)[None, :], axis=1)
-            ortho = tl.dot(phi_k, g, ortho, input_precision=_PREC)
+            ortho = tl.dot(phi_k, g, ortho, input_precision=PREC)
 
     mask = mask_r[:, None] & mask_d[None, :]
     phi = tl.load(phi_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -159,7 +158,7 @@ def _feature_loss_op(features: Tensor, weights: Tensor) -> Tuple[Tensor, Tensor,
         _feature_grad_kernel, (cdiv(b, bb), cdiv(d, bd)),
         phi, norms, g, weights, part, n_part, dphi, terms, loss,
         b, d, NORM_EPS, 2.0 / (b * (b - 1)), 4.0 / b**2,
-        GRAM_BB=gram_bb, BB=bb, BD=bd, BK=32, TP=TERMS_PAD, BLOCK_ROWS=_BLOCK_ROWS, num_warps=8,
+        GRAM_BB=gram_bb, BB=bb, BD=bd, BK=32, PREC=FP32_DOT, TP=TERMS_PAD, BLOCK_ROWS=_BLOCK_ROWS, num_warps=8,
     )
     return loss, terms, dphi
 

@@ -37,7 +37,6 @@ from ..fused_autograd import fused_autograd
 from ._utils import FP32_DOT, TERMS_PAD, block, cdiv, check_devices, compute_dtype, empty, launch, triton_op, weights_fp32
 
 Tensor = torch.Tensor
-_PREC: tl.constexpr = tl.constexpr(FP32_DOT)
 _GN_COL = 4  # column of the grad-norm term in terms / partial sums
 _BLOCK_ROWS = 256  # rows of the partial buffer summed per step by _finish
 
@@ -157,7 +156,7 @@ def _head_grad_kernel(
     dphi_ptr,  # d loss / d features: [B, D]
     terms_ptr, loss_ptr,  # [5], []: written by program 0
     B, K, D, inv_b,
-    HAS_BIAS: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
     TP: tl.constexpr, BLOCK_ROWS: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -191,8 +190,8 @@ def _head_grad_kernel(
             c = tl.load(c_ptr + rows[:, None] * K + kcols[None, :], mask=mask, other=0.0).to(tl.float32)
             g = tl.load(g_ptr + kcols[:, None] * DA + dcols[None, :],
                         mask=mask_k[:, None] & (dcols < DA)[None, :], other=0.0)  # [BK, BD]
-            eg = tl.dot(e, g, eg, input_precision=_PREC)
-            cg = tl.dot(c, g, cg, input_precision=_PREC)
+            eg = tl.dot(e, g, eg, input_precision=PREC)
+            cg = tl.dot(c, g, cg, input_precision=PREC)
         mask_d = mask_r[:, None] & (dcols < D)[None, :]
         phi = tl.load(phi_ptr + rows[:, None] * D + dcols[None, :], mask=mask_d, other=0.0).to(tl.float32)
         if HAS_BIAS:
@@ -215,7 +214,7 @@ def _head_grad_kernel(
                 phi = tl.where(dcols[None, :] == D, 1.0, phi)
             g = tl.load(g_ptr + kcols[:, None] * DA + dcols[None, :],
                         mask=mask_k[:, None] & (dcols < DA)[None, :], other=0.0)  # [BK, BD]
-            gphi = tl.dot(phi, tl.trans(g), gphi, input_precision=_PREC)
+            gphi = tl.dot(phi, tl.trans(g), gphi, input_precision=PREC)
         mask = mask_r[:, None] & mask_k[None, :]
         offs = rows[:, None] * K + kcols[None, :]
         c = tl.load(c_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -267,7 +266,7 @@ def _head_loss_op(
     launch(
         _head_grad_kernel, (cdiv(b, bb2),),
         e, c, y, phi, g, weights, part, n_part, dz, dphi, terms, loss, b, k, d, 1.0 / b,
-        HAS_BIAS=head_bias, BB=bb2, BK=block(k, hi=32), BD=block(d + head_bias, hi=64),
+        HAS_BIAS=head_bias, BB=bb2, BK=block(k, hi=32), BD=block(d + head_bias, hi=64), PREC=FP32_DOT,
         TP=TERMS_PAD, BLOCK_ROWS=_BLOCK_ROWS, num_warps=8,
     )
     return loss, terms, dz, dphi
