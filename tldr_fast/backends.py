@@ -132,7 +132,11 @@ def resolve(name: str, device: "torch.device | str", quiet: bool = False, fallba
         picked = _auto(device_type)
         if not quiet and device_type not in _announced:
             _announced.add(device_type)
-            note = "" if device_type == "cuda" else " (no GPU: fused GPU kernels not used)"
+            notes = {
+                ("cuda", "cpu"): " (no GPU: the C++ extension's CPU kernels)",
+                ("torch", "cpu"): " (no GPU and no built extension: the PyTorch reference)",
+            }
+            note = notes.get((picked, device_type), "")
             print(f"tldr_fast: backend 'auto' -> {picked!r} on {device_type}{note}", file=sys.stderr)
         name = picked
     return _build(name, device_type, fallback)
