@@ -32,8 +32,6 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .fused_autograd import fused_autograd
-
 Tensor = torch.Tensor
 
 CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
@@ -338,6 +336,9 @@ _AUTOGRAD = {
 
 def _register() -> None:
     """The fake and autograd rules of every op the loaded library defines (once, right after loading)."""
+    # imported here: setup.py loads this file on its own (not as part of the package) for its build flags
+    from tldr_fast.fused_autograd import fused_autograd
+
     torch.library.register_fake("tldr_fast::head_loss")(_fake_head_loss)
     torch.library.register_fake("tldr_fast::feature_loss")(_fake_feature_loss)
     torch.library.register_fake("tldr_fast::image_prior")(_fake_image_prior)
