@@ -9,7 +9,7 @@ written once (the Gram products make this op compute-bound at large B in fp32).
 
 import torch
 
-from common import Row, bench_args, copy_bandwidth, implementations, measure, report
+from common import bench_args, implementations, run
 
 D = 256
 
@@ -22,22 +22,15 @@ def make_inputs(b: int, device: str, dtype=torch.float32):
 
 def main() -> None:
     args = bench_args(__doc__.splitlines()[0])
-    rows = []
-    for name, fn, note in implementations("feature_loss", args.device, args.quick):
-        for b in args.sizes:
-            size = f"B={b} D={D}"
-            if fn is None:
-                rows.append(Row("feature_loss", name, size, None, note=note))
-                continue
+
+    def case(b):
+        def build(fn):
             features, w = make_inputs(b, args.device)
+            return (lambda: torch.autograd.grad(fn(features, w)[0], features)), 2 * features.numel() * features.element_size()
 
-            def step():
-                return torch.autograd.grad(fn(features, w)[0], features)
+        return f"B={b} D={D}", build
 
-            rows.append(measure("feature_loss", name, size, step, args.device, 2 * features.numel() * features.element_size(), **args.timing))
-    bw = copy_bandwidth(args.device)
-    print(f"device copy bandwidth: {f'{bw:.0f} GB/s' if bw else 'n/a'}")
-    report(rows, args.json)
+    run("feature_loss", args, implementations("feature_loss", args.device, args.quick), [case(b) for b in args.sizes])
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ op must move at least: logits, target, labels and features read once, their grad
 import torch
 import torch.nn.functional as F
 
-from common import Row, bench_args, copy_bandwidth, implementations, measure, report
+from common import bench_args, implementations, run
 
 K, D = 10, 256
 
@@ -32,23 +32,20 @@ def min_bytes(logits, target, labels, features) -> int:
 
 def main() -> None:
     args = bench_args(__doc__.splitlines()[0])
-    rows = []
-    for name, fn, note in implementations("head_loss", args.device, args.quick):
-        for b in args.sizes:
-            size = f"B={b} K={K} D={D}"
-            if fn is None:
-                rows.append(Row("head_loss", name, size, None, note=note))
-                continue
+
+    def case(b):
+        def build(fn):
             logits, target, labels, features, w = make_inputs(b, args.device)
 
             def step():
                 loss, _ = fn(logits, target, labels, features, w, True)
                 return torch.autograd.grad(loss, (logits, features))
 
-            rows.append(measure("head_loss", name, size, step, args.device, min_bytes(logits, target, labels, features), **args.timing))
-    bw = copy_bandwidth(args.device)
-    print(f"device copy bandwidth: {f'{bw:.0f} GB/s' if bw else 'n/a'}")
-    report(rows, args.json)
+            return step, min_bytes(logits, target, labels, features)
+
+        return f"B={b} K={K} D={D}", build
+
+    run("head_loss", args, implementations("head_loss", args.device, args.quick), [case(b) for b in args.sizes])
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ goal is >= 70% of it at large B).
 
 import torch
 
-from common import Row, bench_args, copy_bandwidth, implementations, measure, report
+from common import bench_args, implementations, run
 
 
 
@@ -21,23 +21,16 @@ def make_images(b: int, chw, device: str, dtype=torch.float32) -> torch.Tensor:
 def main() -> None:
     args = bench_args(__doc__.splitlines()[0])
     w = torch.tensor([1e-3, 1.0], device=args.device)
-    rows = []
-    for name, fn, note in implementations("image_prior", args.device, args.quick):
-        for chw in args.shapes:
-            for b in args.sizes:
-                size = f"B={b} {'x'.join(map(str, chw))}"
-                if fn is None:
-                    rows.append(Row("image_prior", name, size, None, note=note))
-                    continue
-                x = make_images(b, chw, args.device)
 
-                def step():
-                    return torch.autograd.grad(fn(x, w, -1.0, 1.0)[0], x)
+    def case(b, chw):
+        def build(fn):
+            x = make_images(b, chw, args.device)
+            return (lambda: torch.autograd.grad(fn(x, w, -1.0, 1.0)[0], x)), 2 * x.numel() * x.element_size()
 
-                rows.append(measure("image_prior", name, size, step, args.device, 2 * x.numel() * x.element_size(), **args.timing))
-    bw = copy_bandwidth(args.device)
-    print(f"device copy bandwidth: {f'{bw:.0f} GB/s' if bw else 'n/a'}")
-    report(rows, args.json)
+        return f"B={b} {'x'.join(map(str, chw))}", build
+
+    cases = [case(b, chw) for chw in args.shapes for b in args.sizes]
+    run("image_prior", args, implementations("image_prior", args.device, args.quick), cases)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import torch
 
 from benchmark_head_loss import make_inputs as head_inputs
 from benchmark_image_prior import make_images
-from common import Row, bench_args, copy_bandwidth, measure, report
+from common import bench_args, run
 from tldr_fast import reference as ref
 from tldr_fast.backends import BackendUnavailable, resolve
 
@@ -59,29 +59,25 @@ def main() -> None:
     args = bench_args(__doc__.splitlines()[0])
     w_feat = torch.tensor([1.0, 0.1], device=args.device)
     w_prior = torch.tensor([1e-3, 1.0], device=args.device)
-    rows = []
-    for name, fn, note in implementations(args.device, args.quick):
-        for chw in args.shapes:
-            for b in args.sizes:
-                size = f"B={b} {'x'.join(map(str, chw))}"
-                if fn is None:
-                    rows.append(Row("loss_block", name, size, None, note=note))
-                    continue
-                logits, target, labels, features, w_head = head_inputs(b, args.device)
-                images = make_images(b, chw, args.device)
-                up = torch.randn_like(images)
-                leaves = (logits, features, images)
-                nbytes = sum(2 * t.numel() * t.element_size() for t in leaves) + 2 * images.numel() * images.element_size()
-                nbytes += target.numel() * target.element_size() + labels.numel() * labels.element_size()
 
-                def step():
-                    loss, perturbed = fn(logits, target, labels, features, images, w_head, w_feat, w_prior)
-                    return torch.autograd.grad((loss, perturbed), leaves, (None, up))
+    def case(b, chw):
+        def build(fn):
+            logits, target, labels, features, w_head = head_inputs(b, args.device)
+            images = make_images(b, chw, args.device)
+            up = torch.randn_like(images)
+            leaves = (logits, features, images)
+            nbytes = sum(2 * t.numel() * t.element_size() for t in leaves) + 2 * images.numel() * images.element_size()
+            nbytes += target.numel() * target.element_size() + labels.numel() * labels.element_size()
 
-                rows.append(measure("loss_block", name, size, step, args.device, nbytes, **args.timing))
-    bw = copy_bandwidth(args.device)
-    print(f"device copy bandwidth: {f'{bw:.0f} GB/s' if bw else 'n/a'}")
-    report(rows, args.json)
+            def step():
+                loss, perturbed = fn(logits, target, labels, features, images, w_head, w_feat, w_prior)
+                return torch.autograd.grad((loss, perturbed), leaves, (None, up))
+
+            return step, nbytes
+
+        return f"B={b} {'x'.join(map(str, chw))}", build
+
+    run("loss_block", args, implementations(args.device, args.quick), [case(b, chw) for chw in args.shapes for b in args.sizes])
 
 
 if __name__ == "__main__":

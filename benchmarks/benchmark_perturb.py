@@ -12,35 +12,30 @@ copy bandwidth (the goal is >= 70% of it at large B).
 import torch
 
 from benchmark_image_prior import make_images
-from common import Row, bench_args, copy_bandwidth, implementations, measure, report
+from common import bench_args, implementations, run
 
 EPS, KIND = 0.1, "rademacher"
 
 
 def main() -> None:
     args = bench_args(__doc__.splitlines()[0])
-    rows = []
-    for name, fn, note in implementations("perturb", args.device, args.quick):
-        for chw in args.shapes:
-            for b in args.sizes:
-                for passes in ("fwd", "fwd+bwd"):
-                    size = f"B={b} {'x'.join(map(str, chw))} {passes}"
-                    if fn is None:
-                        rows.append(Row("perturb", name, size, None, note=note))
-                        continue
-                    x = make_images(b, chw, args.device)
-                    up = torch.ones_like(x)
-                    nbytes = x.numel() * x.element_size() * (2 if passes == "fwd" else 4)
 
-                    def step(backward=passes != "fwd"):
-                        with torch.set_grad_enabled(backward):
-                            y = fn(x, EPS, -1.0, 1.0, KIND, 1234)
-                        return torch.autograd.grad(y, x, up) if backward else y
+    def case(b, chw, backward):
+        def build(fn):
+            x = make_images(b, chw, args.device)
+            up = torch.ones_like(x)
 
-                    rows.append(measure("perturb", name, size, step, args.device, nbytes, **args.timing))
-    bw = copy_bandwidth(args.device)
-    print(f"device copy bandwidth: {f'{bw:.0f} GB/s' if bw else 'n/a'}")
-    report(rows, args.json)
+            def step():
+                with torch.set_grad_enabled(backward):
+                    y = fn(x, EPS, -1.0, 1.0, KIND, 1234)
+                return torch.autograd.grad(y, x, up) if backward else y
+
+            return step, x.numel() * x.element_size() * (4 if backward else 2)
+
+        return f"B={b} {'x'.join(map(str, chw))} {'fwd+bwd' if backward else 'fwd'}", build
+
+    cases = [case(b, chw, bwd) for chw in args.shapes for b in args.sizes for bwd in (False, True)]
+    run("perturb", args, implementations("perturb", args.device, args.quick), cases)
 
 
 if __name__ == "__main__":

@@ -152,6 +152,25 @@ def implementations(op: str, device: str, quick: bool) -> List[Tuple[str, Option
     return out
 
 
+def run(op: str, args: argparse.Namespace, impls, cases) -> None:
+    """The loop every op script shares: time each implementation on each case, then print the copy
+    bandwidth and the table.
+
+    ``impls``: ``(name, fn or None, note)`` as from ``implementations``; ``cases``: ``(size label,
+    build)`` where ``build(fn)`` makes the inputs and returns ``(step, minimum bytes moved)``."""
+    rows = []
+    for name, fn, note in impls:
+        for size, build in cases:
+            if fn is None:
+                rows.append(Row(op, name, size, None, note=note))
+                continue
+            step, nbytes = build(fn)
+            rows.append(measure(op, name, size, step, args.device, nbytes, **args.timing))
+    bw = copy_bandwidth(args.device)
+    print(f"device copy bandwidth: {f'{bw:.0f} GB/s' if bw else 'n/a'}")
+    report(rows, args.json)
+
+
 def report(rows: List[Row], json_path: Optional[str] = None, baseline: str = "eager") -> None:
     """Print a table (with speed-up over ``baseline`` for the same op and size) and save JSON lines."""
     base = {(r.op, r.size): r.ms for r in rows if r.impl == baseline and r.ms}
