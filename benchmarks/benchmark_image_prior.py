@@ -4,7 +4,10 @@
 
 Images 1x28x28 and 3x32x32, B in {256, 1024, 8192, 65536}. GB/s counts the bytes the op must move at
 least (images read once, their gradient written once): compare with the printed copy bandwidth (the
-goal is >= 70% of it at large B).
+goal is >= 70% of it at large B). Sizes labelled "fwd" time the forward call alone: for the fused
+backends that is the whole kernel (loss and gradient in one read and one write); for the reference it
+is the loss only, and the gradient comes in the backward. fwd+bwd adds autograd's backward, which for
+the fused backends scales the saved gradient by the upstream one (a second read and write).
 """
 
 import torch
@@ -22,14 +25,17 @@ def main() -> None:
     args = bench_args(__doc__.splitlines()[0])
     w = torch.tensor([1e-3, 1.0], device=args.device)
 
-    def case(b, chw):
+    def case(b, chw, backward):
         def build(fn):
             x = make_images(b, chw, args.device)
-            return (lambda: torch.autograd.grad(fn(x, w, -1.0, 1.0)[0], x)), 2 * x.numel() * x.element_size()
+            nbytes = 2 * x.numel() * x.element_size()
+            if backward:
+                return (lambda: torch.autograd.grad(fn(x, w, -1.0, 1.0)[0], x)), nbytes
+            return (lambda: fn(x, w, -1.0, 1.0)), nbytes
 
-        return f"B={b} {'x'.join(map(str, chw))}", build
+        return f"{'fwd+bwd' if backward else 'fwd'} B={b} {'x'.join(map(str, chw))}", build
 
-    cases = [case(b, chw) for chw in args.shapes for b in args.sizes]
+    cases = [case(b, chw, bwd) for chw in args.shapes for b in args.sizes for bwd in (False, True)]
     run("image_prior", args, implementations("image_prior", args.device, args.quick), cases)
 
 

@@ -38,6 +38,7 @@ SIZES = {  # (N, M, C, H, W)
 QUICK = {"cpu": [(32, 256, 1, 28, 28)], "cuda": [(256, 2048, 1, 28, 28)]}
 MNIST = (1000, 60000, 1, 28, 28)
 IMPLS = {"cpu": ("reference", "torch", "cuda"), "cuda": ("reference", "torch", "cuda", "triton")}
+TRITON_PRECISIONS = ("tf32x3", "bf16x3")  # timed beside the driver's default ("triton" = fp16x3), on a GPU
 SKIMAGE_SAMPLE = 300  # pairs timed with scikit-image
 
 
@@ -94,6 +95,14 @@ def run(sizes: List[Tuple[int, ...]], device: str, budget_mb: float, quick: bool
             row = measure(OP, name, size, fn, device, warmup=1 if slow else 3, reps=3 if slow or quick else 20, max_s=1.0)
             row.note = what
             rows.append(row)
+            if name == "triton":  # the kernel alone at its other precisions (the whole matrix at once)
+                from tldr_fast.kernels import pairwise_ssim as kernel
+
+                for precision in TRITON_PRECISIONS:
+                    row = measure(OP, f"triton-{precision}", size, lambda p=precision: kernel(a, b, 1.0, precision=p),
+                                  device, warmup=3, reps=3 if quick else 20, max_s=1.0)
+                    row.note = what
+                    rows.append(row)
     ref = {r.size: r.ms for r in rows if r.impl == "reference" and r.ms}
     for r in rows:
         if r.ms and r.impl != "skimage":

@@ -19,6 +19,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Callable, List, Optional, Tuple
 
@@ -71,6 +72,29 @@ def time_fn(fn: Callable[[], object], device: str, warmup: int = 5, reps: int = 
     return statistics.median(times)
 
 
+def cuda_graphed(fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn`` (forward and backward) captured in one CUDA graph on its first call, replayed after: what
+    the host costs when launches are not the limit. Warm-up (autotuning, lazy initialisation) runs on
+    a side stream first, as capture requires."""
+    graph: List[torch.cuda.CUDAGraph] = []
+
+    def replay() -> None:
+        if not graph:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    fn()
+            torch.cuda.current_stream().wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn()
+            graph.append(g)
+        graph[0].replay()
+
+    return replay
+
+
 def peak_mb(fn: Callable[[], object], device: str) -> Optional[float]:
     if not device.startswith("cuda"):
         return None
@@ -87,7 +111,8 @@ def measure(op: str, impl: str, size: str, fn: Callable[[], object], device: str
     try:
         ms = time_fn(fn, device, **kw)
         mb = peak_mb(fn, device)
-    except Exception as e:  # a failing implementation is reported, not hidden
+    except Exception as e:  # a failing implementation is reported, not hidden; its traceback to stderr
+        traceback.print_exc()
         return Row(op, impl, size, None, note=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}", device=device_name(device))
     gbps = nbytes / (ms * 1e-3) / 1e9 if nbytes else None
     return Row(op, impl, size, ms, mb, gbps, device=device_name(device))
@@ -123,6 +148,8 @@ def bench_args(description: str) -> argparse.Namespace:
     ``shapes`` and ``timing``."""
     p = parser(description)
     p.add_argument("--sizes", type=lambda s: tuple(int(v) for v in s.split(",")), help="batch sizes, e.g. 1024,65536")
+    p.add_argument("--impls", type=lambda s: set(s.split(",")), help="only these implementations, e.g. eager,compile,triton")
+    p.add_argument("--graph", action="store_true", help="also time each implementation captured in a CUDA graph (GPU)")
     p.add_argument(
         "--shapes",
         type=lambda s: tuple(tuple(int(d) for d in v.split("x")) for v in s.split(",")),
@@ -157,15 +184,22 @@ def run(op: str, args: argparse.Namespace, impls, cases) -> None:
     bandwidth and the table.
 
     ``impls``: ``(name, fn or None, note)`` as from ``implementations``; ``cases``: ``(size label,
-    build)`` where ``build(fn)`` makes the inputs and returns ``(step, minimum bytes moved)``."""
+    build)`` where ``build(fn)`` makes the inputs and returns ``(step, minimum bytes moved)``. With
+    ``--graph`` on a GPU, each implementation but the compiled ones gets a second row, "<name>+graph":
+    its step replayed from a CUDA graph (peak MB of those rows excludes the graph's memory pool)."""
     rows = []
+    graph = getattr(args, "graph", False) and args.device.startswith("cuda")
     for name, fn, note in impls:
+        if getattr(args, "impls", None) and name not in args.impls:
+            continue
         for size, build in cases:
             if fn is None:
                 rows.append(Row(op, name, size, None, note=note))
                 continue
             step, nbytes = build(fn)
             rows.append(measure(op, name, size, step, args.device, nbytes, **args.timing))
+            if graph and "compile" not in name:
+                rows.append(measure(op, f"{name}+graph", size, cuda_graphed(step), args.device, nbytes, **args.timing))
     bw = copy_bandwidth(args.device)
     print(f"device copy bandwidth: {f'{bw:.0f} GB/s' if bw else 'n/a'}")
     report(rows, args.json)

@@ -13,11 +13,12 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 PARTS=${PARTS:-"build tests bench"}
-BENCHES=${BENCHES:-"block ssim step ops"}
+BENCHES=${BENCHES:-"ssim prior block host step ops"}
 DEADLINE=${DEADLINE:-560}
 PY=${PY:-python3}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} TLDR_FAST_JIT=0
+# TORCHINDUCTOR_COMPILE_THREADS=1: Inductor compiles in-process, so its errors show their real traceback
+export TORCHINDUCTOR_COMPILE_THREADS=1 PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} TLDR_FAST_JIT=0
 T0=$(date +%s)
 elapsed() { echo $(($(date +%s) - T0)); }
 stamp() { echo "[$(elapsed)s] $*"; }
@@ -87,19 +88,20 @@ if has bench "$PARTS"; then
         (cd benchmarks && timeout "$t" $PY "$@" --device cuda --json "$J") >>"$B" 2>&1 || echo "  (exit $?)" >>"$B"
     }
     # shellcheck disable=SC2086
-    if has block "$BENCHES"; then run 110 benchmark_loss_block.py ${BLOCK_ARGS:-"--sizes 256,1024,8192,65536 --shapes 1x28x28"}; fi
-    if has ssim "$BENCHES"; then run 90 benchmark_pairwise_ssim.py --mnist; fi
+    if has ssim "$BENCHES"; then run 120 benchmark_pairwise_ssim.py --mnist; fi
+    if has prior "$BENCHES"; then run 90 benchmark_image_prior.py --sizes 1024,65536; fi
+    if has block "$BENCHES"; then run 110 benchmark_loss_block.py ${BLOCK_ARGS:-"--sizes 1024 --shapes 1x28x28 --graph"}; fi
+    if has host "$BENCHES"; then run 40 host_overhead.py; fi
     if has step "$BENCHES"; then
         run 100 benchmark_step.py --configs 1x28x28:1024,3x32x32:1024,1x28x28:4096 \
             --variants eager-full,eager-head,triton-head,cuda-head,triton-head-bf16,cuda-head-bf16
         run 60 benchmark_step.py --configs 1x28x28:1024 --variants compile-head
     fi
     if has ops "$BENCHES"; then
-        run 45 benchmark_image_prior.py --sizes 1024,65536
         run 45 benchmark_perturb.py --sizes 1024,65536
         run 45 benchmark_head_loss.py --sizes 1024,65536
         run 45 benchmark_feature_loss.py --sizes 1024,65536
     fi
-    grep -E "^(loss_block|head_loss|feature_loss|image_prior|perturb|pairwise_ssim|step) |copy bandwidth|SKIPPED|exit" "$B" | tail -120
+    grep -E "^(loss_block|head_loss|feature_loss|image_prior|perturb|pairwise_ssim|step|host_us) |copy bandwidth|SKIPPED|exit" "$B" | tail -120
 fi
 stamp "done"

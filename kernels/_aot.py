@@ -35,7 +35,8 @@ def _arg_type(v) -> str:
 
 
 def _resource_usage(cubin: bytes) -> str:
-    """Registers and spill (local memory) bytes per thread, from cuobjdump's resource usage."""
+    """Registers and stack-frame bytes per thread (where ptxas puts spilled registers), from cuobjdump's
+    resource usage."""
     import re
     import subprocess
     import tempfile
@@ -47,8 +48,8 @@ def _resource_usage(cubin: bytes) -> str:
         f.flush()
         out = subprocess.run([knobs.nvidia.cuobjdump.path, "-res-usage", f.name], capture_output=True, text=True).stdout
     regs = re.search(r"REG:(\d+)", out)
-    local = re.search(r"LOCAL:(\d+)", out)
-    return f"regs={regs.group(1) if regs else '?'} spill_bytes={local.group(1) if local else '?'}"
+    stack = re.search(r"STACK:(\d+)", out)
+    return f"regs={regs.group(1) if regs else '?'} stack_bytes={stack.group(1) if stack else '?'}"
 
 
 class _Compiler:

@@ -1,6 +1,6 @@
-"""image_prior, Triton-specific: persistent programs over many tiles, column tiling (neighbours across
-tile edges), degenerate image sizes, bitwise determinism, the weights' gradient, torch.library
-registration and compilation for Hopper. Cross-backend checks live in test_image_prior.py."""
+"""image_prior, Triton-specific: blocks that split image lines, launches in chunks, degenerate image
+sizes, bitwise determinism, the weights' gradient, torch.library registration and compilation for
+Hopper. Cross-backend checks live in test_image_prior.py."""
 
 import importlib
 
@@ -22,15 +22,19 @@ def weights(gen):
     return (torch.rand(2, generator=gen) + 0.5).to(DEVICE)
 
 
-def test_persistent_loop_and_column_tiles(triton_backend, gen):
-    """W = 300 > one column block and more tiles than programs: each program loops over several
-    tiles and the TV differences cross tile edges in both directions."""
-    shape = (2, 2, 64, 300)
-    device = torch.device(DEVICE)
-    n_rows, w = shape[0] * shape[1] * shape[2], shape[3]
-    bw = min(op_module.next_pow2(w), 256)
-    tiles = -(-n_rows // (op_module._TILE // bw)) * -(-w // bw)
-    assert bw < w and tiles > op_module._PROGRAMS_PER_SM * op_module.num_sms(device)
+def test_blocks_split_image_lines(triton_backend, gen):
+    """More pixels than one program's block, with odd H and W: block edges fall inside image lines, so
+    the neighbours of a block's first and last pixels are another program's pixels."""
+    shape = (3, 2, 37, 29)
+    assert shape[0] * shape[1] * shape[2] * shape[3] > 3 * op_module._BLOCK and (shape[3] * shape[2]) % op_module._BLOCK
+    check_backend(triton_backend, rand(gen, *shape, scale=1.3), weights(gen), -1.0, 1.0)
+
+
+def test_launches_in_chunks_of_whole_images(triton_backend, gen, monkeypatch):
+    """Past ``_CHUNK`` pixels the op launches once per run of whole images (int32 offsets inside each);
+    the partial sums of all launches add up."""
+    shape = (5, 2, 9, 11)
+    monkeypatch.setattr(op_module, "_CHUNK", 2 * 2 * 9 * 11)  # two images per launch: 3 launches
     check_backend(triton_backend, rand(gen, *shape, scale=1.3), weights(gen), -1.0, 1.0)
 
 
