@@ -89,7 +89,7 @@ if has bench "$PARTS"; then
     }
     # shellcheck disable=SC2086
     if has ssim "$BENCHES"; then run 120 benchmark_pairwise_ssim.py --mnist; fi
-    if has prior "$BENCHES"; then run 90 benchmark_image_prior.py --sizes 1024,65536; fi
+    if has prior "$BENCHES"; then run 70 benchmark_image_prior.py --sizes 1024,65536 --impls eager,triton,cuda; fi
     if has block "$BENCHES"; then run 110 benchmark_loss_block.py ${BLOCK_ARGS:-"--sizes 1024 --shapes 1x28x28 --graph"}; fi
     if has host "$BENCHES"; then run 40 host_overhead.py; fi
     if has step "$BENCHES"; then
