@@ -4,7 +4,9 @@
 
 runs each op on small CPU tensors with the real (not interpreted) Triton kernels, replacing the launch by
 an ahead-of-time compilation (Triton front end, LLVM, ptxas) of exactly that kernel variant for
-``cuda:<arch>``, and prints one line per distinct variant: registers, spills, shared memory. It exits
+``cuda:<arch>`` (twice: float arguments as fp32, as Triton's launcher types them, and as fp64, as
+Inductor does under ``torch.compile``), and prints one line per distinct variant: registers, stack
+(spill) bytes, shared memory. It exits
 non-zero if any variant fails to compile. Needs ``TRITON_INTERPRET`` unset and Triton's NVIDIA backend;
 no GPU and no driver.
 """
@@ -22,7 +24,7 @@ import torch
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64", torch.int32: "i32"}
 
 
-def _arg_type(v) -> str:
+def _arg_type(v, float_type: str = "fp32") -> str:
     if isinstance(v, torch.Tensor):
         return "*" + _DTYPES[v.dtype]
     if isinstance(v, bool):
@@ -30,7 +32,7 @@ def _arg_type(v) -> str:
     if isinstance(v, int):
         return "i32" if -(2**31) <= v < 2**31 else "i64"
     if isinstance(v, float):
-        return "fp32"
+        return float_type
     raise TypeError(f"unsupported kernel argument {v!r}")
 
 
@@ -71,14 +73,15 @@ class _Compiler:
 
         options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
         bound = dict(zip(kernel.arg_names, args), **kwargs)
-        signature, constexprs, attrs = {}, {}, {}
+        signature, fp64_signature, constexprs, attrs = {}, {}, {}, {}
         for i, p in enumerate(kernel.params):
             v = bound[p.name]
             if p.is_constexpr:
-                signature[p.name] = "constexpr"
+                signature[p.name] = fp64_signature[p.name] = "constexpr"
                 constexprs[p.name] = v
                 continue
             signature[p.name] = _arg_type(v)
+            fp64_signature[p.name] = _arg_type(v, "fp64")
             # the specialisation the runtime applies: 16-byte aligned pointers, ints divisible by 16
             aligned = v.data_ptr() % 16 == 0 if isinstance(v, torch.Tensor) else type(v) is int and v % 16 == 0
             if aligned and p.name not in kernel.do_not_specialize:
@@ -89,6 +92,9 @@ class _Compiler:
         what = f"{kernel.__name__}[{', '.join(f'{k}={v}' for k, v in {**constexprs, **options}.items())}]"
         try:
             compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=self.target, options=options)
+            if fp64_signature != signature:
+                # Inductor types Python floats as fp64 when it compiles a user kernel under torch.compile
+                triton.compile(ASTSource(kernel, fp64_signature, constexprs, attrs), target=self.target, options=options)
             md = compiled.metadata
             self.seen[key] = f"ok  {_resource_usage(compiled.asm['cubin'])} smem={md.shared} warps={md.num_warps}  {what}"
         except Exception as e:  # report every failure, not just the first
@@ -149,8 +155,8 @@ def main(argv=None) -> int:
     torch.library.wrap_triton = compiler  # what kernels._utils.launch calls
     import importlib
 
-    for name in ("_gram", "image_prior"):  # size grids as for an H100 (132 SMs): split paths included
-        importlib.import_module(f"{__package__}.{name}").num_sms = lambda device: 132
+    # size grids as for an H100 (132 SMs): split paths included
+    importlib.import_module(f"{__package__}._gram").num_sms = lambda device: 132
     for op in a.ops:
         for case in _cases(op):
             case()

@@ -81,6 +81,7 @@ def _feature_grad_kernel(
     GRAM_BB: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
     TP: tl.constexpr, BLOCK_ROWS: tl.constexpr,
 ):
+    eps = tl.cast(eps, tl.float32)  # Inductor passes Python floats as fp64; keep the loop-carried sums fp32
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
     rows = pid_b * BB + tl.arange(0, BB)

@@ -8,10 +8,10 @@ With x [B, C, H, W]:
         each difference present only inside the image (free boundaries);
     dPix/dx = [x > hi] - [x < lo]   (relu'(0) = 0, as torch).
 
-``_image_prior_kernel``: the images as one flat array; a program takes BLOCK consecutive pixels
-(aligned, so its own loads and the gradient's stores are 16-byte vectors), loads their four neighbours
-(offsets +-1 and +-W: cache hits, so one DRAM read of the images), writes the gradient and one row of
-partial sums; ``_finish_kernel`` sums the rows (2 launches in all). H and W are compile-time
+``_image_prior_kernel``: the images as one flat array; a program takes blocks of BLOCK consecutive
+pixels, grid-stride (aligned, so its own loads and the gradient's stores are 16-byte vectors), loads
+their four neighbours (offsets +-1 and +-W: cache hits, so one DRAM read of the images), writes the
+gradient and, at its end, one row of partial sums; ``_finish_kernel`` sums the rows (2 launches in all). H and W are compile-time
 constants, so the pixel's row and column come from multiplications, not divisions.
 """
 
@@ -25,11 +25,12 @@ import triton.language as tl
 
 from ._reduce import _finish_kernel
 from ..fused_autograd import fused_autograd
-from ._utils import TERMS_PAD, cdiv, compute_dtype, empty, launch, triton_op, weights_fp32
+from ._utils import TERMS_PAD, cdiv, compute_dtype, empty, launch, num_sms, triton_op, weights_fp32
 
 Tensor = torch.Tensor
 _BLOCK = 2048  # pixels per program
 _CHUNK = 2**30  # pixels per launch at most (int32 offsets); launches cover whole images
+_PROGRAMS_PER_SM = 8
 
 
 @triton.jit
@@ -41,27 +42,36 @@ def _image_prior_kernel(
     n, inv_b, lo, hi,
     H: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr, TP: tl.constexpr,
 ):
+    # Program p takes blocks p, p + programs, ... (grid-stride), so its sums are reduced once.
     pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
-    mask = offs < n
-    col = offs % W
-    row = (offs // W) % H
-    right = mask & (col + 1 < W)
-    left = mask & (col >= 1)
-    down = mask & (row + 1 < H)
-    up = mask & (row >= 1)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    d_dn = tl.where(down, tl.load(x_ptr + offs + W, mask=down, other=0.0).to(tl.float32) - x, 0.0)
-    d_up = tl.where(up, x - tl.load(x_ptr + offs - W, mask=up, other=0.0).to(tl.float32), 0.0)
-    d_rt = tl.where(right, tl.load(x_ptr + offs + 1, mask=right, other=0.0).to(tl.float32) - x, 0.0)
-    d_lt = tl.where(left, x - tl.load(x_ptr + offs - 1, mask=left, other=0.0).to(tl.float32), 0.0)
-    g_tv = 2.0 * inv_b * (d_up - d_dn + d_lt - d_rt)
-    g_pix = tl.where(x > hi, 1.0, 0.0) - tl.where(x < lo, 1.0, 0.0)
-    grad = tl.load(w_ptr + 0) * g_tv + tl.load(w_ptr + 1) * g_pix
-    tl.store(dx_ptr + offs, grad.to(dx_ptr.dtype.element_ty), mask=mask)
-    tv_sum = tl.sum(d_dn * d_dn + d_rt * d_rt, axis=0) * inv_b
-    pix_sum = tl.sum(tl.where(mask, tl.maximum(x - hi, 0.0) + tl.maximum(lo - x, 0.0), 0.0), axis=0)
+    lo = tl.cast(lo, tl.float32)  # Inductor passes Python floats as fp64; keep the sums fp32
+    hi = tl.cast(hi, tl.float32)
+    w_tv = tl.load(w_ptr + 0)
+    w_pix = tl.load(w_ptr + 1)
+    tv = tl.zeros([BLOCK], tl.float32)
+    pix = tl.zeros([BLOCK], tl.float32)
+    for start in range(pid * BLOCK, n, tl.num_programs(0) * BLOCK):
+        offs = start + tl.arange(0, BLOCK)  # [BLOCK]
+        mask = offs < n
+        col = offs % W
+        row = (offs // W) % H
+        right = mask & (col + 1 < W)
+        left = mask & (col >= 1)
+        down = mask & (row + 1 < H)
+        up = mask & (row >= 1)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        d_dn = tl.where(down, tl.load(x_ptr + offs + W, mask=down, other=0.0).to(tl.float32) - x, 0.0)
+        d_up = tl.where(up, x - tl.load(x_ptr + offs - W, mask=up, other=0.0).to(tl.float32), 0.0)
+        d_rt = tl.where(right, tl.load(x_ptr + offs + 1, mask=right, other=0.0).to(tl.float32) - x, 0.0)
+        d_lt = tl.where(left, x - tl.load(x_ptr + offs - 1, mask=left, other=0.0).to(tl.float32), 0.0)
+        g_tv = 2.0 * inv_b * (d_up - d_dn + d_lt - d_rt)
+        g_pix = tl.where(x > hi, 1.0, 0.0) - tl.where(x < lo, 1.0, 0.0)
+        tl.store(dx_ptr + offs, (w_tv * g_tv + w_pix * g_pix).to(dx_ptr.dtype.element_ty), mask=mask)
+        tv += d_dn * d_dn + d_rt * d_rt
+        pix += tl.where(mask, tl.maximum(x - hi, 0.0) + tl.maximum(lo - x, 0.0), 0.0)
     t = tl.arange(0, TP)
+    tv_sum = tl.sum(tv, axis=0) * inv_b
+    pix_sum = tl.sum(pix, axis=0)
     tl.store(part_ptr + pid * 2 + t, tl.where(t == 0, tv_sum, pix_sum), mask=t < 2)
 
 
@@ -74,7 +84,7 @@ def _image_prior_op(images: Tensor, weights: Tensor, lo: float, hi: float) -> Tu
     per_image = c * h * w
     step = max(1, _CHUNK // max(per_image, 1))  # images per launch
     chunks = [(i, min(b, i + step)) for i in range(0, b, step)]
-    progs = [cdiv((j - i) * per_image, _BLOCK) for i, j in chunks]
+    progs = [min(cdiv((j - i) * per_image, _BLOCK), _PROGRAMS_PER_SM * num_sms(device)) for i, j in chunks]
     part = empty((max(sum(progs), 1), 2), device)
     if not progs or sum(progs) == 0:  # no pixels: both terms are 0
         part.zero_()
