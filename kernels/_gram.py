@@ -40,7 +40,7 @@ def _gram_kernel(
     out_ptr, ldc,  # C: [M, ldc] fp32 (FINAL) or split partials [S, M, ldc]
     part_ptr, part_row0, T, col_lo, scale_lo, col_hi, scale_hi,
     R, M, N, rows_per_split,
-    EXTRA: tl.constexpr, QUAD: tl.constexpr, FINAL: tl.constexpr, DOT_FP32: tl.constexpr, PREC: tl.constexpr,
+    EXTRA: tl.constexpr, QUAD: tl.constexpr, FINAL: tl.constexpr, PREC: tl.constexpr,
     BR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TP: tl.constexpr,
 ):
     eps = tl.cast(eps, tl.float32)  # Inductor passes Python floats as fp64; keep the loop-carried sums fp32
@@ -63,18 +63,17 @@ def _gram_kernel(
                     mask=mask_r[:, None] & mask_m[None, :], other=0.0)  # [BR, BM]
         y = tl.load(y_ptr + rows[:, None] * sy_r + offs_n[None, :] * sy_n,
                     mask=mask_r[:, None] & mask_n[None, :], other=0.0)  # [BR, BN]
-        if DOT_FP32:
-            x = x.to(tl.float32)
-            y = y.to(tl.float32)
-        # each row block's product is added to acc with a rounded fp32 add, not accumulated inside the
-        # tensor cores: their bf16/fp16 accumulation truncates, and over tens of thousands of rows that
-        # bias grew to ~1e-5 relative error in ||Phi^T Phi||^2 (measured on an H200)
-        acc += tl.dot(tl.trans(x), y, input_precision=PREC)
+        # fp32 products with fp32 FMAs (PREC "ieee"), bf16/fp16 operands included: on tensor cores the
+        # fp32 accumulator is truncated at every 16-row step, a bias that reached 1.4e-5 relative error
+        # in ||Phi^T Phi||^2 after 4096 rows (H200, 2026-11-26), 14x the bf16 reference's own error
+        x = x.to(tl.float32)
+        y = y.to(tl.float32)
+        acc = tl.dot(tl.trans(x), y, acc, input_precision=PREC)
         if EXTRA == 1:
-            ext += tl.sum(x.to(tl.float32), axis=0)  # masked rows are 0
+            ext += tl.sum(x, axis=0)  # masked rows are 0
         elif EXTRA == 2:
             v = 1.0 / tl.maximum(tl.load(v_ptr + rows, mask=mask_r, other=1.0), eps)
-            ext += tl.sum(x.to(tl.float32) * tl.where(mask_r, v, 0.0)[:, None], axis=0)
+            ext += tl.sum(x * tl.where(mask_r, v, 0.0)[:, None], axis=0)
 
     base = out_ptr + split * M * ldc
     tl.store(base + offs_m[:, None] * ldc + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
@@ -155,7 +154,7 @@ def gram(
         v if v is not None else x, eps, out, plan.ldc,
         part, part_row0, part.shape[1], cols[0], scales[0], cols[1], scales[1],
         plan.R, plan.M, plan.N, plan.rows_per_split,
-        EXTRA=plan.extra, QUAD=quad, FINAL=final, DOT_FP32=x.dtype != y.dtype or x.dtype == torch.float32, PREC=FP32_DOT,
+        EXTRA=plan.extra, QUAD=quad, FINAL=final, PREC=FP32_DOT,
         BR=plan.br, BM=plan.bm, BN=plan.bn, TP=TERMS_PAD, num_warps=8,
     )
     if not final:
