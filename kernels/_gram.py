@@ -109,7 +109,7 @@ class GramPlan:
 
     @property
     def ldc(self) -> int:
-        return self.N + (self.extra != EXTRA_NONE)
+        return self.N + int(self.extra != EXTRA_NONE)  # int: N may be a SymInt (torch.compile, dynamic)
 
     @property
     def tiles(self) -> Tuple[int, int]:

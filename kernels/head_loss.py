@@ -266,7 +266,7 @@ def _head_loss_op(
     launch(
         _head_grad_kernel, (cdiv(b, bb2),),
         e, c, y, phi, g, weights, part, n_part, dz, dphi, terms, loss, b, k, d, 1.0 / b,
-        HAS_BIAS=head_bias, BB=bb2, BK=block(k, hi=32), BD=block(d + head_bias, hi=64), PREC=FP32_DOT,
+        HAS_BIAS=head_bias, BB=bb2, BK=block(k, hi=32), BD=block(d + int(head_bias), hi=64), PREC=FP32_DOT,
         TP=TERMS_PAD, BLOCK_ROWS=_BLOCK_ROWS, num_warps=8,
     )
     return loss, terms, dz, dphi

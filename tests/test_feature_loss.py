@@ -66,7 +66,11 @@ def check_backend(fast, phi, w, **tol):
     # Cos is a difference of O(B^2) sums: judge it against the size of those sums
     assert_close(t1, t0, what="terms", **tol)
     assert_close(l1, l0, what="loss", **tol)
-    assert_close(g1, g0, what="d/dfeatures", **tol)
+    # each gradient element is a difference of terms as large as the largest element (Cos and Ortho
+    # parts cancel): its fp32 rounding scales with that, not with the element (an H200 run of
+    # (37, 300) differed by 3.2e-6 in one element of size 0.04, where the largest is ~5)
+    scale = max(1.0, g0.abs().max().item())
+    assert_close(g1, g0, what="d/dfeatures", rtol=tol["rtol"], atol=tol["atol"] * scale)
 
 
 @pytest.mark.parametrize("b,d", SHAPES)

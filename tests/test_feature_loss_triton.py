@@ -26,7 +26,7 @@ def weights(gen):
 
 def test_split_gram_path(triton_backend, gen):
     """D x D Gram (with S in its extra column) split over row ranges and summed by a second kernel."""
-    b, d = 300, 16
+    b, d = 2 * gram_module._MIN_SPLIT_ROWS + 5, 16  # enough rows to split, on a GPU too
     assert gram_module.plan_gram(b, d, d, gram_module.EXTRA_INV, torch.device(DEVICE)).splits > 1
     check_backend(triton_backend, rand(gen, b, d) + 0.3, weights(gen), rtol=2e-5, atol=2e-6)
 
