@@ -10,7 +10,8 @@ Implementations (``backend=``), all computing the same ``[n, m]`` block of the m
 
 * ``"cuda"``: the C++/CUDA extension's op ``torch.ops.tldr_fast.pairwise_ssim`` (``csrc/*/pairwise_ssim*``):
   a CPU kernel vectorised over pairs, and a CUDA kernel;
-* ``"triton"``: ``tldr_fast.kernels.pairwise_ssim``, tiled tensor-core matrix products (GPU);
+* ``"triton"``: ``tldr_fast.kernels.pairwise_ssim``, tiled tensor-core matrix products (GPU; each
+  fp32 operand as fp16 hi + lo halves, three products: fp32-accurate at fp16 tensor-core speed);
 * ``"torch"``: :func:`pairwise_ssim_torch` below, plain PyTorch organised as batched matrix products;
 * ``"reference"``: the batched oracle (materialises ``[n, m, C, H, W]``; for tests and benchmarks).
 
