@@ -130,3 +130,32 @@ def test_demo_end_to_end(tmp_path):
     assert len(list(cache.glob("*.pt"))) == 1
     r = _cli(*args, "--steps", "2")
     assert r.returncode == 0 and "reusing the classifier cached" in r.stderr, r.stderr
+
+
+def test_progress_bars_are_throttled_in_logs():
+    """A bar writing to a file (a batch job's log) updates at most every LOG_INTERVAL_S seconds; on a
+    terminal it keeps tqdm's fast redraw."""
+    import io
+    import time
+
+    from tqdm import tqdm
+
+    from tldr_fast.progress import LOG_INTERVAL_S, progress_bar
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    def redraws(make):
+        out = io.StringIO()
+        bar = make(total=20, file=out)
+        for _ in range(20):
+            time.sleep(0.03)
+            bar.update()
+        bar.close()
+        return out.getvalue().count("\r")
+
+    assert redraws(tqdm) >= 5  # plain tqdm: a redraw every 0.1 s, each one a line in a log
+    assert redraws(progress_bar) <= 2  # throttled: the first line and the final one
+    assert progress_bar(total=1, file=Terminal()).mininterval < 1
+    assert LOG_INTERVAL_S >= 10

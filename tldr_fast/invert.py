@@ -9,13 +9,13 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from .backends import resolve
 from .checkpoint import PathLike, load_checkpoint, save_checkpoint
 from .classifier import ClassifierError, FrozenClassifier
 from .config import TERMS, InversionConfig, Preprocess
 from .generator import ConditionedGenerator
+from .progress import progress_bar
 from .step import PIXEL_RANGE, TLDRObjective, step_seed
 
 Tensor = torch.Tensor
@@ -231,7 +231,7 @@ def invert(
     objective = TLDRObjective(g, target, cfg, ops, device)
     ckpt = checkpoint if checkpoint is not None else resume
     params = list(g.parameters())
-    bar = tqdm(total=cfg.steps, initial=inv.step, desc="invert", unit="step", disable=not cfg.progress)
+    bar = progress_bar(total=cfg.steps, initial=inv.step, desc="invert", unit="step", disable=not cfg.progress)
     updating = False
     try:
         while inv.step < cfg.steps:

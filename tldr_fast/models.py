@@ -21,11 +21,11 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .checkpoint import PathLike, atomic_save
 from .data import ImageDataset
 from .invert import resolve_device
+from .progress import progress_bar
 
 Tensor = torch.Tensor
 
@@ -186,7 +186,7 @@ def train_classifier(
         opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
         model.train()
-        bar = tqdm(range(epochs), desc=f"train {arch}", unit="epoch", disable=not progress)
+        bar = progress_bar(range(epochs), desc=f"train {arch}", unit="epoch", disable=not progress)
         for _ in bar:
             order = torch.randperm(len(x), generator=gen).to(dev)
             correct, total_loss = 0, 0.0

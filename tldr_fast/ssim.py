@@ -34,10 +34,10 @@ from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from . import extension, reference
 from .backends import BackendUnavailable, resolve
+from .progress import progress_bar
 
 Tensor = torch.Tensor
 ArrayLike = Union[Tensor, np.ndarray]
@@ -270,7 +270,7 @@ def pairwise_ssim(
     name, op = implementation(backend, device)
     bn, bm = _block_shape(name, device, a, b, budget_mb)
     out = torch.empty(a.shape[0], b.shape[0], dtype=torch.float32, device=out_device or device)
-    bar = tqdm(total=-(-a.shape[0] // bn) * -(-b.shape[0] // bm), desc="SSIM", unit="block", disable=not progress)
+    bar = progress_bar(total=-(-a.shape[0] // bn) * -(-b.shape[0] // bm), desc="SSIM", unit="block", disable=not progress)
     for j in _blocks(b.shape[0], bm):
         bj = _to_device(b[j], device)
         for i in _blocks(a.shape[0], bn):
@@ -300,7 +300,7 @@ def nearest_ssim(
     bn, bm = _block_shape(name, device, a, b, budget_mb)
     vals = torch.full((a.shape[0], k), -float("inf"), device=device)
     idx = torch.zeros((a.shape[0], k), dtype=torch.long, device=device)
-    bar = tqdm(total=-(-a.shape[0] // bn) * -(-b.shape[0] // bm), desc="SSIM top-k", unit="block", disable=not progress)
+    bar = progress_bar(total=-(-a.shape[0] // bn) * -(-b.shape[0] // bm), desc="SSIM top-k", unit="block", disable=not progress)
     for j in _blocks(b.shape[0], bm):
         bj = _to_device(b[j], device)
         cols = torch.arange(j.start, j.stop, device=device)
