@@ -128,6 +128,7 @@ _INTERPRET_BLOCK = 16
 
 PAD = _INTERPRET_BLOCK if INTERPRET else 128  # image counts padded to a multiple of every tile side
 _MAX_OFFSET = 2**31  # the kernel's int32 offsets: C*H*W * padded image count must stay below
+_FP16_SAFE = 2.0**14  # fp16x3 splits centred pixels (|x - mu| <= 2 max|x|) into fp16 (max 65504)
 
 
 def _prepare(x: Tensor, data_range: float, add: float = 0.0) -> Tuple[Tensor, Tensor, Tensor]:
@@ -169,6 +170,9 @@ def pairwise_ssim(a: Tensor, b: Tensor, data_range: float = 1.0, precision: str 
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     n, m = a.shape[0], b.shape[0]
     _, c, h, w = a.shape
+    if c * h * w * PAD >= _MAX_OFFSET:
+        raise ValueError(f"images of {c}x{h}x{w} pixels exceed the Triton SSIM kernel's int32 offsets; "
+                         "use backend='torch'")
     chunk = max(PAD, (_MAX_OFFSET // (c * h * w)) // PAD * PAD - PAD)  # images per launch (int32 offsets)
     if n > chunk:
         return torch.cat([pairwise_ssim(a[i:i + chunk], b, data_range, precision) for i in range(0, n, chunk)])
@@ -180,6 +184,8 @@ def pairwise_ssim(a: Tensor, b: Tensor, data_range: float = 1.0, precision: str 
     c1, c2 = SSIM_K1**2, SSIM_K2**2  # data range 1 after _prepare
     at, mua, vara = _prepare(a, data_range, add=c2)  # den = (mu_a^2 + mu_b^2 + c1)(var_a + c2 + var_b)
     bt, mub, varb = _prepare(b, data_range)
+    if precision == "fp16x3" and max(at.abs().max().item(), bt.abs().max().item()) > _FP16_SAFE:
+        precision = "tf32x3"  # pixels far outside data_range would overflow fp16; tf32x3 is as accurate
     np_, mp = at.shape[1], bt.shape[1]
     ho, wo = h - WIN + 1, w - WIN + 1
     args = (at, bt, mua, vara, mub, varb, out, n, m, np_, mp, h, w, ho, wo, c * ho * wo, c1, c2)

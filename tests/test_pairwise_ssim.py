@@ -8,6 +8,7 @@ pair by pair) is the oracle: fp32 inputs must agree to ``TOL``.
 
 import importlib.util
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -267,6 +268,22 @@ def test_invalid_inputs_are_rejected():
         ssim.pairwise_ssim(torch.ones(2, 1, 8, 8, dtype=torch.int32), torch.ones(2, 1, 8, 8, dtype=torch.int32))
     with pytest.raises(BackendUnavailable, match="unknown"):
         ssim.pairwise_ssim(torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8), backend="numpy")
+
+
+def test_triton_pixels_far_outside_the_data_range(gen):
+    """Pixels in the hundreds of thousands with data_range 1 (a caller's mistake that scikit-image accepts)
+    would overflow fp16x3's fp16 halves: the kernel takes tf32x3 then, and still matches."""
+    op = implementation("triton", DEVICE)
+    a, b = images(gen, 5, 1, 9, 9, DEVICE) * 2e5, images(gen, 7, 1, 9, 9, DEVICE) * 2e5
+    check(op(a, b, 1.0), ssim.pairwise_ssim_torch(a.double(), b.double()).double().cpu(), what="x 2e5")
+
+
+def test_triton_rejects_images_beyond_int32_offsets(monkeypatch):
+    implementation("triton", DEVICE)
+    module = sys.modules[implementation("triton", DEVICE).__module__]
+    monkeypatch.setattr(module, "_MAX_OFFSET", module.PAD * 8 * 8)
+    with pytest.raises(ValueError, match="int32"):
+        module.pairwise_ssim(torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8))
 
 
 # --- GPU: the kernels at scale ------------------------------------------------------------------------
