@@ -11,8 +11,9 @@ With x [B, C, H, W]:
 ``_image_prior_kernel``: the images as one flat array; a program takes blocks of BLOCK consecutive
 pixels, grid-stride (aligned, so its own loads and the gradient's stores are 16-byte vectors), loads
 their four neighbours (offsets +-1 and +-W: cache hits, so one DRAM read of the images), writes the
-gradient and, at its end, one row of partial sums; ``_finish_kernel`` sums the rows (2 launches in all). H and W are compile-time
-constants, so the pixel's row and column come from multiplications, not divisions.
+gradient and, at its end, one row of partial sums; ``_finish_kernel`` sums the rows (2 launches in
+all). H and W are compile-time constants, so the pixel's row and column come from multiplications, not
+divisions.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from ..fused_autograd import fused_autograd
 from ._utils import TERMS_PAD, cdiv, compute_dtype, empty, launch, num_sms, triton_op, weights_fp32
 
 Tensor = torch.Tensor
-_BLOCK = 2048  # pixels per program
+_BLOCK = 2048  # pixels per block (a program takes several, grid-stride)
 _CHUNK = 2**30  # pixels per launch at most (int32 offsets); launches cover whole images
 _PROGRAMS_PER_SM = 8
 
