@@ -130,6 +130,13 @@ def test_demo_end_to_end(tmp_path):
     assert len(list(cache.glob("*.pt"))) == 1
     r = _cli(*args, "--steps", "2")
     assert r.returncode == 0 and "reusing the classifier cached" in r.stderr, r.stderr
+    # a cached file this version cannot read (another version's model, a damaged file) is retrained
+    (stale,) = cache.glob("*.pt")
+    stale.write_bytes(b"not a checkpoint")
+    r = _cli(*args, "--steps", "2")
+    assert r.returncode == 0 and "not reusing the cached classifier" in r.stderr, r.stderr
+    r = _cli(*args, "--steps", "2")
+    assert r.returncode == 0 and "reusing the classifier cached" in r.stderr, r.stderr
 
 
 def test_progress_bars_are_throttled_in_logs():

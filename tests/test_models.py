@@ -153,6 +153,17 @@ def test_load_refuses_other_checkpoints(tmp_path):
         save_classifier(nn.Linear(3, 2), tmp_path / "x.pt")
 
 
+def test_load_refuses_a_checkpoint_of_another_layout(cnn, tmp_path):
+    """A file saved by a version whose model had other layers: a clear error, not a state_dict dump."""
+    path = tmp_path / "old.pt"
+    save_classifier(cnn, path)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["state_dict"] = {f"old.{k}": v for k, v in ckpt["state_dict"].items()}
+    torch.save(ckpt, path)
+    with pytest.raises(ValueError, match="do not match .* retrain"):
+        load_classifier(path)
+
+
 @pytest.mark.gpu
 def test_train_and_load_on_the_gpu(mnist_1k, tmp_path):
     model = train_classifier(mnist_1k, "cnn", epochs=10, seed=0, device="cuda")

@@ -362,11 +362,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cached = _cache_dir(args.cache_dir) / f"demo-cnn-mnist-{args.train_per_class}pc-{args.epochs}ep-seed{args.seed}.pt"
+    classifier = None
     if cached.is_file():
-        _say(f"reusing the classifier cached at {cached}")
-        classifier = load_classifier(cached, args.device)
-        train = _training_set(classifier, None)
-    else:
+        try:
+            classifier = load_classifier(cached, args.device)
+            _say(f"reusing the classifier cached at {cached}")
+            train = _training_set(classifier, None)
+        except ValueError as e:  # e.g. saved by another version: train a new one in its place
+            _say(f"not reusing the cached classifier ({e}); training a new one")
+    if classifier is None:
         train = subset(load_dataset("mnist"), args.train_per_class, seed=args.seed)
         test = subset(load_dataset("mnist:test"), 100, seed=args.seed)  # 1,000 held-out images
         classifier = _train(args, train, test, "cnn", 3e-3, 64)

@@ -236,7 +236,8 @@ def load_classifier(path: PathLike, device: str = "cpu") -> nn.Module:
     """A classifier saved by ``save_classifier``, in eval mode on ``device``, with its ``tldr_meta``.
 
     The file is read with ``torch.load(weights_only=True)``: a file holding anything but tensors and
-    plain data (e.g. a tampered pickle) is refused with a ``ValueError`` and nothing in it runs.
+    plain data (e.g. a tampered pickle) is refused with a ``ValueError`` and nothing in it runs; so is
+    one whose parameters do not fit this version's model of its architecture.
     """
     path = Path(path)
     if not path.is_file():
@@ -250,7 +251,13 @@ def load_classifier(path: PathLike, device: str = "cpu") -> nn.Module:
         raise ValueError(f"{path} is not a tldr_fast classifier checkpoint (expected format {CHECKPOINT_FORMAT!r})")
     meta: Dict[str, Any] = json.loads(ckpt["meta"])
     model = build_classifier(meta["arch"], meta["input_shape"], meta["num_classes"], **meta.get("arch_kwargs", {}))
-    model.load_state_dict(ckpt["state_dict"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:  # parameters of another layout: saved by an older tldr_fast's model code
+        raise ValueError(
+            f"{path} holds a {meta['arch']!r} classifier whose layers do not match this tldr_fast's "
+            f"{meta['arch']!r} model (saved by another version?); retrain it"
+        ) from e
     model.tldr_meta = meta
     return model.to(resolve_device(device)).eval()
 
