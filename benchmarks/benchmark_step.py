@@ -37,14 +37,12 @@ def cnn(c: int, k: int = 10, d: int = 256) -> nn.Module:
 
 def step_fn(shape, b, backend, grad_norm, dtype, compile_modules, device):
     """A closure running one full optimisation step, built exactly as ``invert`` builds it."""
-    cfg = InversionConfig(batch_size=b, grad_norm=grad_norm, dtype=dtype, backend=backend, device=device, steps=10**6)
+    cfg = InversionConfig(batch_size=b, grad_norm=grad_norm, dtype=dtype, backend=backend, device=device, steps=10**6,
+                          compile=compile_modules)
     dev = torch.device(device)
     torch.manual_seed(0)
     target = FrozenClassifier(cnn(shape[0]), 10, shape, "unit", None, grad_norm == "full", quiet=True, device=dev)
     g = ConditionedGenerator(10, shape, cfg.nz, cfg.ngf).to(dev)
-    if compile_modules:
-        g.forward = torch.compile(g.forward)
-        target.classifier.forward = torch.compile(target.classifier.forward)
     ops = resolve(backend, dev, quiet=True)
     objective = TLDRObjective(g, target, cfg, ops, dev)
     opt = torch.optim.Adam(g.parameters(), lr=cfg.lr, betas=cfg.betas)
@@ -61,7 +59,7 @@ def step_fn(shape, b, backend, grad_norm, dtype, compile_modules, device):
     return step
 
 
-VARIANTS = [  # (impl label, backend, grad_norm, dtype, compile the generator and classifier)
+VARIANTS = [  # (impl label, backend, grad_norm, dtype, InversionConfig.compile)
     ("eager-full", "torch", "full", "float32", False),
     ("eager-head", "torch", "head", "float32", False),
     ("compile-head", "torch", "head", "float32", True),

@@ -83,8 +83,11 @@ def test_train_invert_sample_evaluate(tmp_path, capsys):
     assert "train accuracy" in capsys.readouterr().out
     assert main(["invert", "--classifier", str(clf), "--out", str(inv), "--steps", "4", *TINY]) == 0
     assert "after 4 steps" in capsys.readouterr().out
-    assert main(["invert", "--classifier", str(clf), "--resume", str(inv), "--out", str(inv), "--steps", "6", *TINY]) == 0
+    assert main(["invert", "--classifier", str(clf), "--resume", str(inv), "--out", str(inv), "--steps", "6", "--compile", *TINY]) == 0
     assert "after 6 steps" in capsys.readouterr().out
+    from tldr_fast.checkpoint import load_checkpoint
+
+    assert load_checkpoint(inv)["config"]["compile"] is True  # resumed under torch.compile
 
     assert main(["sample", "--inversion", str(inv), "--n-per-class", "3", "--device", "cpu", "--out", str(tmp_path / "s.npz")]) == 0
     with np.load(tmp_path / "s.npz") as z:

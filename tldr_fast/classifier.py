@@ -3,6 +3,8 @@ and the mapping from the generator's [-1, 1] images to the classifier's input.""
 
 from __future__ import annotations
 
+import functools
+
 import sys
 from typing import Callable, List, Mapping, Optional, Tuple
 
@@ -149,12 +151,12 @@ class FrozenClassifier(nn.Module):
         if self._capturing:
             self._captured.append(inputs[0])
 
-    def _run(self, x: Tensor, no_grad: bool = False) -> Tuple[Tensor, Tensor]:
+    def _run(self, x: Tensor, no_grad: bool = False, module: Optional[Callable] = None) -> Tuple[Tensor, Tensor]:
         self._captured.clear()
         self._capturing = True
         try:
             with torch.set_grad_enabled(not no_grad and torch.is_grad_enabled()):
-                out = self.classifier(self.preprocess(x))
+                out = (self.classifier if module is None else module)(self.preprocess(x))
         finally:
             self._capturing = False
         if self._tuple_output:
@@ -166,3 +168,8 @@ class FrozenClassifier(nn.Module):
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         # x: [N, C, H, W] in [-1, 1] -> logits: [N, K], features: [N, D]
         return self._run(x)
+
+    def compiled(self) -> Callable[[Tensor], Tuple[Tensor, Tensor]]:
+        """``forward`` with the classifier under ``torch.compile`` (the head's feature hook traced
+        with it); this module and the user's classifier are left as they are."""
+        return functools.partial(self._run, module=torch.compile(self.classifier))

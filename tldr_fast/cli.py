@@ -70,6 +70,7 @@ def _add_invert_options(p: argparse.ArgumentParser, steps: int, batch_size: int)
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cuda"), help="kernels for the loss ops and SSIM (default: auto)")
     p.add_argument("--conditioning", choices=("hot", "soft"), default=None, help="hot: one-hot (TLDR, default); soft: softmax of noise")
     p.add_argument("--grad-norm", choices=("head", "full", "off"), default=None, help="gradient-norm term: head (closed form, default), full (double backward), off")
+    p.add_argument("--compile", action="store_true", default=None, help="generator and classifier under torch.compile (faster steps after a compile)")
 
 
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
@@ -210,7 +211,8 @@ def _invert(args: argparse.Namespace, classifier: torch.nn.Module, out: Path, re
 
     meta = classifier.tldr_meta
     overrides = {
-        k: v for k, v in {"lr": args.lr, "conditioning": args.conditioning, "grad_norm": args.grad_norm}.items() if v is not None
+        k: v for k, v in {"lr": args.lr, "conditioning": args.conditioning, "grad_norm": args.grad_norm, "compile": args.compile}.items()
+        if v is not None
     }
     return invert(  # saves `out` at the end, resumable (with the optimiser state)
         classifier, meta["num_classes"], tuple(meta["input_shape"]), resume=resume, checkpoint=out,

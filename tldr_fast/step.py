@@ -35,6 +35,9 @@ class TLDRObjective:
         self.prior = cfg.active("tv") or cfg.active("pix")
         self.eps = cfg.eps * (PIXEL_RANGE[1] - PIXEL_RANGE[0])
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+        # cfg.compile: compiled callables for the loop; the modules themselves stay as they are
+        self.generate = torch.compile(generator) if cfg.compile else generator
+        self.classify = target.compiled() if cfg.compile else target
         self._weights = torch.empty(0, len(TERMS), device=device)
         if cfg.grad_norm == "full":
             self.params = [p for p in target.classifier.parameters() if p.requires_grad]
@@ -53,12 +56,12 @@ class TLDRObjective:
         z, c, y = sample_conditions(b, self.g.num_classes, self.g.nz, cfg.conditioning, gen, self.device)
         w = self.weights(step)
         with self.autocast:
-            x = self.g(z, c, y)  # [B, C, H, W] in [-1, 1]
+            x = self.generate(z, c, y)  # [B, C, H, W] in [-1, 1]
             if self.robust:
                 x_pert = self.ops.perturb(x, self.eps, *PIXEL_RANGE, cfg.perturbation, step_seed(cfg.seed, step, 1))
-                logits, feats = self.target(torch.cat([x, x_pert]))  # one forward of 2B
+                logits, feats = self.classify(torch.cat([x, x_pert]))  # one forward of 2B
             else:
-                logits, feats = self.target(x)
+                logits, feats = self.classify(x)
         feats = feats[:b]  # clean images' features: [B, D]
         head_feats = feats if cfg.grad_norm == "head" else None
         loss, head_terms = self.ops.head_loss(logits, c, y, head_feats, w[0:5], self.target.head_bias)
