@@ -188,9 +188,9 @@ def run(op: str, args: argparse.Namespace, impls, cases) -> None:
     ``--graph`` on a GPU, each implementation but the compiled ones gets a second row, "<name>+graph":
     its step replayed from a CUDA graph (peak MB of those rows excludes the graph's memory pool)."""
     rows = []
-    graph = getattr(args, "graph", False) and args.device.startswith("cuda")
+    graph = args.graph and args.device.startswith("cuda")
     for name, fn, note in impls:
-        if getattr(args, "impls", None) and name not in args.impls:
+        if args.impls and name not in args.impls:
             continue
         for size, build in cases:
             if fn is None:

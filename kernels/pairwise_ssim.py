@@ -184,7 +184,7 @@ def pairwise_ssim(a: Tensor, b: Tensor, data_range: float = 1.0, precision: str 
     c1, c2 = SSIM_K1**2, SSIM_K2**2  # data range 1 after _prepare
     at, mua, vara = _prepare(a, data_range, add=c2)  # den = (mu_a^2 + mu_b^2 + c1)(var_a + c2 + var_b)
     bt, mub, varb = _prepare(b, data_range)
-    if precision == "fp16x3" and max(at.abs().max().item(), bt.abs().max().item()) > _FP16_SAFE:
+    if precision == "fp16x3" and torch.maximum(at.abs().amax(), bt.abs().amax()).item() > _FP16_SAFE:
         precision = "tf32x3"  # pixels far outside data_range would overflow fp16; tf32x3 is as accurate
     np_, mp = at.shape[1], bt.shape[1]
     ho, wo = h - WIN + 1, w - WIN + 1

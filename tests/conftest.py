@@ -24,6 +24,12 @@ def fast(request):
 
 
 @pytest.fixture
+def triton_backend():
+    """The Triton backend alone (skipped where it cannot run), for the Triton-specific tests."""
+    return backend_or_skip("triton")
+
+
+@pytest.fixture
 def gen():
     """A fresh generator: every run draws new inputs; the seed is printed on failure."""
     seed = int.from_bytes(os.urandom(4), "little")

@@ -1,6 +1,6 @@
 """feature_loss, Triton-specific: the split D x D Gram, the B x B Gram over several tiles, clamped
-norms, bitwise determinism, the weights' gradient, torch.library registration and compilation for
-Hopper. Cross-backend value/gradient checks live in test_feature_loss.py."""
+norms, bitwise determinism, the weights' gradient and torch.library registration (compilation for
+Hopper: test_kernels_aot.py). Cross-backend value/gradient checks live in test_feature_loss.py."""
 
 import importlib
 
@@ -8,16 +8,11 @@ import pytest
 import torch
 
 from tldr_fast.reference import NORM_EPS
-from tests.helpers import DEVICE, assert_close, backend_or_skip, rand
+from tests.helpers import DEVICE, assert_close, rand
 from tests.test_feature_loss import check_backend
 
 op_module = importlib.import_module("tldr_fast.kernels.feature_loss")
 gram_module = importlib.import_module("tldr_fast.kernels._gram")
-
-
-@pytest.fixture
-def triton_backend():
-    return backend_or_skip("triton")
 
 
 def weights(gen):
@@ -101,13 +96,3 @@ def test_torch_compile_fullgraph(triton_backend, gen):
         out.append((terms, f.grad))
     for a, b, what in zip(*out, ("terms", "d/dfeatures")):
         assert_close(a, b, what=what)
-
-
-def test_kernels_compile_for_hopper():
-    from tldr_fast.kernels._aot import compile_check
-
-    result = compile_check("feature_loss")
-    if result is None:
-        pytest.skip("Triton's NVIDIA backend (ptxas) is not available")
-    ok, output = result
-    assert ok, output

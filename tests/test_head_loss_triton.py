@@ -1,22 +1,17 @@
 """head_loss, Triton-specific: multi-block online softmax (K = 1000), the split Gram reduction, extreme
-logits, bitwise determinism, the weights' gradient, torch.library registration and compilation for
-Hopper. Cross-backend value/gradient checks live in test_head_loss.py."""
+logits, bitwise determinism, the weights' gradient and torch.library registration (compilation for
+Hopper: test_kernels_aot.py). Cross-backend value/gradient checks live in test_head_loss.py."""
 
 import importlib
 
 import pytest
 import torch
 
-from tests.helpers import DEVICE, assert_close, backend_or_skip
+from tests.helpers import DEVICE, assert_close
 from tests.test_head_loss import check_backend, make_inputs
 
 op_module = importlib.import_module("tldr_fast.kernels.head_loss")
 gram_module = importlib.import_module("tldr_fast.kernels._gram")
-
-
-@pytest.fixture
-def triton_backend():
-    return backend_or_skip("triton")
 
 
 @pytest.mark.parametrize("soft", [False, True])
@@ -87,13 +82,3 @@ def test_torch_compile_fullgraph(triton_backend, gen):
         out.append((terms, z.grad, f.grad))
     for a, b, what in zip(*out, ("terms", "d/dlogits", "d/dfeatures")):
         assert_close(a, b, what=what)
-
-
-def test_kernels_compile_for_hopper():
-    from tldr_fast.kernels._aot import compile_check
-
-    result = compile_check("head_loss")
-    if result is None:
-        pytest.skip("Triton's NVIDIA backend (ptxas) is not available")
-    ok, output = result
-    assert ok, output

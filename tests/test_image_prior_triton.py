@@ -1,21 +1,16 @@
 """image_prior, Triton-specific: blocks that split image lines, launches in chunks, degenerate image
-sizes, bitwise determinism, the weights' gradient, torch.library registration and compilation for
-Hopper. Cross-backend checks live in test_image_prior.py."""
+sizes, bitwise determinism, the weights' gradient and torch.library registration (compilation for
+Hopper: test_kernels_aot.py). Cross-backend checks live in test_image_prior.py."""
 
 import importlib
 
 import pytest
 import torch
 
-from tests.helpers import DEVICE, assert_close, backend_or_skip, rand
+from tests.helpers import DEVICE, assert_close, rand
 from tests.test_image_prior import check_backend
 
 op_module = importlib.import_module("tldr_fast.kernels.image_prior")
-
-
-@pytest.fixture
-def triton_backend():
-    return backend_or_skip("triton")
 
 
 def weights(gen):
@@ -99,13 +94,3 @@ def test_torch_compile_fullgraph(triton_backend, gen):
         out.append((terms, xi.grad))
     for a, b, what in zip(*out, ("terms", "d/dimages")):
         assert_close(a, b, what=what)
-
-
-def test_kernels_compile_for_hopper():
-    from tldr_fast.kernels._aot import compile_check
-
-    result = compile_check("image_prior")
-    if result is None:
-        pytest.skip("Triton's NVIDIA backend (ptxas) is not available")
-    ok, output = result
-    assert ok, output

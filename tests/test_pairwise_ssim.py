@@ -279,7 +279,6 @@ def test_triton_pixels_far_outside_the_data_range(gen):
 
 
 def test_triton_rejects_images_beyond_int32_offsets(monkeypatch):
-    implementation("triton", DEVICE)
     module = sys.modules[implementation("triton", DEVICE).__module__]
     monkeypatch.setattr(module, "_MAX_OFFSET", module.PAD * 8 * 8)
     with pytest.raises(ValueError, match="int32"):

@@ -1,7 +1,7 @@
 """perturb, Triton-specific: the fused output is exactly clip(x + eps * s) for the noise s of the same
 Philox stream (``perturb_noise``), the noise law, per-element reproducibility, the backward's recomputed
-mask on the clip bounds, dtypes, torch.library registration and compilation for Hopper. Properties
-every backend shares live in test_perturb.py."""
+mask on the clip bounds, dtypes and torch.library registration (compilation for Hopper:
+test_kernels_aot.py). Properties every backend shares live in test_perturb.py."""
 
 import importlib
 import math
@@ -10,14 +10,9 @@ import pytest
 import torch
 
 from tldr_fast.reference import PERTURBATIONS
-from tests.helpers import DEVICE, assert_close, backend_or_skip, rand
+from tests.helpers import DEVICE, assert_close, rand
 
 op_module = importlib.import_module("tldr_fast.kernels.perturb")
-
-
-@pytest.fixture
-def triton_backend():
-    return backend_or_skip("triton")
 
 
 def noise(shape, kind, seed):
@@ -111,13 +106,3 @@ def test_torch_compile_fullgraph(triton_backend, gen):
         fn(xi).backward()
         out.append(xi.grad)
     assert_close(out[0], out[1], what="d/dimages")
-
-
-def test_kernels_compile_for_hopper():
-    from tldr_fast.kernels._aot import compile_check
-
-    result = compile_check("perturb")
-    if result is None:
-        pytest.skip("Triton's NVIDIA backend (ptxas) is not available")
-    ok, output = result
-    assert ok, output

@@ -26,5 +26,5 @@ def progress_bar(*args: Any, **kwargs: Any) -> tqdm:
     isatty = getattr(stream, "isatty", None)
     if not (isatty and isatty()):
         kwargs.setdefault("mininterval", LOG_INTERVAL_S)
-        kwargs.setdefault("maxinterval", max(LOG_INTERVAL_S, 10.0))
+        kwargs.setdefault("maxinterval", LOG_INTERVAL_S)
     return tqdm(*args, **kwargs)

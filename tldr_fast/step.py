@@ -39,6 +39,7 @@ class TLDRObjective:
         self.generate = torch.compile(generator) if cfg.compile else generator
         self.classify = target.compiled() if cfg.compile else target
         self._weights = torch.empty(0, len(TERMS), device=device)
+        self._zeros = torch.zeros(2, device=device)  # the terms of an inactive op (no allocation per step)
         if cfg.grad_norm == "full":
             self.params = [p for p in target.classifier.parameters() if p.requires_grad]
 
@@ -65,8 +66,7 @@ class TLDRObjective:
         feats = feats[:b]  # clean images' features: [B, D]
         head_feats = feats if cfg.grad_norm == "head" else None
         loss, head_terms = self.ops.head_loss(logits, c, y, head_feats, w[0:5], self.target.head_bias)
-        zeros = torch.zeros(2, device=self.device)
-        feat_terms = prior_terms = zeros
+        feat_terms = prior_terms = self._zeros
         if self.diverse:
             l_f, feat_terms = self.ops.feature_loss(feats, w[5:7])
             loss = loss + l_f
