@@ -3,7 +3,8 @@ perturbed logits, head grad-norm) + feature_loss + image_prior, and perturb of t
 
     python benchmarks/benchmark_loss_block.py [--device cuda] [--json out.jsonl] [--quick]
 
-Rows: the eager reference, torch.compile of the reference block, the Triton ops eager and under
+Rows: the eager reference, torch.compile of the reference block (on a GPU also with
+mode="reduce-overhead", torch's own CUDA graphs), the Triton ops eager and under
 torch.compile(fullgraph=True), and the CUDA extension; B in {256, 1024, 8192, 65536}, images 1x28x28
 and 3x32x32, K = 10, D = 256. The perturbed images' gradient (what the classifier would send back) is a
 fixed tensor. GB/s counts every input read once and every gradient and output written once. Goals on
@@ -41,6 +42,9 @@ def make_block(ops) -> Callable:
 def implementations(device: str, quick: bool) -> List[Tuple[str, Callable, str]]:
     out = [("eager", make_block(ref), "")]
     out.append(("compile", None, "skipped with --quick") if quick else ("compile", torch.compile(make_block(ref), dynamic=False), ""))
+    if device.startswith("cuda"):  # torch.compile's own CUDA graphs: the reference's fairest graph-replay row
+        ro = None if quick else torch.compile(make_block(ref), mode="reduce-overhead", dynamic=False)
+        out.append(("compile-ro", ro, "skipped with --quick" if quick else ""))
     for name in ("triton", "cuda"):  # "cuda" has no perturb: it takes Triton's, as invert does
         try:
             ops = resolve(name, device)
