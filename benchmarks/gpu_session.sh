@@ -94,7 +94,7 @@ if has bench "$PARTS"; then
     if has ssim "$BENCHES"; then run 120 benchmark_pairwise_ssim.py --mnist; fi
     # --graph: each fused op also replayed from a CUDA graph, i.e. without host time: the kernels' own GB/s
     if has prior "$BENCHES"; then run 80 benchmark_image_prior.py --sizes 1024,65536 --impls eager,triton,cuda --graph; fi
-    if has block "$BENCHES"; then run 110 benchmark_loss_block.py ${BLOCK_ARGS:-"--sizes 1024 --shapes 1x28x28 --graph"}; fi
+    if has block "$BENCHES"; then run 110 benchmark_loss_block.py ${BLOCK_ARGS:---sizes 1024 --shapes 1x28x28 --graph}; fi
     if has host "$BENCHES"; then run 40 host_overhead.py; fi
     if has step "$BENCHES"; then
         run 100 benchmark_step.py --configs 1x28x28:1024,3x32x32:1024,1x28x28:4096 \
