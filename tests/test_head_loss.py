@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from tldr_fast import reference as ref
-from tests.helpers import DEVICE, assert_close, assert_low_precision_close, rand
+from tests.helpers import DEVICE, assert_close, backend_or_skip, assert_low_precision_close, rand
 
 
 def make_inputs(gen, b, k, d, pert=True, soft=False, dtype=torch.float32, device=DEVICE):
@@ -145,6 +145,16 @@ def check_backend(fast, logits, target, labels, feats, w, head_bias, **tol):
 def test_fast_matches_reference(fast, gen, b, k, d, pert, soft):
     logits, target, labels, feats, w = make_inputs(gen, b, k, d, pert=pert, soft=soft)
     check_backend(fast, logits, target, labels, feats, w, head_bias=True)
+
+
+@pytest.mark.parametrize("b,k,d", [(301, 7, 37), (517, 10, 256)])
+@pytest.mark.parametrize("head_bias", [False, True])
+def test_extension_grad_norm_blocks(gen, b, k, d, head_bias):
+    """The extension's CPU grad-norm loops at the sizes of their blocking: several 128-row partials of G,
+    a remainder of rows past the 4-row blocks, a tail of columns past the 16-wide vectors, K padded to a
+    multiple of 5 (on a GPU: the CUDA kernels at the same sizes)."""
+    logits, target, labels, feats, w = make_inputs(gen, b, k, d, soft=True)
+    check_backend(backend_or_skip("cuda"), logits, target, labels, feats, w, head_bias=head_bias)
 
 
 @pytest.mark.parametrize("term", range(5))

@@ -33,6 +33,137 @@ inline acc_t xlogx(acc_t c) {
   return c == acc_t(0) ? acc_t(0) : c * std::log(c);  // 0 log 0 = 0, as torch.xlogy
 }
 
+constexpr int64_t kGramRows = 128;  // rows per partial of G (a fixed split: deterministic sums)
+constexpr int kW = 16;               // columns per vector step (one AVX-512 register of fp32)
+constexpr int kKB = 5;               // classes per register block; E and G are zero-padded to Kp = a multiple
+constexpr int kRB = 4;               // rows per register block of gn_rows
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define TLDR_FAST_CPU_LEVELS __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define TLDR_FAST_INLINE inline __attribute__((always_inline))  // compiled into each level's clone
+#else
+#define TLDR_FAST_CPU_LEVELS
+#define TLDR_FAST_INLINE inline
+#endif
+
+// The grad-norm's two products with the thin [K, D] matrix G, in the accumulation dtype (K = 10 for most
+// classifiers: BLAS is slow at such shapes). They are built once per x86-64 level (AVX-512, AVX2,
+// baseline) and the CPU picks one at load time (GCC function multi-versioning): the extension itself is
+// compiled for baseline x86-64, whose 4-wide SSE would leave them far slower. Both keep register blocks
+// of independent accumulators (kW columns x kKB classes, or x kRB rows) so that neither FMA latency nor
+// loads limit them.
+//
+// gram_rows: out[Kp, D] += sum_{i in [i0, i1)} e_i phi_i^T and out[Kp*D + k] += sum_i e_ik (s).
+// e: [B, Kp], phi: [B, D].
+template <typename T>
+TLDR_FAST_INLINE void gram_rows_impl(const T* __restrict__ e, const T* __restrict__ phi, int64_t i0, int64_t i1,
+                                     int64_t kp, int64_t d, T* __restrict__ out) {
+  const int64_t dv = d / kW * kW;
+  for (int64_t j0 = 0; j0 < dv; j0 += kW) {
+    for (int64_t k0 = 0; k0 < kp; k0 += kKB) {
+      T acc[kKB][kW] = {};
+      for (int64_t i = i0; i < i1; ++i) {
+        const T* p = phi + i * d + j0;
+        const T* er = e + i * kp + k0;
+#pragma GCC unroll 8
+        for (int q = 0; q < kKB; ++q) {
+          const T eq = er[q];
+#pragma omp simd
+          for (int l = 0; l < kW; ++l) acc[q][l] += eq * p[l];
+        }
+      }
+#pragma GCC unroll 8
+      for (int q = 0; q < kKB; ++q)
+#pragma omp simd
+        for (int l = 0; l < kW; ++l) out[(k0 + q) * d + j0 + l] += acc[q][l];
+    }
+  }
+  for (int64_t i = i0; i < i1; ++i) {
+    for (int64_t q = 0; q < kp; ++q) {
+      const T eq = e[i * kp + q];
+      out[kp * d + q] += eq;
+      for (int64_t j = dv; j < d; ++j) out[q * d + j] += eq * phi[i * d + j];
+    }
+  }
+}
+
+// gn_block: rows [i, i + R): m_i[k] = g_k . phi_i (G's rows g_k) and grad_Phi_i = a sum_k e_ik g_k.
+template <int R, typename T>
+TLDR_FAST_INLINE void gn_block(const T* __restrict__ phi, const T* __restrict__ e, const T* __restrict__ g, int64_t i,
+                               int64_t kp, int64_t d, T a, T* __restrict__ m, T* __restrict__ gphi) {
+  const int64_t dv = d / kW * kW;
+  for (int64_t k0 = 0; k0 < kp; k0 += kKB) {
+    T dot[R][kKB][kW] = {};
+    for (int64_t j0 = 0; j0 < dv; j0 += kW) {
+#pragma GCC unroll 8
+      for (int q = 0; q < kKB; ++q) {
+        const T* gq = g + (k0 + q) * d + j0;
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+          const T* pr = phi + (i + r) * d + j0;
+#pragma omp simd
+          for (int l = 0; l < kW; ++l) dot[r][q][l] += gq[l] * pr[l];
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      for (int q = 0; q < kKB; ++q) {
+        T s = 0;
+        for (int l = 0; l < kW; ++l) s += dot[r][q][l];
+        for (int64_t j = dv; j < d; ++j) s += g[(k0 + q) * d + j] * phi[(i + r) * d + j];
+        m[(i + r) * kp + k0 + q] = s;
+      }
+    }
+  }
+  for (int64_t j0 = 0; j0 < dv; j0 += kW) {
+    T acc[R][kW] = {};
+    for (int64_t q = 0; q < kp; ++q) {
+      const T* gq = g + q * d + j0;
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const T aq = a * e[(i + r) * kp + q];
+#pragma omp simd
+        for (int l = 0; l < kW; ++l) acc[r][l] += aq * gq[l];
+      }
+    }
+    for (int r = 0; r < R; ++r)
+#pragma omp simd
+      for (int l = 0; l < kW; ++l) gphi[(i + r) * d + j0 + l] = acc[r][l];
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int64_t j = dv; j < d; ++j) {
+      T s = 0;
+      for (int64_t q = 0; q < kp; ++q) s += a * e[(i + r) * kp + q] * g[q * d + j];
+      gphi[(i + r) * d + j] = s;
+    }
+  }
+}
+
+// gn_rows: gn_block over rows [i0, i1), kRB rows at a time. m: [B, Kp], gphi: [B, D].
+template <typename T>
+TLDR_FAST_INLINE void gn_rows_impl(const T* phi, const T* e, const T* g, int64_t i0, int64_t i1, int64_t kp, int64_t d,
+                                   T a, T* m, T* gphi) {
+  int64_t i = i0;
+  for (; i + kRB <= i1; i += kRB) gn_block<kRB>(phi, e, g, i, kp, d, a, m, gphi);
+  for (; i < i1; ++i) gn_block<1>(phi, e, g, i, kp, d, a, m, gphi);
+}
+
+TLDR_FAST_CPU_LEVELS void gram_rows(const float* e, const float* phi, int64_t i0, int64_t i1, int64_t kp, int64_t d,
+                                    float* out) {
+  gram_rows_impl(e, phi, i0, i1, kp, d, out);
+}
+void gram_rows(const double* e, const double* phi, int64_t i0, int64_t i1, int64_t kp, int64_t d, double* out) {
+  gram_rows_impl(e, phi, i0, i1, kp, d, out);
+}
+TLDR_FAST_CPU_LEVELS void gn_rows(const float* phi, const float* e, const float* g, int64_t i0, int64_t i1, int64_t kp,
+                                  int64_t d, float a, float* m, float* gphi) {
+  gn_rows_impl(phi, e, g, i0, i1, kp, d, a, m, gphi);
+}
+void gn_rows(const double* phi, const double* e, const double* g, int64_t i0, int64_t i1, int64_t kp, int64_t d,
+             double a, double* m, double* gphi) {
+  gn_rows_impl(phi, e, g, i0, i1, kp, d, a, m, gphi);
+}
+
 template <typename scalar_t>
 void head_loss_cpu_kernel(const HeadLossInputs& in, bool head_bias, at::Tensor& loss, at::Tensor& terms,
                           at::Tensor& grad_logits, at::Tensor& grad_features) {
@@ -48,7 +179,8 @@ void head_loss_cpu_kernel(const HeadLossInputs& in, bool head_bias, at::Tensor& 
   const auto opts = in.target.options();
   at::Tensor row_ce = at::empty({n}, opts), row_kl = at::empty({n}, opts), row_sc = at::empty({b}, opts);
   at::Tensor p_mat = gn ? at::empty({b, k}, opts) : at::Tensor();  // [B, K] softmax of the clean rows
-  at::Tensor e_mat = gn ? at::empty({b, k}, opts) : at::Tensor();  // [B, K] E = P - C
+  const int64_t kp = (k + kKB - 1) / kKB * kKB;  // classes padded for the grad-norm's register blocks
+  at::Tensor e_mat = gn ? at::zeros({b, kp}, opts) : at::Tensor();  // [B, Kp] E = P - C, zero-padded
   acc_t* ce_r = row_ce.mutable_data_ptr<acc_t>();
   acc_t* kl_r = row_kl.mutable_data_ptr<acc_t>();
   acc_t* sc_r = row_sc.mutable_data_ptr<acc_t>();
@@ -97,7 +229,7 @@ void head_loss_cpu_kernel(const HeadLossInputs& in, bool head_bias, at::Tensor& 
         for (int64_t j = 0; j < k; ++j) {
           const acc_t p = er[j] * inv_se;
           pm[i * k + j] = p;
-          em[i * k + j] = p - cr[j];
+          em[i * kp + j] = p - cr[j];
         }
       } else {
         const acc_t wce = w[clean ? 0 : 2] * inv_b, wkl = w[clean ? 1 : 3] * inv_b;
@@ -117,39 +249,53 @@ void head_loss_cpu_kernel(const HeadLossInputs& in, bool head_bias, at::Tensor& 
   double gn_term = 0;
 
   if (gn) {
-    // The three products go through ATen's BLAS, in the accumulation dtype.
-    const at::Tensor phi = in.features.to(in.acc);                         // [B, D]
-    const at::Tensor g = at::mm(e_mat.t(), phi);                           // [K, D]
-    const at::Tensor s = head_bias ? e_mat.sum(0) : at::zeros({k}, opts);  // [K]
-    const at::Tensor mt = at::mm(g, phi.t());                              // [K, B] (m - s)^T: BLAS is faster
+    const at::Tensor phi_t = in.features.to(in.acc).contiguous();  // [B, D] (no copy for fp32)
+    const acc_t* phi = phi_t.const_data_ptr<acc_t>();
+    // G and s: fixed chunks of rows, each its own partial, summed in a fixed order (deterministic for any
+    // thread count)
+    const int64_t chunks = (b + kGramRows - 1) / kGramRows, gsz = kp * (d + 1);
+    at::Tensor part_t = at::zeros({chunks, gsz}, opts);  // per chunk: G [Kp, D], then s [Kp]
+    acc_t* part = part_t.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t ch = c0; ch < c1; ++ch)
+        gram_rows(em, phi, ch * kGramRows, std::min(b, (ch + 1) * kGramRows), kp, d, part + ch * gsz);
+    });
+    at::Tensor gs_t = at::empty({gsz}, opts);  // G [Kp, D] (rows >= K are 0), then s [Kp]
+    acc_t* g = gs_t.mutable_data_ptr<acc_t>();
+    acc_t* sp = g + kp * d;
+    for (int64_t j = 0; j < gsz; ++j) {
+      acc_t v = 0;
+      for (int64_t ch = 0; ch < chunks; ++ch) v += part[ch * gsz + j];
+      g[j] = v;
+    }
+    if (!head_bias) std::fill(sp, sp + kp, acc_t(0));
     double sq = 0;
-    const acc_t* gp = g.const_data_ptr<acc_t>();
-    for (int64_t j = 0; j < k * d; ++j) sq += double(gp[j]) * gp[j];
-    const acc_t* sp = s.const_data_ptr<acc_t>();
-    for (int64_t j = 0; j < k; ++j) sq += double(sp[j]) * sp[j];
+    for (int64_t j = 0; j < gsz; ++j) sq += double(g[j]) * g[j];
     gn_term = std::sqrt(sq) / double(b);
     const acc_t a = sq > 0 ? acc_t(double(w[4]) / (double(b) * std::sqrt(sq))) : acc_t(0);
-    if (grad_features.scalar_type() == in.acc) {
-      at::mm_out(grad_features, e_mat, g * a);  // [B, D]
-    } else {
-      grad_features.copy_(at::mm(e_mat, g * a));
-    }
 
-    const acc_t* mtp = mt.const_data_ptr<acc_t>();
+    // grad_Phi in the accumulation dtype: written in place when the features are in it, else converted
+    at::Tensor gphi_t = grad_features.scalar_type() == in.acc ? grad_features : at::empty({b, d}, opts);
+    acc_t* gphi = gphi_t.mutable_data_ptr<acc_t>();
     const acc_t wce = w[0] * inv_b, wkl = w[1] * inv_b;
-    at::parallel_for(0, b, parallel_grain(k), [&](int64_t i0, int64_t i1) {
+    at::Tensor m_t = at::empty({b, kp}, opts);  // m_i - s = G phi_i: [B, Kp]
+    acc_t* mm = m_t.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, b, parallel_grain(2 * kp * d), [&](int64_t i0, int64_t i1) {
+      gn_rows(phi, em, g, i0, i1, kp, d, a, mm, gphi);
       for (int64_t i = i0; i < i1; ++i) {
+        const acc_t* mr = mm + i * kp;
         const acc_t* pr = pm + i * k;
         const acc_t* cr = c + i * k;
         acc_t mdotp = 0;
-        for (int64_t j = 0; j < k; ++j) mdotp += (mtp[j * b + i] + sp[j]) * pr[j];
+        for (int64_t j = 0; j < k; ++j) mdotp += (mr[j] + sp[j]) * pr[j];
         for (int64_t j = 0; j < k; ++j) {
           const acc_t p = pr[j];
           gz[i * k + j] = static_cast<scalar_t>(wce * (p - acc_t(j == y[i])) + wkl * (p * sc_r[i] - cr[j]) +
-                                                a * p * (mtp[j * b + i] + sp[j] - mdotp));
+                                                a * p * (mr[j] + sp[j] - mdotp));
         }
       }
     });
+    if (!gphi_t.is_same(grad_features)) grad_features.copy_(gphi_t);
   }
 
   acc_t* t = terms.mutable_data_ptr<acc_t>();
