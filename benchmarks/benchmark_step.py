@@ -35,10 +35,10 @@ def cnn(c: int, k: int = 10, d: int = 256) -> nn.Module:
     )  # fmt: skip
 
 
-def step_fn(shape, b, backend, grad_norm, dtype, compile_modules, device):
+def step_fn(shape, b, backend, grad_norm, dtype, compile_modules, cuda_graph, device):
     """A closure running one full optimisation step, built exactly as ``invert`` builds it."""
     cfg = InversionConfig(batch_size=b, grad_norm=grad_norm, dtype=dtype, backend=backend, device=device, steps=10**6,
-                          compile=compile_modules)
+                          compile=compile_modules, cuda_graph=cuda_graph)
     dev = torch.device(device)
     torch.manual_seed(0)
     target = FrozenClassifier(cnn(shape[0]), 10, shape, "unit", None, grad_norm == "full", quiet=True, device=dev)
@@ -59,14 +59,18 @@ def step_fn(shape, b, backend, grad_norm, dtype, compile_modules, device):
     return step
 
 
-VARIANTS = [  # (impl label, backend, grad_norm, dtype, InversionConfig.compile)
-    ("eager-full", "torch", "full", "float32", False),
-    ("eager-head", "torch", "head", "float32", False),
-    ("compile-head", "torch", "head", "float32", True),
-    ("triton-head", "triton", "head", "float32", False),
-    ("cuda-head", "cuda", "head", "float32", False),
-    ("triton-head-bf16", "triton", "head", "bfloat16", False),
-    ("cuda-head-bf16", "cuda", "head", "bfloat16", False),
+VARIANTS = [  # (impl label, backend, grad_norm, dtype, InversionConfig.compile, InversionConfig.cuda_graph)
+    ("eager-full", "torch", "full", "float32", False, False),
+    ("eager-head", "torch", "head", "float32", False, False),
+    ("compile-head", "torch", "head", "float32", True, False),
+    ("triton-head", "triton", "head", "float32", False, False),
+    ("cuda-head", "cuda", "head", "float32", False, False),
+    ("triton-head-bf16", "triton", "head", "bfloat16", False, False),
+    ("cuda-head-bf16", "cuda", "head", "bfloat16", False, False),
+    ("eager-head-graph", "torch", "head", "float32", False, True),
+    ("triton-head-graph", "triton", "head", "float32", False, True),
+    ("cuda-head-graph", "cuda", "head", "float32", False, True),
+    ("cuda-head-compile-graph", "cuda", "head", "float32", True, True),
 ]
 
 
@@ -86,12 +90,12 @@ def main():
     rows = []
     for shape, b in configs:
         size = f"{'x'.join(map(str, shape))} B={b}"
-        for label, backend, gn, dtype, comp in VARIANTS:
+        for label, backend, gn, dtype, comp, graph in VARIANTS:
             if label not in wanted:
                 continue
             try:
-                fn = step_fn(shape, b, backend, gn, dtype, comp, device)
-            except (BackendUnavailable, RuntimeError) as e:
+                fn = step_fn(shape, b, backend, gn, dtype, comp, graph, device)
+            except (BackendUnavailable, RuntimeError, ValueError) as e:
                 rows.append(Row("step", label, size, None, note=f"unavailable: {str(e).splitlines()[0][:100]}"))
                 continue
             reps = 5 if args.quick or device == "cpu" else 20

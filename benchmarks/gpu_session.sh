@@ -97,9 +97,8 @@ if has bench "$PARTS"; then
     if has block "$BENCHES"; then run 110 benchmark_loss_block.py ${BLOCK_ARGS:---sizes 1024 --shapes 1x28x28 --graph}; fi
     if has host "$BENCHES"; then run 40 host_overhead.py; fi
     if has step "$BENCHES"; then
-        run 100 benchmark_step.py --configs 1x28x28:1024,3x32x32:1024,1x28x28:4096 \
-            --variants eager-full,eager-head,triton-head,cuda-head,triton-head-bf16,cuda-head-bf16
-        run 60 benchmark_step.py --configs 1x28x28:1024 --variants compile-head
+        run 200 benchmark_step.py ${STEP_ARGS:---configs 1x28x28:1024,3x32x32:1024 --variants \
+            eager-full,eager-head,compile-head,triton-head,cuda-head,eager-head-graph,triton-head-graph,cuda-head-graph,cuda-head-compile-graph}
     fi
     if has ops "$BENCHES"; then
         run 60 benchmark_perturb.py --sizes 1024,65536 --graph

@@ -95,6 +95,61 @@ def test_compile_in_invert():
     assert runs[1].config.compile and InversionConfig.from_dict(runs[1].config.to_dict()).compile
 
 
+def _objective_steps(cfg: InversionConfig, device: torch.device, steps: int = 4):
+    """(loss, terms, generator gradients) of ``steps`` Adam steps of a fresh objective (fixed seeds)."""
+    from tldr_fast.backends import resolve
+    from tldr_fast.generator import ConditionedGenerator
+    from tldr_fast.step import TLDRObjective
+
+    target = FrozenClassifier(mlp(), 3, (1, 8, 8), device=device)
+    torch.manual_seed(0)
+    g = ConditionedGenerator(3, (1, 8, 8), cfg.nz, cfg.ngf).to(device)
+    objective = TLDRObjective(g, target, cfg, resolve(cfg.backend, device, quiet=True), device)
+    opt = torch.optim.Adam(g.parameters(), lr=cfg.lr, betas=cfg.betas)
+    out = []
+    for step in range(steps):
+        loss, terms = objective(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        out.append((loss.detach().clone(), terms, [p.grad.clone() for p in g.parameters()]))
+        opt.step()
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_cuda_graph_computes_the_same_steps(backend):
+    """cuda_graph=True: the loss block replayed from CUDA graphs gives the losses, terms and generator
+    gradients of launching its ops, step after step (new inputs and weights copied in each time)."""
+    from tests.helpers import backend_or_skip
+
+    backend_or_skip(backend)
+    device = torch.device("cuda")
+    runs = [_objective_steps(InversionConfig(**{**TINY, "device": "cuda", "backend": backend, "cuda_graph": flag}), device)
+            for flag in (False, True)]
+    for (l0, t0, g0), (l1, t1, g1) in zip(*runs):
+        torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(t1, t0, rtol=1e-5, atol=1e-6)
+        for a, b in zip(g1, g0):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert not torch.equal(runs[1][0][1], runs[1][-1][1]), "each step's terms are its own (not the graph's buffer)"
+
+
+@pytest.mark.gpu
+def test_cuda_graph_in_invert():
+    """invert(cuda_graph=True) trains, records its terms, and saves the option with the config."""
+    inv = invert(mlp(), 3, (1, 8, 8), **{**TINY, "device": "cuda", "cuda_graph": True})
+    assert inv.step == 6 and all(len(inv.history[t]) == 3 for t in TERMS)
+    assert inv.config.cuda_graph and InversionConfig.from_dict(inv.config.to_dict()).cuda_graph
+
+
+def test_cuda_graph_needs_a_gpu_and_no_double_backward():
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        invert(mlp(), 3, (1, 8, 8), **{**TINY, "cuda_graph": True})
+    with pytest.raises(ValueError, match="cuda_graph=True needs grad_norm"):
+        InversionConfig(cuda_graph=True, grad_norm="full")
+
+
 def test_same_seed_same_result_on_cpu():
     a = invert(mlp(), 3, (1, 8, 8), seed=3, **TINY)
     b = invert(mlp(), 3, (1, 8, 8), seed=3, **TINY)

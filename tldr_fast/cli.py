@@ -71,6 +71,7 @@ def _add_invert_options(p: argparse.ArgumentParser, steps: int, batch_size: int)
     p.add_argument("--conditioning", choices=("hot", "soft"), default=None, help="hot: one-hot (TLDR, default); soft: softmax of noise")
     p.add_argument("--grad-norm", choices=("head", "full", "off"), default=None, help="gradient-norm term: head (closed form, default), full (double backward), off")
     p.add_argument("--compile", action="store_true", default=None, help="generator and classifier under torch.compile (faster steps after a compile)")
+    p.add_argument("--cuda-graph", action="store_true", default=None, help="replay the loss block from CUDA graphs (GPU; not with --grad-norm full)")
 
 
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
@@ -211,7 +212,8 @@ def _invert(args: argparse.Namespace, classifier: torch.nn.Module, out: Path, re
 
     meta = classifier.tldr_meta
     overrides = {
-        k: v for k, v in {"lr": args.lr, "conditioning": args.conditioning, "grad_norm": args.grad_norm, "compile": args.compile}.items()
+        k: v for k, v in {"lr": args.lr, "conditioning": args.conditioning, "grad_norm": args.grad_norm, "compile": args.compile,
+                 "cuda_graph": args.cuda_graph}.items()
         if v is not None
     }
     return invert(  # saves `out` at the end, resumable (with the optimiser state)

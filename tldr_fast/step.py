@@ -42,6 +42,9 @@ class TLDRObjective:
         self._zeros = torch.zeros(2, device=device)  # the terms of an inactive op (no allocation per step)
         if cfg.grad_norm == "full":
             self.params = [p for p in target.classifier.parameters() if p.requires_grad]
+        if cfg.cuda_graph and device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs a CUDA device, got {device}")
+        self._graphed = None  # cfg.cuda_graph: the loss block as CUDA graphs, captured on the first step
 
     def weights(self, step: int) -> Tensor:
         """The weight of each term at ``step``: a row of a table kept on the device (no per-step copy)."""
@@ -64,7 +67,29 @@ class TLDRObjective:
             else:
                 logits, feats = self.classify(x)
         feats = feats[:b]  # clean images' features: [B, D]
-        head_feats = feats if cfg.grad_norm == "head" else None
+        loss, terms = self.loss_block(logits, feats, x, c, y, w)
+        if cfg.grad_norm == "full":
+            gn = reference.grad_norm_full(logits[:b], c, self.params)
+            loss = loss + w[4] * gn
+            terms = torch.cat([terms[:4], gn.detach().float().view(1), terms[5:]])
+        return loss, terms
+
+    def loss_block(self, logits: Tensor, feats: Tensor, x: Tensor, c: Tensor, y: Tensor, w: Tensor):
+        """``(loss, terms [9])`` of the fused loss ops (the head grad-norm term only with
+        ``grad_norm="head"``); from CUDA graphs with ``cfg.cuda_graph``. ``logits`` [N, K] (N = B or 2B),
+        ``feats`` [B, D], ``x`` [B, C, H, W], ``c`` [B, K], ``y`` [B], ``w`` [9]."""
+        if not self.cfg.cuda_graph:
+            return self._loss_block(logits, feats, x, c, y, w)
+        if self._graphed is None:
+            # make_graphed_callables warms up on copies of these inputs (autotuning, lazy init), then
+            # captures one forward and one backward graph; later calls copy the inputs in and replay
+            sample = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in (logits, feats, x, c, y, w))
+            self._graphed = torch.cuda.make_graphed_callables(self._loss_block, sample, allow_unused_input=True)
+        loss, terms = self._graphed(logits, feats, x, c, y, w)
+        return loss, terms.clone()  # the graph's output buffer is rewritten by the next replay
+
+    def _loss_block(self, logits: Tensor, feats: Tensor, x: Tensor, c: Tensor, y: Tensor, w: Tensor):
+        head_feats = feats if self.cfg.grad_norm == "head" else None
         loss, head_terms = self.ops.head_loss(logits, c, y, head_feats, w[0:5], self.target.head_bias)
         feat_terms = prior_terms = self._zeros
         if self.diverse:
@@ -73,8 +98,4 @@ class TLDRObjective:
         if self.prior:
             l_p, prior_terms = self.ops.image_prior(x, w[7:9], *PIXEL_RANGE)
             loss = loss + l_p
-        if cfg.grad_norm == "full":
-            gn = reference.grad_norm_full(logits[:b], c, self.params)
-            loss = loss + w[4] * gn
-            head_terms = torch.cat([head_terms[:4], gn.detach().float().view(1)])
         return loss, torch.cat([head_terms, feat_terms, prior_terms])
