@@ -70,6 +70,9 @@ VARIANTS = [  # (impl label, backend, grad_norm, dtype, InversionConfig.compile,
     ("eager-head-graph", "torch", "head", "float32", False, True),
     ("triton-head-graph", "triton", "head", "float32", False, True),
     ("cuda-head-graph", "cuda", "head", "float32", False, True),
+    ("triton-head-compile", "triton", "head", "float32", True, False),
+    ("cuda-head-compile", "cuda", "head", "float32", True, False),
+    ("triton-head-compile-graph", "triton", "head", "float32", True, True),
     ("cuda-head-compile-graph", "cuda", "head", "float32", True, True),
 ]
 
