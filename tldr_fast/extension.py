@@ -298,7 +298,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-# --- autograd and fake-tensor rules ----------------------------------------------------------------------
+# --- fake-tensor rules ----------------------------------------------------------------------
 
 
 def _acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -326,24 +326,11 @@ def _fake_pairwise_ssim(a, b, data_range):
     return a.new_empty((a.shape[0], b.shape[0]), dtype=_acc_dtype(a.dtype, b.dtype))
 
 
-# op: (the input index of each returned gradient, the input index of weights)
-_AUTOGRAD = {
-    "head_loss": ((0, 3), 4),  # grad_logits, grad_features (None without features)
-    "feature_loss": ((0,), 1),
-    "image_prior": ((0,), 1),
-}
-
-
 def _register() -> None:
-    """The fake and autograd rules of every op the loaded library defines (once, right after loading)."""
-    # imported here: setup.py loads this file on its own (not as part of the package) for its build flags
-    from tldr_fast.fused_autograd import fused_autograd
-
+    """The fake (meta) rules of every op the loaded library defines (once, right after loading); their
+    autograd is in C++ (csrc/autograd.cpp)."""
     torch.library.register_fake("tldr_fast::head_loss")(_fake_head_loss)
     torch.library.register_fake("tldr_fast::feature_loss")(_fake_feature_loss)
     torch.library.register_fake("tldr_fast::image_prior")(_fake_image_prior)
     if _has_op("pairwise_ssim"):
         torch.library.register_fake("tldr_fast::pairwise_ssim")(_fake_pairwise_ssim)
-    for op, (grad_inputs, weights_index) in _AUTOGRAD.items():
-        setup_context, backward = fused_autograd(grad_inputs, weights_index)
-        torch.library.register_autograd(f"tldr_fast::{op}", backward, setup_context=setup_context)

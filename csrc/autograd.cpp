@@ -1,0 +1,130 @@
+// Autograd of the loss ops, in C++ (the Autograd dispatch key, for CPU and CUDA alike). Each op's kernels
+// already wrote d loss / d input in the forward, so the backward only scales those saved gradients, and
+// the terms (d loss / d weights), by the upstream gradient of `loss`:
+//
+//   d/d input = grad_loss * grad_<input>,   d/d weights = grad_loss * terms   (outputs 1.. carry no gradient)
+//
+// In C++ rather than torch.library.register_autograd in Python: the Python rule cost 100-300 us of host
+// time per op and backward (benchmarks/host_overhead.py), more than the kernels at B = 1024. The fake
+// (meta) rules stay in Python (tldr_fast/extension.py), which torch.compile uses to trace through this.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace tldr_fast {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using at::Tensor;
+
+// Forward half shared by the ops: `outputs` = (loss, terms, grad_<input>...) of the op called below autograd.
+// `args_defined[i]`: forward argument i is a defined tensor (an autograd edge); `grad_args[j]`: the argument
+// that outputs[2 + j] is the gradient of; `weights_arg`: the weights' argument.
+variable_list save_outputs(AutogradContext* ctx, variable_list outputs, const std::vector<bool>& args_defined,
+                           const std::vector<int64_t>& grad_args, int64_t weights_arg, at::ScalarType weights_dtype) {
+  variable_list saved(outputs.begin() + 1, outputs.end());  // terms, grads
+  ctx->save_for_backward(saved);
+  ctx->mark_non_differentiable(saved);
+  ctx->set_materialize_grads(false);  // no zero tensors for the outputs without a gradient
+  std::vector<int64_t> edge(args_defined.size(), -1);  // argument -> autograd edge (needs_input_grad's index)
+  int64_t next = 0;
+  for (size_t i = 0; i < args_defined.size(); ++i)
+    if (args_defined[i]) edge[i] = next++;
+  ctx->saved_data["n_args"] = static_cast<int64_t>(args_defined.size());
+  ctx->saved_data["edges"] = c10::List<int64_t>(edge);
+  ctx->saved_data["grad_args"] = c10::List<int64_t>(grad_args);
+  ctx->saved_data["weights_arg"] = weights_arg;
+  ctx->saved_data["weights_dtype"] = static_cast<int64_t>(weights_dtype);
+  return outputs;
+}
+
+variable_list scale_saved(AutogradContext* ctx, const variable_list& grad_outputs) {
+  variable_list out(ctx->saved_data["n_args"].toInt());
+  const Tensor& grad_loss = grad_outputs[0];
+  if (!grad_loss.defined()) return out;  // the loss does not reach what is being differentiated
+  const variable_list saved = ctx->get_saved_variables();  // terms, grads
+  const c10::List<int64_t> edges = ctx->saved_data["edges"].toIntList();
+  const c10::List<int64_t> grad_args = ctx->saved_data["grad_args"].toIntList();
+  const auto needs = [&](int64_t arg) { return edges[arg] >= 0 && ctx->needs_input_grad(edges[arg]); };
+  for (size_t j = 0; j < grad_args.size(); ++j)
+    if (needs(grad_args[j])) out[grad_args[j]] = grad_loss * saved[1 + j];
+  const int64_t w = ctx->saved_data["weights_arg"].toInt();
+  if (needs(w)) out[w] = (grad_loss * saved[0]).to(static_cast<at::ScalarType>(ctx->saved_data["weights_dtype"].toInt()));
+  return out;
+}
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+using HeadLossOut = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+using HeadLossSig = HeadLossOut(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&, bool);
+using TripleOut = std::tuple<Tensor, Tensor, Tensor>;
+using FeatureLossSig = TripleOut(const Tensor&, const Tensor&);
+using ImagePriorSig = TripleOut(const Tensor&, const Tensor&, double, double);
+
+struct HeadLoss : torch::autograd::Function<HeadLoss> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& logits, const Tensor& target, const Tensor& labels,
+                               const std::optional<Tensor>& features, const Tensor& weights, bool head_bias) {
+    static const auto op = op_handle<HeadLossSig>("tldr_fast::head_loss");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [loss, terms, gz, gf] = op.call(logits, target, labels, features, weights, head_bias);
+    const bool has_f = features.has_value() && features->defined();
+    return save_outputs(ctx, {loss, terms, gz, gf}, {true, true, true, has_f, true, false}, {0, 3}, 4,
+                        weights.scalar_type());
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) { return scale_saved(ctx, grad_outputs); }
+};
+
+struct FeatureLoss : torch::autograd::Function<FeatureLoss> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& features, const Tensor& weights) {
+    static const auto op = op_handle<FeatureLossSig>("tldr_fast::feature_loss");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [loss, terms, gf] = op.call(features, weights);
+    return save_outputs(ctx, {loss, terms, gf}, {true, true}, {0}, 1, weights.scalar_type());
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) { return scale_saved(ctx, grad_outputs); }
+};
+
+struct ImagePrior : torch::autograd::Function<ImagePrior> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& images, const Tensor& weights, double lo, double hi) {
+    static const auto op = op_handle<ImagePriorSig>("tldr_fast::image_prior");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [loss, terms, gx] = op.call(images, weights, lo, hi);
+    return save_outputs(ctx, {loss, terms, gx}, {true, true, false, false}, {0}, 1, weights.scalar_type());
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) { return scale_saved(ctx, grad_outputs); }
+};
+
+HeadLossOut head_loss_autograd(const Tensor& logits, const Tensor& target, const Tensor& labels,
+                               const std::optional<Tensor>& features, const Tensor& weights, bool head_bias) {
+  const variable_list r = HeadLoss::apply(logits, target, labels, features, weights, head_bias);
+  return {r[0], r[1], r[2], r[3]};
+}
+
+TripleOut feature_loss_autograd(const Tensor& features, const Tensor& weights) {
+  const variable_list r = FeatureLoss::apply(features, weights);
+  return {r[0], r[1], r[2]};
+}
+
+TripleOut image_prior_autograd(const Tensor& images, const Tensor& weights, double lo, double hi) {
+  const variable_list r = ImagePrior::apply(images, weights, lo, hi);
+  return {r[0], r[1], r[2]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tldr_fast, Autograd, m) {
+  m.impl("head_loss", &head_loss_autograd);
+  m.impl("feature_loss", &feature_loss_autograd);
+  m.impl("image_prior", &image_prior_autograd);
+}
+
+}  // namespace tldr_fast
