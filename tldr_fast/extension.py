@@ -4,8 +4,8 @@ The shared library built from ``csrc/`` registers the ops ``torch.ops.tldr_fast.
 image_prior}`` (and ``pairwise_ssim`` where ``csrc/*/pairwise_ssim*`` is compiled in), with C++ kernels for CPU
 tensors and, when built with CUDA, CUDA kernels. Each loss op returns ``(loss, terms, grad_<input>...)``:
 the gradients of ``loss`` come out of the forward, so autograd's backward only scales them by the upstream
-gradient (``torch.library.register_autograd`` below), and ``torch.library.register_fake`` gives every op a
-shape rule, so the ops work under ``torch.compile`` and ``torch.library.opcheck``.
+gradient (in C++, ``csrc/autograd.cpp``), and ``torch.library.register_fake`` below gives every op a shape
+rule, so the ops work under ``torch.compile`` and ``torch.library.opcheck``.
 
 Loading happens on first use, once per process: the prebuilt module ``tldr_fast._C`` (built by ``pip
 install --no-build-isolation -e .`` or ``python setup.py build_ext --inplace``), else a just-in-time build

@@ -1,4 +1,5 @@
-"""The autograd rule shared by every fused loss op (Triton and C++/CUDA alike).
+"""The autograd rule shared by the Triton fused loss ops (the extension's ops have the same rule in C++,
+``csrc/autograd.cpp``).
 
 A fused loss op returns ``(loss, terms, grad_<x>...)``: its kernels compute ``d loss / d x`` (already
 weighted) in the forward pass. So ``d loss / d x`` is the saved gradient and ``d loss / d weights`` is
