@@ -263,10 +263,11 @@ void head_loss_cpu_kernel(const HeadLossInputs& in, bool head_bias, at::Tensor& 
     at::Tensor gs_t = at::empty({gsz}, opts);  // G [Kp, D] (rows >= K are 0), then s [Kp]
     acc_t* g = gs_t.mutable_data_ptr<acc_t>();
     acc_t* sp = g + kp * d;
-    for (int64_t j = 0; j < gsz; ++j) {
-      acc_t v = 0;
-      for (int64_t ch = 0; ch < chunks; ++ch) v += part[ch * gsz + j];
-      g[j] = v;
+    std::copy(part, part + gsz, g);
+    for (int64_t ch = 1; ch < chunks; ++ch) {
+      const acc_t* pc = part + ch * gsz;
+#pragma omp simd
+      for (int64_t j = 0; j < gsz; ++j) g[j] += pc[j];
     }
     if (!head_bias) std::fill(sp, sp + kp, acc_t(0));
     double sq = 0;
