@@ -24,38 +24,33 @@ using torch::autograd::variable_list;
 using at::Tensor;
 
 // Forward half shared by the ops: `outputs` = (loss, terms, grad_<input>...) of the op called below autograd.
-// `args_defined[i]`: forward argument i is a defined tensor (an autograd edge); `grad_args[j]`: the argument
-// that outputs[2 + j] is the gradient of; `weights_arg`: the weights' argument.
-variable_list save_outputs(AutogradContext* ctx, variable_list outputs, const std::vector<bool>& args_defined,
-                           const std::vector<int64_t>& grad_args, int64_t weights_arg, at::ScalarType weights_dtype) {
+variable_list save_outputs(AutogradContext* ctx, variable_list outputs, at::ScalarType weights_dtype) {
   variable_list saved(outputs.begin() + 1, outputs.end());  // terms, grads
   ctx->save_for_backward(saved);
   ctx->mark_non_differentiable(saved);
   ctx->set_materialize_grads(false);  // no zero tensors for the outputs without a gradient
-  std::vector<int64_t> edge(args_defined.size(), -1);  // argument -> autograd edge (needs_input_grad's index)
-  int64_t next = 0;
-  for (size_t i = 0; i < args_defined.size(); ++i)
-    if (args_defined[i]) edge[i] = next++;
-  ctx->saved_data["n_args"] = static_cast<int64_t>(args_defined.size());
-  ctx->saved_data["edges"] = c10::List<int64_t>(edge);
-  ctx->saved_data["grad_args"] = c10::List<int64_t>(grad_args);
-  ctx->saved_data["weights_arg"] = weights_arg;
   ctx->saved_data["weights_dtype"] = static_cast<int64_t>(weights_dtype);
   return outputs;
 }
 
-variable_list scale_saved(AutogradContext* ctx, const variable_list& grad_outputs) {
-  variable_list out(ctx->saved_data["n_args"].toInt());
+// Backward half: one gradient per forward argument. `args_defined[i]`: argument i is a defined tensor (an
+// autograd edge); `grad_args[j]`: the argument that saved gradient j is the gradient of; `weights_arg`: the
+// weights' argument.
+variable_list scale_saved(AutogradContext* ctx, const variable_list& grad_outputs, const std::vector<bool>& args_defined,
+                          const std::vector<int64_t>& grad_args, int64_t weights_arg) {
+  variable_list out(args_defined.size());
   const Tensor& grad_loss = grad_outputs[0];
   if (!grad_loss.defined()) return out;  // the loss does not reach what is being differentiated
+  std::vector<int64_t> edge(args_defined.size(), -1);  // argument -> autograd edge (needs_input_grad's index)
+  int64_t next = 0;
+  for (size_t i = 0; i < args_defined.size(); ++i)
+    if (args_defined[i]) edge[i] = next++;
+  const auto needs = [&](int64_t arg) { return edge[arg] >= 0 && ctx->needs_input_grad(edge[arg]); };
   const variable_list saved = ctx->get_saved_variables();  // terms, grads
-  const c10::List<int64_t> edges = ctx->saved_data["edges"].toIntList();
-  const c10::List<int64_t> grad_args = ctx->saved_data["grad_args"].toIntList();
-  const auto needs = [&](int64_t arg) { return edges[arg] >= 0 && ctx->needs_input_grad(edges[arg]); };
   for (size_t j = 0; j < grad_args.size(); ++j)
     if (needs(grad_args[j])) out[grad_args[j]] = grad_loss * saved[1 + j];
-  const int64_t w = ctx->saved_data["weights_arg"].toInt();
-  if (needs(w)) out[w] = (grad_loss * saved[0]).to(static_cast<at::ScalarType>(ctx->saved_data["weights_dtype"].toInt()));
+  if (needs(weights_arg))
+    out[weights_arg] = (grad_loss * saved[0]).to(static_cast<at::ScalarType>(ctx->saved_data["weights_dtype"].toInt()));
   return out;
 }
 
@@ -76,11 +71,13 @@ struct HeadLoss : torch::autograd::Function<HeadLoss> {
     static const auto op = op_handle<HeadLossSig>("tldr_fast::head_loss");
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [loss, terms, gz, gf] = op.call(logits, target, labels, features, weights, head_bias);
-    const bool has_f = features.has_value() && features->defined();
-    return save_outputs(ctx, {loss, terms, gz, gf}, {true, true, true, has_f, true, false}, {0, 3}, 4,
-                        weights.scalar_type());
+    ctx->saved_data["has_features"] = features.has_value() && features->defined();
+    return save_outputs(ctx, {loss, terms, gz, gf}, weights.scalar_type());
   }
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) { return scale_saved(ctx, grad_outputs); }
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const bool has_f = ctx->saved_data["has_features"].toBool();
+    return scale_saved(ctx, grad_outputs, {true, true, true, has_f, true, false}, {0, 3}, 4);
+  }
 };
 
 struct FeatureLoss : torch::autograd::Function<FeatureLoss> {
@@ -88,9 +85,11 @@ struct FeatureLoss : torch::autograd::Function<FeatureLoss> {
     static const auto op = op_handle<FeatureLossSig>("tldr_fast::feature_loss");
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [loss, terms, gf] = op.call(features, weights);
-    return save_outputs(ctx, {loss, terms, gf}, {true, true}, {0}, 1, weights.scalar_type());
+    return save_outputs(ctx, {loss, terms, gf}, weights.scalar_type());
   }
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) { return scale_saved(ctx, grad_outputs); }
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    return scale_saved(ctx, grad_outputs, {true, true}, {0}, 1);
+  }
 };
 
 struct ImagePrior : torch::autograd::Function<ImagePrior> {
@@ -98,9 +97,11 @@ struct ImagePrior : torch::autograd::Function<ImagePrior> {
     static const auto op = op_handle<ImagePriorSig>("tldr_fast::image_prior");
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [loss, terms, gx] = op.call(images, weights, lo, hi);
-    return save_outputs(ctx, {loss, terms, gx}, {true, true, false, false}, {0}, 1, weights.scalar_type());
+    return save_outputs(ctx, {loss, terms, gx}, weights.scalar_type());
   }
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) { return scale_saved(ctx, grad_outputs); }
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    return scale_saved(ctx, grad_outputs, {true, true, false, false}, {0}, 1);
+  }
 };
 
 HeadLossOut head_loss_autograd(const Tensor& logits, const Tensor& target, const Tensor& labels,

@@ -1,7 +1,7 @@
 // The tldr_fast operator library: the schema of every loss op (pairwise_ssim adds its own with
-// TORCH_LIBRARY_FRAGMENT in pairwise_ssim.cpp), and a Python module stub so that the shared library imports
-// as `tldr_fast._C`. The kernels register themselves per device in <op>.cpp (CPU) and <op>.cu (CUDA); the
-// autograd is in autograd.cpp; the Python side (tldr_fast/extension.py) adds the fake-tensor rules.
+// TORCH_LIBRARY_FRAGMENT in cpu/pairwise_ssim.cpp), and a Python module stub so that the shared library
+// imports as `tldr_fast._C`. The kernels register themselves per device in cpu/<op>.cpp and cuda/<op>.cu;
+// their autograd is in autograd.cpp; the Python side (tldr_fast/extension.py) adds the fake-tensor rules.
 //
 // Each loss op returns (loss, terms, grad_<input>...): the fp32 (fp64 for fp64 inputs) weighted loss, the
 // unweighted terms, and the gradient of `loss` w.r.t. each differentiable input, already multiplied by the

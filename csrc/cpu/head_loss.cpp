@@ -53,11 +53,11 @@ constexpr int kRB = 4;               // rows per register block of gn_rows
 // of independent accumulators (kW columns x kKB classes, or x kRB rows) so that neither FMA latency nor
 // loads limit them.
 //
-// gram_rows: out[Kp, D] += sum_{i in [i0, i1)} e_i phi_i^T and out[Kp*D + k] += sum_i e_ik (s).
-// e: [B, Kp], phi: [B, D].
+// gram_rows: out[Kp, D] += sum_{i in [i0, i1)} e_i phi_i^T and, with a head bias, out[Kp*D + k] += sum_i e_ik
+// (s; left as it is without one). e: [B, Kp], phi: [B, D].
 template <typename T>
 TLDR_FAST_INLINE void gram_rows_impl(const T* __restrict__ e, const T* __restrict__ phi, int64_t i0, int64_t i1,
-                                     int64_t kp, int64_t d, T* __restrict__ out) {
+                                     int64_t kp, int64_t d, bool bias, T* __restrict__ out) {
   const int64_t dv = d / kW * kW;
   for (int64_t j0 = 0; j0 < dv; j0 += kW) {
     for (int64_t k0 = 0; k0 < kp; k0 += kKB) {
@@ -81,7 +81,7 @@ TLDR_FAST_INLINE void gram_rows_impl(const T* __restrict__ e, const T* __restric
   for (int64_t i = i0; i < i1; ++i) {
     for (int64_t q = 0; q < kp; ++q) {
       const T eq = e[i * kp + q];
-      out[kp * d + q] += eq;
+      if (bias) out[kp * d + q] += eq;
       for (int64_t j = dv; j < d; ++j) out[q * d + j] += eq * phi[i * d + j];
     }
   }
@@ -149,11 +149,12 @@ TLDR_FAST_INLINE void gn_rows_impl(const T* phi, const T* e, const T* g, int64_t
 }
 
 TLDR_FAST_CPU_LEVELS void gram_rows(const float* e, const float* phi, int64_t i0, int64_t i1, int64_t kp, int64_t d,
-                                    float* out) {
-  gram_rows_impl(e, phi, i0, i1, kp, d, out);
+                                    bool bias, float* out) {
+  gram_rows_impl(e, phi, i0, i1, kp, d, bias, out);
 }
-void gram_rows(const double* e, const double* phi, int64_t i0, int64_t i1, int64_t kp, int64_t d, double* out) {
-  gram_rows_impl(e, phi, i0, i1, kp, d, out);
+void gram_rows(const double* e, const double* phi, int64_t i0, int64_t i1, int64_t kp, int64_t d, bool bias,
+               double* out) {
+  gram_rows_impl(e, phi, i0, i1, kp, d, bias, out);
 }
 TLDR_FAST_CPU_LEVELS void gn_rows(const float* phi, const float* e, const float* g, int64_t i0, int64_t i1, int64_t kp,
                                   int64_t d, float a, float* m, float* gphi) {
@@ -178,13 +179,13 @@ void head_loss_cpu_kernel(const HeadLossInputs& in, bool head_bias, at::Tensor& 
 
   const auto opts = in.target.options();
   at::Tensor row_ce = at::empty({n}, opts), row_kl = at::empty({n}, opts), row_sc = at::empty({b}, opts);
-  at::Tensor p_mat = gn ? at::empty({b, k}, opts) : at::Tensor();  // [B, K] softmax of the clean rows
+  at::Tensor row_inv_se = gn ? at::empty({b}, opts) : at::Tensor();  // clean rows: p = ex / sum(ex)
   const int64_t kp = (k + kKB - 1) / kKB * kKB;  // classes padded for the grad-norm's register blocks
   at::Tensor e_mat = gn ? at::zeros({b, kp}, opts) : at::Tensor();  // [B, Kp] E = P - C, zero-padded
   acc_t* ce_r = row_ce.mutable_data_ptr<acc_t>();
   acc_t* kl_r = row_kl.mutable_data_ptr<acc_t>();
   acc_t* sc_r = row_sc.mutable_data_ptr<acc_t>();
-  acc_t* pm = gn ? p_mat.mutable_data_ptr<acc_t>() : nullptr;
+  acc_t* inv_se_r = gn ? row_inv_se.mutable_data_ptr<acc_t>() : nullptr;
   acc_t* em = gn ? e_mat.mutable_data_ptr<acc_t>() : nullptr;
   const acc_t inv_b = acc_t(1) / acc_t(b);
 
@@ -226,11 +227,8 @@ void head_loss_cpu_kernel(const HeadLossInputs& in, bool head_bias, at::Tensor& 
       kl_r[r] = kl;
       if (clean && gn) {  // the gradient of these rows waits for G
         sc_r[i] = sc;
-        for (int64_t j = 0; j < k; ++j) {
-          const acc_t p = er[j] * inv_se;
-          pm[i * k + j] = p;
-          em[i * kp + j] = p - cr[j];
-        }
+        inv_se_r[i] = inv_se;
+        for (int64_t j = 0; j < k; ++j) em[i * kp + j] = er[j] * inv_se - cr[j];
       } else {
         const acc_t wce = w[clean ? 0 : 2] * inv_b, wkl = w[clean ? 1 : 3] * inv_b;
         for (int64_t j = 0; j < k; ++j) {
@@ -249,7 +247,7 @@ void head_loss_cpu_kernel(const HeadLossInputs& in, bool head_bias, at::Tensor& 
   double gn_term = 0;
 
   if (gn) {
-    const at::Tensor phi_t = in.features.to(in.acc).contiguous();  // [B, D] (no copy for fp32)
+    const at::Tensor phi_t = in.features.to(in.acc);  // [B, D], contiguous (no copy for fp32)
     const acc_t* phi = phi_t.const_data_ptr<acc_t>();
     // G and s: fixed chunks of rows, each its own partial, summed in a fixed order (deterministic for any
     // thread count)
@@ -258,9 +256,9 @@ void head_loss_cpu_kernel(const HeadLossInputs& in, bool head_bias, at::Tensor& 
     acc_t* part = part_t.mutable_data_ptr<acc_t>();
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t ch = c0; ch < c1; ++ch)
-        gram_rows(em, phi, ch * kGramRows, std::min(b, (ch + 1) * kGramRows), kp, d, part + ch * gsz);
+        gram_rows(em, phi, ch * kGramRows, std::min(b, (ch + 1) * kGramRows), kp, d, head_bias, part + ch * gsz);
     });
-    at::Tensor gs_t = at::empty({gsz}, opts);  // G [Kp, D] (rows >= K are 0), then s [Kp]
+    at::Tensor gs_t = at::empty({gsz}, opts);  // G [Kp, D] (rows >= K are 0), then s [Kp] (0 without a head bias)
     acc_t* g = gs_t.mutable_data_ptr<acc_t>();
     acc_t* sp = g + kp * d;
     std::copy(part, part + gsz, g);
@@ -269,7 +267,6 @@ void head_loss_cpu_kernel(const HeadLossInputs& in, bool head_bias, at::Tensor& 
 #pragma omp simd
       for (int64_t j = 0; j < gsz; ++j) g[j] += pc[j];
     }
-    if (!head_bias) std::fill(sp, sp + kp, acc_t(0));
     double sq = 0;
     for (int64_t j = 0; j < gsz; ++j) sq += double(g[j]) * g[j];
     gn_term = std::sqrt(sq) / double(b);
@@ -285,12 +282,12 @@ void head_loss_cpu_kernel(const HeadLossInputs& in, bool head_bias, at::Tensor& 
       gn_rows(phi, em, g, i0, i1, kp, d, a, mm, gphi);
       for (int64_t i = i0; i < i1; ++i) {
         const acc_t* mr = mm + i * kp;
-        const acc_t* pr = pm + i * k;
+        const acc_t* er = ex + i * k;
         const acc_t* cr = c + i * k;
         acc_t mdotp = 0;
-        for (int64_t j = 0; j < k; ++j) mdotp += (mr[j] + sp[j]) * pr[j];
+        for (int64_t j = 0; j < k; ++j) mdotp += (mr[j] + sp[j]) * (er[j] * inv_se_r[i]);
         for (int64_t j = 0; j < k; ++j) {
-          const acc_t p = pr[j];
+          const acc_t p = er[j] * inv_se_r[i];
           gz[i * k + j] = static_cast<scalar_t>(wce * (p - acc_t(j == y[i])) + wkl * (p * sc_r[i] - cr[j]) +
                                                 a * p * (mr[j] + sp[j] - mdotp));
         }

@@ -32,8 +32,7 @@
 namespace tldr_fast {
 namespace ssim {
 
-at::Tensor unit_images(const at::Tensor& x, at::ScalarType dtype) {
-  TORCH_CHECK(x.dim() == 4, "pairwise_ssim: images must be [N, C, H, W], got ", x.sizes());
+at::Tensor unit_images(const at::Tensor& x, at::ScalarType dtype) {  // x: [N, C, H, W] (check_pair's check)
   TORCH_CHECK(x.size(2) >= kWin && x.size(3) >= kWin,
               "pairwise_ssim: SSIM uses a 7x7 window, images must be at least 7x7, got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kByte || at::isFloatingType(x.scalar_type()),

@@ -152,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_loss_cuda(const at::Tenso
         nrm.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(), grad.mutable_data_ptr<scalar_t>(), b, d);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {loss, terms, grad.to(features.scalar_type())};
+  return {loss, terms, grad};  // grad: in the features' dtype
 }
 
 }  // namespace
