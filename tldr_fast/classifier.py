@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 
 import sys
-from typing import Callable, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -44,8 +44,15 @@ def make_preprocess(spec: Preprocess, classifier: nn.Module, quiet: bool = False
     # (x01 - mean) / std with x01 = (x + 1) / 2, folded into one multiply-add
     scale, shift = 0.5 / std, (0.5 - mean) / std
 
+    on_device: Dict[Tuple[torch.device, torch.dtype], Tuple[Tensor, Tensor]] = {}
+
     def normalise(x: Tensor) -> Tensor:
-        return x * scale.to(x.device, x.dtype) + shift.to(x.device, x.dtype)
+        # scale and shift copied to x's device once: a copy per call would sync the host with the GPU
+        key = (x.device, x.dtype)
+        if key not in on_device:
+            on_device[key] = (scale.to(x.device, x.dtype), shift.to(x.device, x.dtype))
+        s, t = on_device[key]
+        return x * s + t
 
     return normalise
 

@@ -172,11 +172,9 @@ def _say(msg: str) -> None:
 
 def _device(args: argparse.Namespace) -> str:
     """``--device`` made concrete once per command ("auto": the GPU when there is one, quietly)."""
-    from .invert import resolve_device
+    from .backends import resolve_device
 
-    if args.device == "auto" and not torch.cuda.is_available():
-        return "cpu"
-    return str(resolve_device(args.device))
+    return str(resolve_device(args.device, quiet=True))
 
 
 def _train(args: argparse.Namespace, train: ImageDataset, test: Optional[ImageDataset], arch: str, lr: float, batch_size: int):
@@ -249,8 +247,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .grid import save_image_folder
 
     inv = _load_inversion(args.inversion, _device(args))
-    images = inv.sample(n_per_class=args.n_per_class, seed=args.seed)  # [K n, C, H, W] in [-1, 1]
-    labels = torch.arange(inv.num_classes).repeat_interleave(args.n_per_class)
+    labels = inv.labels(n_per_class=args.n_per_class)
+    images = inv.sample(labels=labels, seed=args.seed)  # [K n, C, H, W] in [-1, 1]
     x01 = ((images + 1) / 2).clamp(0, 1)
     out = Path(args.out)
     if out.suffix == ".npz":

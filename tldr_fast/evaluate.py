@@ -268,12 +268,12 @@ def evaluate(
         if labels is None:
             raise ValueError("labels= (the conditioned class of each generated image) is required with an image tensor")
         images = generated
-    elif hasattr(generated, "sample") and hasattr(generated, "num_classes"):
+    elif hasattr(generated, "sample") and hasattr(generated, "labels"):
         if labels is not None:
             raise ValueError("labels= is only for image tensors: an Inversion is sampled n_per_class per class")
         inversion = generated
-        images = inversion.sample(n_per_class=n_per_class)
-        labels = torch.arange(inversion.num_classes).repeat_interleave(n_per_class)
+        labels = inversion.labels(n_per_class=n_per_class)
+        images = inversion.sample(labels=labels)
         value_range = (-1.0, 1.0)
     else:
         raise TypeError(f"generated must be an image tensor [N, C, H, W] or an Inversion, got {type(generated).__name__}")

@@ -10,34 +10,17 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .backends import resolve
+from .backends import resolve, resolve_device
 from .checkpoint import PathLike, load_checkpoint, save_checkpoint
 from .classifier import ClassifierError, FrozenClassifier
 from .config import TERMS, InversionConfig, Preprocess
 from .generator import ConditionedGenerator
 from .progress import progress_bar
-from .step import PIXEL_RANGE, TLDRObjective, step_seed
+from .step import PIXEL_RANGE, TLDRObjective, pixel_eps, step_seed
 
 Tensor = torch.Tensor
 
 
-_cpu_noticed = False
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` is the GPU when there is one, else the CPU (with a one-line notice, once)."""
-    global _cpu_noticed
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if not _cpu_noticed:
-            _cpu_noticed = True
-            print("tldr_fast: no GPU found, running on the CPU", file=sys.stderr)
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name!r} but torch sees no CUDA GPU; use device='cpu' or 'auto'")
-    return device
 
 
 @dataclass
@@ -120,7 +103,7 @@ class Inversion:
         y_all = self.labels(n_per_class=n_per_class or cfg.eval_per_class)
         seed = cfg.seed + 2_000_000_011 if seed is None else seed
         ops = resolve(cfg.backend, self.device, quiet=True)
-        eps = cfg.eps * (PIXEL_RANGE[1] - PIXEL_RANGE[0])
+        eps = pixel_eps(cfg)
         hits = conf = pert_hits = 0.0
         with torch.no_grad():
             for i, (y, x) in enumerate(self._batches(y_all, cfg.batch_size, seed)):

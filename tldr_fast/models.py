@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
-from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import PathLike, atomic_save
+from .backends import resolve_device
+from .checkpoint import PathLike, atomic_save, load_checkpoint
 from .data import ImageDataset
-from .invert import resolve_device
 from .progress import progress_bar
 
 Tensor = torch.Tensor
@@ -239,16 +237,7 @@ def load_classifier(path: PathLike, device: str = "cpu") -> nn.Module:
     plain data (e.g. a tampered pickle) is refused with a ``ValueError`` and nothing in it runs; so is
     one whose parameters do not fit this version's model of its architecture.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such classifier checkpoint: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path} is not a readable tldr_fast classifier checkpoint (refused: {first})") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a tldr_fast classifier checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    ckpt = load_checkpoint(path, CHECKPOINT_FORMAT, "classifier")
     meta: Dict[str, Any] = json.loads(ckpt["meta"])
     model = build_classifier(meta["arch"], meta["input_shape"], meta["num_classes"], **meta.get("arch_kwargs", {}))
     try:

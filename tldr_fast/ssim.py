@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from . import extension, reference
-from .backends import BackendUnavailable, resolve
+from .backends import BackendUnavailable, resolve, resolve_device
 from .progress import progress_bar
 
 Tensor = torch.Tensor
@@ -165,10 +165,6 @@ def pairwise_ssim_torch(a: Tensor, b: Tensor, data_range: float = 1.0) -> Tensor
 # --- choosing an implementation ----------------------------------------------------------------------
 
 
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _op(name: str, device: torch.device) -> SsimOp:
     """The ``pairwise_ssim`` of one implementation, or ``BackendUnavailable`` saying why not."""
     if name == "torch":
@@ -189,7 +185,7 @@ def _op(name: str, device: torch.device) -> SsimOp:
 def implementation(backend: str = "auto", device: Optional[Union[str, torch.device]] = None) -> Tuple[str, SsimOp]:
     """``(name, op)``: the implementation that ``backend`` means on ``device`` (default: the GPU when
     there is one). ``"auto"`` takes the first available of ``AUTO_ORDER`` and says so once on stderr."""
-    device = torch.device(device) if device is not None else _default_device()
+    device = resolve_device("auto" if device is None else str(device), quiet=True)
     if backend != "auto":
         return backend, _op(backend, device)
     for name in AUTO_ORDER.get(device.type, ("torch",)):
@@ -266,7 +262,7 @@ def pairwise_ssim(
     True
     """
     a, b = _pair(a, b)
-    device = torch.device(device) if device is not None else _default_device()
+    device = resolve_device("auto" if device is None else str(device), quiet=True)
     name, op = implementation(backend, device)
     bn, bm = _block_shape(name, device, a, b, budget_mb)
     out = torch.empty(a.shape[0], b.shape[0], dtype=torch.float32, device=out_device or device)
@@ -294,7 +290,7 @@ def nearest_ssim(
     (fp32 and int64, on the CPU), by descending SSIM; the top-k is merged block by block, so ``N x M``
     is never stored. ``k`` is capped at ``M``. Arguments as :func:`pairwise_ssim`."""
     a, b = _pair(a, b)
-    device = torch.device(device) if device is not None else _default_device()
+    device = resolve_device("auto" if device is None else str(device), quiet=True)
     name, op = implementation(backend, device)
     k = min(k, b.shape[0])
     bn, bm = _block_shape(name, device, a, b, budget_mb)

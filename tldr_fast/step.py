@@ -14,6 +14,11 @@ Tensor = torch.Tensor
 PIXEL_RANGE = (-1.0, 1.0)  # the generator's tanh output
 
 
+def pixel_eps(cfg: InversionConfig) -> float:
+    """The perturbation size in pixel units: ``cfg.eps`` is a fraction of the generator's pixel range."""
+    return cfg.eps * (PIXEL_RANGE[1] - PIXEL_RANGE[0])
+
+
 def step_seed(seed: int, step: int, stream: int = 0) -> int:
     """The seed of everything random in ``step``: a run is a function of (seed, step), so a resumed run
     draws exactly what an uninterrupted one would."""
@@ -33,13 +38,14 @@ class TLDRObjective:
         self.robust = cfg.active("ce_pert") or cfg.active("kl_pert")
         self.diverse = cfg.active("cos") or cfg.active("ortho")
         self.prior = cfg.active("tv") or cfg.active("pix")
-        self.eps = cfg.eps * (PIXEL_RANGE[1] - PIXEL_RANGE[0])
+        self.eps = pixel_eps(cfg)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
         # cfg.compile: compiled callables for the loop; the modules themselves stay as they are
         self.generate = torch.compile(generator) if cfg.compile else generator
         self.classify = target.compiled() if cfg.compile else target
         self._weights = torch.empty(0, len(TERMS), device=device)
         self._zeros = torch.zeros(2, device=device)  # the terms of an inactive op (no allocation per step)
+        self._gen = torch.Generator(device)  # reseeded every step: a step's draws are a function of (seed, step)
         if cfg.grad_norm == "full":
             self.params = [p for p in target.classifier.parameters() if p.requires_grad]
         if cfg.cuda_graph and device.type != "cuda":
@@ -56,8 +62,8 @@ class TLDRObjective:
 
     def __call__(self, step: int):
         cfg, b = self.cfg, self.cfg.batch_size
-        gen = torch.Generator(self.device).manual_seed(step_seed(cfg.seed, step))
-        z, c, y = sample_conditions(b, self.g.num_classes, self.g.nz, cfg.conditioning, gen, self.device)
+        self._gen.manual_seed(step_seed(cfg.seed, step))
+        z, c, y = sample_conditions(b, self.g.num_classes, self.g.nz, cfg.conditioning, self._gen, self.device)
         w = self.weights(step)
         with self.autocast:
             x = self.generate(z, c, y)  # [B, C, H, W] in [-1, 1]
