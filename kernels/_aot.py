@@ -40,7 +40,6 @@ def _resource_usage(cubin: bytes) -> str:
     """Registers and stack-frame bytes per thread (where ptxas puts spilled registers), from cuobjdump's
     resource usage."""
     import re
-    import subprocess
     import tempfile
 
     from triton import knobs

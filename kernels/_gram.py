@@ -43,7 +43,9 @@ def _gram_kernel(
     EXTRA: tl.constexpr, QUAD: tl.constexpr, FINAL: tl.constexpr, PREC: tl.constexpr,
     BR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TP: tl.constexpr,
 ):
-    eps = tl.cast(eps, tl.float32)  # Inductor passes Python floats as fp64; keep the loop-carried sums fp32
+    eps = tl.cast(eps, tl.float32)  # float arguments in fp32 (see _utils)
+    scale_lo = tl.cast(scale_lo, tl.float32)
+    scale_hi = tl.cast(scale_hi, tl.float32)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     split = tl.program_id(2)

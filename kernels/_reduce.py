@@ -61,6 +61,8 @@ def _sum_splits_kernel(ws_ptr, out_ptr, S, W, ldc, N,
 
     ws: [S, W] fp32 -> out: [W]; grid (cdiv(W, BLOCK),)
     """
+    scale_lo = tl.cast(scale_lo, tl.float32)  # float arguments in fp32 (see _utils)
+    scale_hi = tl.cast(scale_hi, tl.float32)
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < W

@@ -3,6 +3,9 @@
 * ``INTERPRET``: kernels run under the Triton interpreter (``TRITON_INTERPRET=1``, CPU tensors, tests).
 * ``empty``: output/scratch buffers; NaN-filled when ``TLDR_FAST_POISON=1`` so that an element a
   kernel forgets to write shows up in tests.
+* Every kernel casts its float arguments to fp32 on entry: Inductor passes Python floats as fp64, which
+  would turn fp32 arithmetic (and loop-carried sums) into fp64 under ``torch.compile`` (``_aot`` checks
+  every kernel variant with fp64 floats).
 * ``triton_op`` / ``launch``: every op is a ``torch.library`` op so that a loss using it traces under
   ``torch.compile(fullgraph=True)``. On GPUs that is ``torch.library.triton_op`` with
   ``wrap_triton`` launches (Inductor sees and schedules the kernels). The interpreter cannot run on
@@ -21,14 +24,16 @@ import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# Precision of fp32 x fp32 tl.dot (bf16/fp16 operands use the tensor cores natively). "ieee" (fp32
-# FMAs) stays within the tests' 2e-5 of the reference. "tf32x3" (three TF32 tensor-core products) would
+# Precision of the loss kernels' tl.dot, whose operands are always fp32 (bf16/fp16 inputs are converted
+# first: see _gram.py). "ieee" (fp32 FMAs) stays within the tests' 2e-5 of the reference. "tf32x3" (three TF32 tensor-core products) would
 # be several times faster for the large-B feature Gram, but with it emulated in the interpreter the
 # fp32 feature_loss tests fail now and then (Ortho and its gradient cancel terms of size ~B).
 FP32_DOT = "ieee"
 
-# Columns of the partial-sums buffers: every op's T <= 5 terms, padded to a power of two.
+# Columns of the partial-sums buffers: every op's T <= 5 terms, padded to a power of two; and the rows
+# of such a buffer that _reduce._sum_partials sums per step.
 TERMS_PAD = 8
+BLOCK_ROWS = 256
 
 
 def _patch_interpreter_index() -> None:

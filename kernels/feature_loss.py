@@ -35,11 +35,10 @@ from ..reference import NORM_EPS
 from ._gram import EXTRA_INV, EXTRA_NONE, gram, plan_gram
 from ._reduce import _finish, _store_partial_row
 from ..fused_autograd import fused_autograd
-from ._utils import FP32_DOT, TERMS_PAD, block, cdiv, compute_dtype, empty, launch, triton_op, weights_fp32
+from ._utils import BLOCK_ROWS, FP32_DOT, TERMS_PAD, block, cdiv, compute_dtype, empty, launch, triton_op, weights_fp32
 
 Tensor = torch.Tensor
 _COS, _ORTHO = 0, 1  # columns of terms / partial sums
-_BLOCK_ROWS = 256  # partial-sum rows summed per step by _finish
 _NORM_ROWS = 16  # feature rows per program of the norms kernel
 
 
@@ -81,7 +80,9 @@ def _feature_grad_kernel(
     GRAM_BB: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
     TP: tl.constexpr, BLOCK_ROWS: tl.constexpr,
 ):
-    eps = tl.cast(eps, tl.float32)  # Inductor passes Python floats as fp64; keep the loop-carried sums fp32
+    eps = tl.cast(eps, tl.float32)  # float arguments in fp32 (see _utils)
+    cos_scale = tl.cast(cos_scale, tl.float32)
+    ortho_scale = tl.cast(ortho_scale, tl.float32)
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
     rows = pid_b * BB + tl.arange(0, BB)
@@ -159,7 +160,7 @@ def _feature_loss_op(features: Tensor, weights: Tensor) -> Tuple[Tensor, Tensor,
         _feature_grad_kernel, (cdiv(b, bb), cdiv(d, bd)),
         phi, norms, g, weights, part, n_part, dphi, terms, loss,
         b, d, NORM_EPS, 2.0 / (b * (b - 1)), 4.0 / b**2,
-        GRAM_BB=gram_bb, BB=bb, BD=bd, BK=32, PREC=FP32_DOT, TP=TERMS_PAD, BLOCK_ROWS=_BLOCK_ROWS, num_warps=8,
+        GRAM_BB=gram_bb, BB=bb, BD=bd, BK=32, PREC=FP32_DOT, TP=TERMS_PAD, BLOCK_ROWS=BLOCK_ROWS, num_warps=8,
     )
     return loss, terms, dphi
 

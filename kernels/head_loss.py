@@ -34,11 +34,10 @@ import triton.language as tl
 from ._gram import EXTRA_NONE, EXTRA_ONES, gram, plan_gram
 from ._reduce import _finish, _finish_kernel, _sum_partials
 from ..fused_autograd import fused_autograd
-from ._utils import FP32_DOT, TERMS_PAD, block, cdiv, check_devices, compute_dtype, empty, launch, triton_op, weights_fp32
+from ._utils import BLOCK_ROWS, FP32_DOT, TERMS_PAD, block, cdiv, check_devices, compute_dtype, empty, launch, triton_op, weights_fp32
 
 Tensor = torch.Tensor
 _GN_COL = 4  # column of the grad-norm term in terms / partial sums
-_BLOCK_ROWS = 256  # rows of the partial buffer summed per step by _finish
 
 
 @triton.jit
@@ -72,6 +71,7 @@ def _head_rows_kernel(
     B, K, inv_b,
     PERT: tl.constexpr, GN: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr, TP: tl.constexpr,
 ):
+    inv_b = tl.cast(inv_b, tl.float32)  # float arguments in fp32 (see _utils)
     pid = tl.program_id(0)
     rows = pid * BB + tl.arange(0, BB)
     mask_r = rows < B
@@ -151,7 +151,7 @@ def _head_grad_kernel(
     phi_ptr,  # features: [B, D]
     g_ptr,  # G_aug = [G | h]: [K, DA] fp32, DA = D + HAS_BIAS
     w_ptr,  # weights: [5] fp32
-    part_ptr, n_part,  # partial sums: [n_part, 5], complete
+    part_ptr, n_part, gram_row0,  # partial sums: [n_part, 5], complete; the grad-norm column's rows start at gram_row0
     dz_ptr,  # d loss / d logits: [N, K], clean rows written here
     dphi_ptr,  # d loss / d features: [B, D]
     terms_ptr, loss_ptr,  # [5], []: written by program 0
@@ -159,14 +159,17 @@ def _head_grad_kernel(
     HAS_BIAS: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
     TP: tl.constexpr, BLOCK_ROWS: tl.constexpr,
 ):
+    inv_b = tl.cast(inv_b, tl.float32)  # float arguments in fp32 (see _utils)
     pid = tl.program_id(0)
     DA = D + HAS_BIAS
     rows = pid * BB + tl.arange(0, BB)
     mask_r = rows < B
     labels = tl.load(y_ptr + rows, mask=mask_r, other=0)
     t = tl.arange(0, TP)
-    # s / B^2 = sum of the grad-norm column; GN = sqrt(s) / B; coef = w_gn / (B sqrt(s)) (0 if s = 0)
-    q = tl.sum(tl.where(t == 4, _sum_partials(part_ptr, n_part, 5, TP, BLOCK_ROWS), 0.0), axis=0)
+    # s / B^2 = sum of the grad-norm column (only the Gram's rows hold it); GN = sqrt(s) / B;
+    # coef = w_gn / (B sqrt(s)) (0 if s = 0)
+    gram_part = _sum_partials(part_ptr + gram_row0 * 5, n_part - gram_row0, 5, TP, BLOCK_ROWS)
+    q = tl.sum(tl.where(t == 4, gram_part, 0.0), axis=0)  # column _GN_COL
     gn = tl.sqrt(q)
     coef = tl.load(w_ptr + 4) * tl.where(q > 0, inv_b * inv_b / tl.where(q > 0, gn, 1.0), 0.0)
 
@@ -257,7 +260,7 @@ def _head_loss_op(
     )
     if not gn:
         launch(_finish_kernel, (1,), part, n_part, 5, weights, terms, loss,
-               SQRT_COL=_GN_COL, TP=TERMS_PAD, BLOCK_ROWS=_BLOCK_ROWS)
+               SQRT_COL=_GN_COL, TP=TERMS_PAD, BLOCK_ROWS=BLOCK_ROWS)
         return loss, terms, dz, torch.empty(0, device=device, dtype=logits.dtype)
     # G_aug = E^T [Phi | 1]; its squares are s = ||G||^2 (+ ||h||^2), scaled by 1/B^2 into column 4
     g = gram(plan, e, (k, 1), phi, (d, 1), part, p1, (_GN_COL, _GN_COL), (1.0 / b**2, 1.0 / b**2))
@@ -265,9 +268,9 @@ def _head_loss_op(
     bb2 = 32
     launch(
         _head_grad_kernel, (cdiv(b, bb2),),
-        e, c, y, phi, g, weights, part, n_part, dz, dphi, terms, loss, b, k, d, 1.0 / b,
+        e, c, y, phi, g, weights, part, n_part, p1, dz, dphi, terms, loss, b, k, d, 1.0 / b,
         HAS_BIAS=head_bias, BB=bb2, BK=block(k, hi=32), BD=block(d + int(head_bias), hi=64), PREC=FP32_DOT,
-        TP=TERMS_PAD, BLOCK_ROWS=_BLOCK_ROWS, num_warps=8,
+        TP=TERMS_PAD, BLOCK_ROWS=BLOCK_ROWS, num_warps=8,
     )
     return loss, terms, dz, dphi
 

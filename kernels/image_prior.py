@@ -24,9 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._reduce import _finish_kernel
+from ._reduce import _finish_kernel, _store_partial_row
 from ..fused_autograd import fused_autograd
-from ._utils import TERMS_PAD, cdiv, compute_dtype, empty, launch, num_sms, triton_op, weights_fp32
+from ._utils import BLOCK_ROWS, TERMS_PAD, cdiv, compute_dtype, empty, launch, num_sms, triton_op, weights_fp32
 
 Tensor = torch.Tensor
 _BLOCK = 2048  # pixels per block (a program takes several, grid-stride)
@@ -45,7 +45,8 @@ def _image_prior_kernel(
 ):
     # Program p takes blocks p, p + programs, ... (grid-stride), so its sums are reduced once.
     pid = tl.program_id(0)
-    lo = tl.cast(lo, tl.float32)  # Inductor passes Python floats as fp64; keep the sums fp32
+    inv_b = tl.cast(inv_b, tl.float32)  # float arguments in fp32 (see _utils)
+    lo = tl.cast(lo, tl.float32)
     hi = tl.cast(hi, tl.float32)
     w_tv = tl.load(w_ptr + 0)
     w_pix = tl.load(w_ptr + 1)
@@ -70,10 +71,7 @@ def _image_prior_kernel(
         tl.store(dx_ptr + offs, (w_tv * g_tv + w_pix * g_pix).to(dx_ptr.dtype.element_ty), mask=mask)
         tv += d_dn * d_dn + d_rt * d_rt
         pix += tl.where(mask, tl.maximum(x - hi, 0.0) + tl.maximum(lo - x, 0.0), 0.0)
-    t = tl.arange(0, TP)
-    tv_sum = tl.sum(tv, axis=0) * inv_b
-    pix_sum = tl.sum(pix, axis=0)
-    tl.store(part_ptr + pid * 2 + t, tl.where(t == 0, tv_sum, pix_sum), mask=t < 2)
+    _store_partial_row(part_ptr, pid, 2, 0, tl.sum(tv, axis=0) * inv_b, 1, tl.sum(pix, axis=0), TP)
 
 
 @triton_op("tldr_triton::image_prior")
@@ -87,7 +85,7 @@ def _image_prior_op(images: Tensor, weights: Tensor, lo: float, hi: float) -> Tu
     chunks = [(i, min(b, i + step)) for i in range(0, b, step)]
     progs = [min(cdiv((j - i) * per_image, _BLOCK), _PROGRAMS_PER_SM * num_sms(device)) for i, j in chunks]
     part = empty((max(sum(progs), 1), 2), device)
-    if not progs or sum(progs) == 0:  # no pixels: both terms are 0
+    if sum(progs) == 0:  # no pixels: both terms are 0
         part.zero_()
     dx = empty(x.shape, device, x.dtype)
     loss, terms = empty((), device), empty((2,), device)
@@ -99,7 +97,7 @@ def _image_prior_op(images: Tensor, weights: Tensor, lo: float, hi: float) -> Tu
                 (j - i) * per_image, 1.0 / b, lo, hi, H=h, W=w, BLOCK=_BLOCK, TP=TERMS_PAD, num_warps=8,
             )
         row += n_prog
-    launch(_finish_kernel, (1,), part, part.shape[0], 2, weights, terms, loss, SQRT_COL=-1, TP=TERMS_PAD, BLOCK_ROWS=256)
+    launch(_finish_kernel, (1,), part, part.shape[0], 2, weights, terms, loss, SQRT_COL=-1, TP=TERMS_PAD, BLOCK_ROWS=BLOCK_ROWS)
     return loss, terms, dx
 
 

@@ -54,6 +54,9 @@ def _perturb_kernel(
     n, eps, lo, hi, seed,
     KIND: tl.constexpr, MODE: tl.constexpr, WORDS: tl.constexpr, LANES: tl.constexpr,
 ):
+    eps = tl.cast(eps, tl.float32)  # float arguments in fp32 (see _utils)
+    lo = tl.cast(lo, tl.float32)
+    hi = tl.cast(hi, tl.float32)
     pid = tl.program_id(0)
     words = pid * WORDS + tl.arange(0, WORDS)  # Philox counters
     offs = words.to(tl.int64)[:, None] * LANES + tl.arange(0, LANES)[None, :]

@@ -29,7 +29,7 @@ def test_split_gram_path(triton_backend, gen):
 def test_many_partial_rows(triton_backend, gen):
     """More partial-sum rows than the finishing program reads per step (a tall, thin batch)."""
     b, d = 4200, 3
-    assert -(-b // op_module._NORM_ROWS) > op_module._BLOCK_ROWS  # rows written by the norms kernel alone
+    assert -(-b // op_module._NORM_ROWS) > op_module.BLOCK_ROWS  # rows written by the norms kernel alone
     check_backend(triton_backend, rand(gen, b, d) + 0.3, weights(gen), rtol=2e-5, atol=2e-6)
 
 
