@@ -37,6 +37,20 @@ def rand(gen, *shape, dtype=torch.float32, device=DEVICE, scale=1.0):
     return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
 
 
+def rand_weights(gen, n=2, device=DEVICE):
+    """Loss weights in [0.5, 1.5) drawn on the CPU from ``gen``: ``[n]`` fp32 on ``device``."""
+    return (torch.rand(n, generator=gen) + 0.5).to(device)
+
+
+def loss_and_grad(fn, x):
+    """``fn`` (returning ``(loss, terms)``) on a fresh leaf copy of ``x``, then ``loss.backward()``:
+    ``(loss, terms, d loss / d x)``."""
+    xi = x.detach().clone().requires_grad_(True)
+    loss, terms = fn(xi)
+    loss.backward()
+    return loss, terms, xi.grad
+
+
 def assert_close(actual, expected, rtol=2e-5, atol=1e-6, what=""):
     """fp32 tolerance: about 1e-5 relative; every element finite (poisoned outputs are NaN)."""
     assert torch.isfinite(actual).all(), f"{what}: non-finite elements (unwritten output?)"

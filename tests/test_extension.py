@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tldr_fast import extension as ext
 from tldr_fast import reference as ref
 from tldr_fast.backends import BackendUnavailable, resolve
-from tests.helpers import DEVICE, HAS_CUDA, assert_close, assert_low_precision_close, rand
+from tests.helpers import DEVICE, HAS_CUDA, assert_close, assert_low_precision_close, rand, rand_weights
 
 DEVICES = ["cpu", "cuda"] if HAS_CUDA else ["cpu"]
 
@@ -177,7 +177,7 @@ def head_args(gen, device, b=6, k=5, d=4, pert=True, features=True, dtype=torch.
     target = F.softmax(rand(gen, b, k, device=device), 1).to(dtype)
     logits = rand(gen, (2 if pert else 1) * b, k, device=device, dtype=dtype).requires_grad_(True)
     feats = rand(gen, b, d, device=device, dtype=dtype).requires_grad_(True) if features else None
-    weights = (torch.rand(5, generator=gen) + 0.5).to(device)
+    weights = rand_weights(gen, 5, device)
     return (logits, target, labels, feats, weights, head_bias)
 
 

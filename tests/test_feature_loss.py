@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tldr_fast import reference as ref
-from tests.helpers import DEVICE, assert_close, assert_low_precision_close, rand
+from tests.helpers import DEVICE, assert_close, assert_low_precision_close, rand, rand_weights
 
 
 def naive_feature_terms(phi):
@@ -76,7 +76,7 @@ def check_backend(fast, phi, w, **tol):
 @pytest.mark.parametrize("b,d", SHAPES)
 def test_fast_matches_reference(fast, gen, b, d):
     phi = rand(gen, b, d) + 0.3  # a common direction, as real features have: Cos well away from 0
-    w = (torch.rand(2, generator=gen) + 0.5).to(DEVICE)
+    w = rand_weights(gen)
     check_backend(fast, phi, w, rtol=2e-5, atol=2e-6)
 
 

@@ -8,36 +8,35 @@ import pytest
 import torch
 
 from tldr_fast.reference import NORM_EPS
-from tests.helpers import DEVICE, assert_close, rand
+from tests.helpers import DEVICE, assert_close, loss_and_grad, rand, rand_weights
 from tests.test_feature_loss import check_backend
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.usefixtures("triton_backend")  # skipped wherever the Triton backend cannot run
 
 op_module = importlib.import_module("tldr_fast.kernels.feature_loss")
 gram_module = importlib.import_module("tldr_fast.kernels._gram")
-
-
-def weights(gen):
-    return (torch.rand(2, generator=gen) + 0.5).to(DEVICE)
 
 
 def test_split_gram_path(triton_backend, gen):
     """D x D Gram (with S in its extra column) split over row ranges and summed by a second kernel."""
     b, d = 2 * gram_module._MIN_SPLIT_ROWS + 5, 16  # enough rows to split, on a GPU too
     assert gram_module.plan_gram(b, d, d, gram_module.EXTRA_INV, torch.device(DEVICE)).splits > 1
-    check_backend(triton_backend, rand(gen, b, d) + 0.3, weights(gen), rtol=2e-5, atol=2e-6)
+    check_backend(triton_backend, rand(gen, b, d) + 0.3, rand_weights(gen), rtol=2e-5, atol=2e-6)
 
 
 def test_many_partial_rows(triton_backend, gen):
     """More partial-sum rows than the finishing program reads per step (a tall, thin batch)."""
     b, d = 4200, 3
     assert -(-b // op_module._NORM_ROWS) > op_module.BLOCK_ROWS  # rows written by the norms kernel alone
-    check_backend(triton_backend, rand(gen, b, d) + 0.3, weights(gen), rtol=2e-5, atol=2e-6)
+    check_backend(triton_backend, rand(gen, b, d) + 0.3, rand_weights(gen), rtol=2e-5, atol=2e-6)
 
 
 @pytest.mark.parametrize("b,d", [(70, 100), (40, 40), (40, 41)])
 def test_gram_choice_boundary_and_tiles(triton_backend, gen, b, d):
     """D > B uses the B x B Gram (here 2 x 2 tiles of it, and its quadratic form for Cos); D = B the
     D x D one."""
-    check_backend(triton_backend, rand(gen, b, d) + 0.3, weights(gen), rtol=2e-5, atol=2e-6)
+    check_backend(triton_backend, rand(gen, b, d) + 0.3, rand_weights(gen), rtol=2e-5, atol=2e-6)
 
 
 @pytest.mark.parametrize("b,d", [(9, 16), (6, 20)])  # both Gram branches
@@ -51,19 +50,14 @@ def test_clamped_norms(triton_backend, gen, b, d):
 
 
 def test_bitwise_deterministic(triton_backend, gen):
-    phi = rand(gen, 300, 16)
-    runs = []
-    for _ in range(2):
-        f = phi.clone().requires_grad_(True)
-        loss, terms = triton_backend.feature_loss(f, weights(torch.Generator().manual_seed(1)))
-        loss.backward()
-        runs.append((loss, terms, f.grad))
+    phi, w = rand(gen, 300, 16), rand_weights(gen)
+    runs = [loss_and_grad(lambda f: triton_backend.feature_loss(f, w), phi) for _ in range(2)]
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
 
 def test_weights_gradient_is_the_terms(triton_backend, gen):
-    w = weights(gen).requires_grad_(True)
+    w = rand_weights(gen).requires_grad_(True)
     loss, terms = triton_backend.feature_loss(rand(gen, 12, 7), w)
     (loss * 0.5).backward()
     assert not terms.requires_grad
@@ -72,27 +66,22 @@ def test_weights_gradient_is_the_terms(triton_backend, gen):
 
 @pytest.mark.parametrize("b,d", [(6, 5), (3, 9)])
 def test_opcheck(gen, b, d):
-    torch.library.opcheck(op_module._feature_loss_op, (rand(gen, b, d).requires_grad_(True), weights(gen)))
+    torch.library.opcheck(op_module._feature_loss_op, (rand(gen, b, d).requires_grad_(True), rand_weights(gen)))
 
 
 def test_too_small_batch_is_a_clear_error(triton_backend, gen):
     with pytest.raises(ValueError, match="B >= 2"):
-        triton_backend.feature_loss(rand(gen, 1, 8), weights(gen))
+        triton_backend.feature_loss(rand(gen, 1, 8), rand_weights(gen))
 
 
 def test_torch_compile_fullgraph(triton_backend, gen):
     phi = rand(gen, 33, 8)
-    w = weights(gen)
+    w = rand_weights(gen)
 
     def block(f):
         return triton_backend.feature_loss(f.relu(), w)
 
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
-    out = []
-    for fn in (compiled, block):
-        f = phi.clone().requires_grad_(True)
-        loss, terms = fn(f)
-        loss.backward()
-        out.append((terms, f.grad))
+    out = [loss_and_grad(fn, phi)[1:] for fn in (compiled, block)]  # terms, d/dfeatures
     for a, b, what in zip(*out, ("terms", "d/dfeatures")):
         assert_close(a, b, what=what)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from tldr_fast import reference as ref
-from tests.helpers import DEVICE, assert_close, backend_or_skip, assert_low_precision_close, rand
+from tests.helpers import DEVICE, assert_close, assert_low_precision_close, backend_or_skip, rand, rand_weights
 
 
 def make_inputs(gen, b, k, d, pert=True, soft=False, dtype=torch.float32, device=DEVICE):
@@ -17,7 +17,7 @@ def make_inputs(gen, b, k, d, pert=True, soft=False, dtype=torch.float32, device
     else:
         target = F.one_hot(labels, k).to(dtype)
     feats = rand(gen, b, d, dtype=dtype, device=device) if d else None
-    weights = (torch.rand(5, generator=gen) + 0.5).to(device)
+    weights = rand_weights(gen, 5, device)
     return logits, target, labels, feats, weights
 
 

@@ -10,6 +10,9 @@ import torch
 from tests.helpers import DEVICE, assert_close
 from tests.test_head_loss import check_backend, make_inputs
 
+pytest.importorskip("triton")
+pytestmark = pytest.mark.usefixtures("triton_backend")  # skipped wherever the Triton backend cannot run
+
 op_module = importlib.import_module("tldr_fast.kernels.head_loss")
 gram_module = importlib.import_module("tldr_fast.kernels._gram")
 

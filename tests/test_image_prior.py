@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tldr_fast import reference as ref
-from tests.helpers import DEVICE, assert_close, assert_low_precision_close, rand
+from tests.helpers import DEVICE, assert_close, assert_low_precision_close, rand, rand_weights
 
 
 def naive_prior_terms(x, lo, hi):
@@ -66,7 +66,7 @@ def check_backend(fast, x, w, lo, hi, **tol):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_fast_matches_reference(fast, gen, shape):
     x = rand(gen, *shape, scale=1.3)  # partly outside [-1, 1]: Pix is active
-    w = (torch.rand(2, generator=gen) + 0.5).to(DEVICE)
+    w = rand_weights(gen)
     check_backend(fast, x, w, -1.0, 1.0)
 
 

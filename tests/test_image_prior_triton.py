@@ -7,14 +7,13 @@ import importlib
 import pytest
 import torch
 
-from tests.helpers import DEVICE, assert_close, rand
+from tests.helpers import DEVICE, assert_close, loss_and_grad, rand, rand_weights
 from tests.test_image_prior import check_backend
 
+pytest.importorskip("triton")
+pytestmark = pytest.mark.usefixtures("triton_backend")  # skipped wherever the Triton backend cannot run
+
 op_module = importlib.import_module("tldr_fast.kernels.image_prior")
-
-
-def weights(gen):
-    return (torch.rand(2, generator=gen) + 0.5).to(DEVICE)
 
 
 def test_blocks_split_image_lines(triton_backend, gen):
@@ -22,7 +21,7 @@ def test_blocks_split_image_lines(triton_backend, gen):
     the neighbours of a block's first and last pixels are another program's pixels."""
     shape = (3, 2, 37, 29)
     assert shape[0] * shape[1] * shape[2] * shape[3] > 3 * op_module._BLOCK and (shape[3] * shape[2]) % op_module._BLOCK
-    check_backend(triton_backend, rand(gen, *shape, scale=1.3), weights(gen), -1.0, 1.0)
+    check_backend(triton_backend, rand(gen, *shape, scale=1.3), rand_weights(gen), -1.0, 1.0)
 
 
 def test_launches_in_chunks_of_whole_images(triton_backend, gen, monkeypatch):
@@ -30,13 +29,13 @@ def test_launches_in_chunks_of_whole_images(triton_backend, gen, monkeypatch):
     the partial sums of all launches add up."""
     shape = (5, 2, 9, 11)
     monkeypatch.setattr(op_module, "_CHUNK", 2 * 2 * 9 * 11)  # two images per launch: 3 launches
-    check_backend(triton_backend, rand(gen, *shape, scale=1.3), weights(gen), -1.0, 1.0)
+    check_backend(triton_backend, rand(gen, *shape, scale=1.3), rand_weights(gen), -1.0, 1.0)
 
 
 @pytest.mark.parametrize("shape", [(3, 2, 1, 7), (3, 2, 7, 1), (1, 1, 1, 1), (4, 1, 5, 3)])
 def test_degenerate_sizes(triton_backend, gen, shape):
     """A single line, a single column, a single pixel: TV terms without neighbours vanish."""
-    check_backend(triton_backend, rand(gen, *shape, scale=1.3), weights(gen), -1.0, 1.0)
+    check_backend(triton_backend, rand(gen, *shape, scale=1.3), rand_weights(gen), -1.0, 1.0)
 
 
 def test_pixels_on_the_bounds_have_zero_pix_gradient(triton_backend, gen):
@@ -49,24 +48,19 @@ def test_pixels_on_the_bounds_have_zero_pix_gradient(triton_backend, gen):
 
 def test_non_contiguous_input(triton_backend, gen):
     x = rand(gen, 3, 9, 8, 2, scale=1.3).permute(0, 3, 1, 2)  # [3, 2, 9, 8], channels-last-like
-    check_backend(triton_backend, x, weights(gen), -1.0, 1.0)
+    check_backend(triton_backend, x, rand_weights(gen), -1.0, 1.0)
 
 
 def test_bitwise_deterministic(triton_backend, gen):
     x = rand(gen, 2, 2, 64, 300, scale=1.3)
-    w = weights(gen)
-    runs = []
-    for _ in range(2):
-        xi = x.clone().requires_grad_(True)
-        loss, terms = triton_backend.image_prior(xi, w, -1.0, 1.0)
-        loss.backward()
-        runs.append((loss, terms, xi.grad))
+    w = rand_weights(gen)
+    runs = [loss_and_grad(lambda xi: triton_backend.image_prior(xi, w, -1.0, 1.0), x) for _ in range(2)]
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
 
 def test_weights_gradient_is_the_terms(triton_backend, gen):
-    w = weights(gen).requires_grad_(True)
+    w = rand_weights(gen).requires_grad_(True)
     loss, terms = triton_backend.image_prior(rand(gen, 2, 3, 5, 6, scale=1.3), w, -1.0, 1.0)
     (loss * 2.0).backward()
     assert not terms.requires_grad
@@ -75,22 +69,17 @@ def test_weights_gradient_is_the_terms(triton_backend, gen):
 
 def test_opcheck(gen):
     x = rand(gen, 2, 3, 5, 6, scale=1.3).requires_grad_(True)
-    torch.library.opcheck(op_module._image_prior_op, (x, weights(gen), -1.0, 1.0))
+    torch.library.opcheck(op_module._image_prior_op, (x, rand_weights(gen), -1.0, 1.0))
 
 
 def test_torch_compile_fullgraph(triton_backend, gen):
     x = rand(gen, 3, 3, 8, 8)
-    w = weights(gen)
+    w = rand_weights(gen)
 
     def block(xi):
         return triton_backend.image_prior(torch.tanh(xi) * 1.2, w, -1.0, 1.0)
 
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
-    out = []
-    for fn in (compiled, block):
-        xi = x.clone().requires_grad_(True)
-        loss, terms = fn(xi)
-        loss.backward()
-        out.append((terms, xi.grad))
+    out = [loss_and_grad(fn, x)[1:] for fn in (compiled, block)]  # terms, d/dimages
     for a, b, what in zip(*out, ("terms", "d/dimages")):
         assert_close(a, b, what=what)

@@ -6,17 +6,16 @@ its CPU kernel here, its CUDA kernel on a GPU). scikit-image's ``structural_simi
 pair by pair) is the oracle: fp32 inputs must agree to ``TOL``.
 """
 
-import importlib.util
 import os
 import sys
 
-import numpy as np
 import pytest
 import torch
 from skimage.metrics import structural_similarity
 
 from tldr_fast import ssim
 from tldr_fast.backends import BackendUnavailable
+from tldr_fast.data import load_foolbox_samples
 from tests.helpers import DEVICE, HAS_CUDA
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -77,21 +76,11 @@ def images(gen, n, c, h, w, device="cpu"):
     return torch.rand(n, c, h, w, generator=gen).to(device)
 
 
-def foolbox_images(prefix):
-    """foolbox's real sample images whose file name starts with ``prefix`` (e.g. "mnist_"), as uint8
-    ``[n, C, H, W]``, and their labels (from the file names)."""
-    spec = importlib.util.find_spec("foolbox")
-    if spec is None:
-        pytest.skip("foolbox (real sample images) is not installed")
-    from PIL import Image
-
-    folder = os.path.join(os.path.dirname(spec.origin), "data")
-    files = sorted(f for f in os.listdir(folder) if f.startswith(prefix) and f.endswith(".png"))
-    arrays = [np.asarray(Image.open(os.path.join(folder, f))) for f in files]
-    x = torch.from_numpy(np.stack(arrays))
-    x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)
-    labels = torch.tensor([int(f.rsplit("_", 1)[1].split(".")[0]) for f in files])
-    return x.contiguous(), labels
+def foolbox_images(name):
+    """foolbox's real sample images of set ``name`` (e.g. "mnist") as uint8 ``[n, C, H, W]``, and their
+    labels (``tldr_fast.data.load_foolbox_samples``; missing data is a skip, or a failure in CI)."""
+    ds = load_foolbox_samples(name)
+    return (ds.images * 255).round().to(torch.uint8), ds.labels
 
 
 # --- every implementation against scikit-image ---------------------------------------------------------
@@ -109,14 +98,14 @@ def test_random_images_match_skimage(name, device, shape, gen):
     assert abs(out[0, 1].item() - 1.0) < tol_of(name)
 
 
-@pytest.mark.parametrize("name,device,prefix", cases_and_shapes(["mnist_", "fashionMNIST_"], ["cifar10_"]))
-def test_real_images_match_skimage(name, device, prefix):
+@pytest.mark.parametrize("name,device,dataset", cases_and_shapes(["mnist", "fashionMNIST"], ["cifar10"]))
+def test_real_images_match_skimage(name, device, dataset):
     """foolbox's real MNIST, Fashion-MNIST (1x28x28) and CIFAR-10 (3x32x32) images, uint8."""
     op = implementation(name, device)
-    x, _ = foolbox_images(prefix)
+    x, _ = foolbox_images(dataset)
     n = 2 if name == "triton" and INTERPRET else 6
     a, b = (ssim.as_unit_images(t) for t in (x[:n], x[n : 2 * n + 3]))
-    check(op(a.to(device), b.to(device), 1.0), skimage_matrix(a, b), tol_of(name), f"{name} {prefix}")
+    check(op(a.to(device), b.to(device), 1.0), skimage_matrix(a, b), tol_of(name), f"{name} {dataset}")
 
 
 @pytest.mark.parametrize("name,device", CASES)
@@ -230,7 +219,7 @@ def test_nearest_equals_topk_of_the_matrix(k, gen):
 
 def test_nearest_finds_planted_duplicates(gen):
     """Training images copied into the generated set are found, with SSIM 1."""
-    x, _ = foolbox_images("mnist_")
+    x, _ = foolbox_images("mnist")
     train = torch.cat([x, (images(gen, 30, 1, 28, 28) * 255).to(torch.uint8)])
     planted = torch.tensor([3, 11, 25, 40])
     gen_images = torch.cat([train[planted], (images(gen, 2, 1, 28, 28) * 255).to(torch.uint8)])
@@ -307,7 +296,7 @@ def test_gpu_triton_precisions(precision, tol, gen):
     implementation("triton", "cuda")
     from tldr_fast.kernels import pairwise_ssim as triton_ssim
 
-    x, _ = foolbox_images("cifar10_")
+    x, _ = foolbox_images("cifar10")
     a, b = x[:8].cuda(), torch.cat([x[8:], (images(gen, 40, 3, 32, 32) * 255).to(torch.uint8)]).cuda()
     check(triton_ssim(a, b, 1.0, precision=precision), skimage_matrix(a, b), tol=tol, what=precision)
 

