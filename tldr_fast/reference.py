@@ -24,11 +24,13 @@ Tensor = torch.Tensor
 
 HEAD_TERMS = ("ce", "kl", "ce_pert", "kl_pert", "grad_norm")
 FEATURE_TERMS = ("cos", "ortho")
-PRIOR_TERMS = ("tv", "pix")
+PRIOR_TERMS = ("tv", "pix", "moments")
 PERTURBATIONS = ("rademacher", "uniform", "gaussian")
 
 # Features are divided by max(||phi||, NORM_EPS), as F.normalize does.
 NORM_EPS = 1e-12
+# The pixel std of image_prior's Moments term is sqrt(max(var, MOMENT_VAR_EPS)) (finite gradient on flat images).
+MOMENT_VAR_EPS = 1e-12
 
 
 def _acc(t: Tensor) -> Tensor:
@@ -88,46 +90,75 @@ def head_loss(
     return (weights.to(terms.dtype) * terms).sum(), terms.detach()
 
 
-def feature_loss(features: Tensor, weights: Tensor) -> Tuple[Tensor, Tensor]:
-    """Batch diversity: mean pairwise cosine similarity and orthogonality of penultimate features.
+def feature_loss(features: Tensor, weights: Tensor, labels: Optional[Tensor] = None, num_classes: int = 0) -> Tuple[Tensor, Tensor]:
+    """Diversity: mean pairwise cosine similarity and orthogonality of penultimate features, over all
+    pairs of the batch or, with ``labels``, over the pairs of the same label only.
 
     Args:
         features: ``[B, D]`` with B >= 2.
         weights: ``[2]`` fp32 weights of ``FEATURE_TERMS``.
+        labels: None (all pairs), or ``[B]`` int64 in ``[0, num_classes)``: only pairs with equal labels.
+        num_classes: K, with ``labels`` (the per-class sums are ``[K, D]``; no host sync on the labels).
 
     Returns:
-        ``(loss [], terms [2])``: ``Cos = (||sum_i u_i||^2 - B) / (B(B-1))`` with
+        ``(loss [], terms [2])``. All pairs: ``Cos = (||sum_i u_i||^2 - B) / (B(B-1))`` with
         ``u_i = phi_i / ||phi_i||``; ``Ortho = ||Phi^T Phi||_F^2 - 2||Phi||_F^2 + B`` over ``B^2``
         (equal to ``||Phi Phi^T - I||_F^2 / B^2``), with the smaller Gram matrix.
+        Same-label pairs, with ``n_k`` samples of class k and ``S_k = sum_{i: y_i = k} u_i``:
+        ``Cos = (sum_k ||S_k||^2 - B) / P`` with ``P = sum_k n_k (n_k - 1)`` the number of ordered
+        same-label pairs (0 when P = 0); ``Ortho = ||(Phi Phi^T) o M - I||_F^2 / sum_k n_k^2`` with
+        ``M_ij = [y_i = y_j]``, i.e. ``(sum_{i,j: y_i = y_j} (phi_i . phi_j)^2 - 2||Phi||_F^2 + B) / sum_k n_k^2``.
+        Every sample of a class is one term of its class; the all-pairs form is the one-class case.
     """
     phi = _acc(features)
     b, d = phi.shape
     u = phi / phi.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
-    cos = (u.sum(0).square().sum() - b) / (b * (b - 1))
-    gram = phi.t() @ phi if d <= b else phi @ phi.t()  # [D, D] or [B, B]: same Frobenius norm
-    ortho = (gram.square().sum() - 2 * phi.square().sum() + b) / (b * b)
+    if labels is None:
+        cos = (u.sum(0).square().sum() - b) / (b * (b - 1))
+        gram = phi.t() @ phi if d <= b else phi @ phi.t()  # [D, D] or [B, B]: same Frobenius norm
+        ortho = (gram.square().sum() - 2 * phi.square().sum() + b) / (b * b)
+    else:
+        s = phi.new_zeros(num_classes, d).index_add_(0, labels, u)  # [K, D]: S_k
+        n = phi.new_zeros(num_classes).index_add_(0, labels, phi.new_ones(b))  # [K]: n_k
+        cos = (s.square().sum() - b) / (n * (n - 1)).sum().clamp_min(1)
+        same = labels[:, None] == labels[None, :]  # [B, B]: M
+        ortho = ((phi @ phi.t()).square()[same].sum() - 2 * phi.square().sum() + b) / n.square().sum()
     terms = torch.stack([cos, ortho])
     return (weights.to(terms.dtype) * terms).sum(), terms.detach()
 
 
-def image_prior(images: Tensor, weights: Tensor, lo: float = -1.0, hi: float = 1.0) -> Tuple[Tensor, Tensor]:
-    """Total variation and pixel-range penalty of a batch of images.
+def image_prior(
+    images: Tensor, weights: Tensor, lo: float = -1.0, hi: float = 1.0, moments: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
+    """Total variation, pixel-range penalty and pixel moments of a batch of images.
 
     Args:
         images: ``[B, C, H, W]``.
-        weights: ``[2]`` fp32 weights of ``PRIOR_TERMS``.
+        weights: ``[3]`` fp32 weights of ``PRIOR_TERMS``.
         lo, hi: the valid pixel range.
+        moments: None, or ``[2, C]``: the per-channel mean and std (of images mapped to [0, 1]) of the
+            data the classifier was trained on - the normalisation it ships with.
 
     Returns:
-        ``(loss [], terms [2])``: ``TV = (1/B) sum dh^2 + dw^2`` (squared differences of vertical
+        ``(loss [], terms [3])``: ``TV = (1/B) sum dh^2 + dw^2`` (squared differences of vertical
         and horizontal neighbours), ``Pix = sum relu(x - hi) + relu(lo - x)`` (a sum, as DESIGN.md
-        writes it, not a mean).
+        writes it, not a mean), and ``Moments = (1/C) sum_c ((m_c - mu_c)^2 + (s_c - sigma_c)^2) / sigma_c^2``
+        where ``m_c`` and ``s_c = sqrt(max(var_c, MOMENT_VAR_EPS))`` are the mean and (population) std of channel c of ``(x - lo) / (hi - lo)``
+        over the batch and the pixels: the classifier's normalised input should have zero mean and unit
+        variance per channel, as its training data had (0 without ``moments``).
     """
     x = _acc(images)
     b = x.shape[0]
     tv = ((x[:, :, 1:, :] - x[:, :, :-1, :]).square().sum() + (x[:, :, :, 1:] - x[:, :, :, :-1]).square().sum()) / b
     pix = F.relu(x - hi).sum() + F.relu(lo - x).sum()
-    terms = torch.stack([tv, pix])
+    mom = x.new_zeros(())
+    if moments is not None:
+        x01 = (x - lo) / (hi - lo)
+        var, mean = torch.var_mean(x01, dim=(0, 2, 3), unbiased=False)  # [C]
+        mu, sigma = moments.to(x.dtype)
+        std = var.clamp_min(MOMENT_VAR_EPS).sqrt()
+        mom = (((mean - mu).square() + (std - sigma).square()) / sigma.square()).mean()
+    terms = torch.stack([tv, pix, mom])
     return (weights.to(terms.dtype) * terms).sum(), terms.detach()
 
 
