@@ -3,14 +3,13 @@ and the mapping from the generator's [-1, 1] images to the classifier's input.""
 
 from __future__ import annotations
 
-import functools
-
 import sys
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
+from . import reference
 from .config import Preprocess
 
 Tensor = torch.Tensor
@@ -55,6 +54,32 @@ def make_preprocess(spec: Preprocess, classifier: nn.Module, quiet: bool = False
         return x * s + t
 
     return normalise
+
+
+def normalisation(spec: Preprocess, classifier: nn.Module, channels: int) -> Optional[Tensor]:
+    """The classifier's input normalisation as ``[2, C]`` fp32 (per-channel mean and std of [0, 1]
+    images): from ``preprocess=(mean, std)`` or, with no preprocess given, from the classifier's
+    ``tldr_meta``; None when it is not known (a callable, "unit" or "identity" preprocess)."""
+    if spec is None:
+        meta = getattr(classifier, "tldr_meta", None)
+        if isinstance(meta, Mapping) and "mean" in meta and "std" in meta:
+            spec = (meta["mean"], meta["std"])
+    if isinstance(spec, Mapping):
+        spec = (spec["mean"], spec["std"])
+    if not isinstance(spec, (tuple, list)):
+        return None
+    mean, std = (torch.as_tensor(v, dtype=torch.float32).flatten() for v in spec)
+    if len(mean) not in (1, channels) or len(std) not in (1, channels):
+        raise ValueError(f"preprocess (mean, std) have {len(mean)} and {len(std)} values for {channels} channels")
+    return torch.stack([mean.expand(channels), std.expand(channels)])
+
+
+def batchnorm_layers(classifier: nn.Module) -> List[nn.modules.batchnorm._BatchNorm]:
+    """The classifier's BatchNorm layers that keep running statistics (what ``bn_stats`` matches)."""
+    return [
+        m for m in classifier.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None
+    ]
 
 
 def _find_head(classifier: nn.Module, num_classes: int, name: Optional[str]) -> Tuple[str, Optional[nn.Linear]]:
@@ -110,6 +135,14 @@ class FrozenClassifier(nn.Module):
         self._capturing = False  # the hook records only during our own forward
         self._tuple_output = False
         self._hook = None
+        self.moments = normalisation(preprocess, classifier, image_shape[0])  # [2, C] or None
+        if self.moments is not None:
+            self.moments = self.moments.to(device)
+        self.batchnorms = batchnorm_layers(self.classifier)
+        self._bn_rows = 0  # > 0 while forward_bn_stats runs: the rows whose statistics are matched
+        self._bn_terms: List[Tensor] = []
+        for m in self.batchnorms:
+            m.register_forward_pre_hook(self._bn_capture)
         self._probe(image_shape)
 
     @property
@@ -158,6 +191,23 @@ class FrozenClassifier(nn.Module):
         if self._capturing:
             self._captured.append(inputs[0])
 
+    def _bn_capture(self, module: nn.modules.batchnorm._BatchNorm, inputs: Tuple[Tensor, ...]) -> None:
+        if self._bn_rows:
+            self._bn_terms.append(reference.bn_stats(inputs[0][: self._bn_rows], module.running_mean, module.running_var))
+
+    def forward_bn_stats(self, x: Tensor, rows: int, module: Optional[Callable] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        """``forward`` plus the BatchNorm-statistics term of the first ``rows`` images: the sum over
+        the classifier's BatchNorm layers of ``reference.bn_stats`` (0 without BatchNorm layers)."""
+        self._bn_terms.clear()
+        self._bn_rows = rows
+        try:
+            logits, feats = self._run(x, module=module)
+        finally:
+            self._bn_rows = 0
+        bn = torch.stack(self._bn_terms).sum() if self._bn_terms else logits.new_zeros((), dtype=torch.float32)
+        self._bn_terms.clear()
+        return logits, feats, bn
+
     def _run(self, x: Tensor, no_grad: bool = False, module: Optional[Callable] = None) -> Tuple[Tensor, Tensor]:
         self._captured.clear()
         self._capturing = True
@@ -176,7 +226,8 @@ class FrozenClassifier(nn.Module):
         # x: [N, C, H, W] in [-1, 1] -> logits: [N, K], features: [N, D]
         return self._run(x)
 
-    def compiled(self) -> Callable[[Tensor], Tuple[Tensor, Tensor]]:
-        """``forward`` with the classifier under ``torch.compile`` (the head's feature hook traced
-        with it); this module and the user's classifier are left as they are."""
-        return functools.partial(self._run, module=torch.compile(self.classifier))
+    def compiled(self) -> Callable[[Tensor], Tensor]:
+        """The classifier under ``torch.compile``, to pass as ``module`` to ``forward_bn_stats`` (the
+        head's feature hook and the BatchNorm hooks are traced with it); the user's classifier is left
+        as it is."""
+        return torch.compile(self.classifier)

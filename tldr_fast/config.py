@@ -6,12 +6,22 @@ import difflib
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
-from .reference import PERTURBATIONS
+from .reference import FEATURE_TERMS, HEAD_TERMS, PERTURBATIONS, PRIOR_TERMS
 
-# The loss terms, in the order of the per-step term vector and of ``Inversion.history``.
-TERMS = ("ce", "kl", "ce_pert", "kl_pert", "grad_norm", "cos", "ortho", "tv", "pix")
+# The loss terms of the step's ops, in the order of the per-step term vector and of ``Inversion.history``;
+# ``TERM_SLICES[op]`` is each op's block of it (the op's own term names, in its order).
+OP_TERMS = {
+    "head_loss": HEAD_TERMS,
+    "feature_loss": FEATURE_TERMS,
+    "image_prior": PRIOR_TERMS,
+    "bn_stats": ("bn_stats",),
+    "mode_seek": ("mode_seek",),
+}
+TERMS = tuple(t for terms in OP_TERMS.values() for t in terms)
+TERM_SLICES = {op: slice(TERMS.index(t[0]), TERMS.index(t[0]) + len(t)) for op, t in OP_TERMS.items()}
 
 CONDITIONINGS = ("hot", "soft")
+DIVERSITIES = ("batch", "class")
 GRAD_NORMS = ("head", "full", "off")
 DTYPES = ("float32", "bfloat16")
 BACKEND_NAMES = ("auto", "torch", "triton", "cuda")
@@ -23,6 +33,11 @@ class LossWeights:
 
     ``ce``/``kl`` act on the clean images, ``*_pert`` on the perturbed ones; KL equals CE for hot
     conditioning, so the defaults use CE. ``pix`` is inert for the generator's tanh output.
+    ``moments`` matches the images' per-channel pixel mean and std to the classifier's normalisation
+    (inactive when the classifier's normalisation is unknown); ``bn_stats`` matches the batch statistics
+    at the input of each of the classifier's BatchNorm layers to its running statistics (DeepInversion;
+    inactive for a classifier without BatchNorm); ``mode_seek`` is the mode-seeking term (Mao et al.
+    2019): the inverse of the image distance per latent distance between pairs of the same label.
     """
 
     ce: float = 1.0
@@ -34,6 +49,9 @@ class LossWeights:
     ortho: float = 1e-5  # Ortho acts on raw features: its scale is ||phi||^4, hundreds to thousands
     tv: float = 1e-3
     pix: float = 1.0
+    moments: float = 1.0
+    bn_stats: float = 1.0
+    mode_seek: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -79,6 +97,18 @@ class InversionConfig:
         conditioning: "hot" (one-hot, TLDR) or "soft" (softmax of Gaussian logits).
         perturbation: "rademacher", "uniform" or "gaussian" noise for the robustness terms.
         eps: perturbation size as a fraction of the pixel range (the generator's [-1, 1]).
+        shift, rotate, scale: geometric robustness: each perturbed copy is also moved by a random
+            whole-pixel shift in [-shift, shift] on each axis, rotated by a random angle in
+            [-rotate, rotate] degrees and scaled by a random factor in [1 - scale, 1 + scale]
+            (uncovered pixels are background, the low end of the pixel range); 0, 0, 0: noise only.
+        diversity: the pairs that the diversity terms (Cos, Ortho) act on: "batch" (all pairs of the
+            batch, the TLDR paper's form) or "class" (pairs of the same label only).
+        paired: draw the batch as pairs of the same label with independent latents (the second half
+            repeats the first half's labels); the mode-seeking term needs it (on when its weight is).
+        dropout: dropout probability in the generator's up-sampling stages (active while training).
+        select: candidates drawn per kept image when sampling: each image ``Inversion.sample`` returns
+            is the one of ``select`` candidates of its class that the target classifies most
+            confidently under random perturbations (1: no selection).
         grad_norm: "head" (closed form on the final linear layer), "full" (double backward over all
             classifier weights, the paper's definition) or "off".
         weights: a ``LossWeights`` (or a dict of the weights to change).
@@ -118,6 +148,13 @@ class InversionConfig:
     conditioning: str = "hot"
     perturbation: str = "rademacher"
     eps: float = 0.1
+    shift: int = 2
+    rotate: float = 15.0
+    scale: float = 0.1
+    diversity: str = "batch"
+    paired: bool = False
+    dropout: float = 0.0
+    select: int = 1
     grad_norm: str = "head"
     weights: LossWeights = field(default_factory=LossWeights)
     schedules: Mapping[str, Ramp] = field(default_factory=dict)
@@ -144,11 +181,11 @@ class InversionConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError``/``TypeError`` naming the first bad option and what it accepts."""
-        for name in ("steps", "batch_size", "nz", "ngf", "checkpoint_every", "log_every", "eval_per_class", "seed"):
+        for name in ("steps", "batch_size", "nz", "ngf", "checkpoint_every", "log_every", "eval_per_class", "seed", "shift", "select"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool):
                 raise TypeError(f"{name} must be an int, got {v!r}")
-        _positive(self, "steps", "nz", "ngf", "log_every", "eval_per_class")
+        _positive(self, "steps", "nz", "ngf", "log_every", "eval_per_class", "select")
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be at least 2 (the diversity terms compare images), got {self.batch_size}")
         if self.checkpoint_every < 0:
@@ -159,12 +196,21 @@ class InversionConfig:
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         if not (isinstance(self.eps, (int, float)) and 0 <= self.eps <= 1):
             raise ValueError(f"eps is a fraction of the pixel range and must be in [0, 1], got {self.eps!r}")
+        if self.shift < 0:
+            raise ValueError(f"shift is a number of pixels >= 0, got {self.shift}")
+        if not (_number(self.rotate) and 0 <= self.rotate <= 180):
+            raise ValueError(f"rotate is a maximum angle in degrees in [0, 180], got {self.rotate!r}")
+        if not (_number(self.scale) and 0 <= self.scale < 1):
+            raise ValueError(f"scale is a maximum relative change in [0, 1), got {self.scale!r}")
+        if not (_number(self.dropout) and 0 <= self.dropout < 1):
+            raise ValueError(f"dropout is a probability in [0, 1), got {self.dropout!r}")
+        _choice("diversity", self.diversity, DIVERSITIES)
         _choice("dtype", self.dtype, DTYPES)
         _choice("backend", self.backend, BACKEND_NAMES)
         _choice("conditioning", self.conditioning, CONDITIONINGS)
         _choice("perturbation", self.perturbation, PERTURBATIONS)
         _choice("grad_norm", self.grad_norm, GRAD_NORMS)
-        for name in ("progress", "compile", "cuda_graph"):
+        for name in ("progress", "compile", "cuda_graph", "paired"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.compile and self.grad_norm == "full":
@@ -267,6 +313,10 @@ def _ramp(term: str, v: Any) -> Ramp:
     if isinstance(v, (tuple, list)) and len(v) in (2, 4):
         return Ramp(*v)
     raise TypeError(f"schedule for {term!r} must be a Ramp, a dict or (start, end[, begin_step, end_step]), got {v!r}")
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
 
 
 def _choice(name: str, value: Any, options: Sequence[str]) -> None:

@@ -13,10 +13,11 @@ Tensor = torch.Tensor
 
 
 def sample_conditions(
-    batch: int, num_classes: int, nz: int, conditioning: str, generator: torch.Generator, device
+    batch: int, num_classes: int, nz: int, conditioning: str, generator: torch.Generator, device, paired: bool = False
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Draw ``(z [B, nz], c [B, K], y [B])``: ``y ~ U{0..K-1}``, ``z ~ N(0, I)``, and ``c`` one-hot(y)
-    ("hot") or softmax of Gaussian logits with ``y = argmax c`` ("soft")."""
+    ("hot") or softmax of Gaussian logits with ``y = argmax c`` ("soft"). ``paired``: rows
+    ``B/2 .. 2(B/2)-1`` repeat the conditions of rows ``0 .. B/2-1`` (same ``c`` and ``y``, their own ``z``)."""
     z = torch.randn(batch, nz, generator=generator, device=device)
     if conditioning == "hot":
         y = torch.randint(0, num_classes, (batch,), generator=generator, device=device)
@@ -24,6 +25,10 @@ def sample_conditions(
     else:
         c = torch.softmax(torch.randn(batch, num_classes, generator=generator, device=device), dim=1)
         y = c.argmax(1)
+    if paired:
+        h = batch // 2
+        c, y = c.clone(), y.clone()
+        c[h : 2 * h], y[h : 2 * h] = c[:h], y[:h]
     return z, c, y
 
 
@@ -50,8 +55,9 @@ class ConditionedGenerator(nn.Module):
 
     The condition ``c`` is embedded (Linear K -> nz) and concatenated with ``z``; a projection and two
     nearest-upsample + 3x3 conv stages reach ``(H, W)`` exactly, with the label's hot matrix
-    concatenated as an extra channel at the intermediate (half-resolution) stage. Output: tanh, in
-    [-1, 1]. Any ``(C, H, W)`` with H, W >= 8 and any K >= 2.
+    concatenated as an extra channel at the intermediate (half-resolution) stage; ``dropout`` (channel
+    dropout, active in training mode) after each up-sampling stage. Output: tanh, in [-1, 1]. Any
+    ``(C, H, W)`` with H, W >= 8 and any K >= 2.
 
     >>> g = ConditionedGenerator(10, (1, 28, 28))
     >>> z, c, y = sample_conditions(4, 10, g.nz, "hot", torch.Generator().manual_seed(0), "cpu")
@@ -59,7 +65,7 @@ class ConditionedGenerator(nn.Module):
     torch.Size([4, 1, 28, 28])
     """
 
-    def __init__(self, num_classes: int, image_shape: Tuple[int, int, int], nz: int = 100, ngf: int = 64):
+    def __init__(self, num_classes: int, image_shape: Tuple[int, int, int], nz: int = 100, ngf: int = 64, dropout: float = 0.0):
         super().__init__()
         c, h, w = image_shape
         if num_classes < 2:
@@ -81,12 +87,14 @@ class ConditionedGenerator(nn.Module):
             nn.Conv2d(c0, ngf, 3, padding=1, bias=False),
             nn.BatchNorm2d(ngf),
             nn.ReLU(inplace=True),
+            nn.Dropout2d(dropout),
         )
         self.up2 = nn.Sequential(  # + 1 channel: the hot matrix
             nn.Upsample(size=(h, w), mode="nearest"),
             nn.Conv2d(ngf + 1, ngf // 2, 3, padding=1, bias=False),
             nn.BatchNorm2d(ngf // 2),
             nn.ReLU(inplace=True),
+            nn.Dropout2d(dropout),
         )
         self.out = nn.Conv2d(ngf // 2, c, 3, padding=1)
 

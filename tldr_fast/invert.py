@@ -16,6 +16,7 @@ from .classifier import ClassifierError, FrozenClassifier
 from .config import TERMS, InversionConfig, Preprocess
 from .generator import ConditionedGenerator
 from .progress import progress_bar
+from . import reference
 from .step import PIXEL_RANGE, TLDRObjective, pixel_eps, step_seed
 
 Tensor = torch.Tensor
@@ -46,8 +47,9 @@ class Inversion:
     def device(self) -> torch.device:
         return next(self.generator.parameters()).device
 
-    def _batches(self, labels: Tensor, batch_size: int, seed: int) -> Iterator[Tuple[Tensor, Tensor]]:
-        """``(labels, images)`` on the generator's device, one batch at a time, generator in eval mode."""
+    def _batches(self, labels: Tensor, batch_size: int, seed: int, select: int = 1) -> Iterator[Tuple[Tensor, Tensor]]:
+        """``(labels, images)`` on the generator's device, one batch at a time, generator in eval mode;
+        with ``select > 1`` each image is the best of ``select`` candidates (``robustness_score``)."""
         g, was_training = self.generator, self.generator.training
         rng = torch.Generator(self.device).manual_seed(seed)
         g.eval()
@@ -55,11 +57,30 @@ class Inversion:
             with torch.no_grad():
                 for i in range(0, len(labels), batch_size):
                     y = labels[i : i + batch_size].to(self.device)
-                    z = torch.randn(len(y), g.nz, generator=rng, device=self.device)
-                    c = torch.nn.functional.one_hot(y, self.num_classes).float()
-                    yield y, g(z, c, y)
+                    yc = y.repeat_interleave(select)  # [n * select]: the candidates of each image together
+                    z = torch.randn(len(yc), g.nz, generator=rng, device=self.device)
+                    x = g(z, torch.nn.functional.one_hot(yc, self.num_classes).float(), yc)
+                    if select > 1:
+                        best = self.robustness_score(x, yc, rng).view(len(y), select).argmax(1)  # [n]
+                        x = x.view(len(y), select, *x.shape[1:])[torch.arange(len(y), device=x.device), best]
+                    yield y, x
         finally:
             g.train(was_training)
+
+    def robustness_score(self, images: Tensor, labels: Tensor, generator: torch.Generator, draws: int = 4) -> Tensor:
+        """The target classifier's mean probability of ``labels`` over ``draws`` random perturbations of
+        each image (the noise and geometric transforms of training): ``[N]``. Needs the classifier."""
+        if self.target is None:
+            raise ValueError("selecting samples needs the target classifier; pass classifier= to Inversion.load")
+        cfg, eps = self.config, pixel_eps(self.config)
+        score = torch.zeros(len(labels), device=images.device)
+        for _ in range(draws):
+            noise = reference.perturb_noise(images.shape, cfg.perturbation, generator, images.device, images.dtype)
+            x = (images + eps * noise).clamp(*PIXEL_RANGE)
+            x = reference.warp(x, cfg.shift, cfg.rotate, cfg.scale, PIXEL_RANGE[0], generator)
+            p = torch.softmax(self.target(x)[0].float(), 1)
+            score += p.gather(1, labels[:, None]).view(-1) / draws
+        return score
 
     def labels(self, labels: Union[None, Sequence[int], Tensor] = None, n_per_class: Optional[int] = None) -> Tensor:
         """The label vector ``sample`` uses: ``labels`` as given, or ``n_per_class`` of each class in
@@ -79,10 +100,13 @@ class Inversion:
         n_per_class: Optional[int] = None,
         batch_size: Optional[int] = None,
         seed: Optional[int] = None,
+        select: Optional[int] = None,
     ) -> Tensor:
         """Generate images ``[n, C, H, W]`` in [-1, 1] on the CPU, for ``labels`` or ``n_per_class``
         of each class (ordered by class). Generated in batches of ``batch_size`` (default: the
         training batch size), so a million samples never hold more than one batch of activations.
+        ``select`` (default ``config.select``): each image is the most robustly classified of that
+        many candidates of its label (``robustness_score``; needs the target classifier).
 
         >>> inv.sample(n_per_class=2).shape  # doctest: +SKIP
         torch.Size([20, 1, 28, 28])
@@ -91,7 +115,10 @@ class Inversion:
         out = torch.empty(len(y), *self.image_shape)
         bs = batch_size or self.config.batch_size
         seed = self.config.seed + 1_000_000_007 if seed is None else seed
-        for i, (_, x) in enumerate(self._batches(y, bs, seed)):
+        select = self.config.select if select is None else select
+        if isinstance(select, bool) or not isinstance(select, int) or select < 1:
+            raise ValueError(f"select must be a positive int, got {select!r}")
+        for i, (_, x) in enumerate(self._batches(y, bs, seed, select)):
             out[i * bs : i * bs + len(x)] = x.float().cpu()
         return out
 
@@ -138,7 +165,7 @@ class Inversion:
         cfg = InversionConfig.from_dict(state["config"], preprocess)
         dev = resolve_device(device)
         shape = tuple(state["image_shape"])
-        g = ConditionedGenerator(state["num_classes"], shape, cfg.nz, cfg.ngf).to(dev)
+        g = ConditionedGenerator(state["num_classes"], shape, cfg.nz, cfg.ngf, cfg.dropout).to(dev)
         g.load_state_dict(state["generator"])
         target = None
         if classifier is not None:
@@ -203,7 +230,7 @@ def invert(
         raise ClassifierError("grad_norm='head' needs the classifier's final nn.Linear: name it with head='...', or use grad_norm='full' or 'off'")
     ops = resolve(cfg.backend, device)
     torch.manual_seed(cfg.seed)  # the generator's initial weights
-    g = ConditionedGenerator(num_classes, shape, cfg.nz, cfg.ngf).to(device)
+    g = ConditionedGenerator(num_classes, shape, cfg.nz, cfg.ngf, cfg.dropout).to(device)
     opt = torch.optim.Adam(g.parameters(), lr=cfg.lr, betas=cfg.betas)
     inv = Inversion(g, cfg, num_classes, shape, 0, {t: [] for t in ("step",) + TERMS}, None, target)
     if state is not None:
@@ -254,4 +281,5 @@ def _log(inv: Inversion, terms: Tensor, bar) -> None:
     inv.history["step"].append(inv.step)
     for t, v in zip(TERMS, values):
         inv.history[t].append(v)
-    bar.set_postfix(ce=f"{values[0]:.3f}", ce_pert=f"{values[2]:.3f}", cos=f"{values[5]:.2f}", refresh=False)
+    shown = dict(zip(TERMS, values))
+    bar.set_postfix(ce=f"{shown['ce']:.3f}", ce_pert=f"{shown['ce_pert']:.3f}", cos=f"{shown['cos']:.2f}", refresh=False)

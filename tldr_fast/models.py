@@ -75,6 +75,60 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
+class PlainCNN(nn.Module):
+    """The shape of most published small-image CNNs: three (3x3 conv, ReLU, 2x2 max-pool) blocks, a
+    dense feature layer with ReLU and dropout, and a linear head - no BatchNorm anywhere. Any
+    ``[C, H, W]`` with H, W >= 8.
+
+    >>> PlainCNN([1, 28, 28], 10)(torch.zeros(2, 1, 28, 28)).shape
+    torch.Size([2, 10])
+    """
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, width: int = 32, feature_dim: int = 256, dropout: float = 0.25):
+        super().__init__()
+        c, h, w = _check_shape(input_shape)
+        layers = []
+        for cin, cout in ((c, width), (width, 2 * width), (2 * width, 4 * width)):
+            layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+        self.features = nn.Sequential(  # [B, C, H, W] -> [B, feature_dim]
+            *layers,  # [B, 4 width, H/8, W/8]
+            nn.Flatten(),
+            nn.Dropout(dropout),
+            nn.Linear(4 * width * (h // 8) * (w // 8), feature_dim),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+        )
+        self.head = nn.Linear(feature_dim, num_classes)  # [B, feature_dim] -> logits [B, K]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+class LeNet(nn.Module):
+    """A widened LeNet-5: two (5x5 conv, ReLU, 2x2 max-pool) blocks, a dense layer with dropout, a
+    linear head. The leakage benchmark's evaluation classifier: an architecture none of its targets has.
+
+    >>> LeNet([1, 28, 28], 10)(torch.zeros(2, 1, 28, 28)).shape
+    torch.Size([2, 10])
+    """
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, width: int = 32, feature_dim: int = 256, dropout: float = 0.3):
+        super().__init__()
+        c, h, w = _check_shape(input_shape)
+        self.features = nn.Sequential(  # [B, C, H, W] -> [B, feature_dim]
+            nn.Conv2d(c, width, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(2 * width * (h // 4) * (w // 4), feature_dim),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+        )
+        self.head = nn.Linear(feature_dim, num_classes)  # [B, feature_dim] -> logits [B, K]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
 class SmallMLP(nn.Module):
     """Two dense layers (batch norm, ReLU, dropout) and a linear head, on flattened images.
 
@@ -96,16 +150,30 @@ class SmallMLP(nn.Module):
         return self.head(self.features(x))
 
 
-ARCHS = {"cnn": SmallCNN, "mlp": SmallMLP}
+ARCHS = {"cnn": SmallCNN, "plain_cnn": PlainCNN, "mlp": SmallMLP, "lenet": LeNet}
 
 
 def build_classifier(arch: str, input_shape: Sequence[int], num_classes: int, **arch_kwargs: Any) -> nn.Module:
-    """A fresh ``"cnn"`` or ``"mlp"`` (``arch_kwargs``: the class's own options, e.g. ``width``)."""
+    """A fresh classifier of ``ARCHS``: ``"cnn"`` (with BatchNorm), ``"plain_cnn"`` (without), ``"mlp"``
+    or ``"lenet"`` (``arch_kwargs``: the class's own options, e.g. ``width``)."""
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {tuple(ARCHS)}, got {arch!r}")
     if num_classes < 2:
         raise ValueError(f"num_classes must be at least 2, got {num_classes}")
     return ARCHS[arch](list(input_shape), num_classes, **arch_kwargs)
+
+
+def shift_images(x: Tensor, max_shift: int, generator: torch.Generator, fill: float) -> Tensor:
+    """Each image of ``x`` ``[B, C, H, W]`` moved by its own random whole-pixel shift in
+    ``[-max_shift, max_shift]`` per axis (drawn on the CPU from ``generator``); uncovered pixels read ``fill``."""
+    b, _, h, w = x.shape
+    p = max_shift
+    padded = F.pad(x, (p, p, p, p), value=fill)  # [B, C, H + 2p, W + 2p]
+    dy, dx = (torch.randint(0, 2 * p + 1, (b,), generator=generator).to(x.device) for _ in range(2))
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None].expand(b, x.shape[1], h, w + 2 * p)
+    out = padded.gather(2, rows)  # [B, C, H, W + 2p]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :].expand(b, x.shape[1], h, w)
+    return out.gather(3, cols)
 
 
 def normalize(model: nn.Module, x01: Tensor) -> Tensor:
@@ -150,12 +218,15 @@ def train_classifier(
     progress: bool = False,
     test: Optional[ImageDataset] = None,
     weight_decay: float = 1e-4,
+    augment: int = 0,
     **arch_kwargs: Any,
 ) -> nn.Module:
-    """Train a ``"cnn"`` or ``"mlp"`` classifier on ``dataset`` and return it in eval mode on ``device``.
+    """Train a classifier of ``ARCHS`` on ``dataset`` and return it in eval mode on ``device``.
 
-    Adam with a one-cycle learning-rate schedule, cross-entropy, no augmentation (the model is meant to
-    fit its training set, as the models that inversion audits do). Normalisation mean/std are the
+    Adam with a one-cycle learning-rate schedule, cross-entropy, no augmentation by default (the model
+    is meant to fit its training set, as the models that inversion audits do); ``augment=n`` moves each
+    training image by a random whole-pixel shift in [-n, n] per axis every time it is seen (for judges,
+    such as the leakage benchmark's evaluation classifier, which should generalise). Normalisation mean/std are the
     training images' per-channel statistics. Deterministic for a given ``seed`` on the CPU; the global
     RNG is left as it was. ``model.tldr_meta`` records the architecture, normalisation, class names,
     the training subset (``train_source``, ``train_indices``), ``train_accuracy`` and, when ``test`` is
@@ -166,6 +237,8 @@ def train_classifier(
     for name, v in (("epochs", epochs), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if isinstance(augment, bool) or not isinstance(augment, int) or augment < 0:
+        raise ValueError(f"augment must be an int >= 0 (pixels), got {augment!r}")
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
     if test is not None and test.image_shape != dataset.image_shape:
@@ -179,6 +252,8 @@ def train_classifier(
         model = build_classifier(arch, dataset.image_shape, dataset.num_classes, **arch_kwargs).to(dev)
         gen = torch.Generator().manual_seed(seed)
         xn = ((x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)).to(dev)
+        if augment:
+            x01, mean_d, std_d = x.to(dev), mean.view(1, -1, 1, 1).to(dev), std.view(1, -1, 1, 1).to(dev)
         y = dataset.labels.to(dev)
         steps_per_epoch = math.ceil(len(x) / batch_size)
         opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -192,7 +267,10 @@ def train_classifier(
                 idx = order[i * batch_size : (i + 1) * batch_size]
                 if len(idx) < 2:  # batch norm needs two samples
                     continue
-                logits = model(xn[idx])
+                xb = xn[idx]
+                if augment:  # shift the [0, 1] images (background 0), then normalise
+                    xb = (shift_images(x01[idx], augment, gen, 0.0) - mean_d) / std_d
+                logits = model(xb)
                 loss = F.cross_entropy(logits, y[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -213,6 +291,7 @@ def train_classifier(
         "train_source": dataset.source,
         "train_indices": dataset.indices.tolist(),
         "epochs": epochs,
+        "augment": augment,
         "seed": seed,
         "test_source": test.source if test is not None else None,
     }

@@ -15,6 +15,7 @@ inputs' device, so schedules change it without a recompile or a host sync.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -207,6 +208,61 @@ def grad_norm_full(logits: Tensor, target: Tensor, params) -> Tensor:
     h = -(target.to(logp.dtype) * logp).sum(1).mean()
     grads = torch.autograd.grad(h, params, create_graph=True, allow_unused=True)
     return torch.sqrt(sum(_acc(g).square().sum() for g in grads if g is not None))
+
+
+def bn_stats(activations: Tensor, running_mean: Tensor, running_var: Tensor) -> Tensor:
+    """The BatchNorm-statistics prior of one layer (DeepInversion, Yin et al. 2020):
+    ``||mu - running_mean||_2 + ||var - running_var||_2`` with ``mu``, ``var`` the per-channel mean and
+    (population) variance of ``activations`` ``[N, C, ...]`` over every dimension but the channels,
+    as BatchNorm computes them in training. fp32 scalar (fp64 for fp64 input), differentiable."""
+    x = _acc(activations)
+    dims = [0] + list(range(2, x.dim()))
+    var, mu = torch.var_mean(x, dim=dims, unbiased=False)  # [C]
+    return (mu - running_mean.to(x.dtype)).norm() + (var - running_var.to(x.dtype)).norm()
+
+
+def warp(images: Tensor, shift: int, rotate: float, scale: float, fill: float, generator: torch.Generator) -> Tensor:
+    """Random per-image geometric transforms: a whole-pixel shift in ``[-shift, shift]`` on each axis,
+    a rotation by an angle in ``[-rotate, rotate]`` degrees and a scaling by a factor in
+    ``[1 - scale, 1 + scale]`` about the centre; pixels from outside the image read ``fill``.
+
+    Args:
+        images: ``[B, C, H, W]``.
+        generator: the draws' source (a torch.Generator on the images' device).
+
+    Shifts alone move pixels exactly (nearest sampling); with a rotation or scaling the images are
+    resampled bilinearly. Differentiable w.r.t. ``images`` (``F.grid_sample``).
+    """
+    b, _, h, w = images.shape
+    dev = images.device
+    x = _acc(images)
+
+    def uniform(span: float) -> Tensor:  # [B] in [-span, span]
+        return (torch.rand(b, generator=generator, device=dev, dtype=x.dtype) * 2 - 1) * span
+
+    tx = torch.randint(-shift, shift + 1, (b,), generator=generator, device=dev).to(x.dtype) * (2.0 / w)
+    ty = torch.randint(-shift, shift + 1, (b,), generator=generator, device=dev).to(x.dtype) * (2.0 / h)
+    angle = uniform(rotate * math.pi / 180)
+    s = 1 + uniform(scale)
+    cos, sin = s * torch.cos(angle), s * torch.sin(angle)
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)  # [B, 2, 3]
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    mode = "nearest" if rotate == 0 and scale == 0 else "bilinear"
+    out = F.grid_sample(x - fill, grid, mode=mode, padding_mode="zeros", align_corners=False) + fill
+    return out.to(images.dtype)
+
+
+def mode_seek(images: Tensor, latents: Tensor) -> Tensor:
+    """The mode-seeking term (MSGAN, Mao et al. 2019) of a paired batch: rows ``i`` and ``i + B/2``
+    share a label and differ in their latents; ``1 / (mean_i d_x(i) / d_z(i) + 1e-5)`` with
+    ``d_x`` the mean absolute difference of the two images and ``d_z`` that of their latents
+    (an unpaired last row of an odd batch is left out). Minimising it pushes the generator to let
+    different latents give different images. fp32 scalar, differentiable w.r.t. ``images``."""
+    h = images.shape[0] // 2
+    x, z = _acc(images), _acc(latents)
+    dx = (x[:h] - x[h : 2 * h]).abs().flatten(1).mean(1)  # [h]
+    dz = (z[:h] - z[h : 2 * h]).abs().flatten(1).mean(1)  # [h]
+    return 1.0 / ((dx / dz.clamp_min(1e-12)).mean() + 1e-5)
 
 
 # SSIM constants: scikit-image's defaults (uniform 7x7 window, K1, K2, sample covariance).

@@ -7,7 +7,7 @@ import torch
 from . import reference
 from .backends import Backend
 from .classifier import FrozenClassifier
-from .config import TERMS, InversionConfig
+from .config import TERM_SLICES, TERMS, InversionConfig
 from .generator import ConditionedGenerator, sample_conditions
 
 Tensor = torch.Tensor
@@ -26,25 +26,33 @@ def step_seed(seed: int, step: int, stream: int = 0) -> int:
 
 
 class TLDRObjective:
-    """``objective(step) -> (loss, terms [9])`` for a generator against a frozen classifier.
+    """``objective(step) -> (loss, terms [len(TERMS)])`` for a generator against a frozen classifier.
 
-    The clean images and their perturbed copies go through the classifier in ONE forward of 2B.
-    Terms are in ``config.TERMS`` order; inactive terms (zero weight at every step) are not computed
-    and read 0. ``loss`` is differentiable w.r.t. the generator's parameters.
+    The clean images and their perturbed copies (noise, then the random geometric transforms of
+    ``cfg.shift/rotate/scale``) go through the classifier in ONE forward of 2B, which also yields the
+    BatchNorm-statistics term of the clean rows. Terms are in ``config.TERMS`` order; inactive terms
+    (zero weight at every step, or nothing to act on: ``moments`` without a known normalisation,
+    ``bn_stats`` without BatchNorm layers) are not computed and read 0. ``loss`` is differentiable
+    w.r.t. the generator's parameters.
     """
 
     def __init__(self, generator: ConditionedGenerator, target: FrozenClassifier, cfg: InversionConfig, ops: Backend, device: torch.device):
         self.g, self.target, self.cfg, self.ops, self.device = generator, target, cfg, ops, device
         self.robust = cfg.active("ce_pert") or cfg.active("kl_pert")
         self.diverse = cfg.active("cos") or cfg.active("ortho")
-        self.prior = cfg.active("tv") or cfg.active("pix")
+        self.moments = target.moments if cfg.active("moments") else None  # [2, C] or None
+        self.prior = cfg.active("tv") or cfg.active("pix") or self.moments is not None
+        self.bn_stats = cfg.active("bn_stats") and bool(target.batchnorms)
+        self.mode_seek = cfg.active("mode_seek")
+        self.paired = cfg.paired or self.mode_seek
+        self.warp = bool(cfg.shift or cfg.rotate or cfg.scale)
         self.eps = pixel_eps(cfg)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
         # cfg.compile: compiled callables for the loop; the modules themselves stay as they are
         self.generate = torch.compile(generator) if cfg.compile else generator
-        self.classify = target.compiled() if cfg.compile else target
+        self.classifier = target.compiled() if cfg.compile else None
         self._weights = torch.empty(0, len(TERMS), device=device)
-        self._zeros = torch.zeros(2, device=device)  # the terms of an inactive op (no allocation per step)
+        self._zeros = torch.zeros(len(TERMS), device=device)  # the terms of inactive ops (no allocation per step)
         self._gen = torch.Generator(device)  # reseeded every step: a step's draws are a function of (seed, step)
         if cfg.grad_norm == "full":
             self.params = [p for p in target.classifier.parameters() if p.requires_grad]
@@ -63,27 +71,39 @@ class TLDRObjective:
     def __call__(self, step: int):
         cfg, b = self.cfg, self.cfg.batch_size
         self._gen.manual_seed(step_seed(cfg.seed, step))
-        z, c, y = sample_conditions(b, self.g.num_classes, self.g.nz, cfg.conditioning, self._gen, self.device)
+        z, c, y = sample_conditions(b, self.g.num_classes, self.g.nz, cfg.conditioning, self._gen, self.device, self.paired)
         w = self.weights(step)
         with self.autocast:
             x = self.generate(z, c, y)  # [B, C, H, W] in [-1, 1]
+            batch = x
             if self.robust:
                 x_pert = self.ops.perturb(x, self.eps, *PIXEL_RANGE, cfg.perturbation, step_seed(cfg.seed, step, 1))
-                logits, feats = self.classify(torch.cat([x, x_pert]))  # one forward of 2B
-            else:
-                logits, feats = self.classify(x)
+                if self.warp:
+                    x_pert = reference.warp(x_pert, cfg.shift, cfg.rotate, cfg.scale, PIXEL_RANGE[0], self._gen)
+                batch = torch.cat([x, x_pert])  # one forward of 2B
+            logits, feats, bn = self.target.forward_bn_stats(batch, b if self.bn_stats else 0, self.classifier)
         feats = feats[:b]  # clean images' features: [B, D]
         loss, terms = self.loss_block(logits, feats, x, c, y, w)
+        extra = {}
+        if self.bn_stats:
+            extra["bn_stats"] = bn
+        if self.mode_seek:
+            extra["mode_seek"] = reference.mode_seek(x, z)
         if cfg.grad_norm == "full":
-            gn = reference.grad_norm_full(logits[:b], c, self.params)
-            loss = loss + w[4] * gn
-            terms = torch.cat([terms[:4], gn.detach().float().view(1), terms[5:]])
+            extra["grad_norm"] = reference.grad_norm_full(logits[:b], c, self.params)
+        if extra:
+            terms = terms.clone()
+            for name, value in extra.items():
+                i = TERMS.index(name)
+                loss = loss + w[i] * value
+                terms[i] = value.detach().float()
         return loss, terms
 
     def loss_block(self, logits: Tensor, feats: Tensor, x: Tensor, c: Tensor, y: Tensor, w: Tensor):
-        """``(loss, terms [9])`` of the fused loss ops (the head grad-norm term only with
-        ``grad_norm="head"``); from CUDA graphs with ``cfg.cuda_graph``. ``logits`` [N, K] (N = B or 2B),
-        ``feats`` [B, D], ``x`` [B, C, H, W], ``c`` [B, K], ``y`` [B], ``w`` [9]."""
+        """``(loss, terms [len(TERMS)])`` of the fused loss ops (the head grad-norm term only with
+        ``grad_norm="head"``; the bn_stats and mode_seek entries 0); from CUDA graphs with
+        ``cfg.cuda_graph``. ``logits`` [N, K] (N = B or 2B), ``feats`` [B, D], ``x`` [B, C, H, W],
+        ``c`` [B, K], ``y`` [B], ``w`` [len(TERMS)]."""
         if not self.cfg.cuda_graph:
             return self._loss_block(logits, feats, x, c, y, w)
         if self._graphed is None:
@@ -95,13 +115,20 @@ class TLDRObjective:
         return loss, terms.clone()  # the graph's output buffer is rewritten by the next replay
 
     def _loss_block(self, logits: Tensor, feats: Tensor, x: Tensor, c: Tensor, y: Tensor, w: Tensor):
-        head_feats = feats if self.cfg.grad_norm == "head" else None
-        loss, head_terms = self.ops.head_loss(logits, c, y, head_feats, w[0:5], self.target.head_bias)
-        feat_terms = prior_terms = self._zeros
+        cfg, zeros = self.cfg, self._zeros
+        head_feats = feats if cfg.grad_norm == "head" else None
+        head = TERM_SLICES["head_loss"]
+        loss, head_terms = self.ops.head_loss(logits, c, y, head_feats, w[head], self.target.head_bias)
+        parts = [head_terms]
+        feature, prior = TERM_SLICES["feature_loss"], TERM_SLICES["image_prior"]
         if self.diverse:
-            l_f, feat_terms = self.ops.feature_loss(feats, w[5:7])
+            labels = y if cfg.diversity == "class" else None
+            l_f, feat_terms = self.ops.feature_loss(feats, w[feature], labels, self.g.num_classes)
             loss = loss + l_f
+        parts.append(feat_terms if self.diverse else zeros[feature])
         if self.prior:
-            l_p, prior_terms = self.ops.image_prior(x, w[7:9], *PIXEL_RANGE)
+            l_p, prior_terms = self.ops.image_prior(x, w[prior], *PIXEL_RANGE, self.moments)
             loss = loss + l_p
-        return loss, torch.cat([head_terms, feat_terms, prior_terms])
+        parts.append(prior_terms if self.prior else zeros[prior])
+        parts.append(zeros[prior.stop :])  # bn_stats, mode_seek: added by __call__
+        return loss, torch.cat(parts)

@@ -1,0 +1,208 @@
+"""The method's options beyond the paper's loss: geometric robustness (warp), the mode-seeking term,
+the BatchNorm-statistics prior, pixel moments from the classifier's normalisation, paired sampling,
+generator dropout and robust selection when sampling. Each against an explicit definition."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from tldr_fast import invert, reference as ref
+from tldr_fast.classifier import FrozenClassifier, batchnorm_layers, normalisation
+from tldr_fast.config import TERM_SLICES, TERMS, InversionConfig
+from tldr_fast.generator import ConditionedGenerator, sample_conditions
+from tldr_fast.models import PlainCNN, SmallCNN, SmallMLP, shift_images
+
+TINY = dict(steps=4, batch_size=8, nz=8, ngf=8, device="cpu", progress=False, eval_per_class=2, log_every=2, backend="torch")
+
+
+def with_meta(model, channels=1):
+    model.tldr_meta = {"mean": [0.2] * channels, "std": [0.3] * channels}
+    return model.eval()
+
+
+# --- warp -------------------------------------------------------------------------------------------
+
+
+def test_warp_shift_only_moves_whole_pixels(gen):
+    x = torch.rand(6, 2, 9, 7, generator=gen) * 2 - 1
+    out = ref.warp(x, 2, 0.0, 0.0, -1.0, torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen))))
+    for i in range(len(x)):
+        padded = torch.nn.functional.pad(x[i], (2, 2, 2, 2), value=-1.0)
+        matches = [(dy, dx) for dy in range(5) for dx in range(5) if torch.equal(out[i], padded[:, dy : dy + 9, dx : dx + 7])]
+        assert matches, f"image {i} is not a whole-pixel shift of its input filled with -1"
+
+
+def test_warp_identity_and_gradient(gen):
+    x = torch.rand(4, 1, 8, 8, generator=gen, dtype=torch.float64).requires_grad_(True)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(ref.warp(x, 0, 0.0, 0.0, 0.0, g), x)
+    y = ref.warp(x, 1, 20.0, 0.2, -1.0, g)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    assert grad.abs().sum() > 0 and (grad >= 0).all()  # bilinear resampling: non-negative weights
+
+
+def test_warp_is_seeded():
+    x = torch.rand(5, 1, 10, 10)
+    a = ref.warp(x, 2, 15.0, 0.1, -1.0, torch.Generator().manual_seed(3))
+    b = ref.warp(x, 2, 15.0, 0.1, -1.0, torch.Generator().manual_seed(3))
+    c = ref.warp(x, 2, 15.0, 0.1, -1.0, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# --- mode seeking, BatchNorm statistics, moments -------------------------------------------------------------
+
+
+def test_mode_seek_matches_its_definition(gen):
+    x = torch.rand(7, 1, 5, 5, generator=gen, dtype=torch.float64)
+    z = torch.randn(7, 3, generator=gen, dtype=torch.float64)
+    ratios = []
+    for i in range(3):  # rows i and i + 3; row 6 is unpaired
+        dx = sum(abs(float(a - b)) for a, b in zip(x[i].flatten(), x[i + 3].flatten())) / 25
+        dz = sum(abs(float(a - b)) for a, b in zip(z[i], z[i + 3])) / 3
+        ratios.append(dx / dz)
+    expected = 1 / (sum(ratios) / 3 + 1e-5)
+    assert math.isclose(float(ref.mode_seek(x, z)), expected, rel_tol=1e-12)
+
+
+def test_mode_seek_gradient(gen):
+    x = torch.rand(6, 1, 4, 4, generator=gen, dtype=torch.float64).requires_grad_(True)
+    z = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda t: ref.mode_seek(t, z), (x,))
+
+
+def test_bn_stats_matches_its_definition(gen):
+    a = torch.randn(5, 3, 4, 2, generator=gen, dtype=torch.float64)
+    rm, rv = torch.randn(3, generator=gen, dtype=torch.float64), torch.rand(3, generator=gen, dtype=torch.float64)
+    flat = a.transpose(0, 1).reshape(3, -1)  # [C, N H W]
+    mu = flat.mean(1)
+    var = ((flat - mu[:, None]) ** 2).mean(1)
+    expected = math.sqrt(float(((mu - rm) ** 2).sum())) + math.sqrt(float(((var - rv) ** 2).sum()))
+    assert math.isclose(float(ref.bn_stats(a, rm, rv)), expected, rel_tol=1e-12)
+    a1 = torch.randn(6, 4, generator=gen, dtype=torch.float64).requires_grad_(True)  # BatchNorm1d input
+    assert torch.autograd.gradcheck(lambda t: ref.bn_stats(t, rm[:1].expand(4), rv[:1].expand(4)), (a1,))
+
+
+def test_normalisation_from_meta_and_preprocess():
+    clf = with_meta(SmallMLP([3, 8, 8], 4), 3)
+    torch.testing.assert_close(normalisation(None, clf, 3), torch.tensor([[0.2] * 3, [0.3] * 3]))
+    torch.testing.assert_close(normalisation((0.5, 0.25), clf, 3), torch.tensor([[0.5] * 3, [0.25] * 3]))
+    assert normalisation("unit", clf, 3) is None and normalisation(lambda x: x, clf, 3) is None
+    assert normalisation(None, nn.Linear(3, 3), 3) is None
+    with pytest.raises(ValueError, match="channels"):
+        normalisation(([0.1, 0.2], [0.3, 0.3]), clf, 3)
+
+
+def test_forward_bn_stats_sums_every_batchnorm_layer(gen):
+    clf = with_meta(SmallCNN([1, 12, 12], 3, width=4, feature_dim=8))
+    frozen = FrozenClassifier(clf, 3, (1, 12, 12), quiet=True)
+    assert len(frozen.batchnorms) == len(batchnorm_layers(clf)) == 4
+    x = torch.rand(6, 1, 12, 12, generator=gen) * 2 - 1
+    inputs = []
+    hooks = [m.register_forward_pre_hook(lambda m, i: inputs.append((m, i[0].detach()))) for m in frozen.batchnorms]
+    logits, feats, bn = frozen.forward_bn_stats(x, 4)
+    for h in hooks:
+        h.remove()
+    expected = sum(ref.bn_stats(a[:4], m.running_mean, m.running_var) for m, a in inputs)
+    torch.testing.assert_close(bn, expected)
+    plain_logits, plain_feats = frozen(x)
+    torch.testing.assert_close(logits, plain_logits)
+    assert float(frozen.forward_bn_stats(x, 0)[2]) == 0.0  # rows=0: no term
+    no_bn = FrozenClassifier(with_meta(PlainCNN([1, 16, 16], 3, width=4)), 3, (1, 16, 16), quiet=True)
+    assert no_bn.batchnorms == [] and float(no_bn.forward_bn_stats(torch.zeros(2, 1, 16, 16), 2)[2]) == 0.0
+
+
+# --- the objective and the generator ------------------------------------------------------------------------
+
+
+def test_paired_conditions():
+    z, c, y = sample_conditions(9, 5, 4, "hot", torch.Generator().manual_seed(0), "cpu", paired=True)
+    assert torch.equal(y[4:8], y[:4]) and torch.equal(c[4:8], c[:4]) and not torch.equal(z[4:8], z[:4])
+    _, c2, y2 = sample_conditions(8, 5, 4, "soft", torch.Generator().manual_seed(0), "cpu", paired=True)
+    assert torch.equal(y2[4:], y2[:4]) and torch.equal(c2[4:], c2[:4])
+
+
+def test_dropout_acts_only_in_training():
+    g = ConditionedGenerator(3, (1, 12, 12), nz=8, ngf=8, dropout=0.5)
+    z, c, y = sample_conditions(6, 3, 8, "hot", torch.Generator().manual_seed(0), "cpu")
+    g.eval()
+    assert torch.equal(g(z, c, y), g(z, c, y))
+    g.train()
+    torch.manual_seed(0)
+    a = g(z, c, y)
+    torch.manual_seed(1)
+    assert not torch.equal(a, g(z, c, y))
+    assert ConditionedGenerator(3, (1, 12, 12), nz=8, ngf=8).state_dict().keys() == g.state_dict().keys()
+
+
+def test_term_layout_comes_from_the_ops():
+    assert TERMS[TERM_SLICES["head_loss"]] == ref.HEAD_TERMS
+    assert TERMS[TERM_SLICES["feature_loss"]] == ref.FEATURE_TERMS
+    assert TERMS[TERM_SLICES["image_prior"]] == ref.PRIOR_TERMS
+    assert set(TERMS) >= {"bn_stats", "mode_seek", "moments"}
+
+
+def test_new_terms_are_logged_where_they_apply():
+    bn_clf = with_meta(SmallCNN([1, 12, 12], 3, width=4, feature_dim=8))
+    inv = invert(bn_clf, 3, (1, 12, 12), mode_seek=0.1, **TINY)
+    last = {t: inv.history[t][-1] for t in TERMS}
+    assert last["bn_stats"] > 0 and last["moments"] > 0 and last["mode_seek"] > 0
+    plain = with_meta(PlainCNN([1, 16, 16], 3, width=4, feature_dim=8))
+    inv = invert(plain, 3, (1, 16, 16), **TINY)
+    assert inv.history["bn_stats"][-1] == 0.0 and inv.history["mode_seek"][-1] == 0.0
+    no_meta = PlainCNN([1, 16, 16], 3, width=4, feature_dim=8).eval()
+    inv = invert(no_meta, 3, (1, 16, 16), preprocess="unit", **TINY)
+    assert inv.history["moments"][-1] == 0.0  # no known normalisation: nothing to match
+
+
+def test_class_diversity_changes_the_step():
+    clf = with_meta(PlainCNN([1, 16, 16], 3, width=4, feature_dim=8))
+    a = invert(clf, 3, (1, 16, 16), **TINY)
+    b = invert(clf, 3, (1, 16, 16), diversity="class", **TINY)
+    assert a.history["cos"] != b.history["cos"]
+
+
+def test_select_keeps_the_best_scored_candidate(monkeypatch):
+    clf = with_meta(PlainCNN([1, 16, 16], 3, width=4, feature_dim=8))
+    inv = invert(clf, 3, (1, 16, 16), **TINY)
+    picked = {}
+
+    def score(self, images, labels, generator, draws=4):  # the third candidate of each image wins
+        s = torch.zeros(len(labels))
+        s[2::3] = 1.0
+        picked["candidates"] = images.clone()
+        return s
+
+    monkeypatch.setattr(type(inv), "robustness_score", score)
+    out = inv.sample(n_per_class=2, select=3, batch_size=6)
+    torch.testing.assert_close(out, picked["candidates"][2::3].float())
+    with pytest.raises(ValueError, match="select"):
+        inv.sample(n_per_class=1, select=0)
+
+
+def test_robustness_score_is_the_mean_probability(gen):
+    clf = with_meta(PlainCNN([1, 16, 16], 3, width=4, feature_dim=8))
+    inv = invert(clf, 3, (1, 16, 16), **TINY)
+    x = torch.rand(4, 1, 16, 16, generator=gen) * 2 - 1
+    s = inv.robustness_score(x, torch.tensor([0, 1, 2, 0]), torch.Generator().manual_seed(0))
+    assert s.shape == (4,) and ((s >= 0) & (s <= 1)).all()
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [({"shift": -1}, "shift"), ({"rotate": 200.0}, "rotate"), ({"scale": 1.0}, "scale"), ({"dropout": 1.0}, "dropout"),
+     ({"diversity": "pairs"}, "diversity"), ({"select": 0}, "select"), ({"paired": 1}, "paired"), ({"rotate": float("nan")}, "rotate")],
+)
+def test_new_options_are_validated(bad, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        InversionConfig(**bad)
+
+
+def test_shift_images_moves_by_whole_pixels(gen):
+    x = torch.rand(5, 2, 6, 7, generator=gen)
+    out = shift_images(x, 2, torch.Generator().manual_seed(1), 0.0)
+    for i in range(5):
+        padded = torch.nn.functional.pad(x[i], (2, 2, 2, 2))
+        assert any(torch.equal(out[i], padded[:, dy : dy + 6, dx : dx + 7]) for dy in range(5) for dx in range(5))
