@@ -133,12 +133,13 @@ def test_report_json_summary_and_grid(gen, digits_clf, tmp_path):
     assert set(d) >= {"tau", "definitions", "num_generated", "num_train", "train_source", "overall", "per_class", "images"}
     assert set(d["definitions"]) == set(DEFINITIONS)
     keys = {"n_generated", "nn_ssim_mean", "nn_ssim_median", "nn_ssim_max", "matched_ssim_mean", "reconstructed_nn",
-            "reconstructed_matched", "attack_accuracy", "target_accuracy", "target_confidence"}
+            "reconstructed_matched", "n_train_matched", "same_class_ssim_mean", "attack_accuracy", "target_accuracy",
+            "target_confidence"}
     assert set(d["overall"]) == keys and all(set(c) == keys | {"class", "name", "n_train"} for c in d["per_class"])
     assert d["overall"]["attack_accuracy"] is None and d["overall"]["target_confidence"] is not None
     assert len(d["images"]) == 30 and d["num_train"] == 300 and len(d["per_class"]) == 10
     text = r.summary()
-    assert f"{100 * d['overall']['reconstructed_nn']:.1f}%" in text and len(text.splitlines()) == 5 + 10
+    assert f"{100 * d['overall']['reconstructed_nn']:.1f}%" in text and len(text.splitlines()) == 6 + 10
     size = r.save_grid(tmp_path / "g.png", per_class=2)
     with Image.open(tmp_path / "g.png") as im:
         assert im.format == "PNG" and im.size == size == grid_size(10, 2, 8, 8)
@@ -171,6 +172,49 @@ def test_bad_input(train):
         evaluate([1, 2], train, **SSIM)
     tensors = evaluate(x, (train.images, train.labels), torch.zeros(4), **SSIM)  # (images, labels) works too
     assert math.isfinite(tensors.nn_ssim[0].item())
+
+
+def test_same_class_ssim_is_the_nearest_other_image(gen, train):
+    images = _noise(gen, 7).clamp(-1, 1)
+    images[1] = images[0]  # a collapsed pair in class 2
+    labels = torch.tensor([2, 2, 2, 5, 5, 7, 2])
+    r = evaluate(images, train, labels, **SSIM)
+    x01 = ((images + 1) / 2).double()
+    for i, c in enumerate(labels.tolist()):
+        others = [j for j in range(7) if labels[j] == c and j != i]
+        if not others:
+            assert math.isnan(r.same_class_ssim[i])  # alone in its class
+            continue
+        best = max(float(reference_ssim(x01[i : i + 1], x01[j : j + 1])) for j in others)
+        assert r.same_class_ssim[i].item() == pytest.approx(best, abs=1e-4)
+    assert r.same_class_ssim[0].item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_control_against_held_out_images(gen, train):
+    held = subset(load_dataset("mnist:test"), 20, seed=9)
+    held = held.select(torch.nonzero(~torch.isin(held.indices, train.indices)).view(-1))
+    labels = torch.arange(10).repeat_interleave(2)
+    images = torch.stack([train.images[torch.nonzero(train.labels == c)[k, 0]] for c in range(10) for k in (0, 1)]) * 2 - 1
+    r = evaluate(images, train, labels, held_out=held, control_seed=4, **SSIM)
+    x01 = (images + 1) / 2
+    gen_c = torch.Generator().manual_seed(4)  # the control's draws, in its order: per class, train then held-out
+    for c in range(10):
+        t_pos = torch.nonzero(train.labels == c).view(-1)
+        h_pos = torch.nonzero(held.labels == c).view(-1)
+        m = min(len(t_pos), len(h_pos))
+        t_sel = t_pos[torch.randperm(len(t_pos), generator=gen_c)[:m]]
+        h_sel = h_pos[torch.randperm(len(h_pos), generator=gen_c)[:m]]
+        for i in torch.nonzero(labels == c).view(-1).tolist():
+            t = reference_ssim(x01[i : i + 1].double(), train.images[t_sel].double()).max()
+            h = reference_ssim(x01[i : i + 1].double(), held.images[h_sel].double()).max()
+            assert r.train_control_ssim[i].item() == pytest.approx(float(t), abs=1e-4)
+            assert r.held_out_ssim[i].item() == pytest.approx(float(h), abs=1e-4)
+    o = r.to_dict()["overall"]
+    gap = (r.train_control_ssim - r.held_out_ssim).double().mean().item()
+    assert o["leakage_gap"] == pytest.approx(gap) and o["leakage_gap"] > 0.1  # copies of training images leak
+    assert o["closer_to_train"] == pytest.approx((r.train_control_ssim > r.held_out_ssim).double().mean().item())
+    assert o["n_train_matched"] == 20  # twenty distinct training images, each matched at SSIM 1
+    assert "control:" in r.summary()
 
 
 @pytest.mark.gpu
