@@ -1,0 +1,115 @@
+"""The leakage benchmark: its data split, its targets, and the quick suite end to end (a smoke test that
+checks it runs and writes well-formed results; quality thresholds are for the real suites, not tests)."""
+
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from tldr_fast import leakage
+from tldr_fast.cli import main, parse_overrides
+
+
+def test_target_names_round_trip():
+    for t in leakage.SUITES["full"].targets:
+        assert leakage.Target.parse(t.name) == t
+    assert leakage.Target.parse("fashion-mnist-plain_cnn-100") == leakage.Target("fashion-mnist", 100, "plain_cnn")
+
+
+def test_split_parts_are_disjoint_and_balanced():
+    suite = leakage.SUITES["default"]
+    parts = leakage.split("mnist", suite)
+    held, real, judge = (set(p.indices.tolist()) for p in (parts.held_out, parts.real, parts.judge))
+    assert not (held & real) and not (held & judge) and not (real & judge)
+    assert len(held | real | judge) == 10_000  # the whole test split
+    assert parts.held_out.class_counts() == [suite.held_out_per_class] * 10
+    assert parts.real.class_counts() == [suite.real_per_class] * 10
+    assert parts.train.source == "mnist:train" and parts.judge.source == "mnist:test"
+
+
+def test_suites_fit_their_promises():
+    default = leakage.SUITES["default"]
+    names = {t.name for t in default.targets}
+    assert {"mnist-plain_cnn-1000", "mnist-cnn-1000", "mnist-cnn-10"} <= names and len(default.seeds) >= 3
+    full = {t.name for t in leakage.SUITES["full"].targets}
+    assert {f"mnist-{a}-{n}" for a in leakage.ARCHS for n in (10, 100, 1000, "all")} <= full
+    assert {f"fashion-mnist-{a}-100" for a in leakage.ARCHS} <= full
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("leakage")
+    cache = tmp_path_factory.mktemp("cache")
+    variants = {"defaults": {}, "class": {"diversity": "class"}}
+    return out, leakage.run("quick", out, variants, cache=cache, device="cpu", progress=False), cache
+
+
+def test_quick_suite_writes_well_formed_results(quick):
+    out, results, _ = quick
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(results))
+    assert set(on_disk) >= {"suite", "date", "versions", "machine", "settings", "judges", "targets", "variants"}
+    judge = on_disk["judges"]["mnist"]
+    assert judge["arch"] == "lenet" and 0 <= judge["held_out_accuracy"] <= 1
+    (entry,) = on_disk["targets"]
+    assert entry["target"] == "mnist-mlp-10" and entry["n_train"] == 100
+    assert set(entry["variants"]) == {"defaults", "class"} and set(entry["references"]) == set(leakage.REFERENCES)
+    for v in entry["variants"].values():
+        (run,) = v["runs"]
+        assert set(run) == {"seed", "seconds", "steps", *leakage.METRICS} and run["steps"] == 20
+        for k in ("attack_accuracy", "nn_ssim_mean", "held_out_ssim_mean", "same_class_ssim_mean", "closer_to_train"):
+            assert 0 <= run[k] <= 1 or (k == "nn_ssim_mean" and -1 <= run[k] <= 1)
+        assert run["n_train_matched"] == int(run["n_train_matched"]) and v["mean"]["attack_accuracy"] == run["attack_accuracy"]
+        assert v["std"]["attack_accuracy"] is None  # one seed: no spread
+    refs = entry["references"]
+    assert refs["real_unseen"]["attack_accuracy"] > refs["noise"]["attack_accuracy"]
+    assert refs["black"]["same_class_ssim_mean"] == pytest.approx(1.0)  # identical images: total collapse
+
+
+def test_quick_suite_markdown_and_grids(quick):
+    out, results, _ = quick
+    text = (out / "results.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("|")]
+    widths = {line.count("|") for line in rows}
+    assert len(widths) == 1, "every table row has the same number of cells"
+    assert len(rows) == 2 + 2 + len(leakage.REFERENCES)  # header, rule, two variants, references
+    assert "mnist-mlp-10 | class" in text and "↳ black" in text
+    for variant in ("defaults", "class"):
+        with Image.open(out / "grids" / f"mnist-mlp-10--{variant}.png") as im:
+            assert im.format == "PNG"
+
+
+def test_classifiers_are_cached(quick, tmp_path):
+    _, first, cache = quick
+    files = sorted(p.name for p in cache.iterdir())
+    assert any("judge" in f for f in files) and any("mnist-mlp-10" in f for f in files)
+    again = leakage.run("quick", tmp_path, cache=cache, device="cpu", progress=False)
+    assert again["judges"] == first["judges"]  # loaded, not retrained: the same accuracy
+    assert again["targets"][0]["held_out_accuracy"] == first["targets"][0]["held_out_accuracy"]
+
+
+def test_command_line(tmp_path, capsys):
+    status = main(["leakage", "--suite", "quick", "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c"),
+                   "--device", "cpu", "--quiet", "--variant", "drop:dropout=0.2"])
+    assert status == 0 and (tmp_path / "o" / "results.md").is_file()
+    assert "| mnist-mlp-10 | drop |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--set", "nonsense=1"], "unknown option"),
+    (["--variant", "x:eps=7"], "eps"),
+    (["--variant", "nocolon"], "NAME:KEY=VALUE"),
+    (["--set", "noequals"], "KEY=VALUE"),
+])
+def test_command_line_rejects_bad_options_before_any_work(tmp_path, capsys, argv, message):
+    status = main(["leakage", "--suite", "quick", "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c"), *argv])
+    assert status == 1 and message in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()  # nothing trained
+
+
+def test_parse_overrides():
+    assert parse_overrides(["tv=1e-3", "diversity=class", "shift=0", "paired=true"]) == {
+        "tv": 1e-3, "diversity": "class", "shift": 0, "paired": True}
+    assert math.isnan(parse_overrides(["eps=NaN"])["eps"])
