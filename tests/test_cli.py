@@ -12,7 +12,7 @@ from PIL import Image
 from tldr_fast.cli import build_parser, main
 from tldr_fast.grid import grid_size
 
-COMMANDS = ("train-classifier", "invert", "sample", "evaluate", "info", "demo")
+COMMANDS = ("train-classifier", "invert", "sample", "evaluate", "leakage", "info", "demo")
 TINY = ["--batch-size", "8", "--device", "cpu", "--backend", "torch", "--quiet"]
 
 
@@ -119,22 +119,28 @@ def test_demo_end_to_end(tmp_path):
     """The embedded demo on a tiny budget, through the console: files, JSON fields, PNG, then the cache."""
     out, cache = tmp_path / "demo", tmp_path / "cache"
     args = ["demo", "--out", str(out), "--cache-dir", str(cache), "--train-per-class", "10", "--epochs", "2", "--batch-size", "16",
-            "--n-per-class", "3", "--grid-per-class", "3", "--device", "cpu", "--backend", "torch", "--quiet"]
+            "--n-per-class", "3", "--grid-per-class", "3", "--device", "cpu", "--backend", "torch", "--quiet",
+            "--judge-train-per-class", "20", "--judge-epochs", "1"]
     r = _cli(*args, "--steps", "6")
     assert r.returncode == 0, r.stderr
     assert {p.name for p in out.iterdir()} == {"metrics.json", "grid.png", "summary.txt", "classifier.pt", "inversion.pt"}
     m = json.loads((out / "metrics.json").read_text())
     assert m["num_generated"] == 30 and m["num_train"] == 100 and m["train_source"] == "mnist:train"
-    assert set(m["overall"]) >= {"nn_ssim_mean", "reconstructed_nn", "reconstructed_matched", "target_confidence"}
+    assert set(m["overall"]) >= {"nn_ssim_mean", "reconstructed_nn", "reconstructed_matched", "target_confidence", "attack_accuracy",
+                                 "same_class_ssim_mean", "train_control_ssim_mean", "held_out_ssim_mean", "leakage_gap",
+                                 "closer_to_train", "n_train_matched"}
+    assert all(m["overall"][k] is not None for k in ("attack_accuracy", "same_class_ssim_mean", "leakage_gap", "held_out_ssim_mean"))
+    assert 0 <= m["demo"]["eval_classifier_accuracy"] <= 1 and m["demo"]["eval_classifier"] == "lenet"
     assert m["demo"]["inversion_steps"] == 6 and len(m["images"]) == 30
     with Image.open(out / "grid.png") as im:
         assert im.format == "PNG" and im.size == grid_size(10, 3, 28, 28)
     assert "reconstructed (SSIM >= 0.4)" in (out / "summary.txt").read_text()
-    assert len(list(cache.glob("*.pt"))) == 1
+    assert len(list(cache.glob("demo-*.pt"))) == 1 and len(list(cache.glob("*judge*.pt"))) == 1
     r = _cli(*args, "--steps", "2")
     assert r.returncode == 0 and "reusing the classifier cached" in r.stderr, r.stderr
+    assert "training the evaluation classifier" not in r.stderr  # cached too
     # a cached file this version cannot read (another version's model, a damaged file) is retrained
-    (stale,) = cache.glob("*.pt")
+    (stale,) = cache.glob("demo-*.pt")
     stale.write_bytes(b"not a checkpoint")
     r = _cli(*args, "--steps", "2")
     assert r.returncode == 0 and "not reusing the cached classifier" in r.stderr, r.stderr

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Union
 
@@ -64,9 +64,12 @@ def _add_run_options(p: argparse.ArgumentParser, seed_help: str = "seed of every
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _add_invert_options(p: argparse.ArgumentParser, steps: int, batch_size: int) -> None:
-    p.add_argument("--steps", type=_positive_int, default=steps, help=f"generator optimisation steps (default: {steps})")
-    p.add_argument("--batch-size", type=_positive_int, default=batch_size, help=f"images per step (default: {batch_size})")
+def _add_invert_options(p: argparse.ArgumentParser) -> None:
+    from .config import InversionConfig
+
+    d = InversionConfig()
+    p.add_argument("--steps", type=_positive_int, default=None, help=f"generator optimisation steps (default: {d.steps})")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help=f"images per step (default: {d.batch_size})")
     p.add_argument("--lr", type=float, default=None, help="generator learning rate (default: InversionConfig's)")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cuda"), help="kernels for the loss ops and SSIM (default: auto)")
     p.add_argument("--conditioning", choices=("hot", "soft"), default=None, help="hot: one-hot (TLDR, default); soft: softmax of noise")
@@ -113,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="inversion checkpoint to write (.pt)")
     p.add_argument("--resume", default=None, help="continue from this inversion checkpoint")
     p.add_argument("--checkpoint-every", type=int, default=0, help="also save --out every N steps (default: only at the end)")
-    _add_invert_options(p, steps=1000, batch_size=256)
+    _add_invert_options(p)
     _add_run_options(p)
     p.set_defaults(func=cmd_invert)
 
@@ -168,14 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("demo", help="the whole pipeline on 1,000 MNIST images, in a few minutes on a CPU", description=(
-        "Train (or reuse from --cache-dir) a small CNN on 1,000 MNIST training images, invert it, evaluate the "
-        "generated images against those 1,000 images, and write metrics.json, grid.png, classifier.pt, "
-        "inversion.pt and summary.txt into --out. The defaults take at most a few minutes on a 2-core CPU."))
+        "Train (or reuse from --cache-dir) a small CNN on 1,000 MNIST training images and an independent evaluation "
+        "classifier on other MNIST images, invert the CNN with the library's defaults, evaluate the generated images "
+        "against the 1,000 training images and, as the control, as many held-out images, and write metrics.json, "
+        "grid.png, classifier.pt, inversion.pt and summary.txt into --out. At most 5 minutes on a 2-core CPU."))
     p.add_argument("--out", default="tldr-demo", help="output folder (default: tldr-demo)")
     p.add_argument("--cache-dir", default=None, help="where the trained classifier is cached (default: $TLDR_FAST_CACHE or ~/.cache/tldr_fast)")
     p.add_argument("--train-per-class", type=_positive_int, default=DEMO_TRAIN_PER_CLASS, help="MNIST training images per class (default: 100)")
     p.add_argument("--epochs", type=_positive_int, default=DEMO_EPOCHS, help=f"classifier training epochs (default: {DEMO_EPOCHS})")
-    _add_invert_options(p, steps=400, batch_size=64)
+    p.add_argument("--judge-train-per-class", type=_positive_int, default=None,
+                   help="training images per class of the evaluation classifier (default: the leakage benchmark's, ~560)")
+    p.add_argument("--judge-epochs", type=_positive_int, default=None, help="its training epochs (default: the leakage benchmark's)")
+    _add_invert_options(p)
     _add_eval_options(p)
     _add_run_options(p)
     p.set_defaults(func=cmd_demo)
@@ -229,14 +236,14 @@ def _invert(args: argparse.Namespace, classifier: torch.nn.Module, out: Path, re
 
     meta = classifier.tldr_meta
     overrides = {
-        k: v for k, v in {"lr": args.lr, "conditioning": args.conditioning, "grad_norm": args.grad_norm, "compile": args.compile,
-                 "cuda_graph": args.cuda_graph}.items()
+        k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "conditioning": args.conditioning,
+                 "grad_norm": args.grad_norm, "compile": args.compile, "cuda_graph": args.cuda_graph}.items()
         if v is not None
     }
     return invert(  # saves `out` at the end, resumable (with the optimiser state)
         classifier, meta["num_classes"], tuple(meta["input_shape"]), resume=resume, checkpoint=out,
-        steps=args.steps, batch_size=args.batch_size, seed=args.seed, device=args.device, backend=args.backend,
-        progress=not args.quiet, checkpoint_every=checkpoint_every, **overrides,
+        seed=args.seed, device=args.device, backend=args.backend, progress=not args.quiet, checkpoint_every=checkpoint_every,
+        **overrides,
     )
 
 
@@ -411,15 +418,8 @@ def _print_tree(d: Dict[str, Any], indent: str = "") -> None:
             print(f"{indent}{key}: {value}")
 
 
-def _cache_dir(given: Optional[str]) -> Path:
-    if given:
-        return Path(given)
-    if os.environ.get("TLDR_FAST_CACHE"):
-        return Path(os.environ["TLDR_FAST_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tldr_fast"
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
+    from . import leakage
     from .data import load_dataset, subset
     from .evaluate import evaluate
     from .models import load_classifier, save_classifier
@@ -428,7 +428,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     args.device = _device(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cached = _cache_dir(args.cache_dir) / f"demo-cnn-mnist-{args.train_per_class}pc-{args.epochs}ep-seed{args.seed}.pt"
+    cache = leakage.cache_dir(args.cache_dir)
+    cached = cache / f"demo-cnn-mnist-{args.train_per_class}pc-{args.epochs}ep-seed{args.seed}.pt"
     classifier = None
     if cached.is_file():
         try:
@@ -437,27 +438,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
             train = _training_set(classifier, None)
         except ValueError as e:  # e.g. saved by another version: train a new one in its place
             _say(f"not reusing the cached classifier ({e}); training a new one")
+    # the leakage benchmark's split of the MNIST test split: held-out control images, and the independent
+    # evaluation classifier's training images (it is trained once and cached with the benchmark's)
+    suite = leakage.SUITES["default"]
+    suite = replace(suite, judge_max_per_class=args.judge_train_per_class or suite.judge_max_per_class,
+                    judge_epochs=args.judge_epochs or suite.judge_epochs)
+    parts = leakage.split("mnist", suite)
     if classifier is None:
         train = subset(load_dataset("mnist"), args.train_per_class, seed=args.seed)
-        test = subset(load_dataset("mnist:test"), 100, seed=args.seed)  # 1,000 held-out images
-        classifier = _train(args, train, test, "cnn", 3e-3, 64)
+        classifier = _train(args, train, parts.held_out, "cnn", 3e-3, 64)
         save_classifier(classifier, cached)
+    judge = leakage.judge("mnist", parts, suite, cache, args.device, _say)
     save_classifier(classifier, out / "classifier.pt")
-    _say(f"classifier: {_accuracies(classifier.tldr_meta)}")
+    _say(f"classifier: {_accuracies(classifier.tldr_meta)}; evaluation classifier (lenet on {len(parts.judge)} other "
+         f"MNIST images): held-out accuracy {judge.tldr_meta['test_accuracy']:.3f}")
     inv = _invert(args, classifier, out / "inversion.pt")
     _say(f"inversion: target classifier {_metrics_line(inv.metrics)}")
     report = evaluate(
-        inv, train, n_per_class=args.n_per_class, tau=args.tau, classifier=classifier, backend=args.backend,
-        device=args.device, progress=not args.quiet,
+        inv, train, n_per_class=args.n_per_class, tau=args.tau, classifier=classifier, eval_classifier=judge,
+        held_out=parts.held_out, backend=args.backend, device=args.device, progress=not args.quiet,
     )
     seconds = round(time.perf_counter() - start, 1)
     header = [
         f"demo: CNN on {len(train)} MNIST images ({_accuracies(classifier.tldr_meta)}), inverted in {inv.step} steps "
-        f"of {args.batch_size} images; {seconds} s in all",
+        f"of {inv.config.batch_size} images; {seconds} s in all",
     ]
     extra = {"demo": {"classifier": classifier.tldr_meta["arch"], "train_accuracy": classifier.tldr_meta["train_accuracy"],
-                      "test_accuracy": classifier.tldr_meta["test_accuracy"], "inversion_steps": inv.step,
-                      "inversion_batch_size": args.batch_size, "inversion_metrics": inv.metrics, "seconds": seconds}}
+                      "test_accuracy": classifier.tldr_meta["test_accuracy"], "eval_classifier": judge.tldr_meta["arch"],
+                      "eval_classifier_accuracy": judge.tldr_meta["test_accuracy"], "held_out_images": len(parts.held_out),
+                      "inversion_steps": inv.step, "inversion_batch_size": inv.config.batch_size,
+                      "inversion_metrics": inv.metrics, "seconds": seconds}}
     _write_evaluation(report, out, args.grid_per_class, extra, header)
     return 0
 
