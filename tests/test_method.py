@@ -25,30 +25,42 @@ def with_meta(model, channels=1):
 # --- warp -------------------------------------------------------------------------------------------
 
 
+def _theta(n, size, shift, rotate, scale, seed):
+    return ref.warp_theta(n, size, shift, rotate, scale, torch.Generator().manual_seed(seed), "cpu")
+
+
 def test_warp_shift_only_moves_whole_pixels(gen):
     x = torch.rand(6, 2, 9, 7, generator=gen) * 2 - 1
-    out = ref.warp(x, 2, 0.0, 0.0, -1.0, torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen))))
+    theta = _theta(6, (9, 7), 2, 0.0, 0.0, int(torch.randint(0, 2**31, (1,), generator=gen)))
+    out = ref.warp(x, theta, -1.0, "nearest")
     for i in range(len(x)):
         padded = torch.nn.functional.pad(x[i], (2, 2, 2, 2), value=-1.0)
         matches = [(dy, dx) for dy in range(5) for dx in range(5) if torch.equal(out[i], padded[:, dy : dy + 9, dx : dx + 7])]
         assert matches, f"image {i} is not a whole-pixel shift of its input filled with -1"
 
 
+def test_warp_theta_ranges():
+    theta = _theta(2000, (28, 28), 2, 15.0, 0.1, 0)
+    lin = theta[:, :, :2]
+    scale = lin[:, 0, 0].hypot(lin[:, 1, 0])
+    angle = torch.atan2(lin[:, 1, 0], lin[:, 0, 0]) * 180 / math.pi
+    shifts = theta[:, :, 2] * 28 / 2  # pixels
+    assert scale.min() >= 0.9 - 1e-6 and scale.max() <= 1.1 + 1e-6 and angle.abs().max() <= 15 + 1e-4
+    assert torch.equal(shifts.round(), shifts.round().clamp(-2, 2)) and torch.allclose(shifts, shifts.round(), atol=1e-5)
+    assert set(shifts.round().flatten().tolist()) == {-2.0, -1.0, 0.0, 1.0, 2.0}
+
+
 def test_warp_identity_and_gradient(gen):
     x = torch.rand(4, 1, 8, 8, generator=gen, dtype=torch.float64).requires_grad_(True)
-    g = torch.Generator().manual_seed(0)
-    assert torch.equal(ref.warp(x, 0, 0.0, 0.0, 0.0, g), x)
-    y = ref.warp(x, 1, 20.0, 0.2, -1.0, g)
+    assert torch.equal(ref.warp(x, _theta(4, (8, 8), 0, 0.0, 0.0, 0), 0.0, "nearest"), x)
+    y = ref.warp(x, _theta(4, (8, 8), 1, 20.0, 0.2, 0), -1.0)
     assert y.shape == x.shape and torch.isfinite(y).all()
     (grad,) = torch.autograd.grad(y.sum(), x)
     assert grad.abs().sum() > 0 and (grad >= 0).all()  # bilinear resampling: non-negative weights
 
 
-def test_warp_is_seeded():
-    x = torch.rand(5, 1, 10, 10)
-    a = ref.warp(x, 2, 15.0, 0.1, -1.0, torch.Generator().manual_seed(3))
-    b = ref.warp(x, 2, 15.0, 0.1, -1.0, torch.Generator().manual_seed(3))
-    c = ref.warp(x, 2, 15.0, 0.1, -1.0, torch.Generator().manual_seed(4))
+def test_warp_theta_is_seeded():
+    a, b, c = (_theta(5, (10, 10), 2, 15.0, 0.1, s) for s in (3, 3, 4))
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -169,7 +181,7 @@ def test_select_keeps_the_best_scored_candidate(monkeypatch):
     inv = invert(clf, 3, (1, 16, 16), **TINY)
     picked = {}
 
-    def score(self, images, labels, generator, draws=4):  # the third candidate of each image wins
+    def score(self, images, labels, seed, first=0, draws=4):  # the third candidate of each image wins
         s = torch.zeros(len(labels))
         s[2::3] = 1.0
         picked["candidates"] = images.clone()
@@ -186,8 +198,22 @@ def test_robustness_score_is_the_mean_probability(gen):
     clf = with_meta(PlainCNN([1, 16, 16], 3, width=4, feature_dim=8))
     inv = invert(clf, 3, (1, 16, 16), **TINY)
     x = torch.rand(4, 1, 16, 16, generator=gen) * 2 - 1
-    s = inv.robustness_score(x, torch.tensor([0, 1, 2, 0]), torch.Generator().manual_seed(0))
+    s = inv.robustness_score(x, torch.tensor([0, 1, 2, 0]), seed=5)
     assert s.shape == (4,) and ((s >= 0) & (s <= 1)).all()
+    torch.testing.assert_close(inv.robustness_score(x[2:], torch.tensor([2, 0]), seed=5, first=2), s[2:])  # per image
+
+
+def test_samples_do_not_depend_on_the_batch_size():
+    clf = with_meta(PlainCNN([1, 16, 16], 3, width=4, feature_dim=8))
+    inv = invert(clf, 3, (1, 16, 16), **TINY)
+    a = inv.sample(n_per_class=50, batch_size=7, seed=1)
+    torch.testing.assert_close(inv.sample(n_per_class=50, batch_size=150, seed=1), a, rtol=0, atol=1e-6)
+    b = inv.sample(n_per_class=10, batch_size=4, seed=1, select=3)
+    torch.testing.assert_close(inv.sample(n_per_class=10, batch_size=30, seed=1, select=3), b, rtol=0, atol=1e-6)
+    assert not torch.equal(a, inv.sample(n_per_class=50, batch_size=7, seed=2))
+    for bad in (0, -4, True, 2.5):
+        with pytest.raises(ValueError, match="batch_size"):
+            inv.sample(n_per_class=1, batch_size=bad)
 
 
 @pytest.mark.parametrize(

@@ -61,7 +61,12 @@ def resolve_device(name: str, quiet: bool = False) -> torch.device:
             _cpu_noticed = True
             print("tldr_fast: no GPU found, running on the CPU", file=sys.stderr)
         return torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from e
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r} (tldr_fast runs on CPUs and CUDA GPUs)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device={name!r} but torch sees no CUDA GPU; use device='cpu' or 'auto'")
     return device

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any, Dict, Iterable, Union
 
 import torch
 
@@ -18,6 +18,8 @@ def atomic_save(obj: Any, path: PathLike) -> None:
     reader sees the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed while writing
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -34,6 +36,24 @@ def atomic_save(obj: Any, path: PathLike) -> None:
         raise
 
 
+def check_writable(path: PathLike, what: str = "output") -> Path:
+    """Fail now, before any work, if ``path`` cannot be written: its folder is created if needed and a
+    file is created there and removed again. ``path`` itself is not touched. Returns it as a ``Path``."""
+    path = Path(path)
+    if str(path) in ("", "."):
+        raise ValueError(f"the {what} path is empty")
+    if path.is_dir():
+        raise IsADirectoryError(f"the {what} path {path} is a directory; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise PermissionError(f"cannot write the {what} {path}: {e.strerror or e}") from e
+    return path
+
+
 def save_checkpoint(path: PathLike, state: Dict[str, Any]) -> None:
     """Save an inversion state (plain data and tensors only) atomically."""
     atomic_save({"format": FORMAT, **state}, path)
@@ -43,6 +63,8 @@ def load_checkpoint(path: PathLike, fmt: str = FORMAT, kind: str = "inversion") 
     """Load a tldr_fast checkpoint of format ``fmt`` (an inversion's, or ``kind``'s) onto the CPU with
     ``weights_only=True``: tensors and plain containers, never code; anything else is a ``ValueError``."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory, not a {kind} checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"no such {kind} checkpoint: {path}")
     try:
@@ -53,3 +75,10 @@ def load_checkpoint(path: PathLike, fmt: str = FORMAT, kind: str = "inversion") 
     if not isinstance(state, dict) or state.get("format") != fmt:
         raise ValueError(f"{path} is not a tldr_fast {kind} checkpoint (expected format {fmt!r})")
     return state
+
+
+def require_keys(state: Dict[str, Any], keys: Iterable[str], path: PathLike, kind: str = "inversion") -> None:
+    """A ``ValueError`` naming what a loaded checkpoint lacks (a hand-made or truncated file)."""
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise ValueError(f"{path} is an incomplete {kind} checkpoint: it lacks {', '.join(missing)}")

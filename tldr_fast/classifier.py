@@ -135,6 +135,12 @@ class FrozenClassifier(nn.Module):
         self._capturing = False  # the hook records only during our own forward
         self._tuple_output = False
         self._hook = None
+        meta = getattr(classifier, "tldr_meta", None)
+        if isinstance(meta, Mapping) and meta.get("input_shape") is not None and list(meta["input_shape"]) != list(image_shape):
+            raise ClassifierError(
+                f"the classifier was trained on images of shape {tuple(meta['input_shape'])} (its tldr_meta), not "
+                f"{tuple(image_shape)}: invert it at its own input shape"
+            )
         self.moments = normalisation(preprocess, classifier, image_shape[0])  # [2, C] or None
         if self.moments is not None:
             self.moments = self.moments.to(device)
@@ -157,6 +163,11 @@ class FrozenClassifier(nn.Module):
                 out = self.classifier(self.preprocess(x))
         except Exception as e:
             raise ClassifierError(f"the classifier failed on a batch of shape {tuple(x.shape)} (image_shape={tuple(image_shape)}): {e}") from e
+        if isinstance(out, Mapping):
+            raise ClassifierError(
+                f"the classifier returns a {type(out).__name__} (keys {list(out)[:5]}); invert needs logits [B, K], or "
+                "(logits, features): wrap it in a module that returns those"
+            )
         if isinstance(out, (tuple, list)):
             if len(out) != 2 or not all(isinstance(t, Tensor) for t in out):
                 raise ClassifierError("a classifier returning a tuple must return (logits [B, K], features [B, D])")

@@ -60,7 +60,7 @@ def _n_per_class(text: str) -> Union[int, str]:
 
 def _add_run_options(p: argparse.ArgumentParser, seed_help: str = "seed of everything random") -> None:
     p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, cuda:1, ... (default: auto)")
-    p.add_argument("--seed", type=int, default=0, help=f"{seed_help} (default: 0)")
+    p.add_argument("--seed", type=int, default=None, help=f"{seed_help} (default: 0, or the resumed run's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -71,7 +71,7 @@ def _add_invert_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=_positive_int, default=None, help=f"generator optimisation steps (default: {d.steps})")
     p.add_argument("--batch-size", type=_positive_int, default=None, help=f"images per step (default: {d.batch_size})")
     p.add_argument("--lr", type=float, default=None, help="generator learning rate (default: InversionConfig's)")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cuda"), help="kernels for the loss ops and SSIM (default: auto)")
+    p.add_argument("--backend", default=None, choices=("auto", "torch", "triton", "cuda"), help="kernels for the loss ops and SSIM (default: auto)")
     p.add_argument("--conditioning", choices=("hot", "soft"), default=None, help="hot: one-hot (TLDR, default); soft: softmax of noise")
     p.add_argument("--grad-norm", choices=("head", "full", "off"), default=None, help="gradient-norm term: head (closed form, default), full (double backward), off")
     p.add_argument("--compile", action="store_true", default=None, help="generator and classifier under torch.compile (faster steps after a compile)")
@@ -114,8 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
         "the inversion (generator, config, history, metrics). --resume continues an interrupted run."))
     p.add_argument("--classifier", required=True, help="classifier checkpoint from train-classifier")
     p.add_argument("--out", required=True, help="inversion checkpoint to write (.pt)")
-    p.add_argument("--resume", default=None, help="continue from this inversion checkpoint")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="also save --out every N steps (default: only at the end)")
+    p.add_argument("--resume", default=None, help="continue from this inversion checkpoint (options not given again are the run's own)")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="also save --out every N steps (default: only at the end and on Ctrl-C)")
+    p.add_argument("--config", default=None, help="a JSON file of InversionConfig fields (e.g. as metrics or a checkpoint record them)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="any InversionConfig field or loss weight, e.g. --set tv=1e-3 --set diversity=class (repeatable; after --config)")
     _add_invert_options(p)
     _add_run_options(p)
     p.set_defaults(func=cmd_invert)
@@ -125,9 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
         "any other --out is a folder with one sub-folder of PNGs per class."))
     p.add_argument("--inversion", required=True, help="inversion checkpoint from invert")
     p.add_argument("--n-per-class", type=_positive_int, default=10, help="images per class (default: 10)")
-    p.add_argument("--out", required=True, help=".npz file or folder")
+    p.add_argument("--out", required=True, help=".npz file or folder (a folder resumes an interrupted sample)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="images generated at a time (default: the inversion's batch size); "
+                   "the images do not depend on it")
+    p.add_argument("--select", type=_positive_int, default=None, help="keep the most robustly classified of N candidates per image "
+                   "(needs --classifier; default: the inversion's select)")
+    p.add_argument("--classifier", default=None, help="the target classifier checkpoint (for --select)")
     p.add_argument("--device", default="auto", help="device of the generator (default: auto)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: the inversion's own)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("evaluate", help="measure how much of the training set an inversion reconstructs", description=(
@@ -219,10 +228,13 @@ def _accuracies(meta: Dict[str, Any]) -> str:
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> int:
+    from .checkpoint import check_writable
     from .data import load_dataset, subset
     from .models import save_classifier
 
+    check_writable(args.out, "--out")
     args.device = _device(args)
+    args.seed = args.seed if args.seed is not None else 0
     train = subset(load_dataset(args.data, seed=args.seed), args.n_per_class, seed=args.seed)
     test = load_dataset(args.test_data) if args.test_data else None
     model = _train(args, train, test, args.arch, args.lr, args.batch_size)
@@ -231,19 +243,32 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     return 0
 
 
-def _invert(args: argparse.Namespace, classifier: torch.nn.Module, out: Path, resume: Optional[str] = None, checkpoint_every: int = 0):
+def _invert_overrides(args: argparse.Namespace) -> Dict[str, Any]:
+    """The invert options given on the command line: ``--config``, then the flags, then ``--set`` (options
+    not given stay the defaults, or the resumed run's own)."""
+    overrides: Dict[str, Any] = {}
+    if getattr(args, "config", None):
+        data = json.loads(Path(args.config).read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"{args.config} must hold a JSON object of InversionConfig fields")
+        overrides.update(data)
+    flags = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "conditioning": args.conditioning,
+             "grad_norm": args.grad_norm, "compile": args.compile, "cuda_graph": args.cuda_graph, "seed": args.seed,
+             "backend": args.backend, "checkpoint_every": getattr(args, "checkpoint_every", None)}
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    overrides.update(parse_overrides(getattr(args, "overrides", [])))
+    for k in ("device", "progress"):  # how to run, not what to run: from --device and --quiet
+        overrides.pop(k, None)
+    return overrides
+
+
+def _invert(args: argparse.Namespace, classifier: torch.nn.Module, out: Path, resume: Optional[str] = None):
     from . import invert
 
     meta = classifier.tldr_meta
-    overrides = {
-        k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "conditioning": args.conditioning,
-                 "grad_norm": args.grad_norm, "compile": args.compile, "cuda_graph": args.cuda_graph}.items()
-        if v is not None
-    }
-    return invert(  # saves `out` at the end, resumable (with the optimiser state)
+    return invert(  # saves `out` at the end and on Ctrl-C, resumable (with the optimiser state)
         classifier, meta["num_classes"], tuple(meta["input_shape"]), resume=resume, checkpoint=out,
-        seed=args.seed, device=args.device, backend=args.backend, progress=not args.quiet, checkpoint_every=checkpoint_every,
-        **overrides,
+        device=args.device, progress=not args.quiet, **_invert_overrides(args),
     )
 
 
@@ -254,11 +279,22 @@ def _metrics_line(metrics: Optional[Dict[str, float]]) -> str:
 
 
 def cmd_invert(args: argparse.Namespace) -> int:
+    from .checkpoint import check_writable
+    from .config import InversionConfig
     from .models import load_classifier
 
+    check_writable(args.out, "--out")
+    if not args.resume:  # every option checked before any work (a resumed run checks them against its own)
+        InversionConfig().with_overrides(**_invert_overrides(args))
     args.device = _device(args)
     classifier = load_classifier(args.classifier, args.device)
-    inv = _invert(args, classifier, Path(args.out), args.resume, args.checkpoint_every)
+    try:
+        inv = _invert(args, classifier, Path(args.out), args.resume)
+    except KeyboardInterrupt:
+        if Path(args.out).is_file():
+            _say(f"interrupted; {args.out} holds the run so far. Continue it with:\n  {PROG} invert --classifier {args.classifier} "
+                 f"--resume {args.out} --out {args.out}")
+        raise
     print(f"saved {args.out} after {inv.step} steps: target classifier {_metrics_line(inv.metrics)}")
     return 0
 
@@ -270,19 +306,17 @@ def _load_inversion(path: str, device: str, classifier: Optional[torch.nn.Module
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from .grid import save_image_folder
+    from .models import load_classifier
+    from .samples import write_samples
 
-    inv = _load_inversion(args.inversion, _device(args))
-    labels = inv.labels(n_per_class=args.n_per_class)
-    images = inv.sample(labels=labels, seed=args.seed)  # [K n, C, H, W] in [-1, 1]
-    x01 = ((images + 1) / 2).clamp(0, 1)
     out = Path(args.out)
-    if out.suffix == ".npz":
-        out.parent.mkdir(parents=True, exist_ok=True)
-        pixels = (x01 * 255).round().to(torch.uint8).numpy()
-        np.savez_compressed(out, images=pixels, labels=labels.numpy())
-    else:
-        save_image_folder(out, x01, labels, inv.num_classes)
+    if not args.out.strip():
+        raise ValueError("--out is empty: give an .npz file or a folder")
+    device = _device(args)
+    classifier = load_classifier(args.classifier, device) if args.classifier else None
+    inv = _load_inversion(args.inversion, device, classifier)
+    labels = inv.labels(n_per_class=args.n_per_class)
+    write_samples(inv, out, labels, args.batch_size, args.seed, args.select, progress=not args.quiet)
     print(f"wrote {len(labels)} images ({args.n_per_class} per class) to {out}")
     return 0
 
@@ -307,12 +341,27 @@ def _training_set(classifier: Optional[torch.nn.Module], data: Optional[str]):
     return load_dataset(meta["train_source"]).select_source(meta["train_indices"])
 
 
+def _output_folder(path: str) -> Path:
+    """``path`` as a folder for a command's outputs, created and checked for writability now."""
+    from .checkpoint import check_writable
+
+    if not path.strip():
+        raise ValueError("--out is empty: give a folder")
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; give a folder")
+    check_writable(out / "metrics.json", "--out folder")
+    return out
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data import load_npz
     from .evaluate import evaluate
     from .models import load_classifier
 
+    out = _output_folder(args.out)
     device = _device(args)
+    args.seed = args.seed if args.seed is not None else 0
     target = load_classifier(args.classifier, device) if args.classifier else None
     judge = load_classifier(args.eval_classifier, device) if args.eval_classifier else None
     train = _training_set(target, args.data)
@@ -325,7 +374,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         gen = load_npz(args.images)  # [N, C, H, W] in [0, 1]
         report = evaluate(gen.images, train, gen.labels, value_range=(0.0, 1.0), **common)
         source = {"images": args.images}
-    _write_evaluation(report, Path(args.out), args.grid_per_class, {"generated_from": source})
+    _write_evaluation(report, out, args.grid_per_class, {"generated_from": source})
     return 0
 
 
@@ -364,6 +413,7 @@ def cmd_leakage(args: argparse.Namespace) -> int:
         variants[name] = {**common, **parse_overrides([p for p in rest.split(",") if p])}
     for overrides in variants.values():  # every option checked before any work starts
         InversionConfig().with_overrides(**{k: v for k, v in overrides.items() if k != "seed"})
+    _output_folder(args.out)
     results = leakage.run(
         args.suite, args.out, variants,
         targets=args.targets.split(",") if args.targets else None,
@@ -425,9 +475,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .models import load_classifier, save_classifier
 
     start = time.perf_counter()
+    out = _output_folder(args.out)
     args.device = _device(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    args.seed = args.seed if args.seed is not None else 0
     cache = leakage.cache_dir(args.cache_dir)
     cached = cache / f"demo-cnn-mnist-{args.train_per_class}pc-{args.epochs}ep-seed{args.seed}.pt"
     classifier = None

@@ -69,6 +69,14 @@ class Ramp:
     end_step: int = 1000
 
     def __post_init__(self):
+        for name in ("start", "end"):
+            v = getattr(self, name)
+            if not (_number(v) and 0 <= v < float("inf")):
+                raise ValueError(f"Ramp: {name} is a weight, a finite number >= 0, got {v!r}")
+        for name in ("begin_step", "end_step"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"Ramp: {name} must be an int >= 0, got {v!r}")
         if self.end_step <= self.begin_step:
             raise ValueError(f"Ramp: end_step ({self.end_step}) must be after begin_step ({self.begin_step})")
 
@@ -190,11 +198,11 @@ class InversionConfig:
             raise ValueError(f"batch_size must be at least 2 (the diversity terms compare images), got {self.batch_size}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+        if not (_number(self.lr) and 0 < self.lr < float("inf")):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        if len(self.betas) != 2 or not all(_number(b) and 0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
-        if not (isinstance(self.eps, (int, float)) and 0 <= self.eps <= 1):
+        if not (_number(self.eps) and 0 <= self.eps <= 1):
             raise ValueError(f"eps is a fraction of the pixel range and must be in [0, 1], got {self.eps!r}")
         if self.shift < 0:
             raise ValueError(f"shift is a number of pixels >= 0, got {self.shift}")
@@ -220,7 +228,7 @@ class InversionConfig:
         if not isinstance(self.device, str):
             raise TypeError(f"device must be a string such as 'auto', 'cpu' or 'cuda', got {self.device!r}")
         for name, value in asdict(self.weights).items():
-            if not isinstance(value, (int, float)) or value != value or value < 0:
+            if not (_number(value) and 0 <= value < float("inf")):
                 raise ValueError(f"weight {name!r} must be a finite number >= 0, got {value!r}")
         if isinstance(self.preprocess, str) and self.preprocess not in ("unit", "identity"):
             raise ValueError(f"preprocess must be None, 'unit', 'identity', (mean, std) or a callable, got {self.preprocess!r}")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import numbers
+import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -11,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from .backends import resolve, resolve_device
-from .checkpoint import PathLike, load_checkpoint, save_checkpoint
+from .checkpoint import PathLike, check_writable, load_checkpoint, require_keys, save_checkpoint
 from .classifier import ClassifierError, FrozenClassifier
 from .config import TERMS, InversionConfig, Preprocess
 from .generator import ConditionedGenerator
@@ -47,37 +50,44 @@ class Inversion:
     def device(self) -> torch.device:
         return next(self.generator.parameters()).device
 
-    def _batches(self, labels: Tensor, batch_size: int, seed: int, select: int = 1) -> Iterator[Tuple[Tensor, Tensor]]:
-        """``(labels, images)`` on the generator's device, one batch at a time, generator in eval mode;
-        with ``select > 1`` each image is the best of ``select`` candidates (``robustness_score``)."""
+    def _batches(self, labels: Tensor, batch_size: int, seed: int, select: int = 1, offset: int = 0) -> Iterator[Tuple[Tensor, Tensor]]:
+        """``(labels, images)`` on the generator's device, ``batch_size`` images at a time, generator in
+        eval mode; with ``select > 1`` each image is the best of ``select`` candidates (``robustness_score``).
+        Candidate ``c`` (image ``c // select``, counting from image ``offset``) has its own latent, a
+        function of ``(seed, c)`` alone, so the images do not depend on ``batch_size``."""
         g, was_training = self.generator, self.generator.training
-        rng = torch.Generator(self.device).manual_seed(seed)
+        dev = self.device
         g.eval()
         try:
             with torch.no_grad():
-                for i in range(0, len(labels), batch_size):
-                    y = labels[i : i + batch_size].to(self.device)
+                for start in range(0, len(labels), batch_size):
+                    y = labels[start : start + batch_size].to(dev)
                     yc = y.repeat_interleave(select)  # [n * select]: the candidates of each image together
-                    z = torch.randn(len(yc), g.nz, generator=rng, device=self.device)
+                    first = (offset + start) * select
+                    z = indexed_draws(seed, 0, first, first + len(yc), lambda gen, k: torch.randn(k, g.nz, generator=gen, device=dev), dev)
                     x = g(z, torch.nn.functional.one_hot(yc, self.num_classes).float(), yc)
                     if select > 1:
-                        best = self.robustness_score(x, yc, rng).view(len(y), select).argmax(1)  # [n]
-                        x = x.view(len(y), select, *x.shape[1:])[torch.arange(len(y), device=x.device), best]
+                        best = self.robustness_score(x, yc, seed, first).view(len(y), select).argmax(1)  # [n]
+                        x = x.view(len(y), select, *x.shape[1:])[torch.arange(len(y), device=dev), best]
                     yield y, x
         finally:
             g.train(was_training)
 
-    def robustness_score(self, images: Tensor, labels: Tensor, generator: torch.Generator, draws: int = 4) -> Tensor:
+    def robustness_score(self, images: Tensor, labels: Tensor, seed: int, first: int = 0, draws: int = 4) -> Tensor:
         """The target classifier's mean probability of ``labels`` over ``draws`` random perturbations of
-        each image (the noise and geometric transforms of training): ``[N]``. Needs the classifier."""
+        each image (the noise and geometric transforms of training): ``[N]``. Image ``i``'s perturbations
+        are a function of ``(seed, first + i)``. Needs the classifier."""
         if self.target is None:
             raise ValueError("selecting samples needs the target classifier; pass classifier= to Inversion.load")
-        cfg, eps = self.config, pixel_eps(self.config)
-        score = torch.zeros(len(labels), device=images.device)
-        for _ in range(draws):
-            noise = reference.perturb_noise(images.shape, cfg.perturbation, generator, images.device, images.dtype)
-            x = (images + eps * noise).clamp(*PIXEL_RANGE)
-            x = reference.warp(x, cfg.shift, cfg.rotate, cfg.scale, PIXEL_RANGE[0], generator)
+        cfg, eps, dev = self.config, pixel_eps(self.config), images.device
+        n, shape = len(labels), images.shape[1:]
+        score = torch.zeros(n, device=dev)
+        for r in range(draws):
+            noise = indexed_draws(seed, 1 + 2 * r, first, first + n,
+                                  lambda gen, k: reference.perturb_noise((k, *shape), cfg.perturbation, gen, dev, images.dtype), dev)
+            theta = indexed_draws(seed, 2 + 2 * r, first, first + n,
+                                  lambda gen, k: reference.warp_theta(k, shape[-2:], cfg.shift, cfg.rotate, cfg.scale, gen, dev), dev)
+            x = reference.warp((images + eps * noise).clamp(*PIXEL_RANGE), theta, PIXEL_RANGE[0])
             p = torch.softmax(self.target(x)[0].float(), 1)
             score += p.gather(1, labels[:, None]).view(-1) / draws
         return score
@@ -88,11 +98,25 @@ class Inversion:
         if (labels is None) == (n_per_class is None):
             raise ValueError("give exactly one of labels= or n_per_class=")
         if labels is None:
-            return torch.arange(self.num_classes).repeat_interleave(int(n_per_class))
-        y = torch.as_tensor(labels, dtype=torch.long).flatten()
+            if isinstance(n_per_class, bool) or not isinstance(n_per_class, int) or n_per_class < 1:
+                raise ValueError(f"n_per_class must be a positive int, got {n_per_class!r}")
+            return torch.arange(self.num_classes).repeat_interleave(n_per_class)
+        if isinstance(labels, Tensor):
+            if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+                raise ValueError(f"labels must be integers, got a {labels.dtype} tensor")
+            y = labels.long()
+        else:
+            values = list(labels)
+            integral = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)  # noqa: E731
+            if not all(integral(v) for v in values):
+                bad = next(v for v in values if not integral(v))
+                raise ValueError(f"labels must be a flat sequence of class indices (ints), got {bad!r}")
+            y = torch.tensor([int(v) for v in values], dtype=torch.long)
+        if y.dim() != 1:
+            raise ValueError(f"labels must be one-dimensional, got shape {tuple(y.shape)}")
         if len(y) and (y.min() < 0 or y.max() >= self.num_classes):
             raise ValueError(f"labels must lie in [0, {self.num_classes - 1}]")
-        return y
+        return y.cpu()
 
     def sample(
         self,
@@ -113,14 +137,29 @@ class Inversion:
         """
         y = self.labels(labels, n_per_class)
         out = torch.empty(len(y), *self.image_shape)
-        bs = batch_size or self.config.batch_size
+        for start, x in self.sample_batches(y, batch_size, seed, select):
+            out[start : start + len(x)] = x
+        return out
+
+    def sample_batches(
+        self, labels: Tensor, batch_size: Optional[int] = None, seed: Optional[int] = None, select: Optional[int] = None,
+        offset: int = 0,
+    ) -> Iterator[Tuple[int, Tensor]]:
+        """``sample`` one batch at a time, for writers that stream to disk: ``(position of the batch's
+        first image, images [n, C, H, W] in [-1, 1] on the CPU)``. Memory is one batch, whatever the total.
+        ``offset``: the first label is image number ``offset`` of a longer sample (a resumed writer
+        continues it with exactly the images an uninterrupted one would have written)."""
+        bs = self.config.batch_size if batch_size is None else batch_size
+        if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         seed = self.config.seed + 1_000_000_007 if seed is None else seed
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
         select = self.config.select if select is None else select
         if isinstance(select, bool) or not isinstance(select, int) or select < 1:
             raise ValueError(f"select must be a positive int, got {select!r}")
-        for i, (_, x) in enumerate(self._batches(y, bs, seed, select)):
-            out[i * bs : i * bs + len(x)] = x.float().cpu()
-        return out
+        for start, (_, x) in zip(range(0, len(labels), bs), self._batches(labels, bs, seed, select, offset)):
+            yield start, x.float().cpu()
 
     def classifier_metrics(self, n_per_class: Optional[int] = None, seed: Optional[int] = None) -> Dict[str, float]:
         """Accuracy, confidence and perturbed accuracy of the target classifier on fresh samples."""
@@ -131,16 +170,18 @@ class Inversion:
         seed = cfg.seed + 2_000_000_011 if seed is None else seed
         ops = resolve(cfg.backend, self.device, quiet=True)
         eps = pixel_eps(cfg)
-        hits = conf = pert_hits = 0.0
+        hits = conf = pert_hits = saturated = 0.0
         with torch.no_grad():
-            for i, (y, x) in enumerate(self._batches(y_all, cfg.batch_size, seed)):
+            for i, (y, x) in enumerate(self._batches(y_all, cfg.batch_size, seed, select=1)):
                 p = torch.softmax(self.target(x)[0].float(), 1)
                 hits += (p.argmax(1) == y).sum().item()
                 conf += p.gather(1, y[:, None]).sum().item()
+                saturated += (x.abs() >= SATURATED).float().mean((1, 2, 3)).sum().item()
                 x_pert = ops.perturb(x, eps, *PIXEL_RANGE, cfg.perturbation, step_seed(seed, i, 2))
                 pert_hits += (self.target(x_pert)[0].argmax(1) == y).sum().item()
         n = len(y_all)
-        return {"accuracy": hits / n, "confidence": conf / n, "perturbed_accuracy": pert_hits / n, "samples": n}
+        return {"accuracy": hits / n, "confidence": conf / n, "perturbed_accuracy": pert_hits / n, "saturated": saturated / n,
+                "samples": n}
 
     def state(self, optimizer: Optional[torch.optim.Optimizer] = None) -> dict:
         return {
@@ -155,22 +196,122 @@ class Inversion:
         }
 
     def save(self, path: PathLike) -> None:
-        """Save generator, config, step, history and metrics atomically (weights-only format)."""
-        save_checkpoint(path, self.state())
+        """Save generator, config, step, history and metrics atomically (weights-only format); a
+        generator with non-finite weights is an error and nothing is written."""
+        _save(path, self)
 
     @classmethod
     def load(cls, path: PathLike, classifier: Optional[nn.Module] = None, device: str = "auto", preprocess: Preprocess = None) -> "Inversion":
         """Load a saved inversion (or checkpoint). With ``classifier``, ``classifier_metrics`` works again."""
-        state = load_checkpoint(path)
+        state = _load_state(path)
         cfg = InversionConfig.from_dict(state["config"], preprocess)
         dev = resolve_device(device)
         shape = tuple(state["image_shape"])
-        g = ConditionedGenerator(state["num_classes"], shape, cfg.nz, cfg.ngf, cfg.dropout).to(dev)
-        g.load_state_dict(state["generator"])
+        g = _generator(state["num_classes"], shape, cfg, dev, state["generator"], path)
         target = None
         if classifier is not None:
             target = FrozenClassifier(classifier, state["num_classes"], shape, cfg.preprocess, cfg.head, quiet=True, device=dev)
         return cls(g, cfg, state["num_classes"], shape, state["step"], state["history"], state["metrics"], target)
+
+
+SAMPLE_BLOCK = 64  # sampling draws its randomness in blocks of this many consecutive indices
+
+
+def indexed_draws(seed: int, stream: int, start: int, stop: int, draw, device) -> Tensor:
+    """Rows ``start .. stop-1`` of an endless sequence of random draws in which row ``i`` is a function
+    of ``(seed, stream, i)`` only: ``draw(generator, k)`` makes ``k`` rows, and the sequence is drawn in
+    blocks of ``SAMPLE_BLOCK`` rows, each block from its own seed (a generator on ``device``)."""
+    parts = []
+    for block in range(start // SAMPLE_BLOCK, (stop - 1) // SAMPLE_BLOCK + 1):
+        base = block * SAMPLE_BLOCK
+        gen = torch.Generator(device).manual_seed(step_seed(seed, block, 3 + stream))
+        rows = draw(gen, SAMPLE_BLOCK)
+        parts.append(rows[max(start, base) - base : min(stop, base + SAMPLE_BLOCK) - base])
+    return torch.cat(parts)
+
+
+# |x| at or above this is a saturated tanh output (counted in metrics["saturated"])
+SATURATED = 0.999
+STATE_KEYS = ("generator", "optimizer", "step", "config", "num_classes", "image_shape", "history", "metrics")
+
+
+class InversionDiverged(RuntimeError):
+    """The optimisation produced degenerate images; the message names the likely cause."""
+
+
+def _load_state(path: PathLike) -> dict:
+    state = load_checkpoint(path)
+    require_keys(state, STATE_KEYS, path)
+    return state
+
+
+def _generator(num_classes: int, shape: Tuple[int, int, int], cfg: InversionConfig, device: torch.device,
+               weights: Optional[dict] = None, path: Optional[PathLike] = None) -> ConditionedGenerator:
+    g = ConditionedGenerator(num_classes, shape, cfg.nz, cfg.ngf, cfg.dropout).to(device)
+    if weights is not None:
+        try:
+            g.load_state_dict(weights)
+        except RuntimeError as e:
+            raise ValueError(f"{path}: its generator weights do not fit a generator of nz={cfg.nz}, ngf={cfg.ngf} ({str(e).splitlines()[0]})") from e
+        if not _finite(g):
+            raise ValueError(f"{path}: the generator's weights are not finite (NaN or inf): the run that wrote it had diverged")
+    return g
+
+
+def _finite(module: nn.Module) -> bool:
+    """Whether every parameter and buffer of ``module`` is finite (one host sync)."""
+    flags = [torch.isfinite(t).all() for t in module.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def _save(path: PathLike, inv: "Inversion", optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+    """Save ``inv``'s state, never from a non-finite generator (that would replace a good checkpoint)."""
+    if not _finite(inv.generator):
+        raise FloatingPointError(
+            f"the generator's weights became non-finite by step {inv.step}: not saving over {path} (a non-finite loss "
+            "term, e.g. an infinite weight, or a learning rate too high?)"
+        )
+    save_checkpoint(path, inv.state(optimizer))
+
+
+def _check_converged(inv: "Inversion") -> None:
+    """Degenerate output (almost every pixel saturated and the target at chance) is an error, not a result."""
+    m, k = inv.metrics, inv.num_classes
+    if m["saturated"] >= 0.99 and m["accuracy"] <= 1 / k + 0.05:
+        raise InversionDiverged(
+            f"the inversion diverged: {m['saturated']:.0%} of the generated pixels are saturated at -1 or 1 and the target "
+            f"classifies the images at chance (accuracy {m['accuracy']:.2f} with {k} classes); lower the learning rate "
+            f"(lr={inv.config.lr:g})"
+        )
+
+
+class _Interrupts:
+    """SIGINT (Ctrl-C) and SIGTERM deferred to the end of the current step while ``invert`` trains: the
+    first asks the loop to stop at a consistent state, which is saved; a second one interrupts at once.
+    Only in the main thread (elsewhere signals cannot be handled: an interrupt is immediate)."""
+
+    def __init__(self) -> None:
+        self.requested: Optional[str] = None
+        self._previous: Dict[int, object] = {}
+
+    def __enter__(self) -> "_Interrupts":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# options that fix the generator's layout: a checkpoint is only resumed with its own
+ARCHITECTURE = ("nz", "ngf")
 
 
 def _config(config: Optional[InversionConfig], state: Optional[dict], overrides: dict) -> InversionConfig:
@@ -211,7 +352,14 @@ def invert(
         config: an ``InversionConfig``; ``overrides`` replace any of its fields (or loss weights).
         resume: a checkpoint to continue from (its config, with ``overrides`` on top, e.g. more steps).
         checkpoint: where to save checkpoints (every ``checkpoint_every`` steps, at the end, and on
-            Ctrl-C); defaults to ``resume``.
+            Ctrl-C or SIGTERM, which stop the run at the end of the current step: a second one stops
+            it at once); defaults to ``resume``. Checked for writability before training starts.
+            Never written from a generator with non-finite weights.
+
+    Raises:
+        InversionDiverged: the images came out degenerate (saturated pixels, the target at chance).
+        FloatingPointError: a loss term or the generator's weights became non-finite.
+        KeyboardInterrupt: after Ctrl-C or SIGTERM, once the state is saved.
 
     Returns:
         An ``Inversion`` (``.generator``, ``.sample()``, ``.history``, ``.metrics``).
@@ -219,54 +367,75 @@ def invert(
     >>> inv = invert(clf, 10, (1, 28, 28), steps=300, batch_size=128, device="cpu")  # doctest: +SKIP
     >>> images = inv.sample(n_per_class=8)  # [80, 1, 28, 28] in [-1, 1]  # doctest: +SKIP
     """
-    state = load_checkpoint(resume) if resume is not None else None
+    state = _load_state(resume) if resume is not None else None
     cfg = _config(config, state, overrides)
     shape = _check_problem(num_classes, image_shape)
-    if state is not None and (state["num_classes"], tuple(state["image_shape"])) != (num_classes, shape):
-        raise ValueError(f"checkpoint {resume} is for {state['num_classes']} classes of {tuple(state['image_shape'])}, not {num_classes} of {shape}")
-    device = resolve_device(cfg.device)
+    if state is not None:
+        if (state["num_classes"], tuple(state["image_shape"])) != (num_classes, shape):
+            raise ValueError(f"checkpoint {resume} is for {state['num_classes']} classes of {tuple(state['image_shape'])}, not {num_classes} of {shape}")
+        changed = [f"{k} ({state['config'][k]} -> {getattr(cfg, k)})" for k in ARCHITECTURE if state["config"].get(k) != getattr(cfg, k)]
+        if changed:
+            raise ValueError(f"cannot resume {resume} with another generator layout: {', '.join(changed)}")
+    ckpt = checkpoint if checkpoint is not None else resume
+    if ckpt is not None:
+        check_writable(ckpt, "checkpoint")  # now, not after the training
+    device = resolve_device(cfg.device, quiet=not cfg.progress)
     target = FrozenClassifier(classifier, num_classes, shape, cfg.preprocess, cfg.head, cfg.grad_norm == "full", device=device)
     if cfg.grad_norm == "head" and target.head is None:
         raise ClassifierError("grad_norm='head' needs the classifier's final nn.Linear: name it with head='...', or use grad_norm='full' or 'off'")
-    ops = resolve(cfg.backend, device)
+    ops = resolve(cfg.backend, device, quiet=not cfg.progress)
     torch.manual_seed(cfg.seed)  # the generator's initial weights
-    g = ConditionedGenerator(num_classes, shape, cfg.nz, cfg.ngf, cfg.dropout).to(device)
+    g = _generator(num_classes, shape, cfg, device, state["generator"] if state else None, resume)
     opt = torch.optim.Adam(g.parameters(), lr=cfg.lr, betas=cfg.betas)
     inv = Inversion(g, cfg, num_classes, shape, 0, {t: [] for t in ("step",) + TERMS}, None, target)
     if state is not None:
-        g.load_state_dict(state["generator"])
         if state["optimizer"] is not None:
             opt.load_state_dict(state["optimizer"])
+            for group in opt.param_groups:  # the lr and betas given now apply (and are what the checkpoint records)
+                group["lr"], group["betas"] = cfg.lr, cfg.betas
         inv.step, inv.history = state["step"], state["history"]
     objective = TLDRObjective(g, target, cfg, ops, device)
-    ckpt = checkpoint if checkpoint is not None else resume
     params = list(g.parameters())
     bar = progress_bar(total=cfg.steps, initial=inv.step, desc="invert", unit="step", disable=not cfg.progress)
-    updating = False
-    try:
-        while inv.step < cfg.steps:
-            loss, terms = objective(inv.step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward(inputs=params)  # only the generator's parameters accumulate gradients
-            updating = True
-            opt.step()
-            inv.step += 1
-            updating = False
-            bar.update()
-            if inv.step % cfg.log_every == 0 or inv.step == cfg.steps:
-                _log(inv, terms, bar)
-            if ckpt is not None and cfg.checkpoint_every and inv.step % cfg.checkpoint_every == 0:
-                save_checkpoint(ckpt, inv.state(opt))
-    except KeyboardInterrupt:
-        if ckpt is not None and not updating:  # between updates the state is consistent: keep it
-            save_checkpoint(ckpt, inv.state(opt))
-            print(f"\ntldr_fast: interrupted at step {inv.step}; resume with invert(..., resume={str(ckpt)!r})", file=sys.stderr)
-        raise
-    finally:
-        bar.close()
-    inv.metrics = inv.classifier_metrics()
-    if ckpt is not None:
-        save_checkpoint(ckpt, inv.state(opt))
+    buffers = list(g.buffers())  # BatchNorm statistics and counts: updated by the forward
+    before = [b.clone() for b in buffers]  # their values before the current step
+    phase = "between"  # of a step: "between" steps, in its "forward" (and backward), or in its "update"
+    with _Interrupts() as stop:
+        try:
+            while inv.step < cfg.steps and stop.requested is None:
+                phase = "forward"
+                torch._foreach_copy_(before, buffers)
+                loss, terms = objective(inv.step)
+                opt.zero_grad(set_to_none=True)
+                loss.backward(inputs=params)  # only the generator's parameters accumulate gradients
+                phase = "update"
+                opt.step()
+                inv.step += 1
+                phase = "between"
+                bar.update()
+                if inv.step % cfg.log_every == 0 or inv.step == cfg.steps:
+                    _log(inv, terms, bar)
+                if ckpt is not None and cfg.checkpoint_every and inv.step % cfg.checkpoint_every == 0:
+                    _save(ckpt, inv, opt)
+            if stop.requested is None:
+                inv.metrics = inv.classifier_metrics()
+                _check_converged(inv)
+            if ckpt is not None:  # the final state, or the state at the interrupt: consistent either way
+                _save(ckpt, inv, opt)
+        except KeyboardInterrupt:  # not a deferred signal: a second Ctrl-C, or raised by the classifier's code
+            if ckpt is not None and phase != "update":  # the parameters are the last step's: save them
+                if phase == "forward":  # with the statistics from before the unfinished step
+                    torch._foreach_copy_(buffers, before)
+                _save(ckpt, inv, opt)
+                print(f"\ntldr_fast: interrupted at step {inv.step}; saved to {ckpt}, resume with invert(..., resume={str(ckpt)!r})",
+                      file=sys.stderr)
+            raise
+        finally:
+            bar.close()
+        if stop.requested is not None:
+            where = f"; saved to {ckpt}, resume with invert(..., resume={str(ckpt)!r})" if ckpt is not None else " (no checkpoint= to save to)"
+            print(f"\ntldr_fast: {stop.requested} at step {inv.step}{where}", file=sys.stderr)
+            raise KeyboardInterrupt(stop.requested)
     return inv
 
 

@@ -221,33 +221,37 @@ def bn_stats(activations: Tensor, running_mean: Tensor, running_var: Tensor) -> 
     return (mu - running_mean.to(x.dtype)).norm() + (var - running_var.to(x.dtype)).norm()
 
 
-def warp(images: Tensor, shift: int, rotate: float, scale: float, fill: float, generator: torch.Generator) -> Tensor:
-    """Random per-image geometric transforms: a whole-pixel shift in ``[-shift, shift]`` on each axis,
-    a rotation by an angle in ``[-rotate, rotate]`` degrees and a scaling by a factor in
-    ``[1 - scale, 1 + scale]`` about the centre; pixels from outside the image read ``fill``.
+def warp_theta(n: int, size: Tuple[int, int], shift: int, rotate: float, scale: float, generator: torch.Generator, device,
+               dtype=torch.float32) -> Tensor:
+    """``[n, 2, 3]`` affine matrices (``F.affine_grid``'s convention) of random transforms: a whole-pixel
+    shift in ``[-shift, shift]`` on each axis of an image of ``size = (H, W)``, a rotation by an angle in
+    ``[-rotate, rotate]`` degrees and a scaling by a factor in ``[1 - scale, 1 + scale]`` about the centre."""
+    h, w = size
 
-    Args:
-        images: ``[B, C, H, W]``.
-        generator: the draws' source (a torch.Generator on the images' device).
+    def uniform(span: float) -> Tensor:  # [n] in [-span, span]
+        return (torch.rand(n, generator=generator, device=device, dtype=dtype) * 2 - 1) * span
 
-    Shifts alone move pixels exactly (nearest sampling); with a rotation or scaling the images are
-    resampled bilinearly. Differentiable w.r.t. ``images`` (``F.grid_sample``).
-    """
-    b, _, h, w = images.shape
-    dev = images.device
-    x = _acc(images)
-
-    def uniform(span: float) -> Tensor:  # [B] in [-span, span]
-        return (torch.rand(b, generator=generator, device=dev, dtype=x.dtype) * 2 - 1) * span
-
-    tx = torch.randint(-shift, shift + 1, (b,), generator=generator, device=dev).to(x.dtype) * (2.0 / w)
-    ty = torch.randint(-shift, shift + 1, (b,), generator=generator, device=dev).to(x.dtype) * (2.0 / h)
+    tx = torch.randint(-shift, shift + 1, (n,), generator=generator, device=device).to(dtype) * (2.0 / w)
+    ty = torch.randint(-shift, shift + 1, (n,), generator=generator, device=device).to(dtype) * (2.0 / h)
     angle = uniform(rotate * math.pi / 180)
     s = 1 + uniform(scale)
     cos, sin = s * torch.cos(angle), s * torch.sin(angle)
-    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)  # [B, 2, 3]
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    mode = "nearest" if rotate == 0 and scale == 0 else "bilinear"
+    return torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+
+
+def warp(images: Tensor, theta: Tensor, fill: float, mode: str = "bilinear") -> Tensor:
+    """Each image moved by its affine transform ``theta`` ``[B, 2, 3]`` (from ``warp_theta``); pixels
+    from outside the image read ``fill``.
+
+    Args:
+        images: ``[B, C, H, W]``.
+        mode: "bilinear" resampling, or "nearest", which moves pixels exactly when every transform is a
+            whole-pixel shift (``warp_theta`` with ``rotate = scale = 0``).
+
+    Differentiable w.r.t. ``images`` (``F.grid_sample``).
+    """
+    x = _acc(images)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
     out = F.grid_sample(x - fill, grid, mode=mode, padding_mode="zeros", align_corners=False) + fill
     return out.to(images.dtype)
 

@@ -19,6 +19,13 @@ def pixel_eps(cfg: InversionConfig) -> float:
     return cfg.eps * (PIXEL_RANGE[1] - PIXEL_RANGE[0])
 
 
+def random_warp(images: Tensor, cfg: InversionConfig, generator: torch.Generator) -> Tensor:
+    """``images`` under random transforms of ``cfg.shift/rotate/scale`` drawn from ``generator``
+    (uncovered pixels: background, the low end of the pixel range)."""
+    theta = reference.warp_theta(len(images), images.shape[-2:], cfg.shift, cfg.rotate, cfg.scale, generator, images.device)
+    return reference.warp(images, theta, PIXEL_RANGE[0], "nearest" if cfg.rotate == cfg.scale == 0 else "bilinear")
+
+
 def step_seed(seed: int, step: int, stream: int = 0) -> int:
     """The seed of everything random in ``step``: a run is a function of (seed, step), so a resumed run
     draws exactly what an uninterrupted one would."""
@@ -79,7 +86,7 @@ class TLDRObjective:
             if self.robust:
                 x_pert = self.ops.perturb(x, self.eps, *PIXEL_RANGE, cfg.perturbation, step_seed(cfg.seed, step, 1))
                 if self.warp:
-                    x_pert = reference.warp(x_pert, cfg.shift, cfg.rotate, cfg.scale, PIXEL_RANGE[0], self._gen)
+                    x_pert = random_warp(x_pert, cfg, self._gen)
                 batch = torch.cat([x, x_pert])  # one forward of 2B
             logits, feats, bn = self.target.forward_bn_stats(batch, b if self.bn_stats else 0, self.classifier)
         feats = feats[:b]  # clean images' features: [B, D]
