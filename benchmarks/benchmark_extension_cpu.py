@@ -45,11 +45,14 @@ def cases(b: int, gen: torch.Generator):
     feats = torch.randn(b, d, generator=gen).requires_grad_(True)
     phi = (torch.randn(b, d, generator=gen) + 0.3).requires_grad_(True)
     images = torch.randn(b, 1, 28, 28, generator=gen).tanh().requires_grad_(True)
-    w5, w2 = torch.rand(5, generator=gen) + 0.5, torch.rand(2, generator=gen) + 0.5
+    w5, w2, w3 = (torch.rand(n, generator=gen) + 0.5 for n in (5, 2, 3))
+    moments = torch.tensor([[0.13], [0.31]])
     specs = [
         ("head_loss", f"B={b} K={k} D={d}", "head_loss", [logits, feats], (logits, target, labels, feats, w5, True)),
         ("feature_loss", f"B={b} D={d}", "feature_loss", [phi], (phi, w2)),
-        ("image_prior", f"B={b} 1x28x28", "image_prior", [images], (images, w2, -1.0, 1.0)),
+        ("feature_loss", f"B={b} D={d} by class", "feature_loss", [phi], (phi, w2, labels, k)),
+        ("image_prior", f"B={b} 1x28x28", "image_prior", [images], (images, w3, -1.0, 1.0)),
+        ("image_prior", f"B={b} 1x28x28 +moments", "image_prior", [images], (images, w3, -1.0, 1.0, moments)),
     ]
     for name, size, op, leaves, args in specs:
         ref_op = getattr(reference, op)

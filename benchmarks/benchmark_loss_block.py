@@ -62,7 +62,7 @@ def implementations(device: str, quick: bool) -> List[Tuple[str, Callable, str]]
 def main() -> None:
     args = bench_args(__doc__.splitlines()[0])
     w_feat = torch.tensor([1.0, 0.1], device=args.device)
-    w_prior = torch.tensor([1e-3, 1.0], device=args.device)
+    w_prior = torch.tensor([1e-3, 1.0, 0.0], device=args.device)
 
     def case(b, chw):
         def build(fn):

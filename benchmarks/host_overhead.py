@@ -74,6 +74,7 @@ def main() -> None:
     logits, target, labels, features, w_head = head_inputs(b, dev)
     images = make_images(b, (1, 28, 28), dev)
     w2 = torch.tensor([1.0, 0.1], device=dev)
+    w3 = torch.tensor([1e-3, 1.0, 0.0], device=dev)
     for name in ("triton", "cuda"):
         try:
             ops = resolve(name, dev, fallback=False)
@@ -83,7 +84,7 @@ def main() -> None:
         cases = {
             "head_loss": (lambda: ops.head_loss(logits, target, labels, features, w_head, True)[0], (logits, features)),
             "feature_loss": (lambda: ops.feature_loss(features, w2)[0], (features,)),
-            "image_prior": (lambda: ops.image_prior(images, w2, -1.0, 1.0)[0], (images,)),
+            "image_prior": (lambda: ops.image_prior(images, w3, -1.0, 1.0)[0], (images,)),
         }
         if hasattr(ops, "perturb"):
             cases["perturb"] = (lambda: ops.perturb(images, 0.1, -1.0, 1.0, "rademacher", 7).sum(), (images,))

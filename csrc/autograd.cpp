@@ -62,8 +62,8 @@ c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
 using HeadLossOut = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 using HeadLossSig = HeadLossOut(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&, bool);
 using TripleOut = std::tuple<Tensor, Tensor, Tensor>;
-using FeatureLossSig = TripleOut(const Tensor&, const Tensor&);
-using ImagePriorSig = TripleOut(const Tensor&, const Tensor&, double, double);
+using FeatureLossSig = TripleOut(const Tensor&, const Tensor&, const std::optional<Tensor>&, int64_t);
+using ImagePriorSig = TripleOut(const Tensor&, const Tensor&, double, double, const std::optional<Tensor>&);
 
 struct HeadLoss : torch::autograd::Function<HeadLoss> {
   static variable_list forward(AutogradContext* ctx, const Tensor& logits, const Tensor& target, const Tensor& labels,
@@ -81,26 +81,32 @@ struct HeadLoss : torch::autograd::Function<HeadLoss> {
 };
 
 struct FeatureLoss : torch::autograd::Function<FeatureLoss> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& features, const Tensor& weights) {
+  static variable_list forward(AutogradContext* ctx, const Tensor& features, const Tensor& weights,
+                               const std::optional<Tensor>& labels, int64_t num_classes) {
     static const auto op = op_handle<FeatureLossSig>("tldr_fast::feature_loss");
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, terms, gf] = op.call(features, weights);
+    auto [loss, terms, gf] = op.call(features, weights, labels, num_classes);
+    ctx->saved_data["has_labels"] = labels.has_value() && labels->defined();
     return save_outputs(ctx, {loss, terms, gf}, weights.scalar_type());
   }
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    return scale_saved(ctx, grad_outputs, {true, true}, {0}, 1);
+    const bool has_labels = ctx->saved_data["has_labels"].toBool();
+    return scale_saved(ctx, grad_outputs, {true, true, has_labels, false}, {0}, 1);
   }
 };
 
 struct ImagePrior : torch::autograd::Function<ImagePrior> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& images, const Tensor& weights, double lo, double hi) {
+  static variable_list forward(AutogradContext* ctx, const Tensor& images, const Tensor& weights, double lo, double hi,
+                               const std::optional<Tensor>& moments) {
     static const auto op = op_handle<ImagePriorSig>("tldr_fast::image_prior");
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, terms, gx] = op.call(images, weights, lo, hi);
+    auto [loss, terms, gx] = op.call(images, weights, lo, hi, moments);
+    ctx->saved_data["has_moments"] = moments.has_value() && moments->defined();
     return save_outputs(ctx, {loss, terms, gx}, weights.scalar_type());
   }
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    return scale_saved(ctx, grad_outputs, {true, true, false, false}, {0}, 1);
+    const bool has_moments = ctx->saved_data["has_moments"].toBool();
+    return scale_saved(ctx, grad_outputs, {true, true, false, false, has_moments}, {0}, 1);
   }
 };
 
@@ -110,13 +116,15 @@ HeadLossOut head_loss_autograd(const Tensor& logits, const Tensor& target, const
   return {r[0], r[1], r[2], r[3]};
 }
 
-TripleOut feature_loss_autograd(const Tensor& features, const Tensor& weights) {
-  const variable_list r = FeatureLoss::apply(features, weights);
+TripleOut feature_loss_autograd(const Tensor& features, const Tensor& weights, const std::optional<Tensor>& labels,
+                                int64_t num_classes) {
+  const variable_list r = FeatureLoss::apply(features, weights, labels, num_classes);
   return {r[0], r[1], r[2]};
 }
 
-TripleOut image_prior_autograd(const Tensor& images, const Tensor& weights, double lo, double hi) {
-  const variable_list r = ImagePrior::apply(images, weights, lo, hi);
+TripleOut image_prior_autograd(const Tensor& images, const Tensor& weights, double lo, double hi,
+                               const std::optional<Tensor>& moments) {
+  const variable_list r = ImagePrior::apply(images, weights, lo, hi, moments);
   return {r[0], r[1], r[2]};
 }
 

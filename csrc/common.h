@@ -93,11 +93,36 @@ inline at::Tensor prepare_feature_loss(const at::Tensor& features) {
   return features.contiguous();
 }
 
+// labels of feature_loss's same-label form: [B] integers on the features' device -> int64, contiguous. The values
+// are checked where a kernel indexes with them (the CPU kernel, on the host); the CUDA kernels only compare
+// them, so no host sync reads them there.
+inline at::Tensor prepare_labels(const at::Tensor& labels, const at::Tensor& features) {
+  TORCH_CHECK(!at::isFloatingType(labels.scalar_type()) && labels.scalar_type() != at::kBool,
+              "labels must be an integer tensor, got ", labels.scalar_type());
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == features.size(0), "labels must be [B] with B = ",
+              features.size(0), ", got ", labels.sizes());
+  TORCH_CHECK(labels.device() == features.device(), "labels must be on ", features.device(), ", got ", labels.device());
+  return labels.to(at::kLong).contiguous();
+}
+
 // images: [B, C, H, W], non-empty -> contiguous (NCHW).
 inline at::Tensor prepare_image_prior(const at::Tensor& images) {
   check_floating(images, "images");
   TORCH_CHECK(images.dim() == 4 && images.numel() > 0, "images must be a non-empty [B, C, H, W], got ", images.sizes());
   return images.contiguous();
+}
+
+// The pixel std of image_prior's Moments term is sqrt(max(var, kMomentVarEps)) (reference.MOMENT_VAR_EPS).
+constexpr double kMomentVarEps = 1e-12;
+
+// moments of image_prior: [2, C] (mean, std per channel of [0, 1] images) on the images' device -> contiguous,
+// in the accumulation dtype.
+inline at::Tensor prepare_moments(const at::Tensor& moments, const at::Tensor& images, at::ScalarType acc) {
+  check_floating(moments, "moments");
+  TORCH_CHECK(moments.dim() == 2 && moments.size(0) == 2 && moments.size(1) == images.size(1),
+              "moments must be [2, C] with C = ", images.size(1), ", got ", moments.sizes());
+  TORCH_CHECK(moments.device() == images.device(), "moments must be on ", images.device(), ", got ", moments.device());
+  return moments.to(acc).contiguous();
 }
 
 }  // namespace tldr_fast

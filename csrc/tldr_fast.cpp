@@ -12,8 +12,9 @@
 TORCH_LIBRARY(tldr_fast, m) {
   m.def("head_loss(Tensor logits, Tensor target, Tensor labels, Tensor? features, Tensor weights, bool head_bias)"
         " -> (Tensor loss, Tensor terms, Tensor grad_logits, Tensor grad_features)");
-  m.def("feature_loss(Tensor features, Tensor weights) -> (Tensor loss, Tensor terms, Tensor grad_features)");
-  m.def("image_prior(Tensor images, Tensor weights, float lo, float hi)"
+  m.def("feature_loss(Tensor features, Tensor weights, Tensor? labels, int num_classes)"
+        " -> (Tensor loss, Tensor terms, Tensor grad_features)");
+  m.def("image_prior(Tensor images, Tensor weights, float lo, float hi, Tensor? moments)"
         " -> (Tensor loss, Tensor terms, Tensor grad_images)");
 }
 

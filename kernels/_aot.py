@@ -131,9 +131,13 @@ def _cases(op: str):
         elif op == "feature_loss":
             for b, d in ((1024, 256), (65536, 256), (300, 4096)):
                 yield lambda: kernels.feature_loss(torch.ones(b, d, dtype=dtype), torch.ones(2))
+            labels = torch.zeros(1024, dtype=torch.int64)
+            yield lambda: kernels.feature_loss(torch.ones(1024, 256, dtype=dtype), torch.ones(2), labels, 10)
         elif op == "image_prior":
             for shape in ((1024, 1, 28, 28), (4, 3, 224, 300)):
-                yield lambda: kernels.image_prior(torch.zeros(shape, dtype=dtype), torch.ones(2), -1.0, 1.0)
+                yield lambda: kernels.image_prior(torch.zeros(shape, dtype=dtype), torch.ones(3), -1.0, 1.0)
+                moments = torch.ones(2, shape[1])
+                yield lambda: kernels.image_prior(torch.zeros(shape, dtype=dtype), torch.ones(3), -1.0, 1.0, moments)
         elif op == "perturb":
             x = torch.zeros(64, 3, 32, 32, dtype=dtype, requires_grad=True)
             for kind in ("rademacher", "uniform", "gaussian"):

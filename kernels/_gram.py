@@ -1,5 +1,6 @@
 """The batch reduction ``C = X^T [Y | v]`` shared by head_loss (G = E^T Phi and the bias column
-h = E^T 1) and feature_loss (Phi^T Phi and S = Phi^T (1/||phi||), or Phi Phi^T when D > B).
+h = E^T 1) and feature_loss (Phi^T Phi and S = Phi^T (1/||phi||), or Phi Phi^T when D > B, masked to the
+pairs of equal labels in the same-label form).
 
 X [R, M] and Y [R, N] are strided views (so Phi^T needs no copy); the reduction runs over the R rows.
 The output is fp32 ``C [M, ldc]`` with ``ldc = N + 1`` when there is an extra column
@@ -37,10 +38,11 @@ def _gram_kernel(
     x_ptr, sx_r, sx_m,  # X: [R, M]
     y_ptr, sy_r, sy_n,  # Y: [R, N]
     v_ptr, eps,  # v: [R] (EXTRA_INV) or [M] = [N] (QUAD): weights 1/max(v, eps)
+    lab_ptr,  # LABELS: labels [M] = [N]; C is masked to the pairs of equal labels
     out_ptr, ldc,  # C: [M, ldc] fp32 (FINAL) or split partials [S, M, ldc]
     part_ptr, part_row0, T, col_lo, scale_lo, col_hi, scale_hi,
     R, M, N, rows_per_split,
-    EXTRA: tl.constexpr, QUAD: tl.constexpr, FINAL: tl.constexpr, PREC: tl.constexpr,
+    EXTRA: tl.constexpr, QUAD: tl.constexpr, LABELS: tl.constexpr, FINAL: tl.constexpr, PREC: tl.constexpr,
     BR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, TP: tl.constexpr,
 ):
     eps = tl.cast(eps, tl.float32)  # float arguments in fp32 (see _utils)
@@ -77,6 +79,10 @@ def _gram_kernel(
             v = 1.0 / tl.maximum(tl.load(v_ptr + rows, mask=mask_r, other=1.0), eps)
             ext += tl.sum(x * tl.where(mask_r, v, 0.0)[:, None], axis=0)
 
+    if LABELS:  # C o M, M_mn = [y_m = y_n] (linear: split partials are masked alike)
+        y_m = tl.load(lab_ptr + offs_m, mask=mask_m, other=0)
+        y_n = tl.load(lab_ptr + offs_n, mask=mask_n, other=0)
+        acc = tl.where(y_m[:, None] == y_n[None, :], acc, 0.0)
     base = out_ptr + split * M * ldc
     tl.store(base + offs_m[:, None] * ldc + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
     if EXTRA != 0:
@@ -139,11 +145,12 @@ def gram(
     y: torch.Tensor, y_strides: Tuple[int, int],
     part: torch.Tensor, part_row0: int,
     cols: Tuple[int, int], scales: Tuple[float, float],
-    v: Optional[torch.Tensor] = None, eps: float = 0.0, quad: bool = False,
+    v: Optional[torch.Tensor] = None, eps: float = 0.0, quad: bool = False, labels: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``C = X^T [Y | v]`` as fp32 ``[M, plan.ldc]``; writes ``plan.partial_rows`` rows of ``part``
     from ``part_row0``: squares of the dot block into ``cols[0]`` (times ``scales[0]``) and of the extra
-    column, or ``w^T C w`` when ``quad``, into ``cols[1]`` (times ``scales[1]``)."""
+    column, or ``w^T C w`` when ``quad``, into ``cols[1]`` (times ``scales[1]``). With ``labels`` ([M] = [N],
+    contiguous), the dot block is masked to the entries (m, n) of equal labels (C o M, sums included)."""
     assert not (quad and plan.splits > 1), "the quadratic form is computed on unsplit tiles"
     device = x.device
     final = plan.splits == 1
@@ -153,10 +160,10 @@ def gram(
     launch(
         _gram_kernel, (tm, tn, plan.splits),
         x, x_strides[0], x_strides[1], y, y_strides[0], y_strides[1],
-        v if v is not None else x, eps, out, plan.ldc,
+        v if v is not None else x, eps, labels if labels is not None else x, out, plan.ldc,
         part, part_row0, part.shape[1], cols[0], scales[0], cols[1], scales[1],
         plan.R, plan.M, plan.N, plan.rows_per_split,
-        EXTRA=plan.extra, QUAD=quad, FINAL=final, PREC=FP32_DOT,
+        EXTRA=plan.extra, QUAD=quad, LABELS=labels is not None, FINAL=final, PREC=FP32_DOT,
         BR=plan.br, BM=plan.bm, BN=plan.bn, TP=TERMS_PAD, num_warps=8,
     )
     if not final:

@@ -33,6 +33,15 @@ def _sum_partials(part_ptr, n_rows, T, TP: tl.constexpr, BLOCK_ROWS: tl.constexp
 
 
 @triton.jit
+def _write_terms(terms, T, w_ptr, terms_ptr, loss_ptr, TP: tl.constexpr):
+    """terms [TP] -> terms_ptr[:T]; loss = sum(w * terms) over the first T."""
+    cols = tl.arange(0, TP)
+    w = tl.load(w_ptr + cols, mask=cols < T, other=0.0)
+    tl.store(terms_ptr + cols, terms, mask=cols < T)
+    tl.store(loss_ptr, tl.sum(tl.where(cols < T, w * terms, 0.0), axis=0))
+
+
+@triton.jit
 def _finish(part_ptr, n_rows, T, w_ptr, terms_ptr, loss_ptr,
             SQRT_COL: tl.constexpr, TP: tl.constexpr, BLOCK_ROWS: tl.constexpr):
     """terms = column sums of part (sqrt at SQRT_COL, -1 for none); loss = sum(w * terms)."""
@@ -40,9 +49,7 @@ def _finish(part_ptr, n_rows, T, w_ptr, terms_ptr, loss_ptr,
     terms = _sum_partials(part_ptr, n_rows, T, TP, BLOCK_ROWS)
     if SQRT_COL >= 0:
         terms = tl.where(cols == SQRT_COL, tl.sqrt(tl.maximum(terms, 0.0)), terms)
-    w = tl.load(w_ptr + cols, mask=cols < T, other=0.0)
-    tl.store(terms_ptr + cols, terms, mask=cols < T)
-    tl.store(loss_ptr, tl.sum(w * terms, axis=0))
+    _write_terms(terms, T, w_ptr, terms_ptr, loss_ptr, TP)
 
 
 @triton.jit

@@ -162,8 +162,8 @@ def test_jit_build_loads_in_a_fresh_process(tmp_path):
         "assert lib.how == 'jit', lib.error\n"
         "assert lib.module.with_cuda == 0 and lib.module.cuda_archs == ''\n"
         "x = torch.randn(2, 1, 5, 5)\n"
-        "loss, terms, g = torch.ops.tldr_fast.image_prior(x, torch.ones(2), -1.0, 1.0)\n"
-        "assert torch.isfinite(g).all() and terms.shape == (2,)\n"
+        "loss, terms, g = torch.ops.tldr_fast.image_prior(x, torch.ones(3), -1.0, 1.0, None)\n"
+        "assert torch.isfinite(g).all() and terms.shape == (3,)\n"
     )
     env = dict(os.environ, TLDR_FAST_BUILD_CUDA="0")
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
@@ -192,18 +192,22 @@ def test_opcheck_head_loss(lib, gen, device, case):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape,dtype", [((7, 3), torch.float32), ((3, 9), torch.float32), ((5, 4), torch.float16)])
-def test_opcheck_feature_loss(lib, gen, device, shape, dtype):
+@pytest.mark.parametrize("by_class", [False, True])
+def test_opcheck_feature_loss(lib, gen, device, shape, dtype, by_class):
     phi = rand(gen, *shape, device=device, dtype=dtype).requires_grad_(True)
-    torch.library.opcheck(lib.feature_loss.default, (phi, torch.ones(2, device=device)))
+    labels = torch.randint(0, 3, (shape[0],), generator=gen).to(device) if by_class else None
+    torch.library.opcheck(lib.feature_loss.default, (phi, torch.ones(2, device=device), labels, 3))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     "shape,dtype", [((2, 3, 5, 6), torch.float32), ((3, 1, 4, 8), torch.bfloat16), ((1, 1, 1, 1), torch.float32)]
 )
-def test_opcheck_image_prior(lib, gen, device, shape, dtype):
+@pytest.mark.parametrize("with_moments", [False, True])
+def test_opcheck_image_prior(lib, gen, device, shape, dtype, with_moments):
     x = rand(gen, *shape, device=device, dtype=dtype, scale=1.5).requires_grad_(True)
-    torch.library.opcheck(lib.image_prior.default, (x, torch.ones(2, device=device), -1.0, 1.0))
+    moments = torch.tensor([[0.2] * shape[1], [0.3] * shape[1]], device=device) if with_moments else None
+    torch.library.opcheck(lib.image_prior.default, (x, torch.ones(3, device=device), -1.0, 1.0, moments))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -219,11 +223,12 @@ def test_ops_under_torch_compile_fullgraph(lib, gen):
     """All three loss ops in one compiled graph, forward and backward, on the test device."""
     logits, target, labels, feats, w, _ = head_args(gen, DEVICE, b=9, k=4, d=6)
     x = rand(gen, 2, 3, 5, 6)
+    moments = torch.tensor([[0.2, 0.4, 0.5], [0.3, 0.2, 0.25]], device=DEVICE)
 
     def block(z, f, x):
         l1, t1 = ext.head_loss(z, target, labels, f, w)
-        l2, t2 = ext.feature_loss(f.relu(), w[:2])
-        l3, t3 = ext.image_prior(torch.tanh(x), w[:2], -1.0, 1.0)
+        l2, t2 = ext.feature_loss(f.relu(), w[:2], labels, 4)
+        l3, t3 = ext.image_prior(torch.tanh(x), w[:3], -1.0, 1.0, moments)
         return l1 + l2 + 2.0 * l3, torch.cat([t1, t2, t3])
 
     results = []
@@ -247,8 +252,12 @@ def test_gradcheck_fp64_with_weights(lib, gen):
     phi = rand(gen, 5, 3, dtype=torch.float64).requires_grad_(True)
     w2 = w[:2].detach().clone().requires_grad_(True)
     assert torch.autograd.gradcheck(lambda p, w: ext.feature_loss(p, w)[0], (phi, w2))
+    y = torch.tensor([0, 1, 0, 1, 1], device=DEVICE)
+    assert torch.autograd.gradcheck(lambda p, w: ext.feature_loss(p, w, y, 2)[0], (phi, w2))
     x = rand(gen, 2, 2, 4, 5, dtype=torch.float64, scale=1.5).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda x, w: ext.image_prior(x, w, -1.0, 1.0)[0], (x, w2))
+    w3 = w[:3].detach().clone().requires_grad_(True)
+    moments = torch.tensor([[0.2, 0.4], [0.3, 0.2]], dtype=torch.float64, device=DEVICE)
+    assert torch.autograd.gradcheck(lambda x, w: ext.image_prior(x, w, -1.0, 1.0, moments)[0], (x, w3))
 
 
 def test_terms_are_detached_and_weights_get_their_gradient(lib, gen):
@@ -282,15 +291,15 @@ def test_mixed_dtypes_and_int32_labels(lib, gen):
 
 def test_non_contiguous_inputs(lib, gen):
     x = rand(gen, 3, 4, 7, 9, scale=1.3).to(memory_format=torch.channels_last).requires_grad_(True)
-    w = torch.tensor([0.7, 1.3], device=DEVICE)
+    w = torch.tensor([0.7, 1.3, 0.5], device=DEVICE)
     for a, b in zip(ext.image_prior(x, w, -1.0, 1.0), ref.image_prior(x, w, -1.0, 1.0)):
         assert_close(a, b, what="image_prior on channels_last")
     g1 = torch.autograd.grad(ext.image_prior(x, w)[0], x)[0]
     g0 = torch.autograd.grad(ref.image_prior(x, w)[0], x)[0]
     assert_close(g1, g0, what="d/dimages on channels_last")
     phi = rand(gen, 9, 5).t().requires_grad_(True)  # [5, 9], column-major
-    g1 = torch.autograd.grad(ext.feature_loss(phi, w)[0], phi)[0]
-    g0 = torch.autograd.grad(ref.feature_loss(phi, w)[0], phi)[0]
+    g1 = torch.autograd.grad(ext.feature_loss(phi, w[:2])[0], phi)[0]
+    g0 = torch.autograd.grad(ref.feature_loss(phi, w[:2])[0], phi)[0]
     assert_close(g1, g0, what="d/dfeatures, transposed input")
 
 
@@ -304,6 +313,12 @@ def test_bad_arguments_are_clear_errors(lib, gen):
         ext.head_loss(logits[:5], target, labels, feats, w)
     with pytest.raises(RuntimeError, match="B >= 2"):
         ext.feature_loss(torch.randn(1, 4), w[:2])
+    with pytest.raises(RuntimeError, match=r"labels must lie in \[0, 3\)"):
+        ext.feature_loss(torch.randn(4, 4), w[:2], torch.tensor([0, 1, 3, 0]), 3)
+    with pytest.raises(RuntimeError, match="labels must be an integer tensor"):
+        ext.feature_loss(torch.randn(4, 4), w[:2], torch.zeros(4), 3)
+    with pytest.raises(RuntimeError, match="moments must be"):
+        ext.image_prior(torch.randn(2, 3, 4, 4), w[:3], -1.0, 1.0, torch.ones(2, 2))
 
 
 # --- the CUDA sources compile (nvcc, compile only; runs without a GPU) ------------------------------------

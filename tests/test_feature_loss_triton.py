@@ -1,6 +1,7 @@
-"""feature_loss, Triton-specific: the split D x D Gram, the B x B Gram over several tiles, clamped
-norms, bitwise determinism, the weights' gradient and torch.library registration (compilation for
-Hopper: test_kernels_aot.py). Cross-backend value/gradient checks live in test_feature_loss.py."""
+"""feature_loss, Triton-specific: the split D x D Gram, the B x B Gram over several tiles (masked by
+labels too), clamped norms, bitwise determinism, the weights' gradient and torch.library registration
+(compilation for Hopper: test_kernels_aot.py). Cross-backend value/gradient checks live in
+test_feature_loss.py."""
 
 import importlib
 
@@ -49,9 +50,11 @@ def test_clamped_norms(triton_backend, gen, b, d):
     check_backend(triton_backend, phi, torch.ones(2, device=DEVICE), rtol=2e-5, atol=2e-6)
 
 
-def test_bitwise_deterministic(triton_backend, gen):
+@pytest.mark.parametrize("by_class", [False, True])
+def test_bitwise_deterministic(triton_backend, gen, by_class):
     phi, w = rand(gen, 300, 16), rand_weights(gen)
-    runs = [loss_and_grad(lambda f: triton_backend.feature_loss(f, w), phi) for _ in range(2)]
+    labels = torch.randint(0, 10, (300,), generator=gen).to(DEVICE) if by_class else None
+    runs = [loss_and_grad(lambda f: triton_backend.feature_loss(f, w, labels, 10), phi) for _ in range(2)]
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
@@ -65,8 +68,27 @@ def test_weights_gradient_is_the_terms(triton_backend, gen):
 
 
 @pytest.mark.parametrize("b,d", [(6, 5), (3, 9)])
-def test_opcheck(gen, b, d):
-    torch.library.opcheck(op_module._feature_loss_op, (rand(gen, b, d).requires_grad_(True), rand_weights(gen)))
+@pytest.mark.parametrize("by_class", [False, True])
+def test_opcheck(gen, b, d, by_class):
+    labels = torch.randint(0, 3, (b,), generator=gen).to(DEVICE) if by_class else None
+    torch.library.opcheck(op_module._feature_loss_op, (rand(gen, b, d).requires_grad_(True), rand_weights(gen), labels))
+
+
+def test_by_class_over_several_tiles(triton_backend, gen):
+    """B past one tile in both directions of the masked Gram and of the label count, labels interleaved
+    across tiles, int32 labels."""
+    b = 259  # 3 blocks of the N2 count (128 labels each), 5 x 5 tiles of the Gram
+    phi = rand(gen, b, 45) + 0.2
+    labels = (torch.arange(b, dtype=torch.int32) % 4).to(DEVICE)
+    check_backend(triton_backend, phi, rand_weights(gen), labels, 4, rtol=2e-5, atol=2e-6)
+
+
+def test_bad_labels_are_clear_errors(triton_backend, gen):
+    phi, w = rand(gen, 4, 3), rand_weights(gen)
+    with pytest.raises(ValueError, match="labels must be"):
+        triton_backend.feature_loss(phi, w, torch.zeros(4, device=DEVICE), 2)
+    with pytest.raises(ValueError, match="labels must be"):
+        triton_backend.feature_loss(phi, w, torch.zeros(3, dtype=torch.int64, device=DEVICE), 2)
 
 
 def test_too_small_batch_is_a_clear_error(triton_backend, gen):
@@ -74,12 +96,14 @@ def test_too_small_batch_is_a_clear_error(triton_backend, gen):
         triton_backend.feature_loss(rand(gen, 1, 8), rand_weights(gen))
 
 
-def test_torch_compile_fullgraph(triton_backend, gen):
+@pytest.mark.parametrize("by_class", [False, True])
+def test_torch_compile_fullgraph(triton_backend, gen, by_class):
     phi = rand(gen, 33, 8)
     w = rand_weights(gen)
+    labels = torch.randint(0, 3, (33,), generator=gen).to(DEVICE) if by_class else None
 
     def block(f):
-        return triton_backend.feature_loss(f.relu(), w)
+        return triton_backend.feature_loss(f.relu(), w, labels, 3)
 
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     out = [loss_and_grad(fn, phi)[1:] for fn in (compiled, block)]  # terms, d/dfeatures

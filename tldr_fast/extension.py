@@ -269,19 +269,22 @@ def head_loss(
     return loss, terms
 
 
-def feature_loss(features: Tensor, weights: Tensor) -> Tuple[Tensor, Tensor]:
-    """``tldr_fast.reference.feature_loss`` by the closed forms: ``(loss [], terms [2])``."""
+def feature_loss(features: Tensor, weights: Tensor, labels: Optional[Tensor] = None, num_classes: int = 0) -> Tuple[Tensor, Tensor]:
+    """``tldr_fast.reference.feature_loss`` by the closed forms: ``(loss [], terms [2])``; with ``labels``
+    over same-label pairs."""
     if not _ready:
         _ensure()
-    loss, terms, _ = torch.ops.tldr_fast.feature_loss(features, weights)
+    loss, terms, _ = torch.ops.tldr_fast.feature_loss(features, weights, labels, int(num_classes))
     return loss, terms
 
 
-def image_prior(images: Tensor, weights: Tensor, lo: float = -1.0, hi: float = 1.0) -> Tuple[Tensor, Tensor]:
-    """``tldr_fast.reference.image_prior`` in one pass: ``(loss [], terms [2])``."""
+def image_prior(
+    images: Tensor, weights: Tensor, lo: float = -1.0, hi: float = 1.0, moments: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
+    """``tldr_fast.reference.image_prior`` in one pass (two with ``moments``): ``(loss [], terms [3])``."""
     if not _ready:
         _ensure()
-    loss, terms, _ = torch.ops.tldr_fast.image_prior(images, weights, float(lo), float(hi))
+    loss, terms, _ = torch.ops.tldr_fast.image_prior(images, weights, float(lo), float(hi), moments)
     return loss, terms
 
 
@@ -312,14 +315,14 @@ def _fake_head_loss(logits, target, labels, features, weights, head_bias):
     return logits.new_empty((), dtype=acc), logits.new_empty((5,), dtype=acc), grad_logits, grad_features
 
 
-def _fake_feature_loss(features, weights):
+def _fake_feature_loss(features, weights, labels, num_classes):
     acc = _acc_dtype(features.dtype)
     return features.new_empty((), dtype=acc), features.new_empty((2,), dtype=acc), features.new_empty(features.shape)
 
 
-def _fake_image_prior(images, weights, lo, hi):
+def _fake_image_prior(images, weights, lo, hi, moments):
     acc = _acc_dtype(images.dtype)
-    return images.new_empty((), dtype=acc), images.new_empty((2,), dtype=acc), images.new_empty(images.shape)
+    return images.new_empty((), dtype=acc), images.new_empty((3,), dtype=acc), images.new_empty(images.shape)
 
 
 def _fake_pairwise_ssim(a, b, data_range):
