@@ -2,12 +2,20 @@
 # Everything installs into .venv; TORCH selects the torch build (the default resolves to the CPU
 # wheel on a machine configured for it, and to the CUDA wheel elsewhere). TRITON is the version the
 # kernels are tested with (its interpreter runs them on the CPU; 3.6 also compiled them on an H200).
+# TRITON_MAX is the newest Triton the package accepts: `make test` also runs the Triton kernels' tests
+# under it, in a second environment ($(VENV_MAX), without the C++ extension).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 TRITON ?= triton==3.6.0
+TRITON_MAX ?= triton==3.9.0
+VENV_MAX ?= .venv-triton-max
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+STAMP_MAX := $(VENV_MAX)/.installed
+# the tests of every Triton kernel under the interpreter (not the sm_90 compile checks: those need 3.6's ptxas settings)
+TRITON_TESTS := tests/test_feature_loss_triton.py tests/test_head_loss_triton.py tests/test_image_prior_triton.py \
+	tests/test_perturb_triton.py tests/test_pairwise_ssim.py tests/test_feature_loss.py tests/test_image_prior.py
 
 .PHONY: install demo test bench-gpu clean
 
@@ -28,11 +36,19 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 demo: $(STAMP)
 	$(VENV)/bin/tldr-fast demo --out demo_out
 
-test: $(STAMP)
+$(STAMP_MAX): pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV_MAX)
+	$(VENV_MAX)/bin/python -m pip install -q --upgrade pip
+	$(VENV_MAX)/bin/python -m pip install -q "$(TORCH)" "$(TRITON_MAX)" setuptools wheel
+	TLDR_FAST_BUILD_EXT=0 $(VENV_MAX)/bin/python -m pip install -q --no-build-isolation -e ".[dev]"
+	touch $(STAMP_MAX)
+
+test: $(STAMP) $(STAMP_MAX)
 	TLDR_FAST_REQUIRE_DATA=1 $(PY) -m pytest -q
+	TRITON_INTERPRET=1 $(VENV_MAX)/bin/python -m pytest -q -p no:cacheprovider $(TRITON_TESTS) -k "triton and not sm90"
 
 bench-gpu: $(STAMP)
 	bash benchmarks/gpu_session.sh
 
 clean:
-	rm -rf $(VENV) build demo_out tldr_fast/_C*.so
+	rm -rf $(VENV) $(VENV_MAX) build demo_out tldr_fast/_C*.so

@@ -86,8 +86,10 @@ def _gram_kernel(
     base = out_ptr + split * M * ldc
     tl.store(base + offs_m[:, None] * ldc + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
     if EXTRA != 0:
-        # every column block computed the extra column; the first one stores it
-        tl.store(base + offs_m * ldc + N, ext, mask=mask_m & (pid_n == 0))
+        # every column block computed the extra column; the first one stores it (a runtime branch, not
+        # mask_m & (pid_n == 0): the interpreter gives a scalar i1 splat int32 data, a mask Triton 3.9 rejects)
+        if pid_n == 0:
+            tl.store(base + offs_m * ldc + N, ext, mask=mask_m)
     if FINAL:
         lo = tl.sum(tl.sum(acc * acc, axis=1), axis=0)
         hi = 0.0
