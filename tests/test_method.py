@@ -162,8 +162,8 @@ def test_new_terms_are_logged_where_they_apply():
     last = {t: inv.history[t][-1] for t in TERMS}
     assert last["bn_stats"] > 0 and last["moments"] > 0 and last["mode_seek"] > 0
     plain = with_meta(PlainCNN([1, 16, 16], 3, width=4, feature_dim=8))
-    inv = invert(plain, 3, (1, 16, 16), **TINY)
-    assert inv.history["bn_stats"][-1] == 0.0 and inv.history["mode_seek"][-1] == 0.0
+    inv = invert(plain, 3, (1, 16, 16), mode_seek=0.0, **TINY)
+    assert inv.history["bn_stats"][-1] == 0.0 and inv.history["mode_seek"][-1] == 0.0  # no BatchNorm; weight 0
     no_meta = PlainCNN([1, 16, 16], 3, width=4, feature_dim=8).eval()
     inv = invert(no_meta, 3, (1, 16, 16), preprocess="unit", **TINY)
     assert inv.history["moments"][-1] == 0.0  # no known normalisation: nothing to match

@@ -51,7 +51,7 @@ class LossWeights:
     pix: float = 1.0
     moments: float = 1.0
     bn_stats: float = 1.0
-    mode_seek: float = 0.0
+    mode_seek: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -145,8 +145,8 @@ class InversionConfig:
             the captured block).
     """
 
-    steps: int = 1000
-    batch_size: int = 256
+    steps: int = 600
+    batch_size: int = 128
     lr: float = 2e-3
     betas: Tuple[float, float] = (0.5, 0.999)
     seed: int = 0
@@ -167,7 +167,7 @@ class InversionConfig:
     weights: LossWeights = field(default_factory=LossWeights)
     schedules: Mapping[str, Ramp] = field(default_factory=dict)
     nz: int = 100
-    ngf: int = 64
+    ngf: int = 32
     preprocess: Preprocess = None
     head: Optional[str] = None
     checkpoint_every: int = 0
