@@ -119,8 +119,8 @@ def test_demo_end_to_end(tmp_path):
     """The embedded demo on a tiny budget, through the console: files, JSON fields, PNG, then the cache."""
     out, cache = tmp_path / "demo", tmp_path / "cache"
     args = ["demo", "--out", str(out), "--cache-dir", str(cache), "--train-per-class", "10", "--epochs", "2", "--batch-size", "16",
-            "--n-per-class", "3", "--grid-per-class", "3", "--device", "cpu", "--backend", "torch", "--quiet",
-            "--judge-train-per-class", "20", "--judge-epochs", "1"]
+            "--n-per-class", "3", "--grid-per-class", "3", "--device", "cpu", "--quiet",
+            "--judge-train-per-class", "20", "--judge-epochs", "1"]  # no --backend: the default a user gets
     r = _cli(*args, "--steps", "6")
     assert r.returncode == 0, r.stderr
     assert {p.name for p in out.iterdir()} == {"metrics.json", "grid.png", "summary.txt", "classifier.pt", "inversion.pt"}

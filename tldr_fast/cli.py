@@ -506,7 +506,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _say(f"inversion: target classifier {_metrics_line(inv.metrics)}")
     report = evaluate(
         inv, train, n_per_class=args.n_per_class, tau=args.tau, classifier=classifier, eval_classifier=judge,
-        held_out=parts.held_out, backend=args.backend, device=args.device, progress=not args.quiet,
+        held_out=parts.held_out, backend=args.backend or "auto", device=args.device, progress=not args.quiet,
     )
     seconds = round(time.perf_counter() - start, 1)
     header = [
