@@ -3,7 +3,7 @@ all losses, Adam), built from the objects ``invert`` builds, for each backend an
 in one run. Two settings differ from a default ``invert``: TF32 matmuls are on (on a GPU), and the
 classifier takes [0, 1] images (``preprocess="unit"``, no normalisation).
 
-The classifier is DESIGN.md §5's: a 3-conv CNN with a 256-wide penultimate layer. Rows: median ms per
+The classifier is DESIGN.md §8.1's: a 3-conv CNN with a 256-wide penultimate layer. Rows: median ms per
 step, images/s, peak memory. Example:
 
     python benchmarks/benchmark_step.py --device cuda --json out.jsonl

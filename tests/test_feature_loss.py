@@ -8,7 +8,7 @@ from tests.helpers import DEVICE, assert_close, assert_low_precision_close, rand
 
 
 def naive_feature_terms(phi):
-    """The definitions of DESIGN.md, with the B x B matrices the closed forms avoid."""
+    """The definitions of DESIGN.md §2, with the B x B matrices the closed forms avoid."""
     b = phi.shape[0]
     u = phi / phi.norm(dim=1, keepdim=True)
     sim = u @ u.t()

@@ -1,4 +1,4 @@
-"""Offline image data sets and class-balanced subsets (DESIGN.md section 4).
+"""Offline image data sets and class-balanced subsets (DESIGN.md section 7).
 
 Every loader returns an ``ImageDataset``: float32 images ``[N, C, H, W]`` in [0, 1], int64 labels, the
 class names, and ``indices`` into the source it came from (so a subset records exactly which source

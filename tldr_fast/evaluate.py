@@ -1,7 +1,7 @@
 """How much of the training set an inversion reconstructs: SSIM matching, attack accuracy, confidence.
 
 ``evaluate`` compares generated images with the training images **of the same class** (DESIGN.md
-section 2, "Evaluation"):
+section 6.1):
 
 * ``nn_ssim``: for each generated image, the SSIM of its nearest neighbour (the most similar training
   image of its class).
