@@ -85,6 +85,45 @@ def test_mode_seek_gradient(gen):
     assert torch.autograd.gradcheck(lambda t: ref.mode_seek(t, z), (x,))
 
 
+def _kkt_explicit(model, x, y):
+    """1 - cos(theta, -sum_i grad_theta CE_i): one sample's CE gradient at a time, then the cosine."""
+    params = list(model.parameters())
+    total = [torch.zeros_like(p) for p in params]
+    for xi, yi in zip(x, y):
+        z = model(xi[None])[0]
+        ce = torch.logsumexp(z, 0) - z[yi]
+        for t, g in zip(total, torch.autograd.grad(ce, params)):
+            t -= g
+    theta = torch.cat([p.detach().flatten() for p in params])
+    g = torch.cat([t.flatten() for t in total])
+    return 1 - float(theta @ g) / (float(theta.norm()) * float(g.norm()))
+
+
+def test_kkt_matches_its_definition(gen):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 7), nn.Tanh(), nn.Linear(7, 4)).double()
+    x = torch.randn(9, 1, 3, 4, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 4, (9,), generator=gen)
+    value = ref.kkt(model(x), y, list(model.parameters())).detach()
+    assert math.isclose(float(value), _kkt_explicit(model, x, y), rel_tol=1e-10)
+
+
+def test_kkt_gradient(gen):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x = torch.randn(4, 1, 2, 3, generator=gen, dtype=torch.float64).requires_grad_(True)
+    y = torch.tensor([0, 2, 1, 2])
+    assert torch.autograd.gradcheck(lambda t: ref.kkt(model(t), y, list(model.parameters())), (x,))
+
+
+def test_kkt_in_the_step():
+    clf = with_meta(PlainCNN([1, 16, 16], 3, width=4, feature_dim=8))
+    inv = invert(clf, 3, (1, 16, 16), kkt=1.0, **TINY)
+    assert all(0 < v <= 2 for v in inv.history["kkt"])
+    assert all(p.grad is None for p in clf.parameters())  # the classifier accumulates no gradient
+    assert invert(clf, 3, (1, 16, 16), **TINY).history["kkt"][-1] == 0.0  # weight 0: not computed
+    with pytest.raises(ValueError, match="kkt"):
+        InversionConfig(compile=True, weights={"kkt": 1.0})
+
+
 def test_bn_stats_matches_its_definition(gen):
     a = torch.randn(5, 3, 4, 2, generator=gen, dtype=torch.float64)
     rm, rv = torch.randn(3, generator=gen, dtype=torch.float64), torch.rand(3, generator=gen, dtype=torch.float64)
@@ -153,7 +192,7 @@ def test_term_layout_comes_from_the_ops():
     assert TERMS[TERM_SLICES["head_loss"]] == ref.HEAD_TERMS
     assert TERMS[TERM_SLICES["feature_loss"]] == ref.FEATURE_TERMS
     assert TERMS[TERM_SLICES["image_prior"]] == ref.PRIOR_TERMS
-    assert set(TERMS) >= {"bn_stats", "mode_seek", "moments"}
+    assert set(TERMS) >= {"bn_stats", "mode_seek", "moments", "kkt"}
 
 
 def test_new_terms_are_logged_where_they_apply():
@@ -192,6 +231,24 @@ def test_select_keeps_the_best_scored_candidate(monkeypatch):
     torch.testing.assert_close(out, picked["candidates"][2::3].float())
     with pytest.raises(ValueError, match="select"):
         inv.sample(n_per_class=1, select=0)
+
+
+def test_default_select_falls_back_without_the_classifier(tmp_path, capsys):
+    from tldr_fast import Inversion
+
+    clf = with_meta(PlainCNN([1, 16, 16], 3, width=4, feature_dim=8))
+    inv = invert(clf, 3, (1, 16, 16), **{**TINY, "select": 3})
+    inv.save(tmp_path / "inv.pt")
+    bare = Inversion.load(tmp_path / "inv.pt", device="cpu")
+    capsys.readouterr()
+    out = bare.sample(n_per_class=2, batch_size=4)  # the default select=3 cannot score: no selection, with a notice
+    assert "sampling without selection" in capsys.readouterr().err
+    torch.testing.assert_close(out, inv.sample(n_per_class=2, batch_size=4, select=1), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="classifier"):  # an explicit select > 1 without the classifier is an error
+        bare.sample(n_per_class=2, select=3)
+    with_clf = Inversion.load(tmp_path / "inv.pt", classifier=clf, device="cpu")
+    torch.testing.assert_close(with_clf.sample(n_per_class=2), inv.sample(n_per_class=2, select=3), rtol=0, atol=0)
+    assert capsys.readouterr().err == ""
 
 
 def test_robustness_score_is_the_mean_probability(gen):

@@ -104,8 +104,8 @@ class FrozenClassifier(nn.Module):
     Features are (a) the second output of a classifier returning ``(logits, features)``, or (b) the
     input of its final ``nn.Linear`` head (named by ``head`` or found as the last ``nn.Linear`` with
     ``num_classes`` outputs), captured with a forward hook. The classifier is put in eval mode and its
-    parameters are frozen (``requires_grad`` stays on only for ``grad_norm="full"``, which
-    differentiates through them; they are never updated).
+    parameters are frozen (``requires_grad`` stays on only for the terms that differentiate through
+    them, ``grad_norm="full"`` and ``kkt``; they are never updated).
 
     A probe forward on random images of ``image_shape`` checks, with clear errors, the input shape,
     the number of classes, finite logits and that the head's output is the classifier's output.

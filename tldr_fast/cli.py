@@ -132,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=None, help="images generated at a time (default: the inversion's batch size); "
                    "the images do not depend on it")
     p.add_argument("--select", type=_positive_int, default=None, help="keep the most robustly classified of N candidates per image "
-                   "(needs --classifier; default: the inversion's select)")
-    p.add_argument("--classifier", default=None, help="the target classifier checkpoint (for --select)")
+                   "(needs --classifier; default: the inversion's select, or 1 without --classifier)")
+    p.add_argument("--classifier", default=None, help="the target classifier checkpoint (scores the candidates of --select)")
     p.add_argument("--device", default="auto", help="device of the generator (default: auto)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: the inversion's own)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

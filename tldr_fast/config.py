@@ -16,6 +16,7 @@ OP_TERMS = {
     "image_prior": PRIOR_TERMS,
     "bn_stats": ("bn_stats",),
     "mode_seek": ("mode_seek",),
+    "kkt": ("kkt",),
 }
 TERMS = tuple(t for terms in OP_TERMS.values() for t in terms)
 TERM_SLICES = {op: slice(TERMS.index(t[0]), TERMS.index(t[0]) + len(t)) for op, t in OP_TERMS.items()}
@@ -37,7 +38,10 @@ class LossWeights:
     (inactive when the classifier's normalisation is unknown); ``bn_stats`` matches the batch statistics
     at the input of each of the classifier's BatchNorm layers to its running statistics (DeepInversion;
     inactive for a classifier without BatchNorm); ``mode_seek`` is the mode-seeking term (Mao et al.
-    2019): the inverse of the image distance per latent distance between pairs of the same label.
+    2019): the inverse of the image distance per latent distance between pairs of the same label;
+    ``kkt`` asks the batch's CE descent direction w.r.t. the classifier's parameters to point along
+    the parameters (``reference.kkt``: the KKT stationarity of a converged classifier, Haim et al. 2022,
+    Buzaglo et al. 2023; a double backward, so not with ``compile`` or ``cuda_graph``).
     """
 
     ce: float = 1.0
@@ -52,6 +56,7 @@ class LossWeights:
     moments: float = 1.0
     bn_stats: float = 1.0
     mode_seek: float = 0.05
+    kkt: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -116,7 +121,8 @@ class InversionConfig:
         dropout: dropout probability in the generator's up-sampling stages (active while training).
         select: candidates drawn per kept image when sampling: each image ``Inversion.sample`` returns
             is the one of ``select`` candidates of its class that the target classifies most
-            confidently under random perturbations (1: no selection).
+            confidently under random perturbations (1: no selection; without the classifier, sampling
+            falls back to 1 with a notice).
         grad_norm: "head" (closed form on the final linear layer), "full" (double backward over all
             classifier weights, the paper's definition) or "off".
         weights: a ``LossWeights`` (or a dict of the weights to change).
@@ -162,7 +168,7 @@ class InversionConfig:
     diversity: str = "batch"
     paired: bool = False
     dropout: float = 0.0
-    select: int = 1
+    select: int = 4
     grad_norm: str = "head"
     weights: LossWeights = field(default_factory=LossWeights)
     schedules: Mapping[str, Ramp] = field(default_factory=dict)
@@ -225,6 +231,8 @@ class InversionConfig:
             raise ValueError("compile=True needs grad_norm='head' or 'off': torch.compile has no double backward, which 'full' needs")
         if self.cuda_graph and self.grad_norm == "full":
             raise ValueError("cuda_graph=True needs grad_norm='head' or 'off': 'full' differentiates through the classifier, outside the captured loss block")
+        if (self.compile or self.cuda_graph) and self.active("kkt"):
+            raise ValueError("the kkt term needs compile=False and cuda_graph=False: it differentiates through the classifier (double backward)")
         if not isinstance(self.device, str):
             raise TypeError(f"device must be a string such as 'auto', 'cpu' or 'cuda', got {self.device!r}")
         for name, value in asdict(self.weights).items():
@@ -237,6 +245,11 @@ class InversionConfig:
         """The weight of ``term`` at ``step`` (an int or a tensor of steps), by its schedule if it has one."""
         ramp = self.schedules.get(term)
         return ramp.at(step) if ramp is not None else getattr(self.weights, term)
+
+    @property
+    def param_grads(self) -> bool:
+        """Whether a term differentiates through the classifier's parameters (``grad_norm="full"``, ``kkt``)."""
+        return self.grad_norm == "full" or self.active("kkt")
 
     def active(self, term: str) -> bool:
         """Whether ``term`` has a nonzero weight at some step (inactive terms are not computed)."""

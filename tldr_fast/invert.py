@@ -130,7 +130,8 @@ class Inversion:
         of each class (ordered by class). Generated in batches of ``batch_size`` (default: the
         training batch size), so a million samples never hold more than one batch of activations.
         ``select`` (default ``config.select``): each image is the most robustly classified of that
-        many candidates of its label (``robustness_score``; needs the target classifier).
+        many candidates of its label (``robustness_score``; needs the target classifier: without it,
+        the default falls back to no selection with a notice, and an explicit ``select > 1`` is an error).
 
         >>> inv.sample(n_per_class=2).shape  # doctest: +SKIP
         torch.Size([20, 1, 28, 28])
@@ -155,11 +156,23 @@ class Inversion:
         seed = self.config.seed + 1_000_000_007 if seed is None else seed
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
-        select = self.config.select if select is None else select
-        if isinstance(select, bool) or not isinstance(select, int) or select < 1:
-            raise ValueError(f"select must be a positive int, got {select!r}")
+        select = self.resolve_select(select)
         for start, (_, x) in zip(range(0, len(labels), bs), self._batches(labels, bs, seed, select, offset)):
             yield start, x.float().cpu()
+
+    def resolve_select(self, select: Optional[int] = None) -> int:
+        """The candidates per image that sampling with ``select`` uses: ``select`` itself (a positive
+        int), or for None ``config.select``, which falls back to 1 with a one-line notice when the
+        target classifier that scores the candidates is not attached."""
+        if select is None:
+            select = self.config.select
+            if select > 1 and self.target is None:  # the default asks for what is missing: say so, do not fail
+                print(f"tldr_fast: sampling without selection (this inversion's select={select} needs its target "
+                      "classifier: Inversion.load(..., classifier=) or --classifier)", file=sys.stderr)
+                return 1
+        if isinstance(select, bool) or not isinstance(select, int) or select < 1:
+            raise ValueError(f"select must be a positive int, got {select!r}")
+        return select
 
     def classifier_metrics(self, n_per_class: Optional[int] = None, seed: Optional[int] = None) -> Dict[str, float]:
         """Accuracy, confidence and perturbed accuracy of the target classifier on fresh samples."""
@@ -380,7 +393,7 @@ def invert(
     if ckpt is not None:
         check_writable(ckpt, "checkpoint")  # now, not after the training
     device = resolve_device(cfg.device, quiet=not cfg.progress)
-    target = FrozenClassifier(classifier, num_classes, shape, cfg.preprocess, cfg.head, cfg.grad_norm == "full", device=device)
+    target = FrozenClassifier(classifier, num_classes, shape, cfg.preprocess, cfg.head, cfg.param_grads, device=device)
     if cfg.grad_norm == "head" and target.head is None:
         raise ClassifierError("grad_norm='head' needs the classifier's final nn.Linear: name it with head='...', or use grad_norm='full' or 'off'")
     ops = resolve(cfg.backend, device, quiet=not cfg.progress)
@@ -449,6 +462,6 @@ def _log(inv: Inversion, terms: Tensor, bar) -> None:
         )
     inv.history["step"].append(inv.step)
     for t, v in zip(TERMS, values):
-        inv.history[t].append(v)
+        inv.history.setdefault(t, []).append(v)  # setdefault: a checkpoint from before a term existed
     shown = dict(zip(TERMS, values))
     bar.set_postfix(ce=f"{shown['ce']:.3f}", ce_pert=f"{shown['ce_pert']:.3f}", cos=f"{shown['cos']:.2f}", refresh=False)

@@ -397,7 +397,7 @@ ABLATION: Dict[str, Dict[str, Any]] = {
     "eps-0.2": {"eps": 0.2},
     "class-diversity": {"diversity": "class"},
     "dropout-0.3": {"dropout": 0.3},
-    "select-4": {"select": 4},
-    # the TLDR paper's loss (noise-only perturbations, no image statistics) at the same budget
-    "paper-loss": {"moments": 0.0, "bn_stats": 0.0, "shift": 0, "rotate": 0.0, "scale": 0.0, "mode_seek": 0.0},
+    "no-select": {"select": 1},
+    # the TLDR paper's method (noise-only perturbations, no image statistics, no selection) at the same budget
+    "paper-loss": {"moments": 0.0, "bn_stats": 0.0, "shift": 0, "rotate": 0.0, "scale": 0.0, "mode_seek": 0.0, "select": 1},
 }

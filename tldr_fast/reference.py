@@ -210,6 +210,36 @@ def grad_norm_full(logits: Tensor, target: Tensor, params) -> Tensor:
     return torch.sqrt(sum(_acc(g).square().sum() for g in grads if g is not None))
 
 
+def kkt(logits: Tensor, labels: Tensor, params) -> Tensor:
+    """The KKT-direction term: ``1 - cos(theta, g)`` with ``theta`` all classifier parameters (one
+    vector) and ``g = -grad_theta sum_i CE(z_i, y_i)`` the descent direction of the batch's
+    cross-entropy w.r.t. the parameters, by double backward.
+
+    A network trained long on CE approaches a KKT point of margin maximisation, where
+    ``theta = sum_i lambda_i grad_theta m_i(x_i)`` over its training samples with ``lambda_i >= 0``
+    and ``m_i`` the multiclass margin (Haim et al. 2022; Buzaglo et al. 2023), and along the way
+    ``-grad_theta CE`` over the training set aligns with ``theta`` (its per-sample weights
+    ``1 - p_{y_i}`` play the ``lambda_i``). Their reconstruction fits ``x_i`` and ``lambda_i`` of that
+    sum; a generator draws a new batch every step, so this form asks its batch's CE descent direction
+    to point along ``theta``: scale-free, no ``lambda`` to learn. On the benchmark's MNIST targets
+    real training images score a higher cosine than held-out ones (BENCHMARKS.md, leakage).
+
+    Args:
+        logits: ``[B, K]`` clean logits, part of a graph that reaches ``params``.
+        labels: ``[B]`` int64 classes.
+        params: the classifier's parameters (with ``requires_grad``).
+
+    Returns a differentiable fp32 scalar in [0, 2] (``create_graph=True``).
+    """
+    ce = F.cross_entropy(_acc(logits), labels, reduction="sum")
+    grads = torch.autograd.grad(-ce, params, create_graph=True, allow_unused=True)
+    pairs = [(_acc(p.detach()).view(-1), _acc(g).view(-1)) for p, g in zip(params, grads) if g is not None]
+    dot = sum((p * g).sum() for p, g in pairs)
+    g_norm = torch.sqrt(sum(g.square().sum() for _, g in pairs))
+    theta_norm = torch.sqrt(sum(p.square().sum() for p, _ in pairs))
+    return 1.0 - dot / (theta_norm * g_norm).clamp_min(NORM_EPS)
+
+
 def bn_stats(activations: Tensor, running_mean: Tensor, running_var: Tensor) -> Tensor:
     """The BatchNorm-statistics prior of one layer (DeepInversion, Yin et al. 2020):
     ``||mu - running_mean||_2 + ||var - running_var||_2`` with ``mu``, ``var`` the per-channel mean and

@@ -91,7 +91,7 @@ def _write_folder(inv, out: Path, labels: Tensor, batch_size, seed, select, bar)
         paths.append(out / f"{c:0{digits}d}" / f"{counts[c]:05d}.png")
         counts[c] += 1
     seed = inv.config.seed + 1_000_000_007 if seed is None else seed
-    select = inv.config.select if select is None else select
+    select = inv.resolve_select(select)
     manifest: Dict[str, Any] = {
         "inversion": fingerprint(inv), "seed": seed, "select": select,
         "labels": hashlib.sha256(labels.numpy().astype(np.int64).tobytes()).hexdigest()[:16], "count": len(labels),

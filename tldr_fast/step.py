@@ -61,7 +61,7 @@ class TLDRObjective:
         self._weights = torch.empty(0, len(TERMS), device=device)
         self._zeros = torch.zeros(len(TERMS), device=device)  # the terms of inactive ops (no allocation per step)
         self._gen = torch.Generator(device)  # reseeded every step: a step's draws are a function of (seed, step)
-        if cfg.grad_norm == "full":
+        if cfg.param_grads:
             self.params = [p for p in target.classifier.parameters() if p.requires_grad]
         if cfg.cuda_graph and device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA device, got {device}")
@@ -98,6 +98,8 @@ class TLDRObjective:
             extra["mode_seek"] = reference.mode_seek(x, z)
         if cfg.grad_norm == "full":
             extra["grad_norm"] = reference.grad_norm_full(logits[:b], c, self.params)
+        if cfg.active("kkt"):
+            extra["kkt"] = reference.kkt(logits[:b], y, self.params)
         if extra:
             terms = terms.clone()
             for name, value in extra.items():
@@ -108,7 +110,7 @@ class TLDRObjective:
 
     def loss_block(self, logits: Tensor, feats: Tensor, x: Tensor, c: Tensor, y: Tensor, w: Tensor):
         """``(loss, terms [len(TERMS)])`` of the fused loss ops (the head grad-norm term only with
-        ``grad_norm="head"``; the bn_stats and mode_seek entries 0); from CUDA graphs with
+        ``grad_norm="head"``; the bn_stats, mode_seek and kkt entries 0); from CUDA graphs with
         ``cfg.cuda_graph``. ``logits`` [N, K] (N = B or 2B), ``feats`` [B, D], ``x`` [B, C, H, W],
         ``c`` [B, K], ``y`` [B], ``w`` [len(TERMS)]."""
         if not self.cfg.cuda_graph:
@@ -137,5 +139,5 @@ class TLDRObjective:
             l_p, prior_terms = self.ops.image_prior(x, w[prior], *PIXEL_RANGE, self.moments)
             loss = loss + l_p
         parts.append(prior_terms if self.prior else zeros[prior])
-        parts.append(zeros[prior.stop :])  # bn_stats, mode_seek: added by __call__
+        parts.append(zeros[prior.stop :])  # bn_stats, mode_seek, kkt: added by __call__
         return loss, torch.cat(parts)
