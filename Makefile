@@ -17,7 +17,14 @@ STAMP_MAX := $(VENV_MAX)/.installed
 TRITON_TESTS := tests/test_feature_loss_triton.py tests/test_head_loss_triton.py tests/test_image_prior_triton.py \
 	tests/test_perturb_triton.py tests/test_pairwise_ssim.py tests/test_feature_loss.py tests/test_image_prior.py
 
-.PHONY: install demo test bench-gpu clean
+# The benchmark suite (pytest-benchmark, benchmarks/; BENCHMARKS.md "Running the benchmark suite"):
+# `make bench` times it on this machine's devices and saves the run under .benchmarks/; `make
+# bench-compare` times it again against the last saved run and fails where a median is BENCH_FAIL
+# slower. BENCH_ARGS narrows it, e.g. BENCH_ARGS="benchmarks/benchmark_head_loss.py --bench-batch 1024".
+BENCH_ARGS ?= benchmarks/
+BENCH_FAIL ?= 10%
+
+.PHONY: install demo test bench bench-compare bench-gpu clean
 
 install: $(STAMP)
 
@@ -46,6 +53,14 @@ $(STAMP_MAX): pyproject.toml setup.py
 test: $(STAMP) $(STAMP_MAX)
 	TLDR_FAST_REQUIRE_DATA=1 $(PY) -m pytest -q
 	TRITON_INTERPRET=1 $(VENV_MAX)/bin/python -m pytest -q -p no:cacheprovider $(TRITON_TESTS) -k "triton and not sm90"
+	# every benchmark once, untimed, at small shapes (Triton rows under the interpreter): a broken benchmark fails
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider benchmarks/ --benchmark-disable
+
+bench: $(STAMP)
+	$(PY) -m pytest $(BENCH_ARGS) --benchmark-only --benchmark-autosave
+
+bench-compare: $(STAMP)
+	$(PY) -m pytest $(BENCH_ARGS) --benchmark-only --benchmark-autosave --benchmark-compare --benchmark-compare-fail=median:$(BENCH_FAIL)
 
 bench-gpu: $(STAMP)
 	bash benchmarks/gpu_session.sh

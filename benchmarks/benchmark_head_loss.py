@@ -1,52 +1,48 @@
-"""Benchmark head_loss, forward + backward: eager reference, torch.compile(reference), Triton, CUDA.
+"""head_loss, forward + backward, for each implementation (``common.OP_IMPLS``).
 
-    python benchmarks/benchmark_head_loss.py [--device cuda] [--json out.jsonl] [--quick]
+    pytest benchmarks/benchmark_head_loss.py --benchmark-only [--bench-batch 1024,65536 ...]
+    python benchmarks/benchmark_head_loss.py [the same options]
 
-Clean and perturbed logits (N = 2B), K = 10 classes, hot conditioning, D = 256 features with the
-closed-form head grad-norm (head with bias), B in {256, 1024, 8192, 65536}. GB/s counts the bytes the
-op must move at least: logits, target, labels and features read once, their gradients written once.
+Clean and perturbed logits [2B, K = 10], hot conditioning, features [B, D = 256] with the closed-form
+head grad-norm (head with bias). Bytes: logits, target, labels and features read once, their
+gradients written once.
 """
 
+import sys
+
+import pytest
 import torch
 import torch.nn.functional as F
 
-from common import bench_args, implementations, run
+from common import OP_IMPLS, nbytes, op_impl
 
 K, D = 10, 256
 
 
-def make_inputs(b: int, device: str, dtype=torch.float32):
+def make_inputs(b: int, device: str, dtype: str = "float32"):
+    """logits [2B, K], target [B, K] (one-hot), labels [B], features [B, D] (post-ReLU), weights [5]."""
     g = torch.Generator().manual_seed(b)
+    dt = getattr(torch, dtype)
     labels = torch.randint(0, K, (b,), generator=g)
-    logits = (3 * torch.randn(2 * b, K, generator=g)).to(device, dtype).requires_grad_(True)
-    features = torch.randn(b, D, generator=g).relu().to(device, dtype).requires_grad_(True)
-    target = F.one_hot(labels, K).to(device, dtype)
+    logits = (3 * torch.randn(2 * b, K, generator=g)).to(device, dt).requires_grad_(True)
+    features = torch.randn(b, D, generator=g).relu().to(device, dt).requires_grad_(True)
+    target = F.one_hot(labels, K).to(device, dt)
     weights = torch.tensor([1.0, 1.0, 0.5, 0.5, 0.1], device=device)
     return logits, target, labels.to(device), features, weights
 
 
-def min_bytes(logits, target, labels, features) -> int:
-    grads = logits.numel() * logits.element_size() + features.numel() * features.element_size()
-    return 2 * grads + target.numel() * target.element_size() + labels.numel() * labels.element_size()
+@pytest.mark.parametrize("impl", OP_IMPLS)
+def test_head_loss(bench, device, batch, dtype, impl):
+    fn = op_impl("head_loss", impl, device, bench.timed)
+    logits, target, labels, features, w = make_inputs(batch, device, dtype)
 
+    def step():
+        loss, _ = fn(logits, target, labels, features, w, True)
+        return torch.autograd.grad(loss, (logits, features))
 
-def main() -> None:
-    args = bench_args(__doc__.splitlines()[0])
-
-    def case(b):
-        def build(fn):
-            logits, target, labels, features, w = make_inputs(b, args.device)
-
-            def step():
-                loss, _ = fn(logits, target, labels, features, w, True)
-                return torch.autograd.grad(loss, (logits, features))
-
-            return step, min_bytes(logits, target, labels, features)
-
-        return f"B={b} K={K} D={D}", build
-
-    run("head_loss", args, implementations("head_loss", args.device, args.quick), [case(b) for b in args.sizes])
+    moved = 2 * nbytes(logits, features) + nbytes(target, labels)
+    bench(step, "head_loss", impl, f"B={batch} K={K} D={D}", dtype, bytes=moved)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(pytest.main([__file__, "--benchmark-only", *sys.argv[1:]]))

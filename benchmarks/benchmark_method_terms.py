@@ -1,50 +1,57 @@
-"""Benchmark the method's reference-only terms, forward + backward: eager reference vs torch.compile of it.
+"""The method's reference-only terms, forward + backward: the eager reference against torch.compile of it.
 
-    python benchmarks/benchmark_method_terms.py [--device cuda] [--json out.jsonl] [--quick]
+    pytest benchmarks/benchmark_method_terms.py --benchmark-only
+    python benchmarks/benchmark_method_terms.py [the same options]
 
-``warp`` (the geometric transforms of the perturbed copies: shift-only, and shift + rotation + scale),
-``mode_seek`` (paired images and latents) and ``bn_stats`` (one BatchNorm layer's input, [B, 32, 14, 14]).
-These have no fused kernel: each is a handful of PyTorch ops (grid_sample, var_mean, a reduction) that
-torch fuses itself; the numbers say what they cost next to the fused loss ops.
+``warp`` (the geometric transforms of the perturbed copies, ``warp_theta`` drawn once: "shift", a
+whole-pixel shift of up to 2 px, and "affine", shift + rotation up to 15 degrees + scale 0.9-1.1),
+``mode_seek`` (paired images and latents [B, 100]) and ``bn_stats`` (one BatchNorm layer's input,
+[B, 32, 14, 14]). They have no fused kernel: each is a handful of PyTorch ops (grid_sample, var_mean, a
+reduction) that torch fuses itself; the rows say what they cost next to the fused loss ops. Bytes: the
+input read once and its gradient written once.
 """
 
+import sys
+
+import pytest
 import torch
 
-from common import bench_args, measure, report
+from benchmark_image_prior import make_images
+from common import nbytes
+from tldr_fast import reference
 
-from tldr_fast import reference as ref
+IMPLS = ("eager", "compile")
+WARPS = {"shift": (2, 0.0, 0.0), "affine": (2, 15.0, 0.1)}  # shift (px), rotate (degrees), scale
 
 
-def main() -> None:
-    args = bench_args(__doc__.splitlines()[0])
-    dev = args.device
-    rows = []
-    for b in args.sizes:
-        for chw in args.shapes:
-            x = (torch.randn(b, *chw, device=dev)).tanh().requires_grad_(True)
-            gen = torch.Generator(dev).manual_seed(0)
-            cases = {
-                ("warp", f"shift B={b} {'x'.join(map(str, chw))}"): lambda x=x: ref.warp(x, 2, 0.0, 0.0, -1.0, gen),
-                ("warp", f"affine B={b} {'x'.join(map(str, chw))}"): lambda x=x: ref.warp(x, 2, 15.0, 0.1, -1.0, gen),
-            }
-            z = torch.randn(b, 100, device=dev)
-            cases[("mode_seek", f"B={b} {'x'.join(map(str, chw))}")] = lambda x=x, z=z: ref.mode_seek(x, z)
-            for (op, size), fn in cases.items():
-                for impl, f in (("eager", fn), ("compile", None if args.quick else torch.compile(fn, dynamic=False))):
-                    if f is None:
-                        continue
-                    step = lambda f=f, x=x: torch.autograd.grad(f().sum(), x)
-                    rows.append(measure(op, impl, size, step, dev, 2 * x.numel() * x.element_size(), **args.timing))
-        a = torch.randn(b, 32, 14, 14, device=dev, requires_grad=True)
-        rm, rv = torch.zeros(32, device=dev), torch.ones(32, device=dev)
-        fn = lambda a=a: ref.bn_stats(a, rm, rv)
-        for impl, f in (("eager", fn), ("compile", None if args.quick else torch.compile(fn, dynamic=False))):
-            if f is None:
-                continue
-            step = lambda f=f, a=a: torch.autograd.grad(f(), a)
-            rows.append(measure("bn_stats", impl, f"B={b} 32x14x14", step, dev, 2 * a.numel() * 4, **args.timing))
-    report(rows, args.json)
+def timed_grad(bench, fn, x, op, impl, case):
+    """Time the gradient of ``fn()`` (eager, or compiled) with respect to ``x``."""
+    f = fn if impl == "eager" else torch.compile(fn, dynamic=False)
+    bench(lambda: torch.autograd.grad(f(), x), op, impl, case, bytes=2 * nbytes(x))
+
+
+@pytest.mark.parametrize("kind", WARPS)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_warp(bench, device, batch, chw, impl, kind):
+    x = make_images(batch, chw, device)
+    theta = reference.warp_theta(batch, chw[1:], *WARPS[kind], torch.Generator(device).manual_seed(0), device)
+    shape = "x".join(map(str, chw))
+    timed_grad(bench, lambda: reference.warp(x, theta, -1.0).sum(), x, "warp", impl, f"{kind} B={batch} {shape}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_mode_seek(bench, device, batch, chw, impl):
+    x = make_images(batch, chw, device)
+    z = torch.randn(batch, 100, device=device)
+    timed_grad(bench, lambda: reference.mode_seek(x, z), x, "mode_seek", impl, f"B={batch} {'x'.join(map(str, chw))}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bn_stats(bench, device, batch, impl):
+    a = torch.randn(batch, 32, 14, 14, device=device, requires_grad=True)
+    mean, var = torch.zeros(32, device=device), torch.ones(32, device=device)
+    timed_grad(bench, lambda: reference.bn_stats(a, mean, var), a, "bn_stats", impl, f"B={batch} 32x14x14")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(pytest.main([__file__, "--benchmark-only", *sys.argv[1:]]))

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # One GPU session, start to finish: build the CUDA extension, run the test suite on the GPU, then the
-# benchmarks side by side, most important first. Logs go to $OUT (default ./gpu_out): env.log,
-# build.log, tests.log, bench.log and bench.jsonl (the rows BENCHMARKS.md is written from).
+# benchmark suite (pytest-benchmark, benchmarks/benchmark_*.py) part by part, most important first.
+# Logs go to $OUT (default ./gpu_out): env.log, build.log, tests.log, bench.log, bench-<part>.json (each
+# part's run as pytest-benchmark writes it, with the copy-bandwidth row) and bench.md (their Markdown
+# tables, by benchmarks/tables.py: what BENCHMARKS.md is written from). The bench part needs
+# pytest-benchmark (a dev dependency; on a machine without it: pip install --target .carry/site
+# pytest-benchmark py-cpuinfo, before the session).
 #
 #   bash benchmarks/gpu_session.sh                       # everything (more than one 10-minute call)
 #   PARTS="build tests" DEADLINE=560 bash benchmarks/gpu_session.sh     # call 1
@@ -77,34 +81,45 @@ if has tests "$PARTS"; then
 fi
 
 if has bench "$PARTS"; then
-    J="$(cd "$OUT" && pwd)/bench.jsonl"
     B="$OUT/bench.log"
-    run() {  # run <seconds> <script> [args]: one benchmark script, its output appended to bench.log
-        local t
+    run() {  # run <seconds> <part> <pytest args>: one part of the suite timed on the GPU, with the copy row
+        local t part=$2
         t=$(budget "$1")
-        shift
+        shift 2
         if ((t == 0)); then
-            stamp "bench: SKIPPED (deadline) $*" | tee -a "$B"
+            stamp "bench: SKIPPED (deadline) $part $*" | tee -a "$B"
             return
         fi
-        stamp "bench ($t s): $*" | tee -a "$B"
-        (cd benchmarks && timeout "$t" $PY "$@" --device cuda --json "$J") >>"$B" 2>&1 || echo "  (exit $?)" >>"$B"
+        stamp "bench $part ($t s): $*" | tee -a "$B"
+        # SIGINT at the limit: pytest ends the session and pytest-benchmark still writes the rows it has
+        timeout -s INT -k 20 "$t" $PY -m pytest -p no:cacheprovider -q benchmarks/benchmark_copy.py "$@" --benchmark-only \
+            --bench-device cuda --benchmark-json "$OUT/bench-$part.json" >>"$B" 2>&1 || echo "  (exit $?)" >>"$B"
     }
+    FP32="--bench-dtype float32"
+    if ! $PY -c "import pytest_benchmark" 2>/dev/null; then
+        stamp "bench: SKIPPED, pytest-benchmark is not installed (see the top of this script)" | tee -a "$B"
+        BENCHES=""
+    fi
     # shellcheck disable=SC2086
-    if has ssim "$BENCHES"; then run 120 benchmark_pairwise_ssim.py --mnist; fi
-    # --graph: each fused op also replayed from a CUDA graph, i.e. without host time: the kernels' own GB/s
-    if has prior "$BENCHES"; then run 80 benchmark_image_prior.py --sizes 1024,65536 --impls eager,triton,cuda --graph; fi
-    if has block "$BENCHES"; then run 110 benchmark_loss_block.py ${BLOCK_ARGS:---sizes 1024 --shapes 1x28x28 --graph}; fi
-    if has host "$BENCHES"; then run 40 host_overhead.py; fi
+    if has ssim "$BENCHES"; then run 120 ssim benchmarks/benchmark_pairwise_ssim.py -k mnist; fi
+    # +graph rows: each fused op also replayed from a CUDA graph, i.e. without host time: the kernels' own GB/s
+    if has prior "$BENCHES"; then
+        run 80 prior benchmarks/benchmark_image_prior.py --bench-batch 1024,65536 $FP32 --bench-impl eager,eager+graph,triton,triton+graph,cuda,cuda+graph
+    fi
+    if has block "$BENCHES"; then run 110 block benchmarks/benchmark_loss_block.py ${BLOCK_ARGS:---bench-batch 1024 --bench-chw 1x28x28 $FP32}; fi
+    if has host "$BENCHES"; then run 40 host benchmarks/benchmark_host_overhead.py; fi
     if has step "$BENCHES"; then
-        run 200 benchmark_step.py ${STEP_ARGS:---configs 1x28x28:1024,3x32x32:1024 --variants \
+        run 200 step benchmarks/benchmark_step.py ${STEP_ARGS:---bench-batch 1024 --bench-impl \
             eager-full,eager-head,compile-head,triton-head,cuda-head,eager-head-graph,triton-head-graph,cuda-head-graph,cuda-head-compile-graph}
     fi
     if has ops "$BENCHES"; then
-        run 60 benchmark_perturb.py --sizes 1024,65536 --graph
-        run 60 benchmark_head_loss.py --sizes 1024,65536 --graph
-        run 60 benchmark_feature_loss.py --sizes 1024,65536 --graph
+        run 60 perturb benchmarks/benchmark_perturb.py --bench-batch 1024,65536 $FP32
+        run 60 head_loss benchmarks/benchmark_head_loss.py --bench-batch 1024,65536 $FP32
+        run 60 feature_loss benchmarks/benchmark_feature_loss.py --bench-batch 1024,65536 $FP32
     fi
-    grep -E "^(loss_block|head_loss|feature_loss|image_prior|perturb|pairwise_ssim|step|host_us) |copy bandwidth|SKIPPED|exit" "$B" | tail -120
+    grep -E "^\[[0-9]+s\]|^(FAILED|ERROR)|[0-9]+ (passed|failed|skipped)|exit [0-9]" "$B" | tail -40
+    if ls "$OUT"/bench-*.json >/dev/null 2>&1; then
+        $PY benchmarks/tables.py "$OUT"/bench-*.json >"$OUT/bench.md" && cat "$OUT/bench.md"
+    fi
 fi
 stamp "done"
