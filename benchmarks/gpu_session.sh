@@ -93,9 +93,11 @@ if has bench "$PARTS"; then
         stamp "bench $part ($t s): $*" | tee -a "$B"
         # SIGINT at the limit: pytest ends the session and pytest-benchmark still writes the rows it has
         timeout -s INT -k 20 "$t" $PY -m pytest -p no:cacheprovider -q benchmarks/benchmark_copy.py "$@" --benchmark-only \
-            --bench-device cuda --benchmark-json "$OUT/bench-$part.json" >>"$B" 2>&1 || echo "  (exit $?)" >>"$B"
+            --bench-device cuda --benchmark-max-time "$MAX_TIME" --benchmark-json "$OUT/bench-$part.json" >>"$B" 2>&1 \
+            || echo "  (exit $?)" >>"$B"
     }
     FP32="--bench-dtype float32"
+    MAX_TIME=${MAX_TIME:-0.2} # seconds of rounds per row (at least 5 rounds, at most 1,000)
     if ! $PY -c "import pytest_benchmark" 2>/dev/null; then
         stamp "bench: SKIPPED, pytest-benchmark is not installed (see the top of this script)" | tee -a "$B"
         BENCHES=""
