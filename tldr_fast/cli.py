@@ -534,17 +534,22 @@ def _one_line(err: BaseException) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``tldr-fast`` with ``argv`` (default: the process's arguments); returns the exit status."""
+    from . import distributed
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with distributed.process_group(getattr(args, "device", "auto")) as device:  # under torchrun: this rank's
+            if hasattr(args, "device"):
+                args.device = device
+            return args.func(args)
     except KeyboardInterrupt:
         _say("interrupted")
         return 130
     except Exception as e:  # noqa: BLE001 - the command line reports every failure in one line
         if args.traceback:
             raise
-        print(f"{PROG} {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"{PROG} {args.command}{distributed.rank_label()}: error: {_one_line(e)}{distributed.failure_hint(e)}", file=sys.stderr)
         return 1
 
 

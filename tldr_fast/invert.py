@@ -19,7 +19,7 @@ from .classifier import ClassifierError, FrozenClassifier
 from .config import TERMS, InversionConfig, Preprocess
 from .generator import ConditionedGenerator
 from .progress import progress_bar
-from . import reference
+from . import distributed, reference
 from .step import PIXEL_RANGE, TLDRObjective, pixel_eps, step_seed
 
 Tensor = torch.Tensor
@@ -380,7 +380,8 @@ def invert(
     >>> inv = invert(clf, 10, (1, 28, 28), steps=300, batch_size=128, device="cpu")  # doctest: +SKIP
     >>> images = inv.sample(n_per_class=8)  # [80, 1, 28, 28] in [-1, 1]  # doctest: +SKIP
     """
-    state = _load_state(resume) if resume is not None else None
+    main = distributed.is_main()  # under torch.distributed: rank 0 reads, writes and reports
+    state = distributed.broadcast_object(_load_state(resume) if resume is not None and main else None)
     cfg = _config(config, state, overrides)
     shape = _check_problem(num_classes, image_shape)
     if state is not None:
@@ -390,13 +391,13 @@ def invert(
         if changed:
             raise ValueError(f"cannot resume {resume} with another generator layout: {', '.join(changed)}")
     ckpt = checkpoint if checkpoint is not None else resume
-    if ckpt is not None:
+    if ckpt is not None and main:
         check_writable(ckpt, "checkpoint")  # now, not after the training
-    device = resolve_device(cfg.device, quiet=not cfg.progress)
+    device = resolve_device(cfg.device, quiet=not (cfg.progress and main))
     target = FrozenClassifier(classifier, num_classes, shape, cfg.preprocess, cfg.head, cfg.param_grads, device=device)
     if cfg.grad_norm == "head" and target.head is None:
         raise ClassifierError("grad_norm='head' needs the classifier's final nn.Linear: name it with head='...', or use grad_norm='full' or 'off'")
-    ops = resolve(cfg.backend, device, quiet=not cfg.progress)
+    ops = resolve(cfg.backend, device, quiet=not (cfg.progress and main))
     torch.manual_seed(cfg.seed)  # the generator's initial weights
     g = _generator(num_classes, shape, cfg, device, state["generator"] if state else None, resume)
     opt = torch.optim.Adam(g.parameters(), lr=cfg.lr, betas=cfg.betas)
@@ -408,14 +409,16 @@ def invert(
                 group["lr"], group["betas"] = cfg.lr, cfg.betas
         inv.step, inv.history = state["step"], state["history"]
     objective = TLDRObjective(g, target, cfg, ops, device)
+    shard, ckpt = objective.shard, ckpt if main else None  # only rank 0 saves
     params = list(g.parameters())
-    bar = progress_bar(total=cfg.steps, initial=inv.step, desc="invert", unit="step", disable=not cfg.progress)
+    bar = progress_bar(total=cfg.steps, initial=inv.step, desc="invert", unit="step", disable=not (cfg.progress and main))
     buffers = list(g.buffers())  # BatchNorm statistics and counts: updated by the forward
     before = [b.clone() for b in buffers]  # their values before the current step
     phase = "between"  # of a step: "between" steps, in its "forward" (and backward), or in its "update"
+    stopped = False  # a stop request (on any rank, agreed at logging steps under torch.distributed)
     with _Interrupts() as stop:
         try:
-            while inv.step < cfg.steps and stop.requested is None:
+            while inv.step < cfg.steps and not stopped:
                 phase = "forward"
                 torch._foreach_copy_(before, buffers)
                 loss, terms = objective(inv.step)
@@ -426,11 +429,14 @@ def invert(
                 inv.step += 1
                 phase = "between"
                 bar.update()
-                if inv.step % cfg.log_every == 0 or inv.step == cfg.steps:
-                    _log(inv, terms, bar)
+                logged = inv.step % cfg.log_every == 0 or inv.step == cfg.steps
+                if logged:
+                    _log(inv, objective.global_terms(terms), bar)
+                if logged or shard.world == 1:  # every rank stops after the same step
+                    stopped = shard.any(stop.requested is not None, device)
                 if ckpt is not None and cfg.checkpoint_every and inv.step % cfg.checkpoint_every == 0:
                     _save(ckpt, inv, opt)
-            if stop.requested is None:
+            if not stopped:
                 inv.metrics = inv.classifier_metrics()
                 _check_converged(inv)
             if ckpt is not None:  # the final state, or the state at the interrupt: consistent either way
@@ -445,10 +451,12 @@ def invert(
             raise
         finally:
             bar.close()
-        if stop.requested is not None:
+        if stopped or stop.requested is not None:
+            reason = stop.requested or "stopped by another rank"
             where = f"; saved to {ckpt}, resume with invert(..., resume={str(ckpt)!r})" if ckpt is not None else " (no checkpoint= to save to)"
-            print(f"\ntldr_fast: {stop.requested} at step {inv.step}{where}", file=sys.stderr)
-            raise KeyboardInterrupt(stop.requested)
+            if main:
+                print(f"\ntldr_fast: {reason} at step {inv.step}{where}", file=sys.stderr)
+            raise KeyboardInterrupt(reason)
     return inv
 
 

@@ -6,6 +6,11 @@
   layout), each file written atomically, and ``samples.json`` recording what the folder holds. Writing
   the same sample again resumes it: images already on disk are kept and not regenerated. A different
   sample (another inversion, seed, selection or count) replaces the folder's previous PNGs.
+
+Under ``torch.distributed`` (``torchrun ... -m tldr_fast sample``) the folder is written by all ranks: batch
+``j`` by rank ``j mod world``, each writing its own PNGs (disjoint files); rank 0 writes the manifest
+first. The folder equals the one a single process writes, and resumes the same way. An ``.npz`` is one
+file, written by a single process only.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any, Dict, List, Union
 import numpy as np
 import torch
 
+from . import distributed
 from .grid import to_pil
 from .progress import progress_bar
 
@@ -47,7 +53,10 @@ def write_samples(inv: Any, out: PathLike, labels: Tensor, batch_size: int = Non
     out = Path(out)
     if str(out) in ("", "."):
         raise ValueError("the output path is empty: give an .npz file or a folder")
-    bar = progress_bar(total=len(labels), desc="sample", unit="img", disable=not progress)
+    rank, world = distributed.world()
+    if world > 1 and out.suffix.lower() == ".npz":
+        raise ValueError(f"{out}: an .npz is written by one process; under torchrun give a folder (each rank writes its PNGs)")
+    bar = progress_bar(total=len(labels), desc="sample", unit="img", disable=not (progress and rank == 0))
     try:
         if out.suffix.lower() == ".npz":
             _write_npz(inv, out, labels, batch_size, seed, select, bar)
@@ -97,8 +106,9 @@ def _write_folder(inv, out: Path, labels: Tensor, batch_size, seed, select, bar)
         "labels": hashlib.sha256(labels.numpy().astype(np.int64).tobytes()).hexdigest()[:16], "count": len(labels),
     }
     mf = out / MANIFEST
+    rank, world = distributed.world()
     same = mf.is_file() and _read(mf) == manifest
-    if not same:  # another sample was here: remove its images (ours only), then record this one
+    if not same and rank == 0:  # another sample was here: remove its images (ours only), then record this one
         for old in out.glob("*/*.png"):
             if old.parent.name.isdigit() and old.stem.isdigit():
                 old.unlink()
@@ -106,7 +116,9 @@ def _write_folder(inv, out: Path, labels: Tensor, batch_size, seed, select, bar)
     bs = inv.config.batch_size if batch_size is None else batch_size
     if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    for start in range(0, len(labels), bs):
+    bar.total = sum(len(paths[s : s + bs]) for s in range(rank * bs, len(labels), world * bs))  # this rank's images
+    distributed.barrier()  # the folder is ready for this sample before any rank writes
+    for start in range(rank * bs, len(labels), world * bs):  # this rank's batches
         todo = paths[start : start + bs]
         if all(p.is_file() for p in todo):  # written by an earlier, interrupted run of this sample
             bar.update(len(todo))
@@ -118,6 +130,7 @@ def _write_folder(inv, out: Path, labels: Tensor, batch_size, seed, select, bar)
                 to_pil(((img + 1) / 2).clamp(0, 1)).save(tmp, format="PNG")
                 os.replace(tmp, p)
             bar.update(len(todo))
+    distributed.barrier()  # the whole sample is on disk when any rank returns
 
 
 def _read(path: Path) -> Any:

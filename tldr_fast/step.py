@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from . import reference
+from . import distributed, reference
 from .backends import Backend
 from .classifier import FrozenClassifier
 from .config import TERM_SLICES, TERMS, InversionConfig
+from .reference import FEATURE_TERMS
 from .generator import ConditionedGenerator, sample_conditions
 
 Tensor = torch.Tensor
@@ -19,10 +22,13 @@ def pixel_eps(cfg: InversionConfig) -> float:
     return cfg.eps * (PIXEL_RANGE[1] - PIXEL_RANGE[0])
 
 
-def random_warp(images: Tensor, cfg: InversionConfig, generator: torch.Generator) -> Tensor:
+def random_warp(images: Tensor, cfg: InversionConfig, generator: torch.Generator, shard: Optional[distributed.Shard] = None) -> Tensor:
     """``images`` under random transforms of ``cfg.shift/rotate/scale`` drawn from ``generator``
-    (uncovered pixels: background, the low end of the pixel range)."""
-    theta = reference.warp_theta(len(images), images.shape[-2:], cfg.shift, cfg.rotate, cfg.scale, generator, images.device)
+    (uncovered pixels: background, the low end of the pixel range). With ``shard``, ``images`` are its
+    rows of a global batch: the transforms of the whole batch are drawn, and its rows kept."""
+    n = len(images) if shard is None else shard.total
+    theta = reference.warp_theta(n, images.shape[-2:], cfg.shift, cfg.rotate, cfg.scale, generator, images.device)
+    theta = theta if shard is None else shard.take(theta)  # [len(images), 2, 3]
     return reference.warp(images, theta, PIXEL_RANGE[0], "nearest" if cfg.rotate == cfg.scale == 0 else "bilinear")
 
 
@@ -41,6 +47,12 @@ class TLDRObjective:
     (zero weight at every step, or nothing to act on: ``moments`` without a known normalisation,
     ``bn_stats`` without BatchNorm layers) are not computed and read 0. ``loss`` is differentiable
     w.r.t. the generator's parameters.
+
+    Under ``torch.distributed`` (world size > 1; DESIGN.md section 5.1) ``cfg.batch_size`` is the global
+    batch: this rank draws the whole batch's randomness and keeps its rows (``self.shard``), the
+    generator is data-parallel (global BatchNorm, DDP), ``cos``/``ortho`` are exact global-batch terms
+    (``distributed.feature_loss``) and every other term is weighted by ``self.scale`` so that the mean of
+    the ranks' losses is the global objective (``global_terms`` gives the global values).
     """
 
     def __init__(self, generator: ConditionedGenerator, target: FrozenClassifier, cfg: InversionConfig, ops: Backend, device: torch.device):
@@ -54,9 +66,14 @@ class TLDRObjective:
         self.paired = cfg.paired or self.mode_seek
         self.warp = bool(cfg.shift or cfg.rotate or cfg.scale)
         self.eps = pixel_eps(cfg)
+        self.shard = distributed.Shard.of(cfg.batch_size, device, self.paired)  # this rank's rows
+        self.scale = self.shard.term_scale(TERMS, ("pix",), FEATURE_TERMS, device)  # [len(TERMS)]
+        if cfg.cuda_graph and self.shard.world > 1:
+            raise ValueError("cuda_graph=True does not work under torch.distributed (collectives in the loss block)")
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
         # cfg.compile: compiled callables for the loop; the modules themselves stay as they are
-        self.generate = torch.compile(generator) if cfg.compile else generator
+        net = distributed.data_parallel(generator, device) if self.shard.world > 1 else generator
+        self.generate = torch.compile(net) if cfg.compile else net
         self.classifier = target.compiled() if cfg.compile else None
         self._weights = torch.empty(0, len(TERMS), device=device)
         self._zeros = torch.zeros(len(TERMS), device=device)  # the terms of inactive ops (no allocation per step)
@@ -76,17 +93,23 @@ class TLDRObjective:
         return self._weights[step]
 
     def __call__(self, step: int):
-        cfg, b = self.cfg, self.cfg.batch_size
+        cfg, shard = self.cfg, self.shard
         self._gen.manual_seed(step_seed(cfg.seed, step))
-        z, c, y = sample_conditions(b, self.g.num_classes, self.g.nz, cfg.conditioning, self._gen, self.device, self.paired)
-        w = self.weights(step)
+        drawn = sample_conditions(cfg.batch_size, self.g.num_classes, self.g.nz, cfg.conditioning, self._gen, self.device, self.paired)
+        z, c, y = (shard.take(t) for t in drawn)  # this rank's rows: [b, nz], [b, K], [b]
+        b = len(y)
+        w = self.weights(step) if shard.world == 1 else self.weights(step) * self.scale
         with self.autocast:
             x = self.generate(z, c, y)  # [B, C, H, W] in [-1, 1]
             batch = x
             if self.robust:
-                x_pert = self.ops.perturb(x, self.eps, *PIXEL_RANGE, cfg.perturbation, step_seed(cfg.seed, step, 1))
+                noise_seed = step_seed(cfg.seed, step, 1)
+                if shard.world == 1:
+                    x_pert = self.ops.perturb(x, self.eps, *PIXEL_RANGE, cfg.perturbation, noise_seed)
+                else:  # the reference's noise of the whole batch, this rank's rows
+                    x_pert = distributed.perturb(x, self.eps, *PIXEL_RANGE, cfg.perturbation, noise_seed, shard)
                 if self.warp:
-                    x_pert = random_warp(x_pert, cfg, self._gen)
+                    x_pert = random_warp(x_pert, cfg, self._gen, shard)
                 batch = torch.cat([x, x_pert])  # one forward of 2B
             logits, feats, bn = self.target.forward_bn_stats(batch, b if self.bn_stats else 0, self.classifier)
         feats = feats[:b]  # clean images' features: [B, D]
@@ -107,6 +130,12 @@ class TLDRObjective:
                 loss = loss + w[i] * value
                 terms[i] = value.detach().float()
         return loss, terms
+
+    def global_terms(self, terms: Tensor) -> Tensor:
+        """The terms of the global batch from this rank's ``terms`` (a collective: every rank calls it;
+        ``terms`` itself in one process). Exact for ``cos``, ``ortho``, ``pix`` and the means of
+        per-image values; the other terms are the mean of the ranks' values weighted by their rows."""
+        return terms if self.shard.world == 1 else self.shard.mean_of_ranks(terms * self.scale)
 
     def loss_block(self, logits: Tensor, feats: Tensor, x: Tensor, c: Tensor, y: Tensor, w: Tensor):
         """``(loss, terms [len(TERMS)])`` of the fused loss ops (the head grad-norm term only with
@@ -132,7 +161,10 @@ class TLDRObjective:
         feature, prior = TERM_SLICES["feature_loss"], TERM_SLICES["image_prior"]
         if self.diverse:
             labels = y if cfg.diversity == "class" else None
-            l_f, feat_terms = self.ops.feature_loss(feats, w[feature], labels, self.g.num_classes)
+            if self.shard.world == 1:
+                l_f, feat_terms = self.ops.feature_loss(feats, w[feature], labels, self.g.num_classes)
+            else:  # exact over the global batch, from all-reduced sums
+                l_f, feat_terms = distributed.feature_loss(feats, w[feature], self.shard.total, labels, self.g.num_classes)
             loss = loss + l_f
         parts.append(feat_terms if self.diverse else zeros[feature])
         if self.prior:

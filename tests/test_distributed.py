@@ -1,0 +1,161 @@
+"""torch.distributed on the CPU (gloo): 2 ranks against 1 process, the exact global-batch diversity
+terms, sharded sampling and evaluation, and a killed rank. Ranks run in subprocesses (spawned, or
+torchrun), each with a timeout."""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+from tldr_fast import invert, reference
+from tldr_fast import distributed
+
+pytestmark = pytest.mark.timeout(120)
+
+# every term exact over the global batch (DESIGN.md 5.1): no BatchNorm in the classifier (bn_stats),
+# no per-rank grad-norm, moments or mode-seeking; the reference backend (its perturbation noise)
+TINY = dict(steps=4, batch_size=8, nz=8, ngf=8, device="cpu", progress=False, eval_per_class=2, log_every=1, backend="torch",
+            grad_norm="off", moments=0.0, mode_seek=0.0, select=1)
+
+
+def classifier(k=3, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, k))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, fn, out: Path, args) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.save(fn(*args), out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(fn, world: int, tmp_path: Path, *args):
+    """``fn(*args)`` on each of ``world`` spawned ranks in a gloo process group: the list of results."""
+    mp.spawn(_worker, (world, _free_port(), fn, tmp_path, args), nprocs=world, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def _invert(kwargs):
+    inv = invert(classifier(), 3, (1, 8, 8), **kwargs)
+    return {k: v.detach().clone() for k, v in inv.generator.state_dict().items()}, inv.history
+
+
+@pytest.mark.parametrize("options", [{}, {"diversity": "class", "paired": True}], ids=["batch", "class-paired"])
+def test_two_ranks_train_the_generator_of_one_process(tmp_path, options):
+    kwargs = {**TINY, **options}
+    torch.set_num_threads(1)
+    weights, history = _invert(kwargs)
+    (w0, h0), (w1, h1) = run_ranks(_invert, 2, tmp_path, kwargs)
+    assert h0 == h1, "every rank logs the global terms"
+    # within 1e-5 relative (norm of each tensor: Adam's first steps are about lr * sign(gradient), so an
+    # element with a near-zero gradient may step either way). embed.bias only shifts the input of a
+    # BatchNorm, which normalises the shift away: its exact gradient is 0, its computed one rounding
+    # noise that Adam scales to steps of lr; that BatchNorm's running mean records the shift
+    noise = {"embed.bias", "project.1.running_mean"}
+    for name in sorted(set(weights) - noise):
+        torch.testing.assert_close(w0[name], w1[name], rtol=0, atol=0, msg=f"{name} differs between ranks")
+        a, b = w0[name].double(), weights[name].double()
+        assert (a - b).norm() <= 1e-5 * b.norm(), f"{name}: 2 ranks vs 1 process, relative difference {(a - b).norm() / b.norm():.2e}"
+    for term, values in history.items():
+        torch.testing.assert_close(torch.tensor(h0[term]), torch.tensor(values), rtol=1e-5, atol=1e-6, msg=f"history of {term}")
+
+
+def _feature_terms(phi, w, labels, k):
+    rank, world = distributed.world()
+    shard = distributed.Shard.of(len(phi), "cpu")
+    x = shard.take(phi).clone().requires_grad_(True)
+    loss, terms = distributed.feature_loss(x, w, len(phi), None if labels is None else shard.take(labels), k)
+    (loss / world).backward()  # the process group's objective: the mean of the ranks' losses
+    return loss.detach(), terms, x.grad, shard.index
+
+
+@pytest.mark.parametrize("by_class", [False, True], ids=["batch", "class"])
+def test_distributed_feature_loss_is_the_global_one(tmp_path, by_class):
+    gen = torch.Generator().manual_seed(0)
+    phi = torch.randn(11, 6, generator=gen, dtype=torch.float64) + 0.3
+    labels = torch.randint(0, 3, (11,), generator=gen) if by_class else None
+    w = torch.tensor([0.7, 1.3], dtype=torch.float64)
+    x = phi.clone().requires_grad_(True)
+    loss, terms = reference.feature_loss(x, w, labels, 3)
+    loss.backward()
+    grad = torch.zeros_like(phi)
+    for r_loss, r_terms, r_grad, index in run_ranks(_feature_terms, 2, tmp_path, phi, w, labels, 3):
+        torch.testing.assert_close(r_loss, loss.detach())
+        torch.testing.assert_close(r_terms, terms)
+        grad[index] = r_grad
+    torch.testing.assert_close(grad, x.grad)
+
+
+KILLED_RANK = textwrap.dedent("""
+    import os, signal, sys
+    import torch, torch.nn as nn
+    from tldr_fast import distributed, invert
+
+    class Dies(nn.Module):  # rank 1 is killed (SIGKILL) in the forward of its third step
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 3))
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            if self.calls == 3 and os.environ["RANK"] == "1":
+                os.kill(os.getpid(), signal.SIGKILL)
+            return self.net(x)
+
+    with distributed.process_group("cpu"):
+        invert(Dies(), 3, (1, 8, 8), steps=1000, batch_size=8, nz=8, ngf=8, device="cpu", progress=False, backend="torch",
+               grad_norm="off", select=1)
+""")
+
+
+def test_a_killed_rank_stops_the_job_with_a_clear_error(tmp_path):
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_RANK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TLDR_FAST_DIST_TIMEOUT": "30", "PYTHONPATH": str(Path(__file__).parents[1])}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port())]
+    start = time.monotonic()
+    run = subprocess.run([*torchrun, str(script)], env=env, capture_output=True, text=True, timeout=90)
+    elapsed = time.monotonic() - start
+    assert run.returncode != 0
+    assert elapsed < 60, f"took {elapsed:.0f} s to stop"
+    assert "Signal 9 (SIGKILL) received by PID" in run.stderr and "rank" in run.stderr, run.stderr[-2000:]
+
+
+def _sample(path, out):
+    from tldr_fast import Inversion
+    from tldr_fast.samples import write_samples
+
+    inv = Inversion.load(path, classifier=classifier(), device="cpu")
+    write_samples(inv, out, inv.labels(n_per_class=5), batch_size=2, select=2)
+    return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+
+
+def test_sharded_sample_equals_one_process(tmp_path):
+    inv = invert(classifier(), 3, (1, 8, 8), **{**TINY, "steps": 2})
+    inv.save(tmp_path / "inv.pt")
+    files = _sample(tmp_path / "inv.pt", tmp_path / "one")
+    (tmp_path / "one" / "0" / "00001.png").unlink()  # and a resumed single-process sample is the same
+    assert _sample(tmp_path / "inv.pt", tmp_path / "one") == files
+    sharded = run_ranks(_sample, 2, tmp_path, tmp_path / "inv.pt", tmp_path / "two")
+    assert sharded[0] == sharded[1] == files and len(files) == 16  # 15 images and the manifest
+    for f in files:
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
