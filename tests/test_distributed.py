@@ -159,3 +159,23 @@ def test_sharded_sample_equals_one_process(tmp_path):
     assert sharded[0] == sharded[1] == files and len(files) == 16  # 15 images and the manifest
     for f in files:
         assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
+
+
+def _evaluate(generated, labels, train, held):
+    from tldr_fast import evaluate
+
+    report = evaluate(generated, train, labels, value_range=(0.0, 1.0), held_out=held, backend="reference", device="cpu")
+    return None if report is None else report.to_dict()
+
+
+def test_sharded_evaluate_equals_one_process(tmp_path):
+    """Equal reports (the reference SSIM computes each pair alone; the blocked fp32 backends agree to
+    rounding, as their block shapes differ with the columns a rank holds)."""
+    gen = torch.Generator().manual_seed(0)
+    images = lambda n: torch.rand(n, 1, 12, 12, generator=gen)  # noqa: E731
+    labels = lambda n: torch.randint(0, 3, (n,), generator=gen)  # noqa: E731
+    generated, train, held = (images(10), labels(10)), (images(25), labels(25)), (images(9), labels(9))
+    one = _evaluate(*generated, train, held)
+    sharded = run_ranks(_evaluate, 2, tmp_path, *generated, train, held)
+    assert sharded[1] is None
+    assert sharded[0] == one

@@ -279,6 +279,7 @@ def _metrics_line(metrics: Optional[Dict[str, float]]) -> str:
 
 
 def cmd_invert(args: argparse.Namespace) -> int:
+    from .distributed import is_main
     from .checkpoint import check_writable
     from .config import InversionConfig
     from .models import load_classifier
@@ -295,7 +296,8 @@ def cmd_invert(args: argparse.Namespace) -> int:
             _say(f"interrupted; {args.out} holds the run so far. Continue it with:\n  {PROG} invert --classifier {args.classifier} "
                  f"--resume {args.out} --out {args.out}")
         raise
-    print(f"saved {args.out} after {inv.step} steps: target classifier {_metrics_line(inv.metrics)}")
+    if is_main():  # under torchrun: rank 0 saved it
+        print(f"saved {args.out} after {inv.step} steps: target classifier {_metrics_line(inv.metrics)}")
     return 0
 
 
@@ -306,6 +308,7 @@ def _load_inversion(path: str, device: str, classifier: Optional[torch.nn.Module
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from .distributed import is_main
     from .models import load_classifier
     from .samples import write_samples
 
@@ -317,7 +320,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     inv = _load_inversion(args.inversion, device, classifier)
     labels = inv.labels(n_per_class=args.n_per_class)
     write_samples(inv, out, labels, args.batch_size, args.seed, args.select, progress=not args.quiet)
-    print(f"wrote {len(labels)} images ({args.n_per_class} per class) to {out}")
+    if is_main():  # under torchrun: every rank wrote its batches
+        print(f"wrote {len(labels)} images ({args.n_per_class} per class) to {out}")
     return 0
 
 
@@ -374,7 +378,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         gen = load_npz(args.images)  # [N, C, H, W] in [0, 1]
         report = evaluate(gen.images, train, gen.labels, value_range=(0.0, 1.0), **common)
         source = {"images": args.images}
-    _write_evaluation(report, out, args.grid_per_class, {"generated_from": source})
+    if report is not None:  # under torchrun: rank 0's
+        _write_evaluation(report, out, args.grid_per_class, {"generated_from": source})
     return 0
 
 

@@ -224,6 +224,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def gather_object(obj) -> Optional[list]:
+    """Every rank's ``obj`` on rank 0 (a list in rank order; None on the other ranks; ``[obj]`` alone)."""
+    rank, size = world()
+    if size == 1:
+        return [obj]
+    out = [None] * size if rank == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def broadcast_object(obj):
     """``obj`` of rank 0 on every rank (e.g. a checkpoint read once, also on nodes without the file)."""
     if world()[1] == 1:

@@ -29,6 +29,11 @@ section 6.1):
   all-black image ~0.49, against the 60k MNIST training images).
 
 SSIM is scikit-image's (``tldr_fast.ssim``), on images in [0, 1].
+
+Under ``torch.distributed`` (``torchrun ... -m tldr_fast evaluate``) each rank computes the SSIM of every
+generated image against its contiguous part of each class's training images; rank 0 gathers the
+matrices, finds the nearest neighbours and the matching and returns the report (equal to one process's);
+the other ranks return None.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import torch
 import torch.nn as nn
 from scipy.optimize import linear_sum_assignment
 
+from . import distributed
 from .data import ImageDataset
 from .grid import save_pair_grid
 from .models import predict_logits
@@ -271,6 +277,23 @@ def _control(x01: Tensor, labels: Tensor, sims: Dict[int, Tensor], train: ImageD
     return t_out, h_out
 
 
+def _classwise(x01: Tensor, labels: Tensor, train: ImageDataset, classes: List[int], ssim: Dict[str, Any]) -> Optional[Dict[int, Tensor]]:
+    """``classwise_ssim`` of the generated against the training images of each class in ``classes``.
+    Under ``torch.distributed`` each rank computes a contiguous part of each class's training columns
+    and rank 0 gathers the whole matrices; the other ranks get None."""
+    rank, world = distributed.world()
+    if world == 1:
+        return classwise_ssim(x01, labels, train.images, train.labels, classes, **ssim)
+    parts = {}
+    for c in classes:
+        cols = torch.nonzero(train.labels == c).view(-1)
+        lo, hi = distributed.bounds(len(cols), rank, world)
+        rows = x01[labels == c]
+        parts[c] = pairwise_ssim(rows, train.images[cols[lo:hi]], **ssim).cpu() if hi > lo else torch.empty(len(rows), 0)
+    gathered = distributed.gather_object(parts)  # [world] on rank 0
+    return None if gathered is None else {c: torch.cat([g[c] for g in gathered], 1) for c in classes}
+
+
 def _num(v: Tensor) -> Optional[float]:
     x = float(v)
     return None if math.isnan(x) else x
@@ -320,8 +343,10 @@ def evaluate(
     backend: str = "auto",
     device: Optional[str] = None,
     progress: bool = False,
-) -> EvaluationReport:
+) -> Optional[EvaluationReport]:
     """Evaluate generated images against the training set (definitions in the module docstring).
+    Under ``torch.distributed`` the SSIM matrices are computed by all ranks and the report by rank 0:
+    the other ranks return None.
 
     Args:
         generated: images ``[N, C, H, W]`` with ``labels``, or an ``Inversion`` (anything with
@@ -380,8 +405,10 @@ def evaluate(
     nearest = torch.zeros_like(x01)
     present = set(train.labels.tolist())
     classes = [c for c in torch.unique(labels).tolist() if c in present]  # a class without training images has no match
-    ssim = dict(backend=backend, device=device, progress=progress)
-    sims = classwise_ssim(x01, labels, train.images, train.labels, classes, **ssim)
+    ssim = dict(backend=backend, device=device, progress=progress and distributed.is_main())
+    sims = _classwise(x01, labels, train, classes, ssim)
+    if sims is None:  # another rank: rank 0 has its columns and makes the report
+        return None
     for c, s in sims.items():  # s: [n_c, m_c], rows and columns in the order of nonzero()
         gen_pos = torch.nonzero(labels == c).view(-1)
         train_pos = torch.nonzero(train.labels == c).view(-1)
