@@ -13,9 +13,10 @@ VENV_MAX ?= .venv-triton-max
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 STAMP_MAX := $(VENV_MAX)/.installed
-# the tests of every Triton kernel under the interpreter (not the sm_90 compile checks: those need 3.6's ptxas settings)
+# the tests of every Triton kernel: under the interpreter, and compiled for sm_90 by Triton's own compiler (no GPU needed)
 TRITON_TESTS := tests/test_feature_loss_triton.py tests/test_head_loss_triton.py tests/test_image_prior_triton.py \
-	tests/test_perturb_triton.py tests/test_pairwise_ssim.py tests/test_feature_loss.py tests/test_image_prior.py
+	tests/test_perturb_triton.py tests/test_pairwise_ssim.py tests/test_feature_loss.py tests/test_image_prior.py \
+	tests/test_kernels_aot.py
 
 # The benchmark suite (pytest-benchmark, benchmarks/; BENCHMARKS.md "Running the benchmark suite"):
 # `make bench` times it on this machine's devices and saves the run under .benchmarks/; `make
@@ -52,7 +53,7 @@ $(STAMP_MAX): pyproject.toml setup.py
 
 test: $(STAMP) $(STAMP_MAX)
 	TLDR_FAST_REQUIRE_DATA=1 $(PY) -m pytest -q
-	TRITON_INTERPRET=1 $(VENV_MAX)/bin/python -m pytest -q -p no:cacheprovider $(TRITON_TESTS) -k "triton and not sm90"
+	TRITON_INTERPRET=1 $(VENV_MAX)/bin/python -m pytest -q -p no:cacheprovider $(TRITON_TESTS) -k "triton or hopper"
 	# every benchmark once, untimed, at small shapes (Triton rows under the interpreter): a broken benchmark fails
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider benchmarks/ --benchmark-disable
 
