@@ -122,7 +122,8 @@ class InversionConfig:
         select: candidates drawn per kept image when sampling: each image ``Inversion.sample`` returns
             is the one of ``select`` candidates of its class that the target classifies most
             confidently under random perturbations (1: no selection; without the classifier, sampling
-            falls back to 1 with a notice).
+            falls back to 1 with a notice). Each kept image costs ``select`` generator passes and
+            ``4 * select`` classifier passes: for bulk sampling where that matters, pass ``select=1``.
         grad_norm: "head" (closed form on the final linear layer), "full" (double backward over all
             classifier weights, the paper's definition) or "off".
         weights: a ``LossWeights`` (or a dict of the weights to change).
