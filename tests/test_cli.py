@@ -11,6 +11,7 @@ from PIL import Image
 
 from tldr_fast.cli import build_parser, main
 from tldr_fast.grid import grid_size
+from tldr_fast.samples import load_sample
 
 COMMANDS = ("train-classifier", "invert", "sample", "evaluate", "leakage", "info", "demo")
 TINY = ["--batch-size", "8", "--device", "cpu", "--backend", "torch", "--quiet"]
@@ -45,6 +46,7 @@ def test_every_command_is_registered():
         (["invert", "--classifier", "absent.pt", "--out", "inv.pt"], "no such classifier checkpoint: absent.pt"),
         (["evaluate", "--images", "absent.npz", "--out", "e"], "no training set to compare with"),
         (["sample", "--out", "s.npz"], "the following arguments are required: --inversion"),
+        (["sample", "--inversion", "inv.pt", "--out", "s.npz", "--shard-size", "0"], "argument --shard-size: expected a positive integer"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
     ],
 )
@@ -93,6 +95,13 @@ def test_train_invert_sample_evaluate(tmp_path, capsys):
     with np.load(tmp_path / "s.npz") as z:
         assert z["images"].shape == (30, 1, 8, 8) and z["images"].dtype == np.uint8
         assert z["labels"].tolist() == [c for c in range(10) for _ in range(3)]
+        single = z["images"]
+    capsys.readouterr()
+    assert main(["sample", "--inversion", str(inv), "--n-per-class", "3", "--device", "cpu", "--out", str(tmp_path / "big.npz"),
+                 "--shard-size", "8", "--quiet"]) == 0
+    assert f"to {tmp_path / 'big-index.json'}" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.glob("big-*.npz")) == [f"big-0000{i}-of-00004.npz" for i in range(4)]
+    np.testing.assert_array_equal(load_sample(tmp_path / "big-index.json")[0], single)
     assert main(["sample", "--inversion", str(inv), "--n-per-class", "2", "--device", "cpu", "--out", str(tmp_path / "pngs")]) == 0
     pngs = sorted((tmp_path / "pngs").glob("*/*.png"))
     assert len(pngs) == 20 and pngs[0].parent.name == "0"

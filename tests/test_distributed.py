@@ -10,6 +10,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -18,6 +19,7 @@ import torch.nn as nn
 
 from tldr_fast import invert, reference
 from tldr_fast import distributed
+from tldr_fast.samples import load_sample
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -159,6 +161,53 @@ def test_sharded_sample_equals_one_process(tmp_path):
     assert sharded[0] == sharded[1] == files and len(files) == 16  # 15 images and the manifest
     for f in files:
         assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
+
+
+def _npz_sample(path, out, shard_size):
+    from tldr_fast import Inversion
+    from tldr_fast.samples import write_samples
+
+    inv = Inversion.load(path, classifier=classifier(), device="cpu")
+    written = write_samples(inv, out, inv.labels(n_per_class=5), batch_size=3, select=2, shard_size=shard_size)
+    return written.name, sorted(p.name for p in out.parent.iterdir())
+
+
+SHARDS = [f"s-0000{i}-of-00004.npz" for i in range(4)] + ["s-index.json"]  # 15 images in shards of 4
+
+
+def test_sharded_npz_sample_equals_one_process(tmp_path):
+    """Shards of 4 images, generated 3 at a time (batches straddle shards): 2 ranks write the files one
+    process writes, byte for byte, and the shards in index order hold the single .npz's sample."""
+    inv = invert(classifier(), 3, (1, 8, 8), **{**TINY, "steps": 2})
+    inv.save(tmp_path / "inv.pt")
+    assert _npz_sample(tmp_path / "inv.pt", tmp_path / "single" / "s.npz", None) == ("s.npz", ["s.npz"])
+    one = _npz_sample(tmp_path / "inv.pt", tmp_path / "one" / "s.npz", 4)
+    sharded = run_ranks(_npz_sample, 2, tmp_path, tmp_path / "inv.pt", tmp_path / "two" / "s.npz", 4)
+    assert sharded[0] == sharded[1] == one == ("s-index.json", SHARDS)
+    for f in SHARDS:
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
+    images, labels = load_sample(tmp_path / "two" / "s-index.json")
+    with np.load(tmp_path / "single" / "s.npz") as z:
+        assert images.dtype == np.uint8 and images.shape == (15, 1, 8, 8)
+        np.testing.assert_array_equal(images, z["images"])
+        np.testing.assert_array_equal(labels, z["labels"])
+
+
+def test_an_interrupted_sharded_sample_is_completed_by_a_rerun(tmp_path):
+    """One process wrote the sample, then a shard was lost and a killed writer left its temp file: 2 ranks
+    complete it, writing only the missing shard."""
+    inv = invert(classifier(), 3, (1, 8, 8), **{**TINY, "steps": 2})
+    inv.save(tmp_path / "inv.pt")
+    out = tmp_path / "s"
+    assert _npz_sample(tmp_path / "inv.pt", out / "s.npz", 4)[1] == SHARDS
+    complete = {f: (out / f).read_bytes() for f in SHARDS}
+    (out / SHARDS[1]).unlink()  # rank 1's
+    (out / f".{SHARDS[2]}.999999.tmp").write_bytes(b"partial")  # rank 0's, never renamed into place
+    kept = {f: (out / f).stat().st_mtime_ns for f in SHARDS if f != SHARDS[1]}
+    sharded = run_ranks(_npz_sample, 2, tmp_path, tmp_path / "inv.pt", out / "s.npz", 4)
+    assert sharded[0] == sharded[1] == ("s-index.json", SHARDS)  # the temp file is gone
+    assert {f: (out / f).read_bytes() for f in SHARDS} == complete
+    assert {f: (out / f).stat().st_mtime_ns for f in kept} == kept, "a complete shard (or the index) was rewritten"
 
 
 def _evaluate(generated, labels, train, held):

@@ -20,7 +20,7 @@ from tldr_fast.checkpoint import atomic_save, load_checkpoint
 from tldr_fast.classifier import ClassifierError
 from tldr_fast.invert import InversionDiverged
 from tldr_fast.models import PlainCNN, save_classifier
-from tldr_fast.samples import write_samples
+from tldr_fast.samples import iter_sample, load_sample, write_samples
 
 TINY = dict(steps=6, batch_size=8, nz=8, ngf=8, device="cpu", progress=False, eval_per_class=2, log_every=2, backend="torch")
 SHAPE = (1, 16, 16)
@@ -271,6 +271,47 @@ def test_png_folder_resumes_and_replaces_another_sample(inv, tmp_path):
     assert sorted(p.name for p in (out / "0").glob("*.png")) == ["00000.png", "00001.png"]
     with pytest.raises(ValueError, match="empty"):
         write_samples(inv, "", big)
+
+
+def test_sharded_npz_checks_its_shards_and_replaces_another_sample(inv, tmp_path):
+    labels = inv.labels(n_per_class=3)
+    out = tmp_path / "s.npz"
+    for bad in (0, -2, True, 2.0):
+        with pytest.raises(ValueError, match="shard_size must be a positive int"):
+            write_samples(inv, out, labels, shard_size=bad)
+    with pytest.raises(ValueError, match="applies to an .npz"):
+        write_samples(inv, tmp_path / "pngs", labels, shard_size=4)
+    index = write_samples(inv, out, labels, batch_size=4, shard_size=4)
+    assert index == tmp_path / "s-index.json" and not out.exists()
+    assert [len(y) for _, y in iter_sample(index)] == [4, 4, 1]
+    expected = load_sample(write_samples(inv, tmp_path / "one.npz", labels, batch_size=4))
+    for got, want in zip(load_sample(index), expected):
+        np.testing.assert_array_equal(got, want)
+
+    other = invert(plain(1), 3, SHAPE, **{**TINY, "steps": 1})  # another inversion's index over these shards
+    index.write_text(write_samples(other, tmp_path / "o" / "s.npz", labels, select=1, shard_size=4).read_text())
+    with pytest.raises(ValueError, match="s-00000-of-00003.npz is a shard of another sample"):
+        load_sample(index)
+    write_samples(inv, out, labels, batch_size=4, shard_size=5)  # this sample again, other shards: replaces them all
+    assert sorted(p.name for p in tmp_path.glob("s-*")) == ["s-00000-of-00002.npz", "s-00001-of-00002.npz", "s-index.json"]
+    for got, want in zip(load_sample(index), expected):
+        np.testing.assert_array_equal(got, want)
+    (tmp_path / "s-00001-of-00002.npz").unlink()
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        load_sample(index)
+    (tmp_path / "x.json").write_text("{}")
+    with pytest.raises(ValueError, match="neither an .npz nor the index"):
+        load_sample(tmp_path / "x.json")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_sample(tmp_path / "absent-index.json")
+
+
+def test_a_single_npz_under_several_ranks_asks_for_shards(inv, tmp_path, monkeypatch):
+    from tldr_fast import distributed
+
+    monkeypatch.setattr(distributed, "world", lambda: (0, 2))  # refused before any collective
+    with pytest.raises(ValueError, match="under torchrun give a shard size"):
+        write_samples(inv, tmp_path / "s.npz", inv.labels(n_per_class=1))
 
 
 # --- the command line -----------------------------------------------------------------------------------

@@ -124,11 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_invert)
 
     p = sub.add_parser("sample", help="write N generated images per class to an .npz or a folder of PNGs", description=(
-        "Sample an inversion: --out ending in .npz writes uint8 images [N, C, H, W], labels and class names; "
+        "Sample an inversion: --out ending in .npz writes uint8 images [N, C, H, W] and labels; with --shard-size "
+        "it writes them in shards beside it plus an index (large samples; needed for an .npz under torchrun); "
         "any other --out is a folder with one sub-folder of PNGs per class."))
     p.add_argument("--inversion", required=True, help="inversion checkpoint from invert")
     p.add_argument("--n-per-class", type=_positive_int, default=10, help="images per class (default: 10)")
-    p.add_argument("--out", required=True, help=".npz file or folder (a folder resumes an interrupted sample)")
+    p.add_argument("--out", required=True, help=".npz file or folder (a folder or a sharded .npz resumes an interrupted sample)")
+    p.add_argument("--shard-size", type=_positive_int, default=None, metavar="N",
+                   help="with an .npz --out such as s.npz: shards of N images, s-00000-of-000NN.npz, and their index "
+                   "s-index.json (the same files for any number of torchrun ranks, each writing its shards; resumable; "
+                   "read back with tldr_fast.samples.load_sample)")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="images generated at a time (default: the inversion's batch size); "
                    "the images do not depend on it")
     p.add_argument("--select", type=_positive_int, default=None, help="keep the most robustly classified of N candidates per image "
@@ -319,9 +324,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     classifier = load_classifier(args.classifier, device) if args.classifier else None
     inv = _load_inversion(args.inversion, device, classifier)
     labels = inv.labels(n_per_class=args.n_per_class)
-    write_samples(inv, out, labels, args.batch_size, args.seed, args.select, progress=not args.quiet)
+    written = write_samples(inv, out, labels, args.batch_size, args.seed, args.select, progress=not args.quiet,
+                            shard_size=args.shard_size)
     if is_main():  # under torchrun: every rank wrote its batches
-        print(f"wrote {len(labels)} images ({args.n_per_class} per class) to {out}")
+        print(f"wrote {len(labels)} images ({args.n_per_class} per class) to {written}")
     return 0
 
 

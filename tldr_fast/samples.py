@@ -2,15 +2,22 @@
 
 * ``.npz`` (any case): ``images`` uint8 ``[N, C, H, W]`` and ``labels`` int64 ``[N]``, streamed into the
   zip member by member and renamed into place when complete (an interrupted write leaves no file).
+* ``.npz`` with ``shard_size=S``: the same, in shards of S images (the last may be smaller) beside it,
+  ``<stem>-00000-of-000NN.npz`` (each also holding ``sample``, the id of the sample it belongs to), and
+  ``<stem>-index.json`` recording the sample and its shards in order. Each shard is written atomically;
+  writing the same sample again resumes it (complete shards are kept); a different sample (another
+  inversion, seed, selection, count or shard size) replaces the previous shards. ``load_sample`` and
+  ``iter_sample`` read either form back.
 * any other path: a folder with one sub-folder of PNGs per class (``tldr_fast.grid.save_image_folder``'s
   layout), each file written atomically, and ``samples.json`` recording what the folder holds. Writing
   the same sample again resumes it: images already on disk are kept and not regenerated. A different
   sample (another inversion, seed, selection or count) replaces the folder's previous PNGs.
 
-Under ``torch.distributed`` (``torchrun ... -m tldr_fast sample``) the folder is written by all ranks: batch
+Under ``torch.distributed`` (``torchrun ... -m tldr_fast sample``) a folder is written by all ranks: batch
 ``j`` by rank ``j mod world``, each writing its own PNGs (disjoint files); rank 0 writes the manifest
-first. The folder equals the one a single process writes, and resumes the same way. An ``.npz`` is one
-file, written by a single process only.
+first. Shards likewise: shard ``j`` by rank ``j mod world``, the index by rank 0 first. Either way the
+files are those a single process writes (byte for byte), and resume the same way with any number of
+ranks. A single ``.npz`` is one file, written by a single process only.
 """
 
 from __future__ import annotations
@@ -18,9 +25,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, List, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -32,6 +40,7 @@ from .progress import progress_bar
 Tensor = torch.Tensor
 PathLike = Union[str, os.PathLike]
 MANIFEST = "samples.json"
+INDEX = "-index.json"  # a sharded sample's index: <stem>-index.json beside its shards
 
 
 def _uint8(x: Tensor) -> np.ndarray:
@@ -47,18 +56,29 @@ def fingerprint(inv: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def write_samples(inv: Any, out: PathLike, labels: Tensor, batch_size: int = None, seed: int = None, select: int = None,
-                  progress: bool = False) -> Path:
-    """Write ``inv``'s images for ``labels`` to ``out`` (``.npz`` or a folder), one batch in memory at a time."""
+def write_samples(inv: Any, out: PathLike, labels: Tensor, batch_size: Optional[int] = None, seed: Optional[int] = None,
+                  select: Optional[int] = None, progress: bool = False, shard_size: Optional[int] = None) -> Path:
+    """Write ``inv``'s images for ``labels`` to ``out`` (``.npz`` or a folder), one batch in memory at a time.
+    ``shard_size`` (``.npz`` only; needed under ``torchrun``): shards of that many images and their index.
+    Returns what ``load_sample`` reads: ``out``, or the index of a sharded sample."""
     out = Path(out)
     if str(out) in ("", "."):
         raise ValueError("the output path is empty: give an .npz file or a folder")
+    npz = out.suffix.lower() == ".npz"
+    if shard_size is not None:
+        if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+            raise ValueError(f"shard_size must be a positive int, got {shard_size!r}")
+        if not npz:
+            raise ValueError(f"{out}: shard_size applies to an .npz output (a PNG folder is one file per image already)")
     rank, world = distributed.world()
-    if world > 1 and out.suffix.lower() == ".npz":
-        raise ValueError(f"{out}: an .npz is written by one process; under torchrun give a folder (each rank writes its PNGs)")
+    if world > 1 and npz and shard_size is None:
+        raise ValueError(f"{out}: a single .npz is written by one process; under torchrun give a shard size "
+                         "(--shard-size N: each rank writes its shards) or a folder (each rank writes its PNGs)")
     bar = progress_bar(total=len(labels), desc="sample", unit="img", disable=not (progress and rank == 0))
     try:
-        if out.suffix.lower() == ".npz":
+        if shard_size is not None:
+            out = _write_shards(inv, out, labels, batch_size, seed, select, shard_size, bar)
+        elif npz:
             _write_npz(inv, out, labels, batch_size, seed, select, bar)
         else:
             _write_folder(inv, out, labels, batch_size, seed, select, bar)
@@ -67,7 +87,10 @@ def write_samples(inv: Any, out: PathLike, labels: Tensor, batch_size: int = Non
     return out
 
 
-def _write_npz(inv, out: Path, labels: Tensor, batch_size, seed, select, bar) -> None:
+def _write_npz(inv, out: Path, labels: Tensor, batch_size, seed, select, bar, offset: int = 0,
+               extra: Optional[Dict[str, np.ndarray]] = None) -> None:
+    """One ``.npz`` of ``labels``' images (image ``offset`` of the sample first) and ``extra`` arrays,
+    written to a temp file and renamed into place (reproducible bytes: the zip entries carry no time)."""
     if out.is_dir():
         raise IsADirectoryError(f"{out} is a folder; an .npz output must be a file name")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -77,15 +100,113 @@ def _write_npz(inv, out: Path, labels: Tensor, batch_size, seed, select, bar) ->
             with zf.open("images.npy", "w", force_zip64=True) as f:
                 header = {"descr": "|u1", "fortran_order": False, "shape": (len(labels), *inv.image_shape)}
                 np.lib.format.write_array_header_2_0(f, header)
-                for _, x in inv.sample_batches(labels, batch_size, seed, select):
+                for _, x in inv.sample_batches(labels, batch_size, seed, select, offset=offset):
                     f.write(np.ascontiguousarray(_uint8(x)).tobytes())
                     bar.update(len(x))
-            with zf.open("labels.npy", "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, labels.numpy().astype(np.int64))
+            arrays = {"labels": labels.numpy().astype(np.int64), **(extra or {})}
+            for key, value in arrays.items():
+                with zf.open(f"{key}.npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, value)
         os.replace(tmp, out)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _write_shards(inv, out: Path, labels: Tensor, batch_size, seed, select, shard_size: int, bar) -> Path:
+    """Shards of ``shard_size`` images beside ``out`` and their index (returned); this rank's shards only."""
+    n = len(labels)
+    manifest = {**_manifest(inv, labels, seed, select), "shard_size": shard_size, "image_shape": list(inv.image_shape)}
+    sample = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+    count = -(-n // shard_size)
+    digits = max(5, len(str(count)))
+    shards = [{"file": f"{out.stem}-{i:0{digits}d}-of-{count:0{digits}d}{out.suffix}", "start": start,
+               "count": min(shard_size, n - start)} for i, start in enumerate(range(0, n, shard_size))]
+    index = {**manifest, "sample": sample, "shards": shards}
+    path = out.with_name(out.stem + INDEX)
+    rank, world = distributed.world()
+    if rank == 0:  # before any rank writes: stale temp files go, and another sample's shards (ours only)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        same = _read(path) == index
+        name = re.escape(out.stem) + r"-\d{5,}-of-\d{5,}" + re.escape(out.suffix)
+        temp, shard = re.compile(rf"\.(?:{name}|{re.escape(path.name)})\.\d+\.tmp"), re.compile(name)
+        for old in out.parent.iterdir():
+            if temp.fullmatch(old.name) or (not same and shard.fullmatch(old.name)):
+                old.unlink()
+        if not same:
+            _write_text(path, json.dumps(index, indent=2) + "\n")
+    mine = shards[rank::world]  # shard j by rank j mod world
+    bar.total = sum(s["count"] for s in mine)
+    distributed.barrier()  # the index is this sample's before any rank writes
+    for s in mine:
+        file, start, stop = out.parent / s["file"], s["start"], s["start"] + s["count"]
+        if _sample_of(file) == sample:  # written by an earlier, interrupted run of this sample
+            bar.update(s["count"])
+            continue
+        _write_npz(inv, file, labels[start:stop], batch_size, manifest["seed"], manifest["select"], bar, offset=start,
+                   extra={"sample": np.array(sample)})
+    distributed.barrier()  # the whole sample is on disk when any rank returns
+    return path
+
+
+def iter_sample(path: PathLike) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    """``(images uint8 [n, C, H, W], labels int64 [n])`` of a sample that ``write_samples`` wrote: an
+    ``.npz`` (one pair), or a sharded sample's index (one pair per shard, in order: memory one shard)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    if path.suffix.lower() == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            images, labels = z["images"], z["labels"]
+        yield images, labels
+        return
+    index = _read(path)
+    if not isinstance(index, dict) or not isinstance(index.get("shards"), list) or "sample" not in index:
+        raise ValueError(f"{path}: neither an .npz nor the index of a sharded sample (<stem>{INDEX}, from write_samples with shard_size)")
+    for s in index["shards"]:
+        file = path.parent / s["file"]
+        found = _sample_of(file)
+        if found is None:
+            raise FileNotFoundError(f"{file} is missing or unreadable: the sample is incomplete (write the same sample again to complete it)")
+        if found != index["sample"]:
+            raise ValueError(f"{file} is a shard of another sample than {path} (another inversion, seed, selection, count or shard size)")
+        with np.load(file, allow_pickle=False) as z:
+            images, labels = z["images"], z["labels"]
+        yield images, labels
+
+
+def load_sample(path: PathLike) -> Tuple[np.ndarray, np.ndarray]:
+    """All of a sample's ``(images uint8 [N, C, H, W], labels int64 [N])``: an ``.npz`` or a sharded
+    sample's index (its shards concatenated in order), as ``write_samples`` returns its path."""
+    parts = list(iter_sample(path))
+    if not parts:  # a sharded sample of no images
+        return np.zeros((0, *_read(Path(path))["image_shape"]), np.uint8), np.zeros(0, np.int64)
+    return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
+
+
+def _sample_of(shard: Path) -> Optional[str]:
+    """The id of the sample that the shard file ``shard`` belongs to; None for a missing or unreadable one."""
+    try:
+        with np.load(shard, allow_pickle=False) as z:
+            return str(z["sample"].item())
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
+
+
+def _manifest(inv: Any, labels: Tensor, seed: Optional[int], select: Optional[int]) -> Dict[str, Any]:
+    """What identifies a sample on disk: the inversion, the seed and selection (defaults resolved), the labels."""
+    return {
+        "inversion": fingerprint(inv), "seed": inv.config.seed + 1_000_000_007 if seed is None else seed,
+        "select": inv.resolve_select(select),
+        "labels": hashlib.sha256(labels.numpy().astype(np.int64).tobytes()).hexdigest()[:16], "count": len(labels),
+    }
+
+
+def _write_text(path: Path, text: str) -> None:
+    """``path`` holding ``text``, replaced atomically (a temp file renamed into place)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _write_folder(inv, out: Path, labels: Tensor, batch_size, seed, select, bar) -> None:
@@ -99,12 +220,8 @@ def _write_folder(inv, out: Path, labels: Tensor, batch_size, seed, select, bar)
     for c in labels.tolist():
         paths.append(out / f"{c:0{digits}d}" / f"{counts[c]:05d}.png")
         counts[c] += 1
-    seed = inv.config.seed + 1_000_000_007 if seed is None else seed
-    select = inv.resolve_select(select)
-    manifest: Dict[str, Any] = {
-        "inversion": fingerprint(inv), "seed": seed, "select": select,
-        "labels": hashlib.sha256(labels.numpy().astype(np.int64).tobytes()).hexdigest()[:16], "count": len(labels),
-    }
+    manifest = _manifest(inv, labels, seed, select)
+    seed, select = manifest["seed"], manifest["select"]
     mf = out / MANIFEST
     rank, world = distributed.world()
     same = mf.is_file() and _read(mf) == manifest
@@ -112,7 +229,7 @@ def _write_folder(inv, out: Path, labels: Tensor, batch_size, seed, select, bar)
         for old in out.glob("*/*.png"):
             if old.parent.name.isdigit() and old.stem.isdigit():
                 old.unlink()
-        mf.write_text(json.dumps(manifest, indent=2) + "\n")
+        _write_text(mf, json.dumps(manifest, indent=2) + "\n")
     bs = inv.config.batch_size if batch_size is None else batch_size
     if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
