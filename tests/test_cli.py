@@ -117,6 +117,10 @@ def test_train_invert_sample_evaluate(tmp_path, capsys):
     with Image.open(out / "grid.png") as im:
         assert im.size == grid_size(10, 2, 8, 8)
     assert (out / "summary.txt").read_text().startswith("30 generated images")
+    sharded = tmp_path / "eval-sharded"  # the sharded sample's index evaluates as the single .npz does
+    assert main(["evaluate", "--images", str(tmp_path / "big-index.json"), "--classifier", str(clf), "--eval-classifier", str(clf),
+                 "--backend", "torch", "--device", "cpu", "--quiet", "--grid-per-class", "2", "--out", str(sharded)]) == 0
+    assert json.loads((sharded / "metrics.json").read_text())["overall"] == m["overall"]
 
     assert main(["evaluate", "--inversion", str(inv), "--classifier", str(clf), "--n-per-class", "2", "--backend", "torch",
                  "--device", "cpu", "--quiet", "--out", str(out)]) == 0

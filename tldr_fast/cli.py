@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
         "grid.png and summary.txt into --out. The training set is the one recorded in --classifier unless --data is given."))
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--inversion", help="inversion checkpoint (sampled --n-per-class per class)")
-    src.add_argument("--images", help="generated images: an .npz with images (uint8, or floats in [0, 1]) and labels, as `sample` writes")
+    src.add_argument("--images", help="generated images: an .npz with images (uint8, or floats in [0, 1]) and labels, or a sharded "
+                     "sample's -index.json, as `sample` writes")
     p.add_argument("--classifier", default=None, help="the target classifier checkpoint (its training subset, confidence)")
     p.add_argument("--eval-classifier", default=None, help="an independent classifier checkpoint for the attack accuracy")
     p.add_argument("--data", default=None, help=f"training set to compare with instead of the classifier's: {data_help}")
@@ -381,8 +382,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         report = evaluate(inv, train, n_per_class=args.n_per_class, **common)
         source = {"inversion": args.inversion}
     else:
-        gen = load_npz(args.images)  # [N, C, H, W] in [0, 1]
-        report = evaluate(gen.images, train, gen.labels, value_range=(0.0, 1.0), **common)
+        if args.images.endswith(".json"):  # a sharded sample's index (sample --shard-size)
+            from .samples import load_sample
+
+            x, y = load_sample(args.images)  # uint8 [N, C, H, W], int64 [N]
+            images, labels = torch.from_numpy(x).float() / 255, torch.from_numpy(y)
+        else:
+            gen = load_npz(args.images)  # [N, C, H, W] in [0, 1]
+            images, labels = gen.images, gen.labels
+        report = evaluate(images, train, labels, value_range=(0.0, 1.0), **common)
         source = {"images": args.images}
     if report is not None:  # under torchrun: rank 0's
         _write_evaluation(report, out, args.grid_per_class, {"generated_from": source})
