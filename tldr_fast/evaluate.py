@@ -282,15 +282,10 @@ def _classwise(x01: Tensor, labels: Tensor, train: ImageDataset, classes: List[i
     Under ``torch.distributed`` each rank computes a contiguous part of each class's training columns
     and rank 0 gathers the whole matrices; the other ranks get None."""
     rank, world = distributed.world()
+    sims = classwise_ssim(x01, labels, train.images, train.labels, classes, part=(rank, world), **ssim)
     if world == 1:
-        return classwise_ssim(x01, labels, train.images, train.labels, classes, **ssim)
-    parts = {}
-    for c in classes:
-        cols = torch.nonzero(train.labels == c).view(-1)
-        lo, hi = distributed.bounds(len(cols), rank, world)
-        rows = x01[labels == c]
-        parts[c] = pairwise_ssim(rows, train.images[cols[lo:hi]], **ssim).cpu() if hi > lo else torch.empty(len(rows), 0)
-    gathered = distributed.gather_object(parts)  # [world] on rank 0
+        return sims
+    gathered = distributed.gather_object({c: s.cpu() for c, s in sims.items()})  # [world] on rank 0
     return None if gathered is None else {c: torch.cat([g[c] for g in gathered], 1) for c in classes}
 
 

@@ -153,12 +153,16 @@ class Inversion:
         bs = self.config.batch_size if batch_size is None else batch_size
         if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        seed = self.config.seed + 1_000_000_007 if seed is None else seed
+        seed = self.sample_seed(seed)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
         select = self.resolve_select(select)
         for start, (_, x) in zip(range(0, len(labels), bs), self._batches(labels, bs, seed, select, offset)):
             yield start, x.float().cpu()
+
+    def sample_seed(self, seed: Optional[int] = None) -> int:
+        """The seed sampling with ``seed`` uses: ``seed`` itself, or the inversion's own for None."""
+        return self.config.seed + 1_000_000_007 if seed is None else seed
 
     def resolve_select(self, select: Optional[int] = None) -> int:
         """The candidates per image that sampling with ``select`` uses: ``select`` itself (a positive

@@ -196,7 +196,7 @@ def _sample_of(shard: Path) -> Optional[str]:
 def _manifest(inv: Any, labels: Tensor, seed: Optional[int], select: Optional[int]) -> Dict[str, Any]:
     """What identifies a sample on disk: the inversion, the seed and selection (defaults resolved), the labels."""
     return {
-        "inversion": fingerprint(inv), "seed": inv.config.seed + 1_000_000_007 if seed is None else seed,
+        "inversion": fingerprint(inv), "seed": inv.sample_seed(seed),
         "select": inv.resolve_select(select),
         "labels": hashlib.sha256(labels.numpy().astype(np.int64).tobytes()).hexdigest()[:16], "count": len(labels),
     }

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from . import extension, reference
 from .backends import BackendUnavailable, resolve, resolve_device
+from .distributed import bounds
 from .progress import progress_bar
 
 Tensor = torch.Tensor
@@ -316,6 +317,7 @@ def classwise_ssim(
     ref: ArrayLike,
     ref_labels: ArrayLike,
     classes: Optional[Sequence[int]] = None,
+    part: Tuple[int, int] = (0, 1),
     **kwargs,
 ) -> Dict[int, Tensor]:
     """Per class ``c``, the SSIM matrix ``[n_c, m_c]`` of the generated images of class c against the
@@ -325,6 +327,8 @@ def classwise_ssim(
     Args:
         gen, ref: images as for :func:`pairwise_ssim`; gen_labels ``[N]``, ref_labels ``[M]`` integers.
         classes: the classes to compute (default: every class of ``gen_labels``).
+        part: ``(i, n)``: only the i-th of n contiguous parts of each class's columns
+            (``distributed.bounds``; a rank's share of a sharded audit); ``(0, 1)``: all of them.
         **kwargs: passed to :func:`pairwise_ssim` (backend, device, budget_mb, ...).
     """
     gen, ref = _pair(gen, ref)
@@ -336,5 +340,9 @@ def classwise_ssim(
     out = {}
     for c in classes:
         gi, ri = (gl == c).nonzero().flatten(), (rl == c).nonzero().flatten()
-        out[int(c)] = pairwise_ssim(gen[gi.to(gen.device)], ref[ri.to(ref.device)], **kwargs)
+        ri = ri[slice(*bounds(len(ri), *part))]
+        if len(ri):
+            out[int(c)] = pairwise_ssim(gen[gi.to(gen.device)], ref[ri.to(ref.device)], **kwargs)
+        else:  # a part with no columns of this class
+            out[int(c)] = torch.empty(len(gi), 0)
     return out
