@@ -18,7 +18,8 @@ from typing import Dict, List, Optional
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RAW = os.path.join(HERE, "results")
-COMMIT = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+COMMIT = "0ad4224"  # a commit that holds every raw file read here (they are removed after this import)
+assert subprocess.run(["git", "cat-file", "-e", f"{COMMIT}:benchmarks/results/2026-11-26-h200/run1-bench.log"], cwd=ROOT).returncode == 0
 
 H200 = dict(card="NVIDIA H200", device="cuda")
 H200_VERSIONS = None  # read from the env logs
@@ -207,26 +208,26 @@ METRICS = {  # results.json's per-run keys -> (curated name, unit)
     "target_confidence": ("target_confidence", "probability"),
     "seconds": ("seconds", "s"),
 }
-LEAKAGE_DIRS = [  # (results file, the cache of target classifiers it used, a note)
-    ("2026-12-05-cpu-leakage/default/results.json", "2026-12-05", None),
-    ("2026-12-05-cpu-leakage/ablation-1000/results.json", "2026-12-05", None),
-    ("2026-12-05-cpu-leakage/ablation-cnn-1000-b/results.json", "2026-12-05", None),
-    ("2026-12-05-cpu-leakage/ablation-plain-1000-seed0/results.json", "2026-12-05", None),
-    ("2026-12-05-cpu-leakage/select-4/results-a.json", "2026-12-05", None),
-    ("2026-12-05-cpu-leakage/select-4/results-b.json", "2026-12-05", None),
-    ("2026-12-06-cpu-leakage/default/results.json", "2026-12-06", "the whole default suite as one process (2 threads) on the otherwise idle machine, fresh cache"),
-    ("2026-12-06-cpu-leakage/all60k-cnn/results.json", "2026-12-05", None),
-    ("2026-12-06-cpu-leakage/all60k-plain/results.json", "2026-12-05", None),
-    ("2026-12-06-cpu-leakage/k1c/results.json", "2026-12-05", None),
-    ("2026-12-06-cpu-leakage/k1c12/results.json", "2026-12-05", None),
-    ("2026-12-06-cpu-leakage/k10c/results.json", "2026-12-05", None),
-    ("2026-12-06-cpu-leakage/k1p/results.json", "2026-12-05", None),
-    ("2026-12-06-cpu-leakage/k1p12/results.json", "2026-12-05", None),
-    ("2026-12-06-cpu-leakage/m10/results.json", "2026-12-05", "select 1 (the defaults before 2026-12-06)"),
-    ("2026-12-06-cpu-leakage/m100/results.json", "2026-12-05", "select 1 (the defaults before 2026-12-06)"),
-    ("2026-12-06-cpu-leakage/bin1p/results.json", "2026-12-05",
+LEAKAGE_DIRS = [  # (results file, the cache of target classifiers it used, named by the date it was made; a note)
+    ("2026-12-05-cpu-leakage/default/results.json", "2026-12-05 cache", None),
+    ("2026-12-05-cpu-leakage/ablation-1000/results.json", "2026-12-05 cache", None),
+    ("2026-12-05-cpu-leakage/ablation-cnn-1000-b/results.json", "2026-12-05 cache", None),
+    ("2026-12-05-cpu-leakage/ablation-plain-1000-seed0/results.json", "2026-12-05 cache", None),
+    ("2026-12-05-cpu-leakage/select-4/results-a.json", "2026-12-05 cache", None),
+    ("2026-12-05-cpu-leakage/select-4/results-b.json", "2026-12-05 cache", None),
+    ("2026-12-06-cpu-leakage/default/results.json", "2026-12-06 cache", "the whole default suite as one process (2 threads) on the otherwise idle machine, fresh cache"),
+    ("2026-12-06-cpu-leakage/all60k-cnn/results.json", "2026-12-05 cache", None),
+    ("2026-12-06-cpu-leakage/all60k-plain/results.json", "2026-12-05 cache", None),
+    ("2026-12-06-cpu-leakage/k1c/results.json", "2026-12-05 cache", None),
+    ("2026-12-06-cpu-leakage/k1c12/results.json", "2026-12-05 cache", None),
+    ("2026-12-06-cpu-leakage/k10c/results.json", "2026-12-05 cache", None),
+    ("2026-12-06-cpu-leakage/k1p/results.json", "2026-12-05 cache", None),
+    ("2026-12-06-cpu-leakage/k1p12/results.json", "2026-12-05 cache", None),
+    ("2026-12-06-cpu-leakage/m10/results.json", "2026-12-05 cache", "select 1 (the defaults before 2026-12-06)"),
+    ("2026-12-06-cpu-leakage/m100/results.json", "2026-12-05 cache", "select 1 (the defaults before 2026-12-06)"),
+    ("2026-12-06-cpu-leakage/bin1p/results.json", "2026-12-05 cache",
      "an experiment outside the library: a binarisation prior mean((1 - x^2) / 4) (weight 1) added to the reference image_prior by a patched script"),
-    ("2026-12-06-cpu-leakage/fashion-trials/results.json", "2026-12-05", None),
+    ("2026-12-06-cpu-leakage/fashion-trials/results.json", "2026-12-05 cache", None),
 ]
 
 

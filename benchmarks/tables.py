@@ -22,7 +22,8 @@ measured row, the one source of BENCHMARKS.md's numbers. Every row has:
   ... (transcribed)" for the few numbers that were only ever typed there);
 - what was measured: ``benchmark`` (the script), ``command``, and ``op``, ``impl``, ``case``, ``dtype``,
   ``baseline`` (the impl a speed-up is over), ``bytes``/``items``/``items_unit`` (for GB/s and rates), or
-  for the leakage benchmark ``kind``, ``targets`` (the date the cached target classifiers were trained),
+  for the leakage benchmark ``kind``, ``targets`` (the cache of target classifiers, named by the date it
+  was made: the numbers move with the classifiers more than with the seeds),
   ``target``, ``variant``, ``overrides``, ``seed``.
 
 Derived numbers (speed-ups, GB/s from bytes, the fraction of the copy bandwidth, rates, means and
@@ -536,8 +537,8 @@ def block_leakage_suite_time(rows):
 
 def block_leakage_judges(rows):
     rs = [r for r in rows if r.get("benchmark") == "leakage" and r.get("kind") == "evaluation classifier"]
-    body = [[f"trained {r['targets']}", r["data"], r["arch"], f"{r['n_train']:,}", _fixed(r["value"]["held_out_accuracy"], 4)] for r in rs]
-    return "\n".join(table(["targets and judges", "data", "arch", "training images", "held-out accuracy"], body)) + "\n"
+    body = [[r["targets"], r["data"], r["arch"], f"{r['n_train']:,}", _fixed(r["value"]["held_out_accuracy"], 4)] for r in rs]
+    return "\n".join(table(["targets", "data", "arch", "training images", "held-out accuracy"], body)) + "\n"
 
 
 def block_leakage_defaults(rows):
@@ -575,7 +576,7 @@ def block_leakage_references(rows):
             continue
         seen.add(key)
         per = "all 60k" if r["n_per_class"] == "all" else f"{r['n_per_class']:,}/class"
-        body.append([f"trained {r['targets']}", f"{'MNIST' if r['data'] == 'mnist' else 'Fashion-MNIST'}, {per}", names[r["reference"]], *cells])
+        body.append([r["targets"], f"{'MNIST' if r['data'] == 'mnist' else 'Fashion-MNIST'}, {per}", names[r["reference"]], *cells])
     return "\n".join(table(["targets", "training set", "reference", *LEAK_HEAD[:-1]], body)) + "\n"
 
 
