@@ -151,7 +151,7 @@ def gpu_runs() -> List[Dict]:
         logged = parse_log(log) if log else []
         if jl is None:  # the log is the only record (the script's JSON lines were never written)
             for r in logged:
-                out.append(op_row(r, f"2026-11-26/{run}", src(log), extra))
+                out.append(logged_row(op_row(r, f"2026-11-26/{run}", src(log), extra)))
             continue
         rows = jsonl(jl)
         table = [r for r in logged if r["op"] != "copy"]
@@ -170,8 +170,18 @@ def gpu_runs() -> List[Dict]:
             out.append(row)
         for r in logged:  # the copy bandwidth is in the log only
             if r["op"] == "copy":
-                out.append(op_row(r, f"2026-11-26/{run}", src(log), dict(extra, device="cuda")))
+                out.append(logged_row(op_row(r, f"2026-11-26/{run}", src(log), dict(extra, device="cuda"))))
     return out
+
+
+LOG_RESOLUTION = {"median": 1e-4, "host_time": 1e-4, "peak": 0.1, "gbps": 1}  # the digits the logs' tables print
+
+
+def logged_row(row: Dict) -> Dict:
+    res = {k: LOG_RESOLUTION[k] for k, v in row["value"].items() if v is not None}
+    if res:
+        row["resolution"] = res
+    return row
 
 
 def cpu_extension_runs() -> List[Dict]:
@@ -304,13 +314,29 @@ def leakage_extras() -> List[Dict]:
         if m:
             out.append(dict(benchmark="kkt_signature.py", command="python benchmarks/kkt_signature.py --per-class 100",
                             target=m.group(1), value={"cos_train": float(m.group(2)), "cos_held_out": float(m.group(3))},
-                            unit={"cos_train": "cosine", "cos_held_out": "cosine"}, run="2026-12-06/kkt-signature",
+                            unit={"cos_train": "cosine", "cos_held_out": "cosine"}, resolution={"cos_train": 0.001, "cos_held_out": 0.001},
+                            run="2026-12-06/kkt-signature",
                             **common, source=src(f"{d}/kkt_signature-100-per-class.md")))
     assert sum(r["benchmark"] == "kkt_signature.py" for r in out) == 6
     return out
 
 
 # ---------------------------------------------------------------- numbers only BENCHMARKS.md holds
+
+def typed(text: str):
+    """A number as BENCHMARKS.md typed it ("2,021", "0.96", "5.1 k", "3.27 M") -> (value, resolution)."""
+    scale = {"k": 1e3, "M": 1e6}.get(text.split()[-1], 1) if " " in text else 1
+    digits = text.split()[0].replace(",", "")
+    decimals = len(digits.split(".")[1]) if "." in digits else 0
+    return round(float(digits) * scale, 9), round(10.0 ** -decimals * scale, 9)
+
+
+def typed_value(**metrics):
+    value, res = {}, {}
+    for k, text in metrics.items():
+        value[k], res[k] = typed(text)
+    return value, res
+
 
 def transcribed() -> List[Dict]:
     out = []
@@ -322,56 +348,60 @@ def transcribed() -> List[Dict]:
 
     # the leakage suite's wall times (BENCHMARKS.md text)
     sec = "Leakage benchmark (reconstruction quality)"
-    out.append(dict(benchmark="tldr-fast leakage", kind="suite", suite="default", threads=None,
-                    case="whole default suite, one process beside another benchmark", value={"wall": 57}, unit={"wall": "min"},
-                    run="2026-12-05/default", date="2026-12-05", versions=v213, **cpu, source=t(sec, "text")))
-    out.append(dict(benchmark="tldr-fast leakage", kind="suite", suite="quick", threads=None,
-                    case="the quick suite (CI smoke test, two variants), inside a test run", value={"wall": 27}, unit={"wall": "s"},
-                    run="2026-12-05/quick", date="2026-12-05", versions=v213, **cpu, source=t(sec, "text")))
+    for suite, case, wall, unit, run in (
+            ("default", "whole default suite, one process beside another benchmark", "57", "min", "2026-12-05/default"),
+            ("quick", "the quick suite (CI smoke test, two variants), inside a test run", "27", "s", "2026-12-05/quick")):
+        value, res = typed_value(wall=wall)
+        out.append(dict(benchmark="tldr-fast leakage", kind="suite", suite=suite, case=case, value=value, unit={"wall": unit},
+                        resolution=res, run=run, date="2026-12-05", versions=v213, **cpu, source=t(sec, "text")))
 
     # the new forms of feature_loss and image_prior: benchmark_extension_cpu.py --quick, 2026-12-05
     sec = "The new forms of feature_loss and image_prior (`benchmark_extension_cpu.py --quick`), 2026-12-05"
-    quick = [("feature_loss", "B=1024 D=256", (4.04, 2.47, 1.54)),
-             ("feature_loss", "B=1024 D=256, diversity=\"class\" (K=10 labels)", (18.59, 16.49, 1.33)),
-             ("image_prior", "B=1024 1x28x28 (TV, Pix)", (4.24, 1.08, 1.20)),
-             ("image_prior", "B=1024 1x28x28 + Moments", (9.15, 1.32, 0.96))]
+    quick = [("feature_loss", "B=1024 D=256", ("4.04", "2.47", "1.54")),
+             ("feature_loss", "B=1024 D=256, diversity=\"class\" (K=10 labels)", ("18.59", "16.49", "1.33")),
+             ("image_prior", "B=1024 1x28x28 (TV, Pix)", ("4.24", "1.08", "1.20")),
+             ("image_prior", "B=1024 1x28x28 + Moments", ("9.15", "1.32", "0.96"))]
     for op, case, mss in quick:
         for impl, ms in zip(("eager", "torch.compile", "extension"), mss):
+            value, res = typed_value(median=ms)
             out.append(dict(benchmark="benchmark_extension_cpu.py", command="benchmark_extension_cpu.py --quick", op=op,
-                            impl=impl, case=case, dtype="float32", value={"median": ms}, unit={"median": "ms"}, baseline="eager",
-                            note="forward + backward, median of 10 calls, idle machine", threads=2,
+                            impl=impl, case=case, dtype="float32", value=value, unit={"median": "ms"}, resolution=res,
+                            baseline="eager", note="forward + backward, median of 10 calls, idle machine", threads=2,
                             run="2026-12-05/cpu-quick", date="2026-12-05", versions=v213, **cpu, source=t(sec)))
 
     # pairwise SSIM on the CPU
     sec = "CPU — Pairwise SSIM (`benchmark_pairwise_ssim.py --device cpu`)"
-    ssim = [("128x2048 1x28x28", ((5.1e3, None), (33e3, None), (341e3, None), (3.27e6, 637))),
-            ("64x512 3x32x32", ((2.9e3, None), (9.4e3, None), (60e3, None), (879e3, 302)))]
+    ssim = [("128x2048 1x28x28", (("5.1 k", None), ("33 k", None), ("341 k", None), ("3.27 M", "637"))),
+            ("64x512 3x32x32", (("2.9 k", None), ("9.4 k", None), ("60 k", None), ("879 k", "302")))]
     for case, cells in ssim:
         for impl, (rate, x) in zip(("skimage", "reference", "torch", "extension"), cells):
-            value, unit = {"rate": rate}, {"rate": "pairs/s"}
-            if x:
-                value["x_skimage"], unit["x_skimage"] = x, "x"
+            value, res = typed_value(rate=rate, **({"x_skimage": x} if x else {}))
+            unit = {"rate": "pairs/s", **({"x_skimage": "x"} if x else {})}
             out.append(dict(benchmark="benchmark_pairwise_ssim.py", command="benchmark_pairwise_ssim.py --device cpu",
-                            op="pairwise_ssim", impl=impl, case=case, dtype="float32", value=value, unit=unit, threads=2,
-                            run="2026-11-26/cpu-ssim", date="2026-11-26", versions=v213, **cpu, source=t(sec)))
+                            op="pairwise_ssim", impl=impl, case=case, dtype="float32", value=value, unit=unit, resolution=res,
+                            threads=2, run="2026-11-26/cpu-ssim", date="2026-11-26", versions=v213, **cpu, source=t(sec)))
 
     # the whole step on the CPU (BENCHMARKS.md text: two runs)
     sec = "CPU — Whole step on the CPU (`benchmark_step.py --device cpu --configs 1x28x28:256`)"
-    for run, cells in (("2026-11-26/cpu-step-1", (("eager-full", 2021), ("eager-head", 786), ("cuda-head", 750))),
-                       ("2026-11-26/cpu-step-2", (("eager-full", 1482), ("eager-head", 702), ("compile-head", 685), ("cuda-head", 822)))):
+    for run, cells in (("2026-11-26/cpu-step-1", (("eager-full", "2,021"), ("eager-head", "786"), ("cuda-head", "750"))),
+                       ("2026-11-26/cpu-step-2", (("eager-full", "1,482"), ("eager-head", "702"), ("compile-head", "685"),
+                                                  ("cuda-head", "822")))):
         for impl, ms in cells:
+            value, res = typed_value(median=ms)
             out.append(dict(benchmark="benchmark_step.py", command="benchmark_step.py --device cpu --configs 1x28x28:256",
-                            op="step", impl=impl, case="1x28x28 B=256", dtype="float32", value={"median": ms}, unit={"median": "ms"},
-                            baseline="eager-head", items=256, items_unit="images", threads=2, run=run, date="2026-11-26",
-                            versions=v213, **cpu, source=t(sec, "text")))
+                            op="step", impl=impl, case="1x28x28 B=256", dtype="float32", value=value, unit={"median": "ms"},
+                            resolution=res, baseline="eager-head", items=256, items_unit="images", threads=2, run=run,
+                            date="2026-11-26", versions=v213, **cpu, source=t(sec, "text")))
 
     # data-parallel inversion, 1 process vs 2 ranks (gloo)
     sec = "Data-parallel inversion (torchrun): 1 vs 2 ranks on the CPU (gloo)"
-    for ranks, s in ((1, 0.183), (2, 0.185)):
+    for ranks, s in ((1, "0.183"), (2, "0.185")):
+        value, res = typed_value(step=s)
         out.append(dict(benchmark="benchmark_distributed.py", command="python benchmarks/benchmark_distributed.py --batch-size 128 --steps 20",
                         op="inversion step", impl=f"{ranks} rank" + ("s" if ranks > 1 else ""), case="global batch 128",
-                        ranks=ranks, global_batch=128, backend="gloo", dtype="float32", value={"step": s}, unit={"step": "s"},
-                        threads=1, note="one thread per rank, 20 timed steps, under contention (load average 2.3 on the 2 cores)",
+                        ranks=ranks, global_batch=128, backend="gloo", dtype="float32", value=value, unit={"step": "s"},
+                        resolution=res, threads=1,
+                        note="one thread per rank, 20 timed steps, under contention (load average 2.3 on the 2 cores)",
                         run="2026-12-06/distributed", date="2026-12-06", versions=v213, **cpu, source=t(sec)))
     return out
 

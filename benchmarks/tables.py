@@ -21,7 +21,9 @@ measured row, the one source of BENCHMARKS.md's numbers. Every row has:
   run), ``source``: where the number comes from (a saved run, a raw file in git history, or "BENCHMARKS.md
   ... (transcribed)" for the few numbers that were only ever typed there);
 - what was measured: ``benchmark`` (the script), ``command``, and ``op``, ``impl``, ``case``, ``dtype``,
-  ``baseline`` (the impl a speed-up is over), ``bytes``/``items``/``items_unit`` (for GB/s and rates), or
+  ``baseline`` (the impl a speed-up is over), ``bytes``/``items``/``items_unit`` (for GB/s and rates),
+  ``resolution`` (``{metric: step}`` where a value was recorded to fewer digits than a float holds: a
+  log's printed table, a typed number; tables print no more digits than that), or
   for the leakage benchmark ``kind``, ``targets`` (the cache of target classifiers, named by the date it
   was made: the numbers move with the classifiers more than with the seeds),
   ``target``, ``variant``, ``overrides``, ``seed``.
@@ -148,6 +150,9 @@ def flat(r: Dict) -> Dict:
     f = {k: r[k] for k in ("op", "impl", "case", "dtype", "run", "command", "note", "bytes", "items") if r.get(k) is not None}
     f.update(device=r["card"], baseline=r.get("baseline"), unit=r.get("items_unit"), source=r["source"])
     f["ms"] = _ms(v, u, "median") if "median" in v else _ms(v, u, "host_time")
+    res = r.get("resolution") or {}  # how precisely a value was recorded (a log's printed digits, a typed number)
+    f["res"] = {"ms": _ms(res, u, "median") if "median" in res else _ms(res, u, "host_time"),
+                "peak_mb": res.get("peak"), "gbps": res.get("gbps"), "rate": res.get("rate"), "x_stated": res.get("x_skimage")}
     if v.get("peak") is not None:
         f["peak_mb"] = v["peak"]
     if v.get("gbps") is not None:
@@ -198,36 +203,44 @@ def op_rows(rows: Iterable[Dict], **match) -> List[Dict]:
 def cell(r: Dict, short: bool = False) -> str:
     """The median, its speed-up over the baseline (×), GB/s (and the fraction of the copy bandwidth), a
     rate, and peak memory; an error's type for a row that failed. ``short``: the median and memory only."""
+    res = r.get("res") or {}
     if r.get("rate"):
-        return f"{_si(r['rate'])} {r.get('unit') or 'pairs'}/s" + (f" ({_num(r['x_stated'])}×)" if r.get("x_stated") else "")
+        return f"{_si(r['rate'], res.get('rate'))} {r.get('unit') or 'pairs'}/s" + (
+            f" ({_num(r['x_stated'], res.get('x_stated'))}×)" if r.get("x_stated") else "")
     if not r.get("ms"):
         return (r.get("note") or "n/a").split(":")[0]
-    ms = r["ms"]
-    parts = [f"{_num(ms / 1e3)} s" if ms >= 1e3 else f"{_num(ms)} ms" if ms >= 0.1 else f"{_num(ms * 1e3)} µs"]
+    ms, ms_res = r["ms"], res.get("ms")
+    parts = [f"{_num(ms / 1e3, ms_res and ms_res / 1e3)} s" if ms >= 1e3 else f"{_num(ms, ms_res)} ms" if ms >= 0.1
+             else f"{_num(ms * 1e3, ms_res and ms_res * 1e3)} µs"]
     if not short:
         if "x_eager" in r and r["impl"] != r.get("baseline", "eager"):
             parts.append(f"{_num(r['x_eager'])}×")
         if r.get("gbps"):
-            parts.append(f"{_num(r['gbps'])} GB/s" + (f" ({r['frac_copy']:.0%})" if "frac_copy" in r else ""))
+            parts.append(f"{_num(r['gbps'], res.get('gbps'))} GB/s" + (f" ({r['frac_copy']:.0%})" if "frac_copy" in r else ""))
         rate = next((k for k in r if k.endswith("_per_s")), None)
         if rate:
             parts.append(f"{_si(r[rate])} {rate[: -len('_per_s')]}/s")
     if r.get("peak_mb") is not None:
-        parts.append(f"{_num(r['peak_mb'])} MB")
+        parts.append(f"{_num(r['peak_mb'], res.get('peak_mb'))} MB")
     return " · ".join(parts)
 
 
-def _num(x: float) -> str:
-    """Three significant digits, without an exponent: 0.0907, 3.60, 22.6, 1,234."""
-    return f"{x:,.0f}" if x >= 100 else f"{x:.{2 - math.floor(math.log10(x)) if x > 0 else 0}f}"
+def _num(x: float, res: Optional[float] = None) -> str:
+    """Three significant digits, without an exponent: 0.0907, 3.60, 22.6, 1,234; no more decimals than
+    the value was recorded with (``res``: 0.1 for a value printed as 6.3)."""
+    if x >= 100:
+        return f"{x:,.0f}"
+    digits = 2 - math.floor(math.log10(x)) if x > 0 else 0
+    if res:
+        digits = min(digits, max(0, -math.floor(math.log10(res) + 1e-9)))
+    return f"{x:,.{digits}f}"
 
 
-def _si(x: float) -> str:
+def _si(x: float, res: Optional[float] = None) -> str:
     for scale, prefix in ((1e9, " G"), (1e6, " M"), (1e3, " k")):
         if x >= scale:
-            s = _num(x / scale)
-            return (s.rstrip("0").rstrip(".") if "." in s else s) + prefix
-    return _num(x)
+            return _num(x / scale, res and res / scale) + prefix
+    return _num(x, res)
 
 
 def _fixed(x: float, digits: int) -> str:
@@ -345,6 +358,16 @@ def runs_legend(rows: List[Dict], runs: Sequence[str]) -> str:
                      "–".join(f"{c:,.0f}" for c in (copy[0], copy[-1])) if len(copy) > 1 else (f"{copy[0]:,.0f}" if copy else "—"),
                      "; ".join(dict.fromkeys(r["source"] for r in rs))])
     head = ["run", *[k for k in ("card", "date", "versions") if k not in shared], "scripts", "copy GB/s", "source"]
+    raw = re.compile(r"benchmarks/results/(.*?) \(git (\w+)\)")
+    commits = {m.group(2) for b in body for m in raw.finditer(b[-1])}
+    if len(commits) == 1:  # the raw files of one commit: name it once
+        for b in body:
+            b[-1] = raw.sub(lambda m: f"`{m.group(1)}`", b[-1])
+        line += f"; sources: files under `benchmarks/results/` in git {commits.pop()}"
+    for b in body:  # a transcribed row's source names its section: the legend's line is enough
+        b[-1] = re.sub(r"(BENCHMARKS\.md \w+ \(transcribed\)), .*", r"\1", b[-1])
+    if all(b[-2] == "—" for b in body):
+        head, body = head[:-2] + head[-1:], [b[:-2] + b[-1:] for b in body]
     return f"{line}.\n\n" + "\n".join(table(head, body)) + "\n"
 
 
