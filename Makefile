@@ -68,3 +68,10 @@ bench-gpu: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(VENV_MAX) build demo_out tldr_fast/_C*.so
+
+# BENCHMARKS.md's tables, regenerated from the curated results file benchmarks/results.jsonl (add a saved
+# run of the suite first: python benchmarks/tables.py --add .benchmarks/<machine>/NNNN_NAME.json).
+# `python benchmarks/tables.py --check BENCHMARKS.md` (run by benchmarks/test_tables.py) fails when they are stale.
+.PHONY: bench-tables
+bench-tables:
+	$(PYTHON) benchmarks/tables.py --update BENCHMARKS.md
