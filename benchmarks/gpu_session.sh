@@ -3,7 +3,8 @@
 # benchmark suite (pytest-benchmark, benchmarks/benchmark_*.py) part by part, most important first.
 # Logs go to $OUT (default ./gpu_out): env.log, build.log, tests.log, bench.log, bench-<part>.json (each
 # part's run as pytest-benchmark writes it, with the copy-bandwidth row) and bench.md (their Markdown
-# tables, by benchmarks/tables.py: what BENCHMARKS.md is written from). The bench part needs
+# tables, by benchmarks/tables.py). To keep a run: python benchmarks/tables.py --add gpu_out/bench-<part>.json
+# (into benchmarks/results.jsonl), then make bench-tables (BENCHMARKS.md's tables). The bench part needs
 # pytest-benchmark (a dev dependency; on a machine without it: pip install --target .carry/site
 # pytest-benchmark py-cpuinfo, before the session).
 #
