@@ -148,7 +148,8 @@ def flat(r: Dict) -> Dict:
     """A curated op row as ``cell`` and ``markdown`` take it: ms, peak_mb, gbps, note, items..."""
     v, u = r["value"], r["unit"]
     f = {k: r[k] for k in ("op", "impl", "case", "dtype", "run", "command", "note", "bytes", "items") if r.get(k) is not None}
-    f.update(device=r["card"], baseline=r.get("baseline"), unit=r.get("items_unit"), source=r["source"])
+    device = f"{r['card']}, {r['threads']} threads" if r.get("threads") and r.get("device") == "cpu" else r["card"]
+    f.update(device=device, baseline=r.get("baseline"), unit=r.get("items_unit"), source=r["source"])
     f["ms"] = _ms(v, u, "median") if "median" in v else _ms(v, u, "host_time")
     res = r.get("resolution") or {}  # how precisely a value was recorded (a log's printed digits, a typed number)
     f["res"] = {"ms": _ms(res, u, "median") if "median" in res else _ms(res, u, "host_time"),
@@ -675,7 +676,7 @@ def block_suite_runs(rows):
     out = []
     for run in _runs(rs):
         g = [r for r in rs if r["run"] == run]
-        out.append(markdown(f"`{label(run)}` ({g[0]['source']}), {g[0]['date']}, {_versions(g[0]['versions'])}",
+        out.append(markdown(f"`{label(run)}`: {g[0]['source']}, {g[0]['date']}, {_versions(g[0]['versions'])}",
                             derive([flat(r) for r in g])))
     return "\n".join(out)
 
