@@ -411,7 +411,8 @@ BLOCK_IMPLS = ["eager", "compile", "compile-ro", "triton", "triton+compile", "tr
 
 
 def h200(rows: List[Dict]) -> List[Dict]:
-    return [r for r in rows if r.get("card") == "NVIDIA H200" or str(r.get("run", "")).startswith("2026-11-26/h200")]
+    """The H200 runs of the earlier scripts (a saved run of the suite has its own section)."""
+    return [r for r in rows if str(r.get("run", "")).startswith("2026-11-26/h200") and not r.get("saved_run")]
 
 
 def block_h200_runs(rows):
@@ -454,7 +455,7 @@ def block_h200_pairwise_ssim(rows):
 
 def _cpu_ops(rows):
     return [r for r in rows if r.get("device") == "cpu" and "op" in r and r.get("card", "").startswith("2-core")
-            and r.get("benchmark") != "benchmark_distributed.py"]
+            and r.get("benchmark") != "benchmark_distributed.py" and not r.get("saved_run")]
 
 
 def block_cpu_runs(rows):
