@@ -26,10 +26,10 @@ def warn(message: str) -> None:
 
 
 def build_config():
-    """tldr_fast/extension.py, loaded by path (not through the package): the one place that knows the
+    """tldr_fast/build.py, loaded by path (not through the package): the one place that knows the
     extension's sources and flags, shared with the just-in-time build."""
     name = "_tldr_fast_build_config"
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tldr_fast", "extension.py"))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tldr_fast", "build.py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
@@ -46,7 +46,7 @@ def extension():
         warn(
             f"torch is not importable in the build environment ({e}): installing without the C++/CUDA "
             "extension. Use `pip install --no-build-isolation -e .` to build it, or let it build just in "
-            "time on first use of backend='cuda'."
+            "time on first use of backend='extension'."
         )
         return [], {}
     cfg = build_config()

@@ -4,7 +4,7 @@
     python benchmarks/tables.py --check BENCHMARKS.md      # exit 1 if BENCHMARKS.md is not what --update would write
     python benchmarks/tables.py --add RUN.json             # append a saved pytest-benchmark run to the results file
     python benchmarks/tables.py RUN.json [RUN2.json ...]   # a saved run as Markdown tables, on stdout
-    python benchmarks/tables.py RUN.json --into FILE.md    # ... between FILE.md's "generated tables" markers
+    python benchmarks/tables.py RUN.json --into <file.md>    # ... between <file.md>'s "generated tables" markers
 
 The results file (``benchmarks/results.jsonl``, ``--results`` for another) holds one JSON object per
 measured row, the one source of BENCHMARKS.md's numbers. Every row has:
@@ -701,8 +701,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("runs", nargs="*", help="pytest-benchmark JSON files or JSON-lines files of the earlier scripts")
     p.add_argument("--into", help="write the runs' tables between the generated-tables markers of this Markdown file")
     p.add_argument("--add", metavar="RUN.json", action="append", default=[], help="append a saved pytest-benchmark run to the results file")
-    p.add_argument("--update", metavar="FILE.md", help="regenerate the generated blocks of this Markdown file from the results file")
-    p.add_argument("--check", metavar="FILE.md", help="exit 1 if this Markdown file's generated blocks are stale")
+    p.add_argument("--update", metavar="<file.md>", help="regenerate the generated blocks of this Markdown file from the results file")
+    p.add_argument("--check", metavar="<file.md>", help="exit 1 if this Markdown file's generated blocks are stale")
     p.add_argument("--results", default=RESULTS, help="the curated results file (default: %(default)s)")
     args = p.parse_args(argv)
     if not (args.runs or args.add or args.update or args.check):

@@ -66,11 +66,11 @@ using FeatureLossSig = TripleOut(const Tensor&, const Tensor&, const std::option
 using ImagePriorSig = TripleOut(const Tensor&, const Tensor&, double, double, const std::optional<Tensor>&);
 
 struct HeadLoss : torch::autograd::Function<HeadLoss> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& logits, const Tensor& target, const Tensor& labels,
+  static variable_list forward(AutogradContext* ctx, const Tensor& logits, const Tensor& condition, const Tensor& labels,
                                const std::optional<Tensor>& features, const Tensor& weights, bool head_bias) {
     static const auto op = op_handle<HeadLossSig>("tldr_fast::head_loss");
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, terms, gz, gf] = op.call(logits, target, labels, features, weights, head_bias);
+    auto [loss, terms, gz, gf] = op.call(logits, condition, labels, features, weights, head_bias);
     ctx->saved_data["has_features"] = features.has_value() && features->defined();
     return save_outputs(ctx, {loss, terms, gz, gf}, weights.scalar_type());
   }
@@ -110,9 +110,9 @@ struct ImagePrior : torch::autograd::Function<ImagePrior> {
   }
 };
 
-HeadLossOut head_loss_autograd(const Tensor& logits, const Tensor& target, const Tensor& labels,
+HeadLossOut head_loss_autograd(const Tensor& logits, const Tensor& condition, const Tensor& labels,
                                const std::optional<Tensor>& features, const Tensor& weights, bool head_bias) {
-  const variable_list r = HeadLoss::apply(logits, target, labels, features, weights, head_bias);
+  const variable_list r = HeadLoss::apply(logits, condition, labels, features, weights, head_bias);
   return {r[0], r[1], r[2], r[3]};
 }
 

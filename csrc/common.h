@@ -34,7 +34,7 @@ inline at::Tensor prepare_weights(const at::Tensor& weights, int64_t n, const at
 // head_loss inputs, normalised. N = B (clean rows) or 2B (clean rows, then perturbed rows).
 struct HeadLossInputs {
   at::Tensor logits;    // [N, K] contiguous, compute dtype
-  at::Tensor target;    // [B, K] contiguous, accumulation dtype
+  at::Tensor condition; // [B, K] contiguous, accumulation dtype
   at::Tensor labels;    // [B] int64 contiguous
   at::Tensor features;  // [B, D] contiguous, compute dtype; undefined without features
   at::Tensor weights;   // [5] accumulation dtype
@@ -42,23 +42,23 @@ struct HeadLossInputs {
   int64_t n, b, k, d;   // d = 0 without features
 };
 
-// The compute dtype is the promotion of logits' and features' dtypes (they normally agree); the target is
-// read in the accumulation dtype so that a fp32 soft target keeps its precision next to bf16 logits.
-inline HeadLossInputs prepare_head_loss(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& labels,
+// The compute dtype is the promotion of logits' and features' dtypes (they normally agree); the condition is
+// read in the accumulation dtype so that a fp32 soft condition keeps its precision next to bf16 logits.
+inline HeadLossInputs prepare_head_loss(const at::Tensor& logits, const at::Tensor& condition, const at::Tensor& labels,
                                         const std::optional<at::Tensor>& features, const at::Tensor& weights) {
   check_floating(logits, "logits");
-  check_floating(target, "target");
+  check_floating(condition, "condition");
   TORCH_CHECK(logits.dim() == 2, "logits must be [N, K], got ", logits.sizes());
-  TORCH_CHECK(target.dim() == 2, "target must be [B, K], got ", target.sizes());
-  const int64_t n = logits.size(0), k = logits.size(1), b = target.size(0);
-  TORCH_CHECK(b > 0 && k > 0, "head_loss needs B > 0 and K > 0, got target ", target.sizes());
-  TORCH_CHECK(target.size(1) == k, "target must be [B, K] with K = ", k, ", got ", target.sizes());
+  TORCH_CHECK(condition.dim() == 2, "condition must be [B, K], got ", condition.sizes());
+  const int64_t n = logits.size(0), k = logits.size(1), b = condition.size(0);
+  TORCH_CHECK(b > 0 && k > 0, "head_loss needs B > 0 and K > 0, got condition ", condition.sizes());
+  TORCH_CHECK(condition.size(1) == k, "condition must be [B, K] with K = ", k, ", got ", condition.sizes());
   TORCH_CHECK(n == b || n == 2 * b, "logits must have B or 2B rows (B = ", b, "), got ", n);
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == b, "labels must be [B] with B = ", b, ", got ", labels.sizes());
   TORCH_CHECK(!at::isFloatingType(labels.scalar_type()) && labels.scalar_type() != at::kBool,
               "labels must be an integer tensor, got ", labels.scalar_type());
-  TORCH_CHECK(target.device() == logits.device() && labels.device() == logits.device(),
-              "logits, target and labels must be on one device");
+  TORCH_CHECK(condition.device() == logits.device() && labels.device() == logits.device(),
+              "logits, condition and labels must be on one device");
   at::ScalarType compute = logits.scalar_type();
   int64_t d = 0;
   if (features.has_value()) {
@@ -73,7 +73,7 @@ inline HeadLossInputs prepare_head_loss(const at::Tensor& logits, const at::Tens
   const at::ScalarType acc = acc_dtype(compute);
   HeadLossInputs in;
   in.logits = logits.to(compute).contiguous();
-  in.target = target.to(acc).contiguous();
+  in.condition = condition.to(acc).contiguous();
   in.labels = labels.to(at::kLong).contiguous();
   if (features.has_value()) in.features = features->to(compute).contiguous();
   in.weights = prepare_weights(weights, 5, logits, acc);

@@ -1,22 +1,13 @@
-// The tldr_fast operator library: the schema of every loss op (pairwise_ssim adds its own with
-// TORCH_LIBRARY_FRAGMENT in cpu/pairwise_ssim.cpp), and a Python module stub so that the shared library
-// imports as `tldr_fast._C`. The kernels register themselves per device in cpu/<op>.cpp and cuda/<op>.cu;
-// their autograd is in autograd.cpp; the Python side (tldr_fast/extension.py) adds the fake-tensor rules.
+// The tldr_fast operator library: a Python module stub, so that the shared library imports as
+// `tldr_fast._C`, and the build facts. The ops' schemas are declared once, in Python
+// (tldr_fast/ops/<op>.py), and defined by tldr_fast.extension before it loads this library; the kernels
+// register against them per device in cpu/<op>.cpp and cuda/<op>.cu (a C++ signature that disagrees with its
+// declaration fails at load time), their autograd in autograd.cpp.
 //
 // Each loss op returns (loss, terms, grad_<input>...): the fp32 (fp64 for fp64 inputs) weighted loss, the
 // unweighted terms, and the gradient of `loss` w.r.t. each differentiable input, already multiplied by the
 // weights and in that input's dtype. The backward only scales those by the upstream gradient.
 #include <Python.h>
-#include <torch/library.h>
-
-TORCH_LIBRARY(tldr_fast, m) {
-  m.def("head_loss(Tensor logits, Tensor target, Tensor labels, Tensor? features, Tensor weights, bool head_bias)"
-        " -> (Tensor loss, Tensor terms, Tensor grad_logits, Tensor grad_features)");
-  m.def("feature_loss(Tensor features, Tensor weights, Tensor? labels, int num_classes)"
-        " -> (Tensor loss, Tensor terms, Tensor grad_features)");
-  m.def("image_prior(Tensor images, Tensor weights, float lo, float hi, Tensor? moments)"
-        " -> (Tensor loss, Tensor terms, Tensor grad_images)");
-}
 
 // Build facts for tldr_fast.extension.info(): whether the CUDA kernels were compiled in, and for which
 // architectures (passed by the build as a token such as 8.0_9.0, stringised here).

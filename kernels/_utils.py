@@ -6,12 +6,13 @@
 * Every kernel casts its float arguments to fp32 on entry: Inductor passes Python floats as fp64, which
   would turn fp32 arithmetic (and loop-carried sums) into fp64 under ``torch.compile`` (``_aot`` checks
   every kernel variant with fp64 floats).
-* ``triton_op`` / ``launch``: every op is a ``torch.library`` op so that a loss using it traces under
+* ``triton_op`` / ``launch``: every op is a ``torch.library`` op, ``tldr_triton::<op>`` with the schema
+  of its declaration (``tldr_fast/ops/<op>.py``), so that a loss using it traces under
   ``torch.compile(fullgraph=True)``. On GPUs that is ``torch.library.triton_op`` with
   ``wrap_triton`` launches (Inductor sees and schedules the kernels). The interpreter cannot run on
   fake tensors, so under ``TRITON_INTERPRET=1`` the same function is registered as an opaque
-  ``custom_op`` whose fake implementation is the function itself with the launches skipped: that keeps
-  ``opcheck`` and CPU ``torch.compile`` tests meaningful for the schema, fake shapes and autograd.
+  ``custom_op`` with the declared fake rule: that keeps ``opcheck`` and CPU ``torch.compile`` tests
+  meaningful for the schema, fake shapes and autograd.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import os
 from typing import Callable, Sequence
 
 import torch
+
+from tldr_fast.ops import OpSpec
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -87,14 +90,20 @@ def launch(kernel, grid: Sequence[int], *args, **kwargs) -> None:
         torch.library.wrap_triton(kernel)[tuple(grid)](*args, **kwargs)
 
 
-def triton_op(name: str) -> Callable:
-    """Register ``fn`` as the functional op ``name`` (no argument is mutated); see the module doc."""
+NAMESPACE = "tldr_triton"
+
+
+def triton_op(spec: "OpSpec | str") -> Callable:
+    """Register ``fn`` as the functional op ``tldr_triton::<op>`` (no argument is mutated) of a declared op
+    (its schema and fake rule), or, given a name, of a helper op with the schema of ``fn``'s annotations
+    (whose fake implementation is ``fn`` itself, the launches skipped); see the module doc."""
+    name, schema = (f"{NAMESPACE}::{spec}", None) if isinstance(spec, str) else (spec.qualname(NAMESPACE), spec.schema)
 
     def register(fn: Callable):
         if not INTERPRET:
-            return torch.library.triton_op(name, fn, mutates_args=())
-        op = torch.library.custom_op(name, fn, mutates_args=())
-        op.register_fake(fn)
+            return torch.library.triton_op(name, fn, mutates_args=(), schema=schema)
+        op = torch.library.custom_op(name, fn, mutates_args=(), schema=schema)
+        op.register_fake(fn if isinstance(spec, str) else spec.fake)
         return op
 
     return register
@@ -134,16 +143,7 @@ def compute_dtype(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype in (torch.float32, torch.bfloat16, torch.float16) else t.float()
 
 
-def weights_fp32(w: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
-    """The loss weights as a contiguous fp32 vector of ``n`` entries on ``device`` (the kernels read
+def weights_fp32(w: torch.Tensor) -> torch.Tensor:
+    """The loss weights (checked by the op's declaration) as a contiguous fp32 vector (the kernels read
     them from device memory: no host sync, so schedules may change them between steps)."""
-    if w.shape != (n,) or w.device != device:
-        raise ValueError(f"weights must be a ({n},) tensor on {device}, got {tuple(w.shape)} on {w.device}")
     return w.to(torch.float32).contiguous()
-
-
-def check_devices(**tensors: torch.Tensor) -> None:
-    """All tensors on one device (a kernel given a pointer to another device's memory would crash)."""
-    devices = {name: t.device for name, t in tensors.items() if t is not None}
-    if len(set(devices.values())) > 1:
-        raise ValueError(f"tensors on different devices: {devices}")

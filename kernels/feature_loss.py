@@ -46,14 +46,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import NORM_EPS
+from tldr_fast.ops.feature_loss import NORM_EPS, SPEC, TERMS
+
 from ._gram import EXTRA_INV, EXTRA_NONE, gram, plan_gram
 from ._reduce import _finish, _store_partial_row, _sum_partials, _write_terms
-from ..fused_autograd import fused_autograd
 from ._utils import BLOCK_ROWS, FP32_DOT, TERMS_PAD, block, cdiv, compute_dtype, empty, launch, triton_op, weights_fp32
 
 Tensor = torch.Tensor
-_COS, _ORTHO = 0, 1  # columns of terms / partial sums
+_COS, _ORTHO = TERMS.index("cos"), TERMS.index("ortho")  # columns of terms / partial sums
+assert (_COS, _ORTHO) == (0, 1), "the kernels below are written for this layout"
 _NORM_ROWS = 16  # feature rows per program of the norms kernel
 
 
@@ -178,9 +179,11 @@ def _feature_grad_kernel(
             _finish(part_ptr, n_part, T, w_ptr, terms_ptr, loss_ptr, -1, TP, BLOCK_ROWS)
 
 
-@triton_op("tldr_triton::feature_loss")
-def _feature_loss_op(features: Tensor, weights: Tensor, labels: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
-    """(loss [], terms [2], d loss/d features [B, D])."""
+@triton_op(SPEC)
+def _feature_loss_op(
+    features: Tensor, weights: Tensor, labels: Optional[Tensor], num_classes: int
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """(loss [], terms [2], d loss/d features [B, D]); the kernels compare labels, so ``num_classes`` is unused."""
     phi = features.contiguous()
     b, d = phi.shape
     device = phi.device
@@ -221,7 +224,7 @@ def _feature_loss_op(features: Tensor, weights: Tensor, labels: Optional[Tensor]
     return loss, terms, dphi
 
 
-_setup_context, _backward = fused_autograd((0,), 1)  # d loss/d x: the gradient the forward wrote
+_setup_context, _backward = SPEC.autograd()  # d loss/d x: the gradient the forward wrote
 _feature_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
@@ -229,19 +232,9 @@ def feature_loss(
     features: Tensor, weights: Tensor, labels: Optional[Tensor] = None, num_classes: int = 0
 ) -> Tuple[Tensor, Tensor]:
     """Fused ``tldr_fast.reference.feature_loss``: ``features`` [B, D] with B >= 2, ``weights`` [2] fp32
-    on the device, ``labels`` None (all pairs) or [B] integers on the device (same-label pairs; the
-    kernels compare labels, so ``num_classes`` is not needed and out-of-range labels are not detected);
-    returns ``(loss [], terms [2])`` = (Cos, Ortho). Gradients flow to features (in their dtype) and
-    weights."""
-    if features.dim() != 2 or features.shape[0] < 2:
-        raise ValueError(f"feature_loss needs features [B >= 2, D], got {tuple(features.shape)}")
-    if labels is not None and (
-        labels.shape != features.shape[:1] or labels.dtype.is_floating_point or labels.dtype == torch.bool
-        or labels.device != features.device
-    ):
-        raise ValueError(
-            f"labels must be [B] = [{features.shape[0]}] integers on {features.device}, "
-            f"got {labels.dtype} {tuple(labels.shape)} on {labels.device}"
-        )
-    loss, terms, _ = _feature_loss_op(compute_dtype(features), weights_fp32(weights, 2, features.device), labels)
+    on the device, ``labels`` None (all pairs) or [B] integers in ``[0, num_classes)`` on the device
+    (same-label pairs); returns ``(loss [], terms [2])`` = (Cos, Ortho). Gradients flow to features (in
+    their dtype) and weights."""
+    SPEC.check(features, weights, labels, num_classes)
+    loss, terms, _ = _feature_loss_op(compute_dtype(features), weights_fp32(weights), labels, int(num_classes))
     return loss, terms

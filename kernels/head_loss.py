@@ -31,13 +31,18 @@ import torch
 import triton
 import triton.language as tl
 
+from tldr_fast.ops.head_loss import SPEC, TERMS
+
 from ._gram import EXTRA_NONE, EXTRA_ONES, gram, plan_gram
 from ._reduce import _finish, _finish_kernel, _sum_partials
-from ..fused_autograd import fused_autograd
-from ._utils import BLOCK_ROWS, FP32_DOT, TERMS_PAD, block, cdiv, check_devices, compute_dtype, empty, launch, triton_op, weights_fp32
+from ._utils import BLOCK_ROWS, FP32_DOT, TERMS_PAD, block, cdiv, compute_dtype, empty, launch, triton_op, weights_fp32
 
 Tensor = torch.Tensor
-_GN_COL = 4  # column of the grad-norm term in terms / partial sums
+# The kernels below address the declared terms (ce, kl, ce_pert, kl_pert, grad_norm) as the columns
+# 0..4 of terms and of the partial sums; the grad-norm column is the one finished with a square root.
+_T = len(TERMS)
+_GN_COL = TERMS.index("grad_norm")
+assert TERMS[:4] == ("ce", "kl", "ce_pert", "kl_pert") and (_T, _GN_COL) == (5, 4), "kernels written for this layout"
 
 
 @triton.jit
@@ -62,7 +67,7 @@ def _lse_update(m, l, z):
 @triton.jit
 def _head_rows_kernel(
     z_ptr,  # logits: [N, K]
-    c_ptr,  # target: [B, K]
+    c_ptr,  # condition: [B, K]
     y_ptr,  # labels: [B]
     w_ptr,  # weights: [5] fp32
     dz_ptr,  # d loss / d logits: [N, K] (clean rows only when not GN)
@@ -77,7 +82,7 @@ def _head_rows_kernel(
     mask_r = rows < B
     labels = tl.load(y_ptr + rows, mask=mask_r, other=0)
 
-    # pass 1: online logsumexp of the clean and perturbed rows, and the target's sums
+    # pass 1: online logsumexp of the clean and perturbed rows, and the condition's sums
     m_c = tl.full([BB], float("-inf"), tl.float32)
     l_c = tl.zeros([BB], tl.float32)
     m_p = tl.full([BB], float("-inf"), tl.float32)
@@ -146,7 +151,7 @@ def _head_rows_kernel(
 @triton.jit
 def _head_grad_kernel(
     e_ptr,  # E = P - C of the clean rows: [B, K] fp32
-    c_ptr,  # target: [B, K]
+    c_ptr,  # condition: [B, K]
     y_ptr,  # labels: [B]
     phi_ptr,  # features: [B, D]
     g_ptr,  # G_aug = [G | h]: [K, DA] fp32, DA = D + HAS_BIAS
@@ -230,15 +235,15 @@ def _head_grad_kernel(
         _finish(part_ptr, n_part, 5, w_ptr, terms_ptr, loss_ptr, 4, TP, BLOCK_ROWS)
 
 
-@triton_op("tldr_triton::head_loss")
+@triton_op(SPEC)
 def _head_loss_op(
-    logits: Tensor, target: Tensor, labels: Tensor, features: Optional[Tensor], weights: Tensor, head_bias: bool
+    logits: Tensor, condition: Tensor, labels: Tensor, features: Optional[Tensor], weights: Tensor, head_bias: bool
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss [], terms [5], d loss/d logits [N, K], d loss/d features [B, D] or [0])."""
     n, k = logits.shape
-    b = target.shape[0]
+    b = condition.shape[0]
     device = logits.device
-    z, c, y = logits.contiguous(), target.contiguous(), labels.contiguous()
+    z, c, y = logits.contiguous(), condition.contiguous(), labels.contiguous()
     gn = features is not None
     bk = block(k, hi=64)
     bb = max(16, min(128, 1024 // bk))
@@ -250,16 +255,16 @@ def _head_loss_op(
         n_part = p1 + plan.partial_rows
     else:
         n_part = p1
-    part = empty((n_part, 5), device)
+    part = empty((n_part, _T), device)
     dz = empty((n, k), device, logits.dtype)
     e = empty((b, k), device) if gn else part
-    loss, terms = empty((), device), empty((5,), device)
+    loss, terms = empty((), device), empty((_T,), device)
     launch(
         _head_rows_kernel, (p1,), z, c, y, weights, dz, e, part, b, k, 1.0 / b,
         PERT=n == 2 * b, GN=gn, BB=bb, BK=bk, TP=TERMS_PAD, num_warps=4, num_stages=1,
     )
     if not gn:
-        launch(_finish_kernel, (1,), part, n_part, 5, weights, terms, loss,
+        launch(_finish_kernel, (1,), part, n_part, _T, weights, terms, loss,
                SQRT_COL=_GN_COL, TP=TERMS_PAD, BLOCK_ROWS=BLOCK_ROWS)
         return loss, terms, dz, torch.empty(0, device=device, dtype=logits.dtype)
     # G_aug = E^T [Phi | 1]; its squares are s = ||G||^2 (+ ||h||^2), scaled by 1/B^2 into column 4
@@ -275,13 +280,13 @@ def _head_loss_op(
     return loss, terms, dz, dphi
 
 
-_setup_context, _backward = fused_autograd((0, 3), 4)  # d loss/d x: the gradient the forward wrote
+_setup_context, _backward = SPEC.autograd()  # d loss/d x: the gradient the forward wrote
 _head_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def head_loss(
     logits: Tensor,
-    target: Tensor,
+    condition: Tensor,
     labels: Tensor,
     features: Optional[Tensor],
     weights: Tensor,
@@ -289,20 +294,14 @@ def head_loss(
 ) -> Tuple[Tensor, Tensor]:
     """Fused ``tldr_fast.reference.head_loss``: same arguments, returns ``(loss [], terms [5])``.
 
-    ``logits`` [N, K] (N = B or 2B, clean rows first), ``target`` [B, K], ``labels`` [B] int,
+    ``logits`` [N, K] (N = B or 2B, clean rows first), ``condition`` [B, K], ``labels`` [B] int,
     ``features`` [B, D] or None (no grad-norm), ``weights`` [5] fp32 on the device. Gradients flow to
-    logits, features and weights (not to target); they come back in the inputs' dtypes.
+    logits, features and weights (not to condition); they come back in the inputs' dtypes.
     """
-    n, k = logits.shape
-    b = target.shape[0]
-    if n not in (b, 2 * b) or target.shape != (b, k) or labels.shape != (b,):
-        raise ValueError(f"head_loss: logits {tuple(logits.shape)}, target {tuple(target.shape)}, labels {tuple(labels.shape)}")
-    check_devices(logits=logits, target=target, labels=labels, features=features)
+    SPEC.check(logits, condition, labels, features, weights, head_bias)
     if features is not None:
-        if features.dim() != 2 or features.shape[0] != b:
-            raise ValueError(f"head_loss: features must be [B={b}, D], got {tuple(features.shape)}")
         features = compute_dtype(features)
     loss, terms, _, _ = _head_loss_op(
-        compute_dtype(logits), compute_dtype(target), labels, features, weights_fp32(weights, 5, logits.device), bool(head_bias)
+        compute_dtype(logits), compute_dtype(condition), labels, features, weights_fp32(weights), bool(head_bias)
     )
     return loss, terms

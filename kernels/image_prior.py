@@ -39,12 +39,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ..fused_autograd import fused_autograd
-from ..reference import MOMENT_VAR_EPS
+from tldr_fast.ops.image_prior import MOMENT_VAR_EPS, SPEC, TERMS
+
 from ._reduce import _finish_kernel, _store_partial_row, _sum_partials, _write_terms
 from ._utils import BLOCK_ROWS, TERMS_PAD, cdiv, compute_dtype, empty, launch, next_pow2, num_sms, triton_op, weights_fp32
 
 Tensor = torch.Tensor
+# The kernels below address the declared terms (tv, pix, moments) as the columns 0..2 of terms and of
+# the partial sums.
+_T = len(TERMS)
+assert TERMS == ("tv", "pix", "moments"), "the kernels are written for this layout"
 _BLOCK = 2048  # pixels per block (a program takes several, grid-stride)
 _CHUNK = 2**30  # pixels per launch at most (int32 offsets); launches cover whole images
 _PROGRAMS_PER_SM = 8
@@ -172,7 +176,7 @@ def _programs(pixels: int, device: torch.device, ways: int = 1) -> int:
     return min(cdiv(pixels, _BLOCK), max(1, _PROGRAMS_PER_SM * num_sms(device) // ways))
 
 
-@triton_op("tldr_triton::image_prior")
+@triton_op(SPEC)
 def _image_prior_op(
     images: Tensor, weights: Tensor, lo: float, hi: float, moments: Optional[Tensor]
 ) -> Tuple[Tensor, Tensor, Tensor]:
@@ -185,11 +189,11 @@ def _image_prior_op(
     chunks = [(i, min(b, i + step)) for i in range(0, b, step)]
     ways = 1 if moments is None else c  # grid columns: the channels with moments
     progs = [_programs((j - i) * per_image // ways, device, ways) * ways for i, j in chunks]
-    part = empty((max(sum(progs), 1), 3), device)
+    part = empty((max(sum(progs), 1), _T), device)
     if sum(progs) == 0:  # no pixels: every term is 0
         part.zero_()
     dx = empty(x.shape, device, x.dtype)
-    loss, terms = empty((), device), empty((3,), device)
+    loss, terms = empty((), device), empty((_T,), device)
     common = dict(H=h, W=w, BLOCK=_BLOCK, TP=TERMS_PAD, num_warps=8)
 
     def walk(pass_, mstats=None, coef=None):
@@ -206,7 +210,7 @@ def _image_prior_op(
     if moments is None:
         cp = 1
         walk(0)
-        launch(_finish_kernel, (1,), part, part.shape[0], 3, weights, terms, loss, SQRT_COL=-1, TP=TERMS_PAD, BLOCK_ROWS=BLOCK_ROWS)
+        launch(_finish_kernel, (1,), part, part.shape[0], _T, weights, terms, loss, SQRT_COL=-1, TP=TERMS_PAD, BLOCK_ROWS=BLOCK_ROWS)
     else:
         cp = next_pow2(c)
         mstats = empty((part.shape[0], 2, cp), device)
@@ -222,7 +226,7 @@ def _image_prior_op(
     return loss, terms, dx
 
 
-_setup_context, _backward = fused_autograd((0,), 1)  # d loss/d x: the gradient the forward wrote
+_setup_context, _backward = SPEC.autograd()  # d loss/d x: the gradient the forward wrote
 _image_prior_op.register_autograd(_backward, setup_context=_setup_context)
 
 
@@ -233,12 +237,5 @@ def image_prior(
     device, valid range [lo, hi], ``moments`` None or [2, C] on the device (mean and std per channel of
     [0, 1] images); returns ``(loss [], terms [3])`` = (TV, Pix, Moments). Gradients flow to the images
     (in their dtype) and the weights."""
-    if images.dim() != 4:
-        raise ValueError(f"image_prior needs images [B, C, H, W], got {tuple(images.shape)}")
-    if moments is not None and (moments.shape != (2, images.shape[1]) or moments.device != images.device):
-        raise ValueError(
-            f"moments must be [2, C] = [2, {images.shape[1]}] on {images.device}, "
-            f"got {tuple(moments.shape)} on {moments.device}"
-        )
-    w = weights_fp32(weights, 3, images.device)
-    return _image_prior_op(compute_dtype(images), w, float(lo), float(hi), moments)[:2]
+    SPEC.check(images, weights, lo, hi, moments)
+    return _image_prior_op(compute_dtype(images), weights_fp32(weights), float(lo), float(hi), moments)[:2]

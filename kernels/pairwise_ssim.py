@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from tldr_fast.reference import SSIM_K1, SSIM_K2, SSIM_WIN
+from tldr_fast.ops.pairwise_ssim import SPEC, SSIM_K1, SSIM_K2, SSIM_WIN
 
 from ._utils import INTERPRET, empty
 
@@ -167,8 +167,7 @@ def pairwise_ssim(a: Tensor, b: Tensor, data_range: float = 1.0, precision: str 
     Returns:
         ``[N, M]`` fp32.
     """
-    if a.shape[1:] != b.shape[1:] or a.device != b.device:
-        raise ValueError(f"a and b must share [C, H, W] and device, got {tuple(a.shape)} and {tuple(b.shape)}")
+    SPEC.check(a, b, data_range)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     n, m = a.shape[0], b.shape[0]

@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import PERTURBATIONS
+from tldr_fast.ops.perturb import SPEC, kind_index
+
 from ._utils import cdiv, compute_dtype, empty, launch, triton_op
 
 Tensor = torch.Tensor
@@ -83,13 +84,13 @@ def _run(mode: int, x: Tensor, g: Tensor, out: Tensor, eps: float, lo: float, hi
     return out
 
 
-@triton_op("tldr_triton::perturb")
+@triton_op(SPEC)
 def _perturb_op(images: Tensor, eps: float, lo: float, hi: float, kind: int, seed: int) -> Tensor:
     x = images.contiguous()
     return _run(FORWARD, x, x, empty(x.shape, x.device, x.dtype), eps, lo, hi, kind, seed)
 
 
-@triton_op("tldr_triton::perturb_backward")
+@triton_op("perturb_backward")
 def _perturb_backward_op(grad: Tensor, images: Tensor, eps: float, lo: float, hi: float, kind: int, seed: int) -> Tensor:
     x = images.contiguous()
     return _run(BACKWARD, x, grad.contiguous(), empty(x.shape, x.device, x.dtype), eps, lo, hi, kind, seed)
@@ -109,17 +110,12 @@ def _backward(ctx, grad):
 _perturb_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _kind_index(kind: str) -> int:
-    if kind not in PERTURBATIONS:
-        raise ValueError(f"unknown perturbation {kind!r}; expected one of {PERTURBATIONS}")
-    return PERTURBATIONS.index(kind)
-
-
 def perturb(images: Tensor, eps: float, lo: float, hi: float, kind: str, seed: int) -> Tensor:
     """Fused ``tldr_fast.reference.perturb``: ``clip(images + eps * s, lo, hi)`` with noise ``kind`` in
-    ``reference.PERTURBATIONS`` drawn from ``seed`` (bits above 63 ignored); same shape and dtype as
-    ``images``; the gradient is the clip mask. The same seed gives the same noise on every call."""
-    y = _perturb_op(compute_dtype(images), float(eps), float(lo), float(hi), _kind_index(kind), int(seed))
+    ``tldr_fast.ops.perturb.PERTURBATIONS`` drawn from ``seed`` (bits above 63 ignored); same shape and dtype
+    as ``images``; the gradient is the clip mask. The same seed gives the same noise on every call."""
+    SPEC.check(images, eps, lo, hi, kind, seed)
+    y = _perturb_op(compute_dtype(images), float(eps), float(lo), float(hi), kind_index(kind), int(seed))
     return y.to(images.dtype)
 
 
@@ -127,4 +123,4 @@ def perturb_noise(shape: torch.Size, kind: str, seed: int, device: torch.device)
     """The fp32 noise ``s`` that ``perturb`` with this ``kind`` and ``seed`` adds (times eps) to images
     of ``shape``: the same Philox stream, written out (for tests and inspection)."""
     out = torch.empty(tuple(shape), device=device, dtype=torch.float32)
-    return _run(NOISE, out, out, out, 0.0, 0.0, 0.0, _kind_index(kind), int(seed))
+    return _run(NOISE, out, out, out, 0.0, 0.0, 0.0, kind_index(kind), int(seed))

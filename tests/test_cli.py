@@ -73,7 +73,7 @@ def test_info(monkeypatch, capsys):
     monkeypatch.setenv("TLDR_FAST_JIT", "0")  # report the extension, never build it here
     assert main(["info", "--json"]) == 0
     facts = json.loads(capsys.readouterr().out)
-    assert facts["backends"]["cpu"]["torch"] == "ok" and set(facts["backends"]["cuda"]) == {"torch", "triton", "cuda"}
+    assert facts["backends"]["cpu"]["torch"] == "ok" and set(facts["backends"]["cuda"]) == {"reference", "torch", "triton", "extension"}
     assert {"torch", "triton", "extension", "cuda_devices"} <= set(facts)
     assert main(["info"]) == 0 and "backends:" in capsys.readouterr().out
 

@@ -1,6 +1,6 @@
 """The C++/CUDA extension: loading, build facts, custom-op registration (opcheck), the compile-only check of
 the CUDA sources, and the clear failure of a broken build. Values and gradients against the reference are
-checked by the cross-backend tests (the ``fast`` fixture's "cuda" parameter runs these ops); the tests here
+checked by the cross-backend tests (the ``fast`` fixture's "extension" parameter runs these ops); the tests here
 cover what those do not: gradients w.r.t. the weights, fp64 gradcheck, mixed and low-precision dtypes on
 the CPU, non-contiguous inputs.
 """
@@ -16,9 +16,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tldr_fast import build
 from tldr_fast import extension as ext
+from tldr_fast import extension_ops as ext_ops
 from tldr_fast import reference as ref
 from tldr_fast.backends import BackendUnavailable, resolve
+from tldr_fast.ops import LOSS_OPS
 from tests.helpers import DEVICE, HAS_CUDA, assert_close, assert_low_precision_close, rand, rand_weights
 
 DEVICES = ["cpu", "cuda"] if HAS_CUDA else ["cpu"]
@@ -27,10 +30,9 @@ DEVICES = ["cpu", "cuda"] if HAS_CUDA else ["cpu"]
 @pytest.fixture(scope="module")
 def lib():
     """The loaded extension (built or JIT-built on first use), or a skip saying why it is not there."""
-    try:
-        ext.require("cpu")
-    except BackendUnavailable as e:
-        pytest.skip(str(e))
+    reason = ext.unavailable("cpu")
+    if reason is not None:
+        pytest.skip(reason)
     return torch.ops.tldr_fast
 
 
@@ -41,7 +43,7 @@ def test_info_describes_the_loaded_library(lib):
     info = ext.info()
     assert info["built"] is True and info["how"] in ("prebuilt", "jit") and info["error"] is None
     assert os.path.exists(info["path"])
-    for op in ext.LOSS_OPS:
+    for op in LOSS_OPS:
         assert "cpu" in info["ops"][op]
         assert ("cuda" in info["ops"][op]) == info["cuda"]
     if info["cuda"]:
@@ -50,44 +52,46 @@ def test_info_describes_the_loaded_library(lib):
         assert info["cuda_archs"] == []
 
 
-def test_require_matches_the_kernels_present(lib):
-    ext.require("cpu")
+def test_unavailable_matches_the_kernels_present(lib):
+    assert ext.unavailable("cpu") is None
     if ext.info()["cuda"]:
-        ext.require("cuda")
+        assert ext.unavailable("cuda") is None
     else:
+        assert "without CUDA" in ext.unavailable("cuda")
         with pytest.raises(BackendUnavailable, match="without CUDA"):
-            ext.require("cuda")
-    with pytest.raises(BackendUnavailable, match="not 'mps'"):
-        ext.require("mps")
+            resolve("extension", "cuda")
+    assert "not 'mps'" in ext.unavailable("mps")
 
 
 def test_backend_dispatch_serves_the_extension_ops(lib):
-    backend = resolve("cuda", DEVICE, fallback=False)
-    for op in ext.LOSS_OPS:
-        assert getattr(backend, op) is getattr(ext, op)
-    assert hasattr(ext, "pairwise_ssim") == hasattr(lib, "pairwise_ssim")
+    backend = resolve("extension", DEVICE, fallback=False)
+    for op in LOSS_OPS:
+        assert getattr(backend, op) is getattr(ext_ops, op)
+    assert hasattr(backend, "pairwise_ssim") == ext.has_kernel("pairwise_ssim", torch.device(DEVICE).type)
+    assert not hasattr(backend, "perturb")  # the extension has no perturb: no fallback asked for
+    assert resolve("cuda", DEVICE, fallback=False).ops == backend.ops  # "cuda": the former name
 
 
 def test_build_flags_follow_the_environment(monkeypatch):
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0 9.0+PTX")
-    assert ext.cuda_archs() == ["8.0", "9.0+PTX"]
-    assert ext.nvcc_flags()[1:] == [
+    assert build.cuda_archs() == ["8.0", "9.0+PTX"]
+    assert build.nvcc_flags()[1:] == [
         "-gencode=arch=compute_80,code=sm_80",
         "-gencode=arch=compute_90,code=sm_90",
         "-gencode=arch=compute_90,code=compute_90",
     ]
-    assert "-DTLDR_FAST_CUDA_ARCHS=8.0_9.0+PTX" in ext.cxx_flags(with_cuda=True)
+    assert "-DTLDR_FAST_CUDA_ARCHS=8.0_9.0+PTX" in build.cxx_flags(with_cuda=True)
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "Hopper")
     with pytest.raises(ValueError, match="TORCH_CUDA_ARCH_LIST"):
-        ext.nvcc_flags()
+        build.nvcc_flags()
     monkeypatch.setenv("TLDR_FAST_BUILD_CUDA", "0")
-    assert ext.build_with_cuda() is False
+    assert build.build_with_cuda() is False
     monkeypatch.setenv("TLDR_FAST_BUILD_CUDA", "1")
     if torch.version.cuda is None:
         with pytest.raises(RuntimeError, match="no CUDA"):
-            ext.build_with_cuda()
-    cu = ext.sources(with_cuda=True)
-    assert set(ext.sources(with_cuda=False)) < set(cu) and all(s.endswith((".cpp", ".cu")) for s in cu)
+            build.build_with_cuda()
+    cu = build.sources(with_cuda=True)
+    assert set(build.sources(with_cuda=False)) < set(cu) and all(s.endswith((".cpp", ".cu")) for s in cu)
 
 
 # --- a broken or disabled build: one clear message, never a crash ----------------------------------------
@@ -118,17 +122,15 @@ def test_failed_jit_build_is_reported_not_raised(broken_library):
 
 def test_failed_build_gives_one_clear_backend_error(broken_library, monkeypatch):
     monkeypatch.setattr(ext, "_library", broken_library)
-    monkeypatch.setattr(ext, "_ready", False)
     for device in ("cpu", "cuda"):
-        with pytest.raises(BackendUnavailable, match="extension is unavailable.*Fix:"):
-            ext.require(device)
+        assert "extension is unavailable" in ext.unavailable(device) and "Fix:" in ext.unavailable(device)
         with pytest.raises(BackendUnavailable, match="just-in-time build failed"):
-            resolve("cuda", device, fallback=False)
-    with pytest.raises(BackendUnavailable):
-        ext.head_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), None, torch.ones(5))
-    assert not hasattr(ext, "pairwise_ssim")
+            resolve("extension", device, fallback=False)
+    with pytest.raises(BackendUnavailable, match="extension is unavailable"):
+        ext_ops.head_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), None, torch.ones(5))
     assert ext.info() == {"built": False, "how": "missing", "error": broken_library.error}
-    assert resolve("auto", "cpu", quiet=True).name == "torch"
+    auto = resolve("auto", "cpu", quiet=True)
+    assert auto.name == "torch" and set(auto.chosen.values()) == {"torch"}
 
 
 def test_jit_opt_out_and_missing_sources(tmp_path):
@@ -154,7 +156,7 @@ def test_jit_build_loads_in_a_fresh_process(tmp_path):
     csrc = tmp_path / "csrc"
     (csrc / "cpu").mkdir(parents=True)
     for name in ("tldr_fast.cpp", "common.h", "cpu/image_prior.cpp"):
-        shutil.copy(os.path.join(ext.CSRC, name), csrc / name)
+        shutil.copy(os.path.join(build.CSRC, name), csrc / name)
     code = (
         "import torch, tldr_fast.extension as e\n"
         f"lib = e.open_library(prebuilt='tldr_fast._no_such_module', csrc={str(csrc)!r}, jit=True, "
@@ -226,9 +228,9 @@ def test_ops_under_torch_compile_fullgraph(lib, gen):
     moments = torch.tensor([[0.2, 0.4, 0.5], [0.3, 0.2, 0.25]], device=DEVICE)
 
     def block(z, f, x):
-        l1, t1 = ext.head_loss(z, target, labels, f, w)
-        l2, t2 = ext.feature_loss(f.relu(), w[:2], labels, 4)
-        l3, t3 = ext.image_prior(torch.tanh(x), w[:3], -1.0, 1.0, moments)
+        l1, t1 = ext_ops.head_loss(z, target, labels, f, w)
+        l2, t2 = ext_ops.feature_loss(f.relu(), w[:2], labels, 4)
+        l3, t3 = ext_ops.image_prior(torch.tanh(x), w[:3], -1.0, 1.0, moments)
         return l1 + l2 + 2.0 * l3, torch.cat([t1, t2, t3])
 
     results = []
@@ -248,22 +250,22 @@ def test_gradcheck_fp64_with_weights(lib, gen):
     """fp64 inputs compute in fp64: gradcheck the saved gradients, the weights' gradient included."""
     logits, target, labels, feats, _, _ = head_args(gen, DEVICE, b=4, k=3, d=2, dtype=torch.float64)
     w = (torch.rand(5, generator=gen, dtype=torch.float64) + 0.5).to(DEVICE).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda z, f, w: ext.head_loss(z, target, labels, f, w)[0], (logits, feats, w))
+    assert torch.autograd.gradcheck(lambda z, f, w: ext_ops.head_loss(z, target, labels, f, w)[0], (logits, feats, w))
     phi = rand(gen, 5, 3, dtype=torch.float64).requires_grad_(True)
     w2 = w[:2].detach().clone().requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda p, w: ext.feature_loss(p, w)[0], (phi, w2))
+    assert torch.autograd.gradcheck(lambda p, w: ext_ops.feature_loss(p, w)[0], (phi, w2))
     y = torch.tensor([0, 1, 0, 1, 1], device=DEVICE)
-    assert torch.autograd.gradcheck(lambda p, w: ext.feature_loss(p, w, y, 2)[0], (phi, w2))
+    assert torch.autograd.gradcheck(lambda p, w: ext_ops.feature_loss(p, w, y, 2)[0], (phi, w2))
     x = rand(gen, 2, 2, 4, 5, dtype=torch.float64, scale=1.5).requires_grad_(True)
     w3 = w[:3].detach().clone().requires_grad_(True)
     moments = torch.tensor([[0.2, 0.4], [0.3, 0.2]], dtype=torch.float64, device=DEVICE)
-    assert torch.autograd.gradcheck(lambda x, w: ext.image_prior(x, w, -1.0, 1.0, moments)[0], (x, w3))
+    assert torch.autograd.gradcheck(lambda x, w: ext_ops.image_prior(x, w, -1.0, 1.0, moments)[0], (x, w3))
 
 
 def test_terms_are_detached_and_weights_get_their_gradient(lib, gen):
     logits, target, labels, feats, w, _ = head_args(gen, DEVICE)
     w.requires_grad_(True)
-    loss, terms = ext.head_loss(logits, target, labels, feats, w)
+    loss, terms = ext_ops.head_loss(logits, target, labels, feats, w)
     assert loss.requires_grad and not terms.requires_grad
     (gw,) = torch.autograd.grad(loss * 1.5, w)
     _, ref_terms = ref.head_loss(logits, target, labels, feats, w)
@@ -278,7 +280,7 @@ def test_mixed_dtypes_and_int32_labels(lib, gen):
     for name, impl, args in (
         ("hp", ref.head_loss, (logits.double(), target.double(), labels, feats.double(), w.double())),
         ("ref_lp", ref.head_loss, (logits, target, labels, feats, w)),
-        ("ours", ext.head_loss, (logits, target, labels.int(), feats, w)),
+        ("ours", ext_ops.head_loss, (logits, target, labels.int(), feats, w)),
     ):
         z, f = [t.detach().clone().requires_grad_(True) for t in (args[0], args[3])]
         loss, terms = impl(z, args[1], args[2], f, args[4])
@@ -292,33 +294,29 @@ def test_mixed_dtypes_and_int32_labels(lib, gen):
 def test_non_contiguous_inputs(lib, gen):
     x = rand(gen, 3, 4, 7, 9, scale=1.3).to(memory_format=torch.channels_last).requires_grad_(True)
     w = torch.tensor([0.7, 1.3, 0.5], device=DEVICE)
-    for a, b in zip(ext.image_prior(x, w, -1.0, 1.0), ref.image_prior(x, w, -1.0, 1.0)):
+    for a, b in zip(ext_ops.image_prior(x, w, -1.0, 1.0), ref.image_prior(x, w, -1.0, 1.0)):
         assert_close(a, b, what="image_prior on channels_last")
-    g1 = torch.autograd.grad(ext.image_prior(x, w)[0], x)[0]
+    g1 = torch.autograd.grad(ext_ops.image_prior(x, w)[0], x)[0]
     g0 = torch.autograd.grad(ref.image_prior(x, w)[0], x)[0]
     assert_close(g1, g0, what="d/dimages on channels_last")
     phi = rand(gen, 9, 5).t().requires_grad_(True)  # [5, 9], column-major
-    g1 = torch.autograd.grad(ext.feature_loss(phi, w[:2])[0], phi)[0]
+    g1 = torch.autograd.grad(ext_ops.feature_loss(phi, w[:2])[0], phi)[0]
     g0 = torch.autograd.grad(ref.feature_loss(phi, w[:2])[0], phi)[0]
     assert_close(g1, g0, what="d/dfeatures, transposed input")
 
 
-def test_bad_arguments_are_clear_errors(lib, gen):
+def test_the_raw_ops_still_guard_their_kernels(lib, gen):
+    """The Python functions check against the declarations first (tests/test_ops.py); called directly,
+    the C++ ops reject bad input themselves rather than read out of bounds."""
     logits, target, labels, feats, w, _ = head_args(gen, "cpu")
     with pytest.raises(RuntimeError, match="label .* out of range"):
-        ext.head_loss(logits, target, labels + 100, feats, w)
+        lib.head_loss(logits, target, labels + 100, feats, w, True)
     with pytest.raises(RuntimeError, match="weights must have shape"):
-        ext.head_loss(logits, target, labels, feats, w[:3])
-    with pytest.raises(RuntimeError, match="B or 2B rows"):
-        ext.head_loss(logits[:5], target, labels, feats, w)
-    with pytest.raises(RuntimeError, match="B >= 2"):
-        ext.feature_loss(torch.randn(1, 4), w[:2])
+        lib.head_loss(logits, target, labels, feats, w[:3], True)
     with pytest.raises(RuntimeError, match=r"labels must lie in \[0, 3\)"):
-        ext.feature_loss(torch.randn(4, 4), w[:2], torch.tensor([0, 1, 3, 0]), 3)
-    with pytest.raises(RuntimeError, match="labels must be an integer tensor"):
-        ext.feature_loss(torch.randn(4, 4), w[:2], torch.zeros(4), 3)
+        lib.feature_loss(torch.randn(4, 4), w[:2], torch.tensor([0, 1, 3, 0]), 3)
     with pytest.raises(RuntimeError, match="moments must be"):
-        ext.image_prior(torch.randn(2, 3, 4, 4), w[:3], -1.0, 1.0, torch.ones(2, 2))
+        lib.image_prior(torch.randn(2, 3, 4, 4), w[:3], -1.0, 1.0, torch.ones(2, 2))
 
 
 # --- the CUDA sources compile (nvcc, compile only; runs without a GPU) ------------------------------------
@@ -343,7 +341,7 @@ def _nvcc_command(nvcc, src, obj, gen_dir):
         nvcc, "-c", src, "-o", obj,
         *[f"-I{p}" for p in includes],
         *cpp_extension.COMMON_NVCC_FLAGS,
-        *ext.nvcc_flags(["9.0"]),
+        *build.nvcc_flags(["9.0"]),
         "-std=c++20", "--compiler-options", "-fPIC",
         "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C",
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
@@ -355,7 +353,7 @@ def test_cuda_sources_compile_for_sm90():
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found (CUDA_HOME, /usr/local/cuda, PATH): the CUDA sources cannot be compile-checked")
-    sources = [s for s in ext.sources(with_cuda=True) if s.endswith(".cu")]
+    sources = [s for s in build.sources(with_cuda=True) if s.endswith(".cu")]
     assert sources, "no csrc/cuda/*.cu"
     with tempfile.TemporaryDirectory() as tmp:
         # A CPU-only torch lacks this generated header; a CUDA build of torch has exactly this content.

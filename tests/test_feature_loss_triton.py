@@ -71,7 +71,7 @@ def test_weights_gradient_is_the_terms(triton_backend, gen):
 @pytest.mark.parametrize("by_class", [False, True])
 def test_opcheck(gen, b, d, by_class):
     labels = torch.randint(0, 3, (b,), generator=gen).to(DEVICE) if by_class else None
-    torch.library.opcheck(op_module._feature_loss_op, (rand(gen, b, d).requires_grad_(True), rand_weights(gen), labels))
+    torch.library.opcheck(op_module._feature_loss_op, (rand(gen, b, d).requires_grad_(True), rand_weights(gen), labels, 3))
 
 
 def test_by_class_over_several_tiles(triton_backend, gen):

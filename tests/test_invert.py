@@ -117,7 +117,7 @@ def _objective_steps(cfg: InversionConfig, device: torch.device, steps: int = 4)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "extension"])
 def test_cuda_graph_computes_the_same_steps(backend):
     """cuda_graph=True: the loss block replayed from CUDA graphs gives the losses, terms and generator
     gradients of launching its ops, step after step (new inputs and weights copied in each time)."""

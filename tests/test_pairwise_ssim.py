@@ -1,7 +1,7 @@
 """pairwise_ssim: every implementation against scikit-image, and the drivers (blocks, top-k, classes).
 
-Implementations (``tldr_fast.ssim``): "reference" (the batched oracle), "torch" (matrix products),
-"triton" (the kernel; under the interpreter on CPU, small shapes only), "cuda" (the extension's op:
+Implementations (``tldr_fast.backends``): "reference" (the batched oracle), "torch" (matrix products),
+"triton" (the kernel; under the interpreter on CPU, small shapes only), "extension" (the extension's op:
 its CPU kernel here, its CUDA kernel on a GPU). scikit-image's ``structural_similarity`` (fp64,
 pair by pair) is the oracle: fp32 inputs must agree to ``TOL``.
 """
@@ -13,7 +13,8 @@ import pytest
 import torch
 from skimage.metrics import structural_similarity
 
-from tldr_fast import ssim
+from tldr_fast import ssim, torch_ops
+from tldr_fast.ops import SPECS
 from tldr_fast.backends import BackendUnavailable
 from tldr_fast.data import load_foolbox_samples
 from tests.helpers import DEVICE, HAS_CUDA
@@ -28,9 +29,9 @@ CONTRACT = 1e-4
 # (N, M, C, H, W): N and M not multiples of any tile; 1 and 3 channels; sizes 8 to 64.
 SMALL = [(3, 5, 1, 8, 8), (19, 21, 1, 8, 8), (4, 19, 3, 13, 17), (2, 3, 1, 9, 64)]
 LARGE = [(2, 17, 1, 28, 28), (3, 5, 3, 32, 32), (2, 3, 3, 64, 64), (7, 40, 1, 64, 7)]
-IMPLS = ["reference", "torch", "triton", "cuda"]
+IMPLS = ["reference", "torch", "triton", "extension"]
 # (implementation, device): the extension's CPU kernel and the torch path on the CPU also run on GPU machines
-CASES = [(name, DEVICE) for name in IMPLS] + ([("cuda", "cpu"), ("torch", "cpu")] if HAS_CUDA else [])
+CASES = [(name, DEVICE) for name in IMPLS] + ([("extension", "cpu"), ("torch", "cpu")] if HAS_CUDA else [])
 
 
 def cases_and_shapes(small, large):
@@ -145,7 +146,7 @@ def test_input_dtypes(name, device, dtype, gen):
     else:
         a, b = a.to(dtype), b.to(dtype)
     out = op(a.to(device), b.to(device), 1.0)
-    assert out.dtype == (torch.float64 if dtype == torch.float64 and name in ("reference", "cuda") else torch.float32)
+    assert out.dtype == (torch.float64 if dtype == torch.float64 and name in ("reference", "extension") else torch.float32)
     check(out, skimage_matrix(a, b), tol_of(name), f"{name} {dtype}")
 
 
@@ -163,7 +164,7 @@ def test_empty_and_single(name, device, gen):
 
 def test_extension_opcheck(gen):
     """Schema, fake (meta) implementation and dispatch of torch.ops.tldr_fast.pairwise_ssim."""
-    implementation("cuda", DEVICE)
+    implementation("extension", DEVICE)
     a, b = images(gen, 3, 1, 9, 10, DEVICE), images(gen, 4, 1, 9, 10, DEVICE)
     torch.library.opcheck(torch.ops.tldr_fast.pairwise_ssim.default, (a, b, 1.0))
     torch.library.opcheck(torch.ops.tldr_fast.pairwise_ssim.default, (a.double(), b.double(), 2.0))
@@ -175,7 +176,7 @@ def test_extension_opcheck(gen):
 def test_auto_picks_the_fastest_available():
     name, _ = ssim.implementation("auto", DEVICE)
     available = []
-    for cand in ssim.AUTO_ORDER[torch.device(DEVICE).type]:
+    for cand in SPECS["pairwise_ssim"].auto[torch.device(DEVICE).type]:
         try:
             ssim.implementation(cand, DEVICE)
             available.append(cand)
@@ -264,7 +265,7 @@ def test_triton_pixels_far_outside_the_data_range(gen):
     would overflow fp16x3's fp16 halves: the kernel takes tf32x3 then, and still matches."""
     op = implementation("triton", DEVICE)
     a, b = images(gen, 5, 1, 9, 9, DEVICE) * 2e5, images(gen, 7, 1, 9, 9, DEVICE) * 2e5
-    check(op(a, b, 1.0), ssim.pairwise_ssim_torch(a.double(), b.double()).double().cpu(), what="x 2e5")
+    check(op(a, b, 1.0), torch_ops.pairwise_ssim(a.double(), b.double()).double().cpu(), what="x 2e5")
 
 
 def test_triton_rejects_images_beyond_int32_offsets(monkeypatch):
@@ -278,7 +279,7 @@ def test_triton_rejects_images_beyond_int32_offsets(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["triton", "cuda"])
+@pytest.mark.parametrize("name", ["triton", "extension"])
 @pytest.mark.parametrize("shape", [(70, 130, 1, 28, 28), (33, 65, 3, 32, 32), (5, 9, 3, 64, 64), (17, 300, 1, 8, 8)])
 def test_gpu_kernel_matches_skimage(name, shape, gen):
     op = implementation(name, "cuda")
@@ -287,7 +288,7 @@ def test_gpu_kernel_matches_skimage(name, shape, gen):
     sub = slice(0, 12)  # scikit-image on a sample of rows (it runs ~5k pairs/s)
     out = op(a, b, 1.0)
     check(out[sub], skimage_matrix(a[sub], b), what=name)
-    check(out, ssim.pairwise_ssim_torch(a, b).double().cpu(), what=f"{name} vs torch path")
+    check(out, torch_ops.pairwise_ssim(a, b).double().cpu(), what=f"{name} vs torch path")
 
 
 @pytest.mark.gpu
@@ -306,7 +307,7 @@ def test_gpu_large_matrix_kernels_agree(gen):
     """1,000 x 20,000 MNIST-sized pairs: Triton, CUDA and the torch path agree; a sample against scikit-image."""
     a, b = images(gen, 1000, 1, 28, 28, "cuda"), images(gen, 20000, 1, 28, 28, "cuda")
     b[12345] = a[999]
-    tri, cu = (implementation(name, "cuda")(a, b, 1.0) for name in ("triton", "cuda"))
+    tri, cu = (implementation(name, "cuda")(a, b, 1.0) for name in ("triton", "extension"))
     check(tri, cu.double().cpu(), what="triton vs cuda")
     assert abs(cu[999, 12345].item() - 1) < TOL
     rows, cols = torch.arange(0, 1000, 97), torch.arange(0, 20000, 1999)

@@ -1,14 +1,20 @@
-"""One dispatch over the three implementations of every op.
+"""One registry of the implementations of every op, and one dispatch over them (loss ops and SSIM alike).
 
-``torch``  - ``tldr_fast.reference``: plain PyTorch, runs everywhere, the oracle of every test.
-``triton`` - ``tldr_fast.kernels`` (the folder ``kernels/``): fused Triton kernels, CUDA tensors (or
-             any tensor under ``TRITON_INTERPRET=1``, which is how CI tests them).
-``cuda``   - ``tldr_fast.extension``: the C++/CUDA extension built from ``csrc/``; its ops run on CUDA
-             tensors and, with C++ kernels, on CPU tensors.
-``auto``   - the fastest one available for the device, announced once on stderr.
+``reference`` - ``tldr_fast.reference``: the PyTorch definitions, the oracle of every test.
+``torch``     - ``tldr_fast.torch_ops``: plain PyTorch in its fastest form (the reference's code for the
+                loss ops and ``perturb``; ``pairwise_ssim`` as batched matrix products). Runs everywhere.
+``triton``    - ``tldr_fast.kernels`` (the folder ``kernels/``): fused Triton kernels, CUDA tensors (or
+                any tensor under ``TRITON_INTERPRET=1``, which is how CI tests them).
+``extension`` - ``tldr_fast.extension_ops``: the C++/CUDA extension built from ``csrc/``, with C++ kernels
+                for CPU tensors and, when built with CUDA, CUDA kernels. ``"cuda"`` is its former name,
+                still accepted.
+``auto``      - per op, the first available of the op's declared order (``tldr_fast.ops``: ``spec.auto``),
+                announced once per device type on stderr.
 
-Every backend offers the ops named in ``OPS`` with the reference's signatures. An op a backend lacks
-is taken from the next one in ``_FALLBACK``.
+Every backend offers the ops of ``tldr_fast.ops.OPS`` with the reference's signatures and checks their
+arguments against the ops' declarations. An op a backend lacks (or has no kernel for on the device) is
+taken from the next one in its ``fallback`` chain (extension -> triton -> torch -> reference), unless
+``fallback=False``.
 """
 
 from __future__ import annotations
@@ -18,27 +24,47 @@ import os
 import sys
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-OPS = ("head_loss", "feature_loss", "image_prior", "perturb", "pairwise_ssim")
-BACKENDS = ("torch", "triton", "cuda")
-_FALLBACK = {"cuda": "triton", "triton": "torch"}
+from .errors import BackendUnavailable
+from .ops import OPS, SPECS
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """A backend: the module that holds its ops, what it is, and where a missing op comes from."""
+
+    module: str
+    about: str
+    fallback: Optional[str]
+
+
+REGISTRY: Dict[str, Implementation] = {
+    "reference": Implementation("tldr_fast.reference", "the PyTorch reference", None),
+    "torch": Implementation("tldr_fast.torch_ops", "plain PyTorch", "reference"),
+    "triton": Implementation("tldr_fast.kernels", "the Triton kernels", "torch"),
+    "extension": Implementation("tldr_fast.extension_ops", "the C++/CUDA extension", "triton"),
+}
+BACKENDS: Tuple[str, ...] = tuple(REGISTRY)
+ALIASES = {"cuda": "extension"}  # a former name -> the backend's name
+NAMES: Tuple[str, ...] = ("auto", *BACKENDS, *ALIASES)  # what backend= accepts
+__all__ = ["ALIASES", "BACKENDS", "NAMES", "REGISTRY", "Backend", "BackendUnavailable", "available", "resolve",
+           "resolve_device"]
+
 _announced: set = set()
-
-
-class BackendUnavailable(RuntimeError):
-    """The requested backend cannot run here; the message says why and what to do."""
 
 
 @dataclass(frozen=True)
 class Backend:
-    """The ops of one backend for one device type: ``backend.head_loss(...)`` etc."""
+    """The ops of one backend for one device type: ``backend.head_loss(...)`` etc.; ``chosen[op]`` names
+    the implementation each op came from (its own, a fallback's, or per op under "auto")."""
 
     name: str
     device_type: str
     ops: Dict[str, Callable] = field(repr=False)
+    chosen: Dict[str, str] = field(default_factory=dict)
 
     def __getattr__(self, op: str) -> Callable:
         try:
@@ -72,51 +98,60 @@ def resolve_device(name: str, quiet: bool = False) -> torch.device:
     return device
 
 
-def _triton_module(device_type: str) -> ModuleType:
-    if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+def canonical(name: str) -> str:
+    """A backend name with its alias resolved ("cuda" -> "extension"); an unknown name is an error."""
+    name = ALIASES.get(name, name)
+    if name != "auto" and name not in REGISTRY:
+        raise BackendUnavailable(f"unknown backend {name!r}; expected 'auto' or one of {BACKENDS}")
+    return name
+
+
+def _module(name: str, device_type: str) -> ModuleType:
+    """The module of backend ``name`` for ``device_type``, or BackendUnavailable saying why not."""
+    if name == "triton" and device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise BackendUnavailable(
             "backend='triton' runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1, for tests); "
             f"device type is {device_type!r}: use backend='torch' or 'auto'"
         )
+    if name == "extension":
+        from . import extension
+
+        reason = extension.unavailable(device_type)
+        if reason is not None:
+            raise BackendUnavailable(reason)
     try:
-        return importlib.import_module("tldr_fast.kernels")
+        return importlib.import_module(REGISTRY[name].module)
     except ImportError as e:
-        raise BackendUnavailable(f"backend='triton' needs the triton package ({e}); pip install triton") from e
+        raise BackendUnavailable(f"backend={name!r} needs a missing package ({e}); pip install triton") from e
 
 
-def _cuda_module(device_type: str) -> ModuleType:
-    from . import extension
+def _op(name: str, op: str, module: ModuleType, device_type: str) -> Optional[Callable]:
+    """Backend ``name``'s ``op`` for ``device_type`` tensors, or None where it has none."""
+    if name == "extension":
+        from . import extension
 
-    extension.require(device_type)  # raises BackendUnavailable with the reason
-    return extension
-
-
-def _module(name: str, device_type: str) -> ModuleType:
-    if name == "torch":
-        return importlib.import_module("tldr_fast.reference")
-    if name == "triton":
-        return _triton_module(device_type)
-    if name == "cuda":
-        return _cuda_module(device_type)
-    raise BackendUnavailable(f"unknown backend {name!r}; expected 'auto' or one of {BACKENDS}")
+        if not (SPECS[op].extension and extension.has_kernel(op, device_type)):
+            return None
+    return getattr(module, op, None)
 
 
-def _build(name: str, device_type: str, fallback: bool) -> Backend:
-    chain = [name]
-    while fallback and chain[-1] in _FALLBACK:
-        chain.append(_FALLBACK[chain[-1]])
-    ops: Dict[str, Callable] = {}
-    for i, b in enumerate(chain):
+def _first(order: Tuple[str, ...], op: str, device_type: str) -> Tuple[str, Callable]:
+    """The first backend of ``order`` that has ``op`` for ``device_type``, and the op."""
+    for name in order:
         try:
-            mod = _module(b, device_type)
+            fn = _op(name, op, _module(name, device_type), device_type)
         except BackendUnavailable:
-            if i == 0:
-                raise
             continue
-        for op in OPS:
-            if op not in ops and hasattr(mod, op):
-                ops[op] = getattr(mod, op)
-    return Backend(name, device_type, ops)
+        if fn is not None:
+            return name, fn
+    raise BackendUnavailable(f"no backend of {order} has {op} for {device_type} tensors")
+
+
+def _chain(name: str) -> Tuple[str, ...]:
+    chain = [name]
+    while REGISTRY[chain[-1]].fallback is not None:
+        chain.append(REGISTRY[chain[-1]].fallback)
+    return tuple(chain)
 
 
 def available(device_type: str) -> Dict[str, str]:
@@ -131,44 +166,41 @@ def available(device_type: str) -> Dict[str, str]:
     return out
 
 
-def _auto(device_type: str) -> str:
-    order = ("cuda", "triton", "torch") if device_type == "cuda" else ("cuda", "torch")
-    for b in order:
-        try:
-            _module(b, device_type)
-            return b
-        except BackendUnavailable:
-            continue
-    return "torch"
-
-
 def resolve(name: str, device: "torch.device | str", quiet: bool = False, fallback: bool = True) -> Backend:
-    """The backend called ``name`` ("auto", "torch", "triton" or "cuda") for tensors on ``device``.
+    """The backend called ``name`` ("auto", "reference", "torch", "triton" or "extension") for tensors on
+    ``device``.
 
-    ``auto`` prints one line on stderr, once per device type, naming its pick. With
-    ``fallback=False`` the backend holds only its own ops (the tests use this, so that a missing
-    kernel cannot pass silently on another backend's op).
+    ``auto`` takes each op from the first available backend of the op's declared order and prints one
+    line on stderr, once per device type, naming the picks. A named backend that cannot run here is a
+    ``BackendUnavailable`` with the reason and the fix. With ``fallback=False`` the backend holds only its
+    own ops (the tests use this, so that a missing kernel cannot pass silently on another backend's op).
 
     >>> resolve("torch", "cpu").name
     'torch'
     """
     device_type = torch.device(device).type
+    name = canonical(name)
+    ops: Dict[str, Callable] = {}
+    chosen: Dict[str, str] = {}
     if name == "auto":
-        picked = _auto(device_type)
+        for op in OPS:
+            chosen[op], ops[op] = _first(SPECS[op].auto.get(device_type, ("torch",)), op, device_type)
         if not quiet and device_type not in _announced:
             _announced.add(device_type)
-            notes = {
-                ("cuda", "cpu"): " (no GPU: the C++ extension's CPU kernels)",
-                ("torch", "cpu"): " (no GPU and no built extension: the PyTorch reference)",
-            }
-            note = notes.get((picked, device_type), "")
-            print(f"tldr_fast: backend 'auto' -> {picked!r} on {device_type}{note}", file=sys.stderr)
-        name = picked
-    return _build(name, device_type, fallback)
-
-
-def get_op(op: str, backend: "Backend | str" = "auto", device: Optional["torch.device | str"] = None) -> Callable:
-    """A single op of a backend, for callers that need just one (e.g. the SSIM driver)."""
-    if isinstance(backend, str):
-        backend = resolve(backend, device or "cpu")
-    return getattr(backend, op)
+            picks: Dict[str, list] = {}
+            for op, b in chosen.items():
+                picks.setdefault(b, []).append(op)
+            said = "; ".join(f"{b!r} ({REGISTRY[b].about}): {', '.join(o)}" for b, o in picks.items())
+            print(f"tldr_fast: backend 'auto' on {device_type} -> {said}", file=sys.stderr)
+        return Backend(chosen["head_loss"], device_type, ops, chosen)
+    module = _module(name, device_type)  # raises with the reason when the named backend cannot run here
+    for op in OPS:
+        fn = _op(name, op, module, device_type)
+        if fn is not None:
+            chosen[op], ops[op] = name, fn
+        elif fallback:
+            try:
+                chosen[op], ops[op] = _first(_chain(name)[1:], op, device_type)
+            except BackendUnavailable:
+                pass
+    return Backend(name, device_type, ops, chosen)

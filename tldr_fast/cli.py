@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 PROG = "tldr-fast"
 DEMO_TRAIN_PER_CLASS = 100  # 1,000 MNIST training images
 DEMO_EPOCHS = 10
+# tldr_fast.backends.NAMES, spelled out so that the command line starts without importing the package
+BACKEND_CHOICES = ("auto", "reference", "torch", "triton", "extension", "cuda")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,7 +73,7 @@ def _add_invert_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=_positive_int, default=None, help=f"generator optimisation steps (default: {d.steps})")
     p.add_argument("--batch-size", type=_positive_int, default=None, help=f"images per step (default: {d.batch_size})")
     p.add_argument("--lr", type=float, default=None, help="generator learning rate (default: InversionConfig's)")
-    p.add_argument("--backend", default=None, choices=("auto", "torch", "triton", "cuda"), help="kernels for the loss ops and SSIM (default: auto)")
+    p.add_argument("--backend", default=None, choices=BACKEND_CHOICES, help="kernels for the loss ops and SSIM (default: auto; 'cuda' = 'extension')")
     p.add_argument("--conditioning", choices=("hot", "soft"), default=None, help="hot: one-hot (TLDR, default); soft: softmax of noise")
     p.add_argument("--grad-norm", choices=("head", "full", "off"), default=None, help="gradient-norm term: head (closed form, default), full (double backward), off")
     p.add_argument("--compile", action="store_true", default=None, help="generator and classifier under torch.compile (faster steps after a compile)")
@@ -155,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier", default=None, help="the target classifier checkpoint (its training subset, confidence)")
     p.add_argument("--eval-classifier", default=None, help="an independent classifier checkpoint for the attack accuracy")
     p.add_argument("--data", default=None, help=f"training set to compare with instead of the classifier's: {data_help}")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cuda"), help="SSIM kernels (default: auto)")
+    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help="SSIM kernels (default: auto; 'cuda' = 'extension')")
     p.add_argument("--out", required=True, help="folder for metrics.json, grid.png, summary.txt")
     _add_eval_options(p)
     _add_run_options(p)

@@ -6,14 +6,15 @@ import difflib
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
-from .reference import FEATURE_TERMS, HEAD_TERMS, PERTURBATIONS, PRIOR_TERMS
+from .backends import NAMES as BACKEND_NAMES
+from .ops import LOSS_OPS, SPECS
+from .ops.perturb import PERTURBATIONS
 
-# The loss terms of the step's ops, in the order of the per-step term vector and of ``Inversion.history``;
-# ``TERM_SLICES[op]`` is each op's block of it (the op's own term names, in its order).
+# The loss terms of the step, in the order of the per-step term vector and of ``Inversion.history``: the
+# declared terms of the fused loss ops (``tldr_fast.ops``), then the step's own terms. ``TERM_SLICES[op]``
+# is each op's block of it (the op's own term names, in its order).
 OP_TERMS = {
-    "head_loss": HEAD_TERMS,
-    "feature_loss": FEATURE_TERMS,
-    "image_prior": PRIOR_TERMS,
+    **{op: SPECS[op].terms for op in LOSS_OPS},
     "bn_stats": ("bn_stats",),
     "mode_seek": ("mode_seek",),
     "kkt": ("kkt",),
@@ -25,7 +26,6 @@ CONDITIONINGS = ("hot", "soft")
 DIVERSITIES = ("batch", "class")
 GRAD_NORMS = ("head", "full", "off")
 DTYPES = ("float32", "bfloat16")
-BACKEND_NAMES = ("auto", "torch", "triton", "cuda")
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,8 @@ class InversionConfig:
         seed: everything random (labels, latents, perturbations) derives from (seed, step).
         device: "auto" (the GPU when there is one), "cpu", "cuda", "cuda:1", ...
         dtype: "float32", or "bfloat16" autocast for the generator and classifier (losses in fp32).
-        backend: "auto", "torch" (reference), "triton" or "cuda" (the C++/CUDA extension).
+        backend: "auto" (per op, the fastest available), "reference", "torch" (plain PyTorch), "triton" or
+            "extension" (the C++/CUDA extension; "cuda" is its former name); ``tldr_fast.backends``.
         conditioning: "hot" (one-hot, TLDR) or "soft" (softmax of Gaussian logits).
         perturbation: "rademacher", "uniform" or "gaussian" noise for the robustness terms.
         eps: perturbation size as a fraction of the pixel range (the generator's [-1, 1]).
@@ -141,7 +142,7 @@ class InversionConfig:
         progress: show a progress bar.
         compile: run the generator and the classifier under ``torch.compile`` in the training loop
             (the first steps pay the compilation; measured per step on an H200 at B=1024: 1.3x
-            faster with the reference losses, 1.65x with ``backend="cuda"`` or ``"triton"``, the
+            faster with the reference losses, 1.65x with ``backend="extension"`` or ``"triton"``, the
             fastest configuration measured). Not with ``grad_norm="full"``: torch.compile has no
             double backward.
         cuda_graph: replay the loss block (head_loss, feature_loss and image_prior, forward and

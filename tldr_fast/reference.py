@@ -3,6 +3,8 @@
 This module is the oracle of the test suite: each fused kernel (``kernels/``, Triton) and each op of
 the C++/CUDA extension (``csrc/``) computes exactly these functions, with the same names, arguments
 and return values. Formulas are those of ``DESIGN.md`` section 2; autograd provides the gradients.
+Each op is declared in ``tldr_fast/ops/<op>.py`` (schema, term names, argument check); the functions
+here check their arguments with it, as every backend does.
 
 Every loss op follows one contract so that all backends are interchangeable::
 
@@ -23,15 +25,12 @@ import torch.nn.functional as F
 
 Tensor = torch.Tensor
 
-HEAD_TERMS = ("ce", "kl", "ce_pert", "kl_pert", "grad_norm")
-FEATURE_TERMS = ("cos", "ortho")
-PRIOR_TERMS = ("tv", "pix", "moments")
-PERTURBATIONS = ("rademacher", "uniform", "gaussian")
-
-# Features are divided by max(||phi||, NORM_EPS), as F.normalize does.
-NORM_EPS = 1e-12
-# The pixel std of image_prior's Moments term is sqrt(max(var, MOMENT_VAR_EPS)) (finite gradient on flat images).
-MOMENT_VAR_EPS = 1e-12
+from .ops import feature_loss as _feature_loss, head_loss as _head_loss, image_prior as _image_prior
+from .ops import pairwise_ssim as _pairwise_ssim, perturb as _perturb
+from .ops.feature_loss import NORM_EPS
+from .ops.image_prior import MOMENT_VAR_EPS
+from .ops.pairwise_ssim import SSIM_K1, SSIM_K2, SSIM_WIN
+from .ops.perturb import PERTURBATIONS
 
 
 def _acc(t: Tensor) -> Tensor:
@@ -41,7 +40,7 @@ def _acc(t: Tensor) -> Tensor:
 
 def head_loss(
     logits: Tensor,
-    target: Tensor,
+    condition: Tensor,
     labels: Tensor,
     features: Optional[Tensor],
     weights: Tensor,
@@ -51,11 +50,11 @@ def head_loss(
 
     Args:
         logits: ``[N, K]`` with N = B (clean only) or 2B (clean rows first, then perturbed).
-        target: ``[B, K]`` conditioning distribution ``c`` (one-hot for hot conditioning).
+        condition: ``[B, K]`` conditioning distribution ``c`` (one-hot for hot conditioning).
         labels: ``[B]`` int64 class of each sample (``argmax c``).
         features: ``[B, D]`` penultimate features of the clean images (input of the linear head),
             or None to skip the grad-norm term.
-        weights: ``[5]`` fp32 weights of ``HEAD_TERMS``.
+        weights: ``[5]`` fp32 weights of the terms (``tldr_fast.ops.head_loss.TERMS``).
         head_bias: whether the linear head has a bias (adds ``||d CE/db||^2``).
 
     Returns:
@@ -65,10 +64,11 @@ def head_loss(
     ``H(c, p) = -(1/B) sum_i sum_k c_ik log p_ik`` (the CE for hot c). With ``E = P - C``:
     ``grad_W = E^T Phi / B``, ``grad_b = sum_i e_i / B``.
     """
+    _head_loss.check(logits, condition, labels, features, weights, head_bias)
     n, k = logits.shape
-    b = target.shape[0]
+    b = condition.shape[0]
     logp = F.log_softmax(_acc(logits), dim=1)  # [N, K]
-    c = target.to(logp.dtype)
+    c = condition.to(logp.dtype)
     zero = logp.new_zeros(())
 
     def ce_kl(lp: Tensor) -> Tuple[Tensor, Tensor]:
@@ -97,7 +97,7 @@ def feature_loss(features: Tensor, weights: Tensor, labels: Optional[Tensor] = N
 
     Args:
         features: ``[B, D]`` with B >= 2.
-        weights: ``[2]`` fp32 weights of ``FEATURE_TERMS``.
+        weights: ``[2]`` fp32 weights of the terms (``tldr_fast.ops.feature_loss.TERMS``).
         labels: None (all pairs), or ``[B]`` int64 in ``[0, num_classes)``: only pairs with equal labels.
         num_classes: K, with ``labels`` (the per-class sums are ``[K, D]``; no host sync on the labels).
 
@@ -111,6 +111,7 @@ def feature_loss(features: Tensor, weights: Tensor, labels: Optional[Tensor] = N
         ``M_ij = [y_i = y_j]``, i.e. ``(sum_{i,j: y_i = y_j} (phi_i . phi_j)^2 - 2||Phi||_F^2 + B) / sum_k n_k^2``.
         Every sample of a class is one term of its class; the all-pairs form is the one-class case.
     """
+    _feature_loss.check(features, weights, labels, num_classes)
     phi = _acc(features)
     b, d = phi.shape
     u = phi / phi.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
@@ -135,7 +136,7 @@ def image_prior(
 
     Args:
         images: ``[B, C, H, W]``.
-        weights: ``[3]`` fp32 weights of ``PRIOR_TERMS``.
+        weights: ``[3]`` fp32 weights of the terms (``tldr_fast.ops.image_prior.TERMS``).
         lo, hi: the valid pixel range.
         moments: None, or ``[2, C]``: the per-channel mean and std (of images mapped to [0, 1]) of the
             data the classifier was trained on - the normalisation it ships with.
@@ -148,6 +149,7 @@ def image_prior(
         over the batch and the pixels: the classifier's normalised input should have zero mean and unit
         variance per channel, as its training data had (0 without ``moments``).
     """
+    _image_prior.check(images, weights, lo, hi, moments)
     x = _acc(images)
     b = x.shape[0]
     tv = ((x[:, :, 1:, :] - x[:, :, :-1, :]).square().sum() + (x[:, :, :, 1:] - x[:, :, :, :-1]).square().sum()) / b
@@ -188,24 +190,25 @@ def perturb(images: Tensor, eps: float, lo: float, hi: float, kind: str, seed: i
     Backends draw their noise from their own generators: the same seed gives the same images within
     one backend, not across backends.
     """
+    _perturb.check(images, eps, lo, hi, kind, seed)
     gen = torch.Generator(device=images.device).manual_seed(int(seed))
     x = _acc(images)
     s = perturb_noise(images.shape, kind, gen, images.device, x.dtype)
     return (x + eps * s).clamp(lo, hi).to(images.dtype)
 
 
-def grad_norm_full(logits: Tensor, target: Tensor, params) -> Tensor:
+def grad_norm_full(logits: Tensor, condition: Tensor, params) -> Tensor:
     """``||grad_theta H(c, p)||_2`` over all classifier parameters, by double backward.
 
     Args:
         logits: ``[B, K]`` clean logits, part of a graph that reaches ``params``.
-        target: ``[B, K]`` conditioning distribution.
+        condition: ``[B, K]`` conditioning distribution.
         params: the classifier's parameters (with ``requires_grad``).
 
     Returns a differentiable scalar (``create_graph=True``).
     """
     logp = F.log_softmax(_acc(logits), dim=1)
-    h = -(target.to(logp.dtype) * logp).sum(1).mean()
+    h = -(condition.to(logp.dtype) * logp).sum(1).mean()
     grads = torch.autograd.grad(h, params, create_graph=True, allow_unused=True)
     return torch.sqrt(sum(_acc(g).square().sum() for g in grads if g is not None))
 
@@ -299,12 +302,6 @@ def mode_seek(images: Tensor, latents: Tensor) -> Tensor:
     return 1.0 / ((dx / dz.clamp_min(1e-12)).mean() + 1e-5)
 
 
-# SSIM constants: scikit-image's defaults (uniform 7x7 window, K1, K2, sample covariance).
-SSIM_WIN = 7
-SSIM_K1 = 0.01
-SSIM_K2 = 0.03
-
-
 def pairwise_ssim(a: Tensor, b: Tensor, data_range: float = 1.0) -> Tensor:
     """SSIM of every image of ``a`` against every image of ``b``, as scikit-image defines it.
 
@@ -319,6 +316,7 @@ def pairwise_ssim(a: Tensor, b: Tensor, data_range: float = 1.0) -> Tensor:
     (``tldr_fast.ssim.pairwise_ssim`` does). It computes in fp64, as scikit-image does: in fp32,
     ``box(a b) - mu_a mu_b`` cancels on flat bright images.
     """
+    _pairwise_ssim.check(a, b, data_range)
     out_dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
     a, b = a.double(), b.double()
     c, h, w = a.shape[1:]

@@ -2,40 +2,34 @@
 
 SSIM is scikit-image's ``structural_similarity`` with its defaults (7x7 uniform window, K1 = 0.01,
 K2 = 0.03, sample covariance, ``data_range`` 1 for images in [0, 1]), averaged over the valid window
-positions and the channels. ``tldr_fast.reference.pairwise_ssim`` defines it. The "cuda", "triton"
-and "torch" implementations agree with scikit-image to 1e-4 (~1e-7 measured); the fp32 reference
-computes ``E[ab] - E[a]E[b]``, which cancels in flat bright regions (errors up to ~2e-4 there).
+positions and the channels. ``tldr_fast.reference.pairwise_ssim`` defines it (declared in
+``tldr_fast/ops/pairwise_ssim.py``). The "extension", "triton" and "torch" implementations agree with
+scikit-image to 1e-4 (~1e-7 measured); the fp32 reference computes ``E[ab] - E[a]E[b]``, which cancels
+in flat bright regions (errors up to ~2e-4 there).
 
-Implementations (``backend=``), all computing the same ``[n, m]`` block of the matrix:
+Implementations (``backend=``, from the one backend registry ``tldr_fast.backends``), all computing the
+same ``[n, m]`` block of the matrix:
 
-* ``"cuda"``: the C++/CUDA extension's op ``torch.ops.tldr_fast.pairwise_ssim`` (``csrc/*/pairwise_ssim*``):
-  a CPU kernel vectorised over pairs, and a CUDA kernel;
+* ``"extension"``: the C++/CUDA extension's op ``torch.ops.tldr_fast.pairwise_ssim``
+  (``csrc/*/pairwise_ssim*``): a CPU kernel vectorised over pairs, and a CUDA kernel;
 * ``"triton"``: ``tldr_fast.kernels.pairwise_ssim``, tiled tensor-core matrix products (GPU; each
   fp32 operand as fp16 hi + lo halves, three products: fp32-accurate at fp16 tensor-core speed);
-* ``"torch"``: :func:`pairwise_ssim_torch` below, plain PyTorch organised as batched matrix products;
+* ``"torch"``: ``tldr_fast.torch_ops.pairwise_ssim``, plain PyTorch organised as batched matrix products;
 * ``"reference"``: the batched oracle (materialises ``[n, m, C, H, W]``; for tests and benchmarks).
 
-``"auto"`` takes the first available of ``AUTO_ORDER[device type]``. The drivers split any ``N x M``
-into blocks sized from ``budget_mb``, so nothing runs out of memory; :func:`nearest_ssim` streams the
-top-k per row without storing ``N x M``.
-
-Cost: the window means and variances belong to one image and are computed once per image; only the
-cross term ``sum_q a_q b_q`` over each window is per pair. Seen per window position ``p``, it is a
-matrix product ``[n, 49] x [49, m]`` of the images' windows; with each window's mean subtracted first
-(``cov = sum_q (a_q - mu_a)(b_q - mu_b) / 48``) there is no cancellation and fp32 is accurate.
+``"auto"`` takes the first available of the op's declared order. The drivers split any ``N x M`` into
+blocks sized from ``budget_mb``, so nothing runs out of memory; :func:`nearest_ssim` streams the top-k
+per row without storing ``N x M``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import sys
 from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from . import extension, reference
+from . import torch_ops
 from .backends import BackendUnavailable, resolve, resolve_device
 from .distributed import bounds
 from .progress import progress_bar
@@ -44,22 +38,8 @@ Tensor = torch.Tensor
 ArrayLike = Union[Tensor, np.ndarray]
 SsimOp = Callable[[Tensor, Tensor, float], Tensor]
 
-WIN = reference.SSIM_WIN
-NPIX = WIN * WIN  # pixels per window
-IMPLEMENTATIONS = {
-    "cuda": "the C++/CUDA extension",
-    "triton": "the Triton kernel",
-    "torch": "PyTorch matrix products",
-    "reference": "the batched reference",
-}
-# Preference of backend="auto" per device type: the first one available is used.
-# On a GPU the Triton kernel comes first: 56 ms for 1,000 x 60,000 on an H200 against 197 ms for the
-# extension's CUDA kernel (BENCHMARKS.md).
-AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cuda", "torch")}
-# Elements of each [positions, n, m] temporary of the torch path: large enough that the per-op
-# overhead (and, on the CPU, the threads' synchronisation) is small, small enough to stay in memory.
-TORCH_CHUNK = {"cpu": 1 << 20, "cuda": 1 << 24}
-_announced: set = set()
+WIN = torch_ops.WIN
+NPIX = torch_ops.NPIX
 
 
 # --- inputs ----------------------------------------------------------------------------------------
@@ -99,107 +79,18 @@ def _pair(a: ArrayLike, b: ArrayLike) -> Tuple[Tensor, Tensor]:
     return a, b
 
 
-# --- the torch implementation ----------------------------------------------------------------------
-
-
-def _centered_windows(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """Every 7x7 window of every image, minus its mean, and the windows' statistics.
-
-    x: ``[n, C, H, W]`` fp32 -> ``(windows [P, n, 49], mu [P, n], var [P, n])`` over the ``P = C (H-6)(W-6)``
-    positions: ``windows[p, i, q] = x_i[q] - mu[p, i]`` (pixel q of window p), ``var`` the sample variance.
-    """
-    n, c, h, w = x.shape
-    win = F.unfold(x.reshape(n * c, 1, h, w), WIN)  # [n C, 49, (H-6)(W-6)]
-    mu = win.mean(1, keepdim=True)
-    win = win.sub_(mu)
-    var = win.square().sum(1).div_(NPIX - 1)  # [n C, (H-6)(W-6)]
-    pos = c * win.shape[-1]
-    windows = win.view(n, c, NPIX, win.shape[-1]).permute(1, 3, 0, 2).reshape(pos, n, NPIX)
-    return windows, mu.view(n, pos).t(), var.view(n, pos).t()
-
-
-@contextlib.contextmanager
-def _exact_fp32_matmul(device: torch.device) -> Iterator[None]:
-    """fp32 matrix products in full precision (no TF32) while inside, whatever the global setting."""
-    if device.type != "cuda":
-        yield
-        return
-    saved = torch.backends.cuda.matmul.fp32_precision
-    torch.backends.cuda.matmul.fp32_precision = "ieee"
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.fp32_precision = saved
-
-
-def pairwise_ssim_torch(a: Tensor, b: Tensor, data_range: float = 1.0) -> Tensor:
-    """``reference.pairwise_ssim`` in plain PyTorch, organised as batched matrix products.
-
-    a: ``[N, C, H, W]``, b: ``[M, C, H, W]`` floats (uint8: divided by 255) -> ``[N, M]`` fp32.
-
-    Per window position p (a batch of the products): ``2 cov + c2 = (2/48) W_a,p W_b,p^T + c2`` with
-    the centred windows ``W`` (``[n, 49]``), and ``2 mu_a mu_b + c1`` likewise as a rank-1 product;
-    positions are taken in chunks so that the ``[chunk, n, m]`` temporaries stay small.
-    """
-    device = a.device
-    a, b = as_unit_images(a).float(), as_unit_images(b).float()
-    wa, mua, va = _centered_windows(a)  # [P, N, 49], [P, N], [P, N]
-    wb, mub, vb = _centered_windows(b)  # [P, M, 49], [P, M], [P, M]
-    pos, n, m = wa.shape[0], a.shape[0], b.shape[0]
-    c1 = (reference.SSIM_K1 * data_range) ** 2
-    c2 = (reference.SSIM_K2 * data_range) ** 2
-    lum_a, lum_b = (mua.square() + c1)[:, :, None], mub.square()[:, None, :]  # mu_a^2 + c1, mu_b^2
-    con_a, con_b = (va + c2)[:, :, None], vb[:, None, :]  # var_a + c2, var_b
-    c1_t, c2_t = a.new_full((1, 1, 1), c1), a.new_full((1, 1, 1), c2)
-    out = a.new_zeros(n, m)
-    step = max(1, TORCH_CHUNK.get(device.type, TORCH_CHUNK["cuda"]) // max(1, n * m))
-    with _exact_fp32_matmul(device):
-        for s in range(0, pos, step):
-            p = slice(s, s + step)
-            num = torch.baddbmm(c2_t, wa[p], wb[p].transpose(1, 2), alpha=2 / (NPIX - 1))  # 2 cov + c2
-            num.mul_(torch.baddbmm(c1_t, mua[p, :, None], mub[p, None, :], alpha=2))  # (2 mu_a mu_b + c1)
-            den = torch.add(lum_a[p], lum_b[p]).mul_(con_a[p] + con_b[p])
-            out += num.div_(den).sum(0)
-    return out.div_(pos)
-
-
 # --- choosing an implementation ----------------------------------------------------------------------
 
 
-def _op(name: str, device: torch.device) -> SsimOp:
-    """The ``pairwise_ssim`` of one implementation, or ``BackendUnavailable`` saying why not."""
-    if name == "torch":
-        return pairwise_ssim_torch
-    if name == "reference":
-        return reference.pairwise_ssim
-    if name in ("cuda", "triton"):
-        ops = resolve(name, device, quiet=True, fallback=False)
-        missing = BackendUnavailable(f"backend {name!r} has no pairwise_ssim kernel for {device.type} tensors")
-        if not hasattr(ops, "pairwise_ssim"):
-            raise missing
-        if name == "cuda" and not extension._has_kernel("pairwise_ssim", device.type):
-            raise missing  # e.g. an extension built without csrc/cuda/pairwise_ssim.cu
-        return ops.pairwise_ssim
-    raise BackendUnavailable(f"unknown SSIM backend {name!r}; expected 'auto' or one of {tuple(IMPLEMENTATIONS)}")
-
-
 def implementation(backend: str = "auto", device: Optional[Union[str, torch.device]] = None) -> Tuple[str, SsimOp]:
-    """``(name, op)``: the implementation that ``backend`` means on ``device`` (default: the GPU when
-    there is one). ``"auto"`` takes the first available of ``AUTO_ORDER`` and says so once on stderr."""
+    """``(name, op)``: the ``pairwise_ssim`` that ``backend`` means on ``device`` (default: the GPU when
+    there is one), from the backend registry (``tldr_fast.backends``); ``"auto"`` takes the first available
+    of the op's declared order. A named backend without the op for the device is ``BackendUnavailable``."""
     device = resolve_device("auto" if device is None else str(device), quiet=True)
-    if backend != "auto":
-        return backend, _op(backend, device)
-    for name in AUTO_ORDER.get(device.type, ("torch",)):
-        try:
-            op = _op(name, device)
-        except BackendUnavailable:
-            continue
-        if device.type not in _announced:
-            _announced.add(device.type)
-            print(f"tldr_fast: pairwise_ssim backend 'auto' -> {name!r} ({IMPLEMENTATIONS[name]}) on {device.type}",
-                  file=sys.stderr)
-        return name, op
-    raise AssertionError("unreachable: the torch implementation is always available")
+    ops = resolve(backend, device, fallback=False)
+    if not hasattr(ops, "pairwise_ssim"):
+        raise BackendUnavailable(f"backend {backend!r} has no pairwise_ssim kernel for {device.type} tensors")
+    return ops.chosen["pairwise_ssim"], ops.pairwise_ssim
 
 
 # --- blocks ------------------------------------------------------------------------------------------
@@ -211,7 +102,7 @@ def _footprint(name: str, device: torch.device, c: int, h: int, w: int) -> Tuple
     if name == "reference":  # products, window sums and formula temporaries of [n, m, C, H, W]
         return 0, 8 * c * h * w, 24 * c * h * w
     if name == "torch":  # unfolded, centred and permuted windows; the [chunk, n, m] temporaries
-        return 16 * TORCH_CHUNK.get(device.type, TORCH_CHUNK["cuda"]), 12 * NPIX * pos, 16
+        return 16 * torch_ops.TORCH_CHUNK.get(device.type, torch_ops.TORCH_CHUNK["cuda"]), 12 * NPIX * pos, 16
     return 0, 24 * (c * h * w + 2 * pos), 16  # fp64 copies, pixel-major copies, window statistics
 
 
@@ -252,7 +143,7 @@ def pairwise_ssim(
         a: ``[N, C, H, W]`` or ``[N, H, W]``, uint8 (divided by 255) or float in ``[0, data_range]``;
             a tensor on any device or a numpy array.
         b: ``[M, C, H, W]`` or ``[M, H, W]``, the same channels and size as ``a``.
-        backend: "auto", "cuda", "triton", "torch" or "reference" (see the module docstring).
+        backend: "auto", "extension", "triton", "torch" or "reference" (see the module docstring).
         device: where to compute; default the GPU when there is one. Blocks move there one at a time.
         budget_mb: working memory of one block on ``device``.
         progress: show a progress bar over the blocks.

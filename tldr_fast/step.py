@@ -10,7 +10,7 @@ from . import distributed, reference
 from .backends import Backend
 from .classifier import FrozenClassifier
 from .config import TERM_SLICES, TERMS, InversionConfig
-from .reference import FEATURE_TERMS
+from .ops.feature_loss import TERMS as FEATURE_TERMS
 from .generator import ConditionedGenerator, sample_conditions
 
 Tensor = torch.Tensor

@@ -172,12 +172,12 @@ void head_loss_cpu_kernel(const HeadLossInputs& in, bool head_bias, at::Tensor& 
   const int64_t n = in.n, b = in.b, k = in.k, d = in.d;
   const bool gn = in.features.defined();
   const scalar_t* z = in.logits.const_data_ptr<scalar_t>();  // [N, K]
-  const acc_t* c = in.target.const_data_ptr<acc_t>();        // [B, K]
+  const acc_t* c = in.condition.const_data_ptr<acc_t>();        // [B, K]
   const int64_t* y = in.labels.const_data_ptr<int64_t>();    // [B]
   const acc_t* w = in.weights.const_data_ptr<acc_t>();       // [5]
   scalar_t* gz = grad_logits.mutable_data_ptr<scalar_t>();   // [N, K]
 
-  const auto opts = in.target.options();
+  const auto opts = in.condition.options();
   at::Tensor row_ce = at::empty({n}, opts), row_kl = at::empty({n}, opts), row_sc = at::empty({b}, opts);
   at::Tensor row_inv_se = gn ? at::empty({b}, opts) : at::Tensor();  // clean rows: p = ex / sum(ex)
   const int64_t kp = (k + kKB - 1) / kKB * kKB;  // classes padded for the grad-norm's register blocks
@@ -305,10 +305,10 @@ void head_loss_cpu_kernel(const HeadLossInputs& in, bool head_bias, at::Tensor& 
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_loss_cpu(
-    const at::Tensor& logits, const at::Tensor& target, const at::Tensor& labels,
+    const at::Tensor& logits, const at::Tensor& condition, const at::Tensor& labels,
     const std::optional<at::Tensor>& features, const at::Tensor& weights, bool head_bias) {
-  const HeadLossInputs in = prepare_head_loss(logits, target, labels, features, weights);
-  const auto acc_opts = in.target.options();
+  const HeadLossInputs in = prepare_head_loss(logits, condition, labels, features, weights);
+  const auto acc_opts = in.condition.options();
   at::Tensor loss = at::empty({}, acc_opts);
   at::Tensor terms = at::empty({5}, acc_opts);
   at::Tensor grad_logits = at::empty_like(in.logits);

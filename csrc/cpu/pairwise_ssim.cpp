@@ -230,10 +230,6 @@ at::Tensor pairwise_ssim_cpu(const at::Tensor& a, const at::Tensor& b, double da
 }  // namespace ssim
 }  // namespace tldr_fast
 
-TORCH_LIBRARY_FRAGMENT(tldr_fast, m) {
-  m.def("pairwise_ssim(Tensor a, Tensor b, float data_range) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(tldr_fast, CPU, m) {
   m.impl("pairwise_ssim", &tldr_fast::ssim::pairwise_ssim_cpu);
 }

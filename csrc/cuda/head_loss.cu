@@ -31,7 +31,7 @@ constexpr int kGnThreads = 128;
 
 template <typename scalar_t, typename acc_t>
 __global__ void head_rows_kernel(const scalar_t* __restrict__ logits,  // [N, K]
-                                 const acc_t* __restrict__ target,     // [B, K]
+                                 const acc_t* __restrict__ condition,     // [B, K]
                                  const int64_t* __restrict__ labels,   // [B]
                                  const acc_t* __restrict__ weights,    // [5]
                                  scalar_t* __restrict__ grad_logits,   // [N, K]
@@ -47,7 +47,7 @@ __global__ void head_rows_kernel(const scalar_t* __restrict__ logits,  // [N, K]
   if (r < n) {  // warp-uniform
     const int64_t i = clean ? r : r - b;
     const scalar_t* z = logits + r * k;
-    const acc_t* c = target + i * k;
+    const acc_t* c = condition + i * k;
     const int64_t y = labels[i];
     CUDA_KERNEL_ASSERT(y >= 0 && y < k);
     // online max and sum of exp per lane, merged across the warp
@@ -181,7 +181,7 @@ __global__ void head_finalize_kernel(const acc_t* __restrict__ row_partial,  // 
 
 template <typename scalar_t, typename acc_t>
 __global__ void head_gn_kernel(const scalar_t* __restrict__ logits,  // [N, K], clean rows first
-                               const acc_t* __restrict__ target,     // [B, K]
+                               const acc_t* __restrict__ condition,     // [B, K]
                                const int64_t* __restrict__ labels,   // [B]
                                const scalar_t* __restrict__ phi,     // [B, D]
                                const acc_t* __restrict__ e_pad,      // [B, Kp]
@@ -197,7 +197,7 @@ __global__ void head_gn_kernel(const scalar_t* __restrict__ logits,  // [N, K], 
   const int64_t i = blockIdx.x;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
   const scalar_t* z = logits + i * k;
-  const acc_t* c = target + i * k;
+  const acc_t* c = condition + i * k;
   const scalar_t* ph = phi + i * d;
   const acc_t* e = e_pad + i * kp;
   acc_t* m = m_buf + i * k;
@@ -233,17 +233,17 @@ __global__ void head_gn_kernel(const scalar_t* __restrict__ logits,  // [N, K], 
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_loss_cuda(
-    const at::Tensor& logits, const at::Tensor& target, const at::Tensor& labels,
+    const at::Tensor& logits, const at::Tensor& condition, const at::Tensor& labels,
     const std::optional<at::Tensor>& features, const at::Tensor& weights, bool head_bias) {
   const c10::cuda::CUDAGuard guard(logits.device());
-  const HeadLossInputs in = prepare_head_loss(logits, target, labels, features, weights);
+  const HeadLossInputs in = prepare_head_loss(logits, condition, labels, features, weights);
   TORCH_CHECK(in.k < (1 << 30) && in.d < (1 << 30), "head_loss: K and D must be < 2^30");
   const bool gn = in.features.defined();
   const int64_t n = in.n, b = in.b;
   const int k = int(in.k), d = int(in.d);
   const int kp = (k + kGramK - 1) / kGramK * kGramK;
   const int de = d + (head_bias ? 1 : 0);
-  const auto acc_opts = in.target.options();
+  const auto acc_opts = in.condition.options();
   at::Tensor loss = at::empty({}, acc_opts);
   at::Tensor terms = at::empty({5}, acc_opts);
   at::Tensor grad_logits = at::empty_like(in.logits);
@@ -279,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_loss_cuda(
     acc_t* scale = gn ? sq + n_sq : nullptr;
     acc_t* m = gn ? scale + n_scale : nullptr;
     const scalar_t* z = in.logits.const_data_ptr<scalar_t>();
-    const acc_t* c = in.target.const_data_ptr<acc_t>();
+    const acc_t* c = in.condition.const_data_ptr<acc_t>();
     const int64_t* y = in.labels.const_data_ptr<int64_t>();
     const acc_t* w = in.weights.const_data_ptr<acc_t>();
     scalar_t* gz = grad_logits.mutable_data_ptr<scalar_t>();

@@ -1,0 +1,256 @@
+"""The op declarations (``tldr_fast/ops/``) and the structure built on them: every backend rejects the same
+bad input with the same error, the term layout and the "auto" order come from the declarations, the
+backend registry is the one dispatch, the package has no import cycle, the kernels import only the
+declarations, and every document a source file cites exists.
+"""
+
+import ast
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from tldr_fast import backends, cli, config
+from tldr_fast.backends import BACKENDS, BackendUnavailable, resolve
+from tldr_fast.ops import LOSS_OPS, OPS, SPECS
+from tests.helpers import backend_or_skip
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- the declarations --------------------------------------------------------------------------------
+
+
+def test_every_op_is_declared_once_with_the_files_it_names():
+    assert set(OPS) == {"head_loss", "feature_loss", "image_prior", "perturb", "pairwise_ssim"}
+    for name, spec in SPECS.items():
+        assert spec.name == name and spec.schema.startswith("(") and "->" in spec.schema
+        assert (ROOT / "tldr_fast" / "ops" / f"{name}.py").exists()
+        missing = [f for f in spec.files if not (ROOT / f).exists()]
+        assert not missing, f"{name} names files that do not exist: {missing}"
+        assert any(f.startswith("tests/") for f in spec.files) and any(f.startswith("benchmarks/") for f in spec.files)
+        assert set(spec.auto) == {"cpu", "cuda"} and all(b in BACKENDS for o in spec.auto.values() for b in o)
+    for name in LOSS_OPS:
+        spec = SPECS[name]
+        assert spec.terms and spec.weights_arg is not None and spec.grad_inputs
+        assert f"{spec.weights_arg}" and "Tensor weights" in spec.schema
+
+
+def test_the_term_layout_is_the_declared_terms_by_name():
+    declared = tuple(t for op in LOSS_OPS for t in SPECS[op].terms)
+    assert config.TERMS[: len(declared)] == declared
+    for op in LOSS_OPS:
+        assert config.TERMS[config.TERM_SLICES[op]] == SPECS[op].terms
+
+
+def test_backend_names_are_one_list():
+    assert cli.BACKEND_CHOICES == backends.NAMES
+    for name in backends.NAMES:
+        config.InversionConfig(backend=name)
+    with pytest.raises(ValueError, match="backend"):
+        config.InversionConfig(backend="numpy")
+    with pytest.raises(BackendUnavailable, match="unknown backend"):
+        resolve("numpy", "cpu")
+
+
+def test_auto_takes_each_op_from_its_declared_order():
+    auto = resolve("auto", "cpu", quiet=True)
+    for op in OPS:
+        expected = None
+        for name in SPECS[op].auto["cpu"]:
+            try:
+                if hasattr(resolve(name, "cpu", fallback=False), op):
+                    expected = name
+                    break
+            except BackendUnavailable:
+                continue
+        assert auto.chosen[op] == expected, op
+        assert auto.chosen[op] != "reference"
+
+
+def test_fallback_fills_what_a_backend_lacks():
+    torch_only = resolve("torch", "cpu", fallback=False)
+    assert set(torch_only.ops) == set(OPS)  # plain PyTorch has every op
+    ref = resolve("reference", "cpu", fallback=False)
+    assert set(ref.ops) == set(OPS) and set(ref.chosen.values()) == {"reference"}
+
+
+# --- the same bad input, the same error, on every backend -----------------------------------------------
+
+
+def _w(n):
+    return torch.ones(n)
+
+
+def _head(b=4, k=3, **change):
+    args = dict(logits=torch.randn(2 * b, k), condition=torch.softmax(torch.randn(b, k), 1),
+                labels=torch.tensor([0, 1, 2, 0][:b]), features=torch.randn(b, 5), weights=_w(5), head_bias=True)
+    args.update(change)
+    return tuple(args.values())
+
+
+BAD = {
+    "head_loss": [
+        (_head(labels=torch.tensor([0, 1, 3, 0])), r"labels must lie in \[0, 3\), got values in \[0, 3\]"),
+        (_head(labels=torch.tensor([0, 1, -1, 0])), r"labels must lie in \[0, 3\)"),
+        (_head(weights=_w(3)), r"weights must have shape \[5\]"),
+        (_head(logits=torch.randn(5, 3)), "logits must have B or 2B rows"),
+        (_head(labels=torch.zeros(4)), "labels must be an integer tensor"),
+        (_head(features=torch.randn(3, 5)), "features must be"),
+        (_head(condition=torch.rand(4, 2)), "condition must be"),
+        (_head(logits=torch.randn(8, 3).long()), "logits must be a floating-point tensor"),
+    ],
+    "feature_loss": [
+        ((torch.randn(1, 4), _w(2)), "B >= 2"),
+        ((torch.randn(4, 4), _w(2), torch.zeros(4), 3), "labels must be an integer tensor"),
+        ((torch.randn(4, 4), _w(2), torch.tensor([0, 1, 3, 0]), 3), r"labels must lie in \[0, 3\)"),
+        ((torch.randn(4, 4), _w(3)), r"weights must have shape \[2\]"),
+        ((torch.randn(4, 4), _w(2), torch.tensor([0, 1, 1, 0])), "num_classes must be an int >= 1"),
+        ((torch.randn(4, 4), _w(2), torch.tensor([0, 1, 1])), "labels must be"),
+    ],
+    "image_prior": [
+        ((torch.randn(2, 4, 4), _w(3)), "images must be a non-empty"),
+        ((torch.randn(2, 3, 4, 4), _w(3), -1.0, 1.0, torch.ones(2, 2)), r"moments must be \[2, C\] with C = 3"),
+        ((torch.randn(2, 3, 4, 4), _w(3), 1.0, -1.0), "lo < hi"),
+        ((torch.randn(2, 3, 4, 4), _w(2)), r"weights must have shape \[3\]"),
+    ],
+    "perturb": [
+        ((torch.randn(2, 1, 4, 4), 0.1, -1.0, 1.0, "salt", 0), "unknown perturbation 'salt'"),
+        ((torch.randn(2, 1, 4, 4), -0.1, -1.0, 1.0, "uniform", 0), "eps must be finite and >= 0"),
+        ((torch.randn(2, 1, 4, 4), 0.1, -1.0, 1.0, "uniform", 0.5), "seed must be an int"),
+    ],
+    "pairwise_ssim": [
+        ((torch.rand(2, 1, 6, 8), torch.rand(2, 1, 6, 8)), "at least 7x7"),
+        ((torch.rand(2, 1, 8, 8), torch.rand(2, 3, 8, 8)), r"the same \[C, H, W\]"),
+        ((torch.ones(2, 1, 8, 8, dtype=torch.int32), torch.ones(2, 1, 8, 8, dtype=torch.int32)), "uint8 or floating"),
+        ((torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8), 0.0), "data_range must be finite and > 0"),
+        ((torch.rand(2, 8, 8), torch.rand(2, 1, 8, 8)), r"\[N, C, H, W\]"),
+    ],
+}
+CASES = [pytest.param(op, i, id=f"{op}-{i}") for op, cases in BAD.items() for i in range(len(cases))]
+
+
+@pytest.mark.parametrize("op,i", CASES)
+def test_every_backend_rejects_bad_input_alike(op, i):
+    args, pattern = BAD[op][i]
+    messages = {}
+    for name in BACKENDS:
+        try:
+            ops = resolve(name, "cpu", quiet=True, fallback=False)
+        except BackendUnavailable:
+            continue
+        if not hasattr(ops, op):
+            continue
+        with pytest.raises(ValueError, match=pattern) as e:
+            getattr(ops, op)(*args)
+        messages[name] = str(e.value)
+    assert {"reference", "torch"} <= set(messages), messages
+    assert len(set(messages.values())) == 1, f"backends disagree: {messages}"
+    assert next(iter(messages.values())).startswith(f"{op}: ")
+
+
+def test_the_triton_and_extension_backends_run_the_checks():
+    """The cross-backend test above covers a backend only where it runs here: say which ran."""
+    for name in ("triton", "extension"):
+        ops = backend_or_skip(name, "cpu")
+        with pytest.raises(ValueError, match="B >= 2"):
+            ops.feature_loss(torch.randn(1, 4), _w(2))
+
+
+# --- structure ---------------------------------------------------------------------------------------
+
+
+def _modules():
+    """``{module name: path}`` of the package (``kernels/`` is installed as ``tldr_fast.kernels``)."""
+    out = {}
+    for folder, package in ((ROOT / "tldr_fast", "tldr_fast"), (ROOT / "kernels", "tldr_fast.kernels")):
+        for path in folder.rglob("*.py"):
+            rel = path.relative_to(folder).with_suffix("")
+            parts = [p for p in rel.parts if p != "__init__"]
+            out[".".join([package, *parts])] = path
+    return out
+
+
+def _imports(name, path, modules):
+    """The package modules that ``name`` imports anywhere in its file (functions included)."""
+    is_package = path.name == "__init__.py"
+    base = name if is_package else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [(a.name, None) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                pkg = base.rsplit(".", node.level - 1)[0] if node.level > 1 else base
+                mod = f"{pkg}.{node.module}" if node.module else pkg
+            else:
+                mod = node.module
+            targets = [(mod, a.name) for a in node.names]
+        else:
+            continue
+        for mod, attr in targets:
+            if attr and f"{mod}.{attr}" in modules:
+                found.add(f"{mod}.{attr}")
+            elif mod in modules:
+                found.add(mod)
+    return found - {name}
+
+
+def test_no_import_cycles_and_kernels_import_only_the_declarations():
+    modules = _modules()
+    graph = {m: _imports(m, p, modules) for m, p in modules.items()}
+    # Tarjan's strongly connected components: a cycle is a component of more than one module
+    index, low, stack, on, cycles, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    assert not cycles, f"import cycles: {cycles}"
+    for m, deps in graph.items():
+        if m.startswith("tldr_fast.kernels"):
+            outside = {d for d in deps if not d.startswith(("tldr_fast.kernels", "tldr_fast.ops"))}
+            assert not outside, f"{m} imports {outside}: kernels may import only tldr_fast.ops"
+        if m.startswith("tldr_fast.ops"):
+            assert all(d.startswith("tldr_fast.ops") for d in deps), f"{m} imports {deps}"
+
+
+def test_every_cited_document_and_section_exists():
+    design = (ROOT / "DESIGN.md").read_text()
+    sections = set(re.findall(r"^#+ (\d+(?:\.\d+)*)[. ]", design, re.M))
+    sources = [p for d in ("tldr_fast", "kernels", "csrc", "benchmarks", "tests") for p in (ROOT / d).rglob("*")
+               if p.suffix in (".py", ".cpp", ".cu", ".h", ".cuh", ".sh")]
+    sources += [ROOT / "setup.py", ROOT / "README.md", ROOT / "BENCHMARKS.md", ROOT / "Makefile"]
+    bad = []
+    for path in sources:
+        text = path.read_text()
+        for doc in set(re.findall(r"\b([A-Z][A-Za-z_]*\.md)\b", text)):
+            if not (ROOT / doc).exists():
+                bad.append(f"{path.relative_to(ROOT)} cites {doc}")
+        for sec in re.findall(r"DESIGN\.md,? (?:section |§)(\d+(?:\.\d+)*)", text):
+            if sec not in sections:
+                bad.append(f"{path.relative_to(ROOT)} cites DESIGN.md §{sec}")
+    assert not bad, "\n".join(bad)

@@ -1,0 +1,5 @@
+"""Errors shared across modules (a leaf module: it imports nothing from tldr_fast)."""
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run here; the message says why and what to do."""

@@ -1,0 +1,25 @@
+"""Every op of tldr_fast, declared once (one file per op: ``tldr_fast/ops/<op>.py``).
+
+A declaration (``OpSpec``) holds the op's schema, term names, input check, fake (meta) rule, the
+autograd rule of its fused form and the order in which ``backend="auto"`` tries its implementations;
+its module docstring lists the implementations, tests and benchmark. The implementations register
+against it: ``tldr_fast.reference`` (the oracle), ``tldr_fast.torch_ops``, ``kernels/`` (Triton) and the
+C++/CUDA extension (``csrc/``, loaded by ``tldr_fast.extension``). This package imports nothing from
+tldr_fast; the kernels import nothing from tldr_fast but this package.
+
+``LOSS_OPS`` are the ops with terms; ``TERMS`` their term names, in the order of the per-step term
+vector (the step adds its own terms after these: ``tldr_fast.config.TERMS``).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+from . import feature_loss, head_loss, image_prior, pairwise_ssim, perturb
+from ._spec import OpSpec
+
+SPECS: Dict[str, OpSpec] = {m.SPEC.name: m.SPEC for m in (head_loss, feature_loss, image_prior, perturb, pairwise_ssim)}
+OPS: Tuple[str, ...] = tuple(SPECS)
+LOSS_OPS: Tuple[str, ...] = tuple(name for name, spec in SPECS.items() if spec.terms)
+
+__all__ = ["LOSS_OPS", "OPS", "SPECS", "OpSpec"]
