@@ -62,7 +62,7 @@ def test_empty(bench, device):
 
 @pytest.mark.parametrize("backward", (False, True), ids=("fwd", "fwd+bwd"))
 @pytest.mark.parametrize("op", ("head_loss", "feature_loss", "image_prior", "perturb"))
-@pytest.mark.parametrize("impl", ("triton", "cuda"))
+@pytest.mark.parametrize("impl", ("triton", "extension"))
 def test_op(bench, device, batch, impl, op, backward):
     ops = backend_or_skip(impl, device, bench.timed)
     if not hasattr(ops, op):

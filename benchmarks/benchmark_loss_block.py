@@ -5,9 +5,9 @@ logits, head grad-norm) + feature_loss + image_prior, and perturb of the images.
     python benchmarks/benchmark_loss_block.py [the same options]
 
 Implementations: the eager reference, torch.compile of the reference block ("compile"; "compile-ro" with
-mode="reduce-overhead", torch's own CUDA graphs: GPU only), the Triton ops and the extension's ("cuda",
-which takes Triton's perturb, as invert does, and the reference's on a CPU) each eager, under
-torch.compile(fullgraph=True) and replayed from a CUDA graph. K = 10, D = 256. The perturbed images'
+mode="reduce-overhead", torch's own CUDA graphs: GPU only), the Triton ops and the extension's
+("extension", which takes Triton's perturb, as invert does, and the reference's on a CPU) each eager,
+under torch.compile(fullgraph=True) and replayed from a CUDA graph. K = 10, D = 256. The perturbed images'
 gradient (what the classifier would send back) is a fixed tensor. Bytes: every input read once and
 every gradient and output written once. Goals on the GPU at B = 1024: >= 10x eager, >= 3x torch.compile.
 """
@@ -24,8 +24,8 @@ from benchmark_perturb import EPS, KIND, NO_GRAPH, SEED
 from common import GRAPH, backend_or_skip, nbytes
 from tldr_fast import reference
 
-IMPLS = ("eager", "compile", "compile-ro", "triton", "triton+compile", "triton" + GRAPH, "cuda", "cuda+compile", "cuda" + GRAPH,
-         "eager" + GRAPH)  # fmt: skip
+IMPLS = ("eager", "compile", "compile-ro", "triton", "triton+compile", "triton" + GRAPH,
+         "extension", "extension+compile", "extension" + GRAPH, "eager" + GRAPH)  # fmt: skip
 
 
 def make_block(ops) -> Callable:

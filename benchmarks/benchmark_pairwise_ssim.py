@@ -5,7 +5,7 @@
 
 Each implementation of ``tldr_fast.ssim`` through its driver (``pairwise_ssim(..., backend=name)``, the
 matrix left on the device): "reference" (the batched torch oracle, the baseline of ``x_eager``), "torch"
-(batched matrix products), "cuda" (the extension: CPU kernel, or CUDA kernel on a GPU), "triton"
+(batched matrix products), "extension" (the C++ CPU kernel, or CUDA kernel on a GPU), "triton"
 (GPU; fp16x3 products) and the Triton kernel alone at its other precisions ("triton-tf32x3",
 "triton-bf16x3"). "skimage" times scikit-image's ``structural_similarity`` over a sample of pairs, one
 process. Every row gives ``pairs_per_s``. Sizes "NxM-CxHxW"; "mnist": 1,000 MNIST test images against
@@ -30,7 +30,7 @@ AXES = {
         "smoke": ("8x16-1x28x28",),
     }
 }
-IMPLS = ("reference", "torch", "cuda", "triton", "triton-tf32x3", "triton-bf16x3", "skimage")
+IMPLS = ("reference", "torch", "extension", "triton", "triton-tf32x3", "triton-bf16x3", "skimage")
 SKIMAGE_PAIRS = {True: 100, False: 2}  # pairs timed with scikit-image (timed, untimed run)
 
 
@@ -62,7 +62,7 @@ def test_pairwise_ssim(bench, device, size, impl):
 
         n_pairs = len(pairs)
     else:
-        if name in ("triton", "cuda"):
+        if name in ("triton", "extension"):
             backend_or_skip(name, device, bench.timed)  # Triton on a CPU: the interpreter, untimed only
         if precision == "bf16x3" and device != "cuda":
             pytest.skip("the bf16x3 products are GPU only")

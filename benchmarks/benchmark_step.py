@@ -1,7 +1,7 @@
 """One whole TLDR training step (generator forward, one 2B classifier forward/backward, all losses,
 Adam), built from the objects ``invert`` builds, for each backend and variant.
 
-    pytest benchmarks/benchmark_step.py --benchmark-only [--bench-batch 1024 --bench-impl eager-head,cuda-head ...]
+    pytest benchmarks/benchmark_step.py --benchmark-only [--bench-batch 1024 --bench-impl eager-head,extension-head ...]
     python benchmarks/benchmark_step.py [the same options]
 
 Two settings differ from a default ``invert``: TF32 matmuls are on (on a GPU), and the classifier takes
@@ -30,16 +30,16 @@ VARIANTS = {  # impl label: (backend, grad_norm, dtype, InversionConfig.compile,
     "eager-head": ("torch", "head", "float32", False, False),
     "compile-head": ("torch", "head", "float32", True, False),
     "triton-head": ("triton", "head", "float32", False, False),
-    "cuda-head": ("cuda", "head", "float32", False, False),
+    "extension-head": ("extension", "head", "float32", False, False),
     "triton-head-bf16": ("triton", "head", "bfloat16", False, False),
-    "cuda-head-bf16": ("cuda", "head", "bfloat16", False, False),
+    "extension-head-bf16": ("extension", "head", "bfloat16", False, False),
     "eager-head-graph": ("torch", "head", "float32", False, True),
     "triton-head-graph": ("triton", "head", "float32", False, True),
-    "cuda-head-graph": ("cuda", "head", "float32", False, True),
+    "extension-head-graph": ("extension", "head", "float32", False, True),
     "triton-head-compile": ("triton", "head", "float32", True, False),
-    "cuda-head-compile": ("cuda", "head", "float32", True, False),
+    "extension-head-compile": ("extension", "head", "float32", True, False),
     "triton-head-compile-graph": ("triton", "head", "float32", True, True),
-    "cuda-head-compile-graph": ("cuda", "head", "float32", True, True),
+    "extension-head-compile-graph": ("extension", "head", "float32", True, True),
 }
 
 

@@ -2,9 +2,10 @@
 an op by name, the CUDA-event clock, CUDA-graph capture, and the numbers derived from a run's medians.
 
 Implementation names, one per row of a table: "eager" (``tldr_fast.reference``), "compile"
-(``torch.compile`` of the reference), "triton" (``tldr_fast.kernels``), "cuda" (the C++/CUDA
-extension: CUDA kernels on a GPU, C++ kernels on a CPU), and "<name>+graph": the same step captured
-once in a CUDA graph and replayed (GPU only; the kernels' own time, without the host's).
+(``torch.compile`` of the reference), "triton" (``tldr_fast.kernels``), "extension" (the C++/CUDA
+extension: CUDA kernels on a GPU, C++ kernels on a CPU; "cuda" in runs before 2026-12-06), and
+"<name>+graph": the same step captured once in a CUDA graph and replayed (GPU only; the kernels' own time,
+without the host's).
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from tldr_fast import reference
 from tldr_fast.backends import Backend, BackendUnavailable, resolve
 
 GRAPH = "+graph"
-OP_IMPLS = ("eager", "compile", "triton", "cuda", "eager" + GRAPH, "triton" + GRAPH, "cuda" + GRAPH)
+OP_IMPLS = ("eager", "compile", "triton", "extension", "eager" + GRAPH, "triton" + GRAPH, "extension" + GRAPH)
 
 
 def backend_or_skip(name: str, device: str, timed: bool, fallback: bool = False) -> Backend:
-    """The backend ``name`` ("triton" or "cuda") on ``device``, or a pytest skip saying why it cannot
+    """The backend ``name`` ("triton" or "extension") on ``device``, or a pytest skip saying why it cannot
     run here. Triton on a CPU runs only under ``TRITON_INTERPRET=1`` and only untimed (``--benchmark-disable``
     with its small shapes): timing the interpreter would measure the interpreter."""
     if name == "triton" and device == "cpu":

@@ -62,7 +62,7 @@ OPTIONS = {  # axis: (parser, help)
     "batch": (_ints, "batch sizes, e.g. 1024,65536"),
     "chw": (_shapes, "image shapes, e.g. 1x28x28,3x32x32"),
     "dtype": (_names, "input dtypes of the loss ops, e.g. float32,bfloat16"),
-    "impl": (_names, "only these implementations (the rest deselected), e.g. eager,compile,cuda,cuda+graph"),
+    "impl": (_names, "only these implementations (the rest deselected), e.g. eager,extension,extension+graph"),
 }
 
 

@@ -60,7 +60,7 @@ if has build "$PARTS"; then
 fi
 
 # Test groups, each under its own limit so that every group prints its summary: name|seconds|pytest args
-TEST_GROUPS=${TEST_GROUPS:-"cuda-ops|90|tests/test_extension.py tests/test_head_loss.py tests/test_feature_loss.py tests/test_image_prior.py -k cuda
+TEST_GROUPS=${TEST_GROUPS:-"extension-ops|90|tests/test_extension.py tests/test_head_loss.py tests/test_feature_loss.py tests/test_image_prior.py -k extension
 ssim|70|tests/test_pairwise_ssim.py -m gpu
 triton-ops|120|tests/test_head_loss.py tests/test_feature_loss.py tests/test_image_prior.py tests/test_perturb.py -k triton --maxfail=10
 triton-extra|90|tests/test_head_loss_triton.py tests/test_feature_loss_triton.py tests/test_image_prior_triton.py tests/test_perturb_triton.py --maxfail=10
@@ -107,13 +107,13 @@ if has bench "$PARTS"; then
     if has ssim "$BENCHES"; then run 120 ssim benchmarks/benchmark_pairwise_ssim.py -k mnist; fi
     # +graph rows: each fused op also replayed from a CUDA graph, i.e. without host time: the kernels' own GB/s
     if has prior "$BENCHES"; then
-        run 80 prior benchmarks/benchmark_image_prior.py --bench-batch 1024,65536 $FP32 --bench-impl eager,eager+graph,triton,triton+graph,cuda,cuda+graph
+        run 80 prior benchmarks/benchmark_image_prior.py --bench-batch 1024,65536 $FP32 --bench-impl eager,eager+graph,triton,triton+graph,extension,extension+graph
     fi
     if has block "$BENCHES"; then run 110 block benchmarks/benchmark_loss_block.py ${BLOCK_ARGS:---bench-batch 1024 --bench-chw 1x28x28 $FP32}; fi
     if has host "$BENCHES"; then run 40 host benchmarks/benchmark_host_overhead.py; fi
     if has step "$BENCHES"; then
         run 200 step benchmarks/benchmark_step.py ${STEP_ARGS:---bench-batch 1024 --bench-impl \
-            eager-full,eager-head,compile-head,triton-head,cuda-head,eager-head-graph,triton-head-graph,cuda-head-graph,cuda-head-compile-graph}
+            eager-full,eager-head,compile-head,triton-head,extension-head,eager-head-graph,triton-head-graph,extension-head-graph,extension-head-compile-graph}
     fi
     if has ops "$BENCHES"; then
         run 60 perturb benchmarks/benchmark_perturb.py --bench-batch 1024,65536 $FP32
