@@ -120,6 +120,18 @@ def test_check_fails_on_a_stale_table_and_update_mends_it(tmp_path, capsys):
     assert stale.read_text() == doc
 
 
+def test_former_names_show_under_the_current_one_and_stay_in_the_rows():
+    assert [tables.current_name(n) for n in ("cuda", "cuda+graph", "cuda+compile", "cuda-head-bf16")] == [
+        "extension", "extension+graph", "extension+compile", "extension-head-bf16"]
+    assert [tables.current_name(n) for n in ("compile-ro", "torch.compile", "triton+graph", "extension", None)] == [
+        "compile-ro", "torch.compile", "triton+graph", "extension", None]
+    rows = tables.read_results()
+    old = [r for r in rows if r.get("impl") == "cuda+graph"]
+    assert old and all(tables.flat(r)["impl"] == "extension+graph" for r in old)  # the file keeps what was run
+    shown = {r["impl"] for r in tables.op_rows(rows)}
+    assert "extension-head" in shown and not any(n.split("+")[0].split("-")[0] == "cuda" for n in shown)
+
+
 def test_leakage_means_are_over_the_seeds_of_every_run_named():
     rows = tables.read_results()
     kkt = tables.runs_of(rows, ["2026-12-06/k1c", "2026-12-06/k1c12"], "mnist-cnn-10", "kkt-1")
