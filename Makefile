@@ -25,7 +25,7 @@ TRITON_TESTS := tests/test_feature_loss_triton.py tests/test_head_loss_triton.py
 BENCH_ARGS ?= benchmarks/
 BENCH_FAIL ?= 10%
 
-.PHONY: install demo test bench bench-compare bench-gpu clean
+.PHONY: install demo lint test bench bench-compare bench-gpu clean
 
 install: $(STAMP)
 
@@ -51,7 +51,12 @@ $(STAMP_MAX): pyproject.toml setup.py
 	TLDR_FAST_BUILD_EXT=0 $(VENV_MAX)/bin/python -m pip install -q --no-build-isolation -e ".[dev]"
 	touch $(STAMP_MAX)
 
-test: $(STAMP) $(STAMP_MAX)
+# lint and format check (ruff, configured in pyproject.toml); `$(VENV)/bin/ruff format .` fixes the format
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: $(STAMP) $(STAMP_MAX) lint
 	TLDR_FAST_REQUIRE_DATA=1 $(PY) -m pytest -q
 	TRITON_INTERPRET=1 $(VENV_MAX)/bin/python -m pytest -q -p no:cacheprovider $(TRITON_TESTS) -k "triton or hopper"
 	# every benchmark once, untimed, at small shapes (Triton rows under the interpreter): a broken benchmark fails

@@ -52,10 +52,31 @@ def main() -> None:
     a = p.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for world in a.ranks:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world), "--master-port", str(_free_port()),
-               "--no-python", sys.executable, "-c", WORKER, json.dumps({"batch_size": a.batch_size, "steps": a.steps})]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(world),
+            "--master-port",
+            str(_free_port()),
+            "--no-python",
+            sys.executable,
+            "-c",
+            WORKER,
+            json.dumps({"batch_size": a.batch_size, "steps": a.steps}),
+        ]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
-        print(json.dumps({"world": world, "batch_size": a.batch_size, "steps": a.steps, **json.loads(out.strip().splitlines()[-1])}))
+        print(
+            json.dumps(
+                {
+                    "world": world,
+                    "batch_size": a.batch_size,
+                    "steps": a.steps,
+                    **json.loads(out.strip().splitlines()[-1]),
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import sys
 
 import pytest
 import torch
-
 from common import OP_IMPLS, op_impl
 
 D, K = 256, 10

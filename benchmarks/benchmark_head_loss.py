@@ -13,7 +13,6 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-
 from common import OP_IMPLS, nbytes, op_impl
 
 K, D = 10, 256

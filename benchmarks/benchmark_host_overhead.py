@@ -17,7 +17,6 @@ import time
 
 import pytest
 import torch
-
 from benchmark_head_loss import make_inputs as head_inputs
 from benchmark_image_prior import make_images
 from common import backend_or_skip
@@ -57,7 +56,14 @@ def test_launch(bench, device, args):
 
 
 def test_empty(bench, device):
-    bench(lambda: torch.empty(1024, device=device), "host", "torch", "empty [1024]", iterations=calls(bench), baseline=None)
+    bench(
+        lambda: torch.empty(1024, device=device),
+        "host",
+        "torch",
+        "empty [1024]",
+        iterations=calls(bench),
+        baseline=None,
+    )
 
 
 @pytest.mark.parametrize("backward", (False, True), ids=("fwd", "fwd+bwd"))

@@ -16,7 +16,6 @@ import sys
 
 import pytest
 import torch
-
 from common import OP_IMPLS, nbytes, op_impl
 
 

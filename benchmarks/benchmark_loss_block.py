@@ -17,11 +17,11 @@ from typing import Callable
 
 import pytest
 import torch
-
 from benchmark_head_loss import make_inputs as head_inputs
 from benchmark_image_prior import make_images
 from benchmark_perturb import EPS, KIND, NO_GRAPH, SEED
 from common import GRAPH, backend_or_skip, nbytes
+
 from tldr_fast import reference
 
 IMPLS = ("eager", "compile", "compile-ro", "triton", "triton+compile", "triton" + GRAPH,
@@ -59,7 +59,9 @@ def block_impl(impl: str, device: str, timed: bool) -> Callable:
     if mode != "compile":
         return make_block(ops)
     if ops.perturb is reference.perturb:  # the extension on a CPU without the Triton interpreter
-        pytest.skip(f"{name!r} takes the reference perturb here, which fullgraph compile refuses (a torch.Generator per call)")
+        pytest.skip(
+            f"{name!r} takes the reference perturb here, which fullgraph compile refuses (a torch.Generator per call)"
+        )
     return torch.compile(make_block(ops), fullgraph=True, dynamic=False)
 
 

@@ -15,9 +15,9 @@ import sys
 
 import pytest
 import torch
-
 from benchmark_image_prior import make_images
 from common import nbytes
+
 from tldr_fast import reference
 
 IMPLS = ("eager", "compile")

@@ -16,9 +16,9 @@ import sys
 
 import pytest
 import torch
+from common import backend_or_skip
 from skimage.metrics import structural_similarity
 
-from common import backend_or_skip
 from tldr_fast import ssim
 from tldr_fast.backends import BackendUnavailable
 from tldr_fast.data import DataUnavailable, load_mnist

@@ -13,7 +13,6 @@ import sys
 
 import pytest
 import torch
-
 from benchmark_image_prior import make_images
 from common import OP_IMPLS, nbytes, op_impl
 

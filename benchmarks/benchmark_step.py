@@ -17,8 +17,8 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
-
 from common import backend_or_skip
+
 from tldr_fast.classifier import FrozenClassifier
 from tldr_fast.config import InversionConfig
 from tldr_fast.generator import ConditionedGenerator

@@ -30,7 +30,6 @@ from typing import Callable, Optional
 
 import pytest
 import torch
-
 from common import GRAPH, CudaEventClock, cuda_graphed, derive, peak_mb
 
 HAS_CUDA = torch.cuda.is_available()
@@ -110,7 +109,9 @@ def pytest_collection_modifyitems(config, items):
     unless their file chose a timer."""
     impls = option(config, "impl")
     if impls:
-        keep = [i for i in items if getattr(i, "callspec", None) is None or i.callspec.params.get("impl", impls[0]) in impls]
+        keep = [
+            i for i in items if getattr(i, "callspec", None) is None or i.callspec.params.get("impl", impls[0]) in impls
+        ]
         config.hook.pytest_deselected(items=[i for i in items if i not in keep])
         items[:] = keep
     for item in items:

@@ -46,7 +46,10 @@ def main() -> None:
         n = min(args.per_class, len(train) // meta["num_classes"])
         train = subset(train, n, seed=1)
         held = subset(load_dataset(meta["train_source"].replace(":train", ":test")), n, seed=5)
-        print(f"| {path.stem} | {cosine(model, train.images, train.labels):.3f} | {cosine(model, held.images, held.labels):.3f} |", flush=True)
+        print(
+            f"| {path.stem} | {cosine(model, train.images, train.labels):.3f} | {cosine(model, held.images, held.labels):.3f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

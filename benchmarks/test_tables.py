@@ -34,8 +34,15 @@ def test_every_row_has_card_versions_date_source_and_value():
 
 
 def test_check_rows_names_what_is_missing():
-    row = {"card": "X", "versions": {"torch": "2"}, "date": "2026-01-02", "source": "s", "run": "r",
-           "value": {"median": 1.0}, "unit": {"median": "ms"}}
+    row = {
+        "card": "X",
+        "versions": {"torch": "2"},
+        "date": "2026-01-02",
+        "source": "s",
+        "run": "r",
+        "value": {"median": 1.0},
+        "unit": {"median": "ms"},
+    }
     assert tables.check_rows([row]) == []
     assert tables.check_rows([{k: v for k, v in row.items() if k != "versions"}]) == ["row 0: missing versions"]
     assert tables.check_rows([dict(row, value={"median": "1.0"})]) == ["row 0: value median is not a number"]
@@ -44,28 +51,93 @@ def test_check_rows_names_what_is_missing():
 
 def saved_run() -> dict:
     """A small saved pytest-benchmark run, as ``--benchmark-save`` writes it (times in seconds)."""
+
     def bench(name, info, median, q1, q3, rounds):
-        return {"group": None, "name": name, "fullname": f"benchmarks/benchmark_head_loss.py::{name}",
-                "params": {}, "param": None, "extra_info": info, "options": {},
-                "stats": {"min": q1, "max": q3, "mean": median, "stddev": 0.0, "rounds": rounds, "median": median,
-                          "iqr": q3 - q1, "q1": q1, "q3": q3, "iqr_outliers": 0, "stddev_outliers": 0,
-                          "outliers": "0;0", "ld15iqr": q1, "hd15iqr": q3, "ops": 1 / median, "total": median * rounds,
-                          "iterations": 1}}
-    info = {"op": "head_loss", "case": "B=1024 K=10 D=256", "dtype": "float32", "device": "cuda",
-            "baseline": "eager", "bytes": 4_000_000}
+        return {
+            "group": None,
+            "name": name,
+            "fullname": f"benchmarks/benchmark_head_loss.py::{name}",
+            "params": {},
+            "param": None,
+            "extra_info": info,
+            "options": {},
+            "stats": {
+                "min": q1,
+                "max": q3,
+                "mean": median,
+                "stddev": 0.0,
+                "rounds": rounds,
+                "median": median,
+                "iqr": q3 - q1,
+                "q1": q1,
+                "q3": q3,
+                "iqr_outliers": 0,
+                "stddev_outliers": 0,
+                "outliers": "0;0",
+                "ld15iqr": q1,
+                "hd15iqr": q3,
+                "ops": 1 / median,
+                "total": median * rounds,
+                "iterations": 1,
+            },
+        }
+
+    info = {
+        "op": "head_loss",
+        "case": "B=1024 K=10 D=256",
+        "dtype": "float32",
+        "device": "cuda",
+        "baseline": "eager",
+        "bytes": 4_000_000,
+    }
     return {
-        "machine_info": {"node": "n", "processor": "x86_64", "machine": "x86_64", "python_version": "3.11.7",
-                         "cpu": {"brand_raw": "Some CPU"}, "torch": "2.13.0+cu130", "triton": "3.6.0",
-                         "torch_threads": 16, "gpu": "NVIDIA H100 80GB HBM3"},
+        "machine_info": {
+            "node": "n",
+            "processor": "x86_64",
+            "machine": "x86_64",
+            "python_version": "3.11.7",
+            "cpu": {"brand_raw": "Some CPU"},
+            "torch": "2.13.0+cu130",
+            "triton": "3.6.0",
+            "torch_threads": 16,
+            "gpu": "NVIDIA H100 80GB HBM3",
+        },
         "commit_info": {"id": "0123456789abcdef", "dirty": True},
         "benchmarks": [
-            bench("test_copy[cuda-1024]", {"op": "copy", "impl": "torch", "case": "1024 MiB", "dtype": "float32",
-                                           "device": "cuda", "baseline": None, "bytes": 2 * 2**30, "peak_mb": 0.0,
-                                           "gbps": 999.0}, 0.0008, 0.00079, 0.00081, 500),
-            bench("test_head_loss[cuda-eager]", dict(info, impl="eager", peak_mb=12.5, x_eager=1.0, gbps=1.0),
-                  0.002, 0.0019, 0.0021, 400),
-            bench("test_head_loss[cuda-triton]", dict(info, impl="triton", peak_mb=3.25, x_eager=2.0, gbps=2.0,
-                                                      frac_copy=0.001), 0.0005, 0.00048, 0.00052, 900),
+            bench(
+                "test_copy[cuda-1024]",
+                {
+                    "op": "copy",
+                    "impl": "torch",
+                    "case": "1024 MiB",
+                    "dtype": "float32",
+                    "device": "cuda",
+                    "baseline": None,
+                    "bytes": 2 * 2**30,
+                    "peak_mb": 0.0,
+                    "gbps": 999.0,
+                },
+                0.0008,
+                0.00079,
+                0.00081,
+                500,
+            ),
+            bench(
+                "test_head_loss[cuda-eager]",
+                dict(info, impl="eager", peak_mb=12.5, x_eager=1.0, gbps=1.0),
+                0.002,
+                0.0019,
+                0.0021,
+                400,
+            ),
+            bench(
+                "test_head_loss[cuda-triton]",
+                dict(info, impl="triton", peak_mb=3.25, x_eager=2.0, gbps=2.0, frac_copy=0.001),
+                0.0005,
+                0.00048,
+                0.00052,
+                900,
+            ),
         ],
         "datetime": "2026-12-07T10:11:12.131415+00:00",
         "version": "5.1.0",
@@ -122,9 +194,18 @@ def test_check_fails_on_a_stale_table_and_update_mends_it(tmp_path, capsys):
 
 def test_former_names_show_under_the_current_one_and_stay_in_the_rows():
     assert [tables.current_name(n) for n in ("cuda", "cuda+graph", "cuda+compile", "cuda-head-bf16")] == [
-        "extension", "extension+graph", "extension+compile", "extension-head-bf16"]
+        "extension",
+        "extension+graph",
+        "extension+compile",
+        "extension-head-bf16",
+    ]
     assert [tables.current_name(n) for n in ("compile-ro", "torch.compile", "triton+graph", "extension", None)] == [
-        "compile-ro", "torch.compile", "triton+graph", "extension", None]
+        "compile-ro",
+        "torch.compile",
+        "triton+graph",
+        "extension",
+        None,
+    ]
     rows = tables.read_results()
     old = [r for r in rows if r.get("impl") == "cuda+graph"]
     assert old and all(tables.flat(r)["impl"] == "extension+graph" for r in old)  # the file keeps what was run

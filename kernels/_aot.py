@@ -17,6 +17,7 @@ import argparse
 import os
 import subprocess
 import sys
+from functools import partial
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -121,27 +122,31 @@ def _cases(op: str):
             w = torch.ones(5)
             for b, k, d, variants in ((1024, 10, 256, "full"), (4099, 1000, 512, "gn"), (65536, 10, 256, "gn")):
                 labels = torch.zeros(b, dtype=torch.int64)
-                target = F.one_hot(labels, k).to(dtype)
+                condition = F.one_hot(labels, k).to(dtype)
                 feats = torch.zeros(b, d, dtype=dtype)
                 z2 = torch.zeros(2 * b, k, dtype=dtype)
-                yield lambda: kernels.head_loss(z2, target, labels, feats, w, True)
+                yield partial(kernels.head_loss, z2, condition, labels, feats, w, True)
                 if variants == "full":
-                    yield lambda: kernels.head_loss(z2[:b], target, labels, feats, w, False)
-                    yield lambda: kernels.head_loss(z2, target, labels, None, w, True)
+                    yield partial(kernels.head_loss, z2[:b], condition, labels, feats, w, False)
+                    yield partial(kernels.head_loss, z2, condition, labels, None, w, True)
         elif op == "feature_loss":
             for b, d in ((1024, 256), (65536, 256), (300, 4096)):
-                yield lambda: kernels.feature_loss(torch.ones(b, d, dtype=dtype), torch.ones(2))
+                yield partial(kernels.feature_loss, torch.ones(b, d, dtype=dtype), torch.ones(2))
             labels = torch.zeros(1024, dtype=torch.int64)
-            yield lambda: kernels.feature_loss(torch.ones(1024, 256, dtype=dtype), torch.ones(2), labels, 10)
+            yield partial(kernels.feature_loss, torch.ones(1024, 256, dtype=dtype), torch.ones(2), labels, 10)
         elif op == "image_prior":
             for shape in ((1024, 1, 28, 28), (4, 3, 224, 300)):
-                yield lambda: kernels.image_prior(torch.zeros(shape, dtype=dtype), torch.ones(3), -1.0, 1.0)
+                yield partial(kernels.image_prior, torch.zeros(shape, dtype=dtype), torch.ones(3), -1.0, 1.0)
                 moments = torch.ones(2, shape[1])
-                yield lambda: kernels.image_prior(torch.zeros(shape, dtype=dtype), torch.ones(3), -1.0, 1.0, moments)
+                yield partial(kernels.image_prior, torch.zeros(shape, dtype=dtype), torch.ones(3), -1.0, 1.0, moments)
         elif op == "perturb":
             x = torch.zeros(64, 3, 32, 32, dtype=dtype, requires_grad=True)
+
+            def forward_backward(x: torch.Tensor, kind: str) -> None:
+                kernels.perturb(x, 0.1, -1.0, 1.0, kind, 1).sum().backward()
+
             for kind in ("rademacher", "uniform", "gaussian"):
-                yield lambda: kernels.perturb(x, 0.1, -1.0, 1.0, kind, 1).sum().backward()
+                yield partial(forward_backward, x, kind)
         else:
             raise ValueError(f"unknown op {op!r}")
 

@@ -57,11 +57,11 @@ def _ce_kl_grad(p, c, is_label, sum_c, w_ce, w_kl, inv_b):
 
 
 @triton.jit
-def _lse_update(m, l, z):
-    """Online logsumexp: running max m and sum l of exp(z - m) over one more [rows, BK] block."""
+def _lse_update(m, s, z):
+    """Online logsumexp: running max m and sum s of exp(z - m) over one more [rows, BK] block."""
     m_new = tl.maximum(m, tl.max(z, axis=1))
-    l = l * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
-    return m_new, l
+    s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+    return m_new, s
 
 
 @triton.jit

@@ -42,7 +42,18 @@ import triton.language as tl
 from tldr_fast.ops.image_prior import MOMENT_VAR_EPS, SPEC, TERMS
 
 from ._reduce import _finish_kernel, _store_partial_row, _sum_partials, _write_terms
-from ._utils import BLOCK_ROWS, TERMS_PAD, cdiv, compute_dtype, empty, launch, next_pow2, num_sms, triton_op, weights_fp32
+from ._utils import (
+    BLOCK_ROWS,
+    TERMS_PAD,
+    cdiv,
+    compute_dtype,
+    empty,
+    launch,
+    next_pow2,
+    num_sms,
+    triton_op,
+    weights_fp32,
+)
 
 Tensor = torch.Tensor
 # The kernels below address the declared terms (tv, pix, moments) as the columns 0..2 of terms and of

@@ -20,7 +20,9 @@ TINY = ["--batch-size", "8", "--device", "cpu", "--backend", "torch", "--quiet"]
 def _cli(*args, cwd=None):
     """Run ``python -m tldr_fast.cli`` in a subprocess; no just-in-time extension build."""
     env = {**os.environ, "TLDR_FAST_JIT": "0"}
-    return subprocess.run([sys.executable, "-m", "tldr_fast.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "tldr_fast.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+    )
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -42,11 +44,17 @@ def test_every_command_is_registered():
     [
         (["train-classifier", "--data", "cifar", "--out", "x.pt"], "unknown data set 'cifar'"),
         (["train-classifier", "--epochs", "zero", "--out", "x.pt"], "argument --epochs: expected a positive integer"),
-        (["train-classifier", "--data", "digits", "--n-per-class", "500", "--out", "x.pt"], "fewer than n_per_class=500"),
+        (
+            ["train-classifier", "--data", "digits", "--n-per-class", "500", "--out", "x.pt"],
+            "fewer than n_per_class=500",
+        ),
         (["invert", "--classifier", "absent.pt", "--out", "inv.pt"], "no such classifier checkpoint: absent.pt"),
         (["evaluate", "--images", "absent.npz", "--out", "e"], "no training set to compare with"),
         (["sample", "--out", "s.npz"], "the following arguments are required: --inversion"),
-        (["sample", "--inversion", "inv.pt", "--out", "s.npz", "--shard-size", "0"], "argument --shard-size: expected a positive integer"),
+        (
+            ["sample", "--inversion", "inv.pt", "--out", "s.npz", "--shard-size", "0"],
+            "argument --shard-size: expected a positive integer",
+        ),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
     ],
 )
@@ -73,44 +81,155 @@ def test_info(monkeypatch, capsys):
     monkeypatch.setenv("TLDR_FAST_JIT", "0")  # report the extension, never build it here
     assert main(["info", "--json"]) == 0
     facts = json.loads(capsys.readouterr().out)
-    assert facts["backends"]["cpu"]["torch"] == "ok" and set(facts["backends"]["cuda"]) == {"reference", "torch", "triton", "extension"}
+    assert facts["backends"]["cpu"]["torch"] == "ok" and set(facts["backends"]["cuda"]) == {
+        "reference",
+        "torch",
+        "triton",
+        "extension",
+    }
     assert {"torch", "triton", "extension", "cuda_devices"} <= set(facts)
     assert main(["info"]) == 0 and "backends:" in capsys.readouterr().out
 
 
 def test_train_invert_sample_evaluate(tmp_path, capsys):
     clf, inv = tmp_path / "clf.pt", tmp_path / "inv.pt"
-    assert main(["train-classifier", "--data", "digits", "--n-per-class", "20", "--epochs", "3", "--arch", "mlp",
-                 "--test-data", "digits", "--device", "cpu", "--quiet", "--out", str(clf)]) == 0
+    assert (
+        main(
+            [
+                "train-classifier",
+                "--data",
+                "digits",
+                "--n-per-class",
+                "20",
+                "--epochs",
+                "3",
+                "--arch",
+                "mlp",
+                "--test-data",
+                "digits",
+                "--device",
+                "cpu",
+                "--quiet",
+                "--out",
+                str(clf),
+            ]
+        )
+        == 0
+    )
     assert "train accuracy" in capsys.readouterr().out
     assert main(["invert", "--classifier", str(clf), "--out", str(inv), "--steps", "4", *TINY]) == 0
     assert "after 4 steps" in capsys.readouterr().out
-    assert main(["invert", "--classifier", str(clf), "--resume", str(inv), "--out", str(inv), "--steps", "6", "--compile", *TINY]) == 0
+    assert (
+        main(
+            [
+                "invert",
+                "--classifier",
+                str(clf),
+                "--resume",
+                str(inv),
+                "--out",
+                str(inv),
+                "--steps",
+                "6",
+                "--compile",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     assert "after 6 steps" in capsys.readouterr().out
     from tldr_fast.checkpoint import load_checkpoint
 
     assert load_checkpoint(inv)["config"]["compile"] is True  # resumed under torch.compile
 
-    assert main(["sample", "--inversion", str(inv), "--n-per-class", "3", "--device", "cpu", "--out", str(tmp_path / "s.npz")]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--inversion",
+                str(inv),
+                "--n-per-class",
+                "3",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "s.npz"),
+            ]
+        )
+        == 0
+    )
     with np.load(tmp_path / "s.npz") as z:
         assert z["images"].shape == (30, 1, 8, 8) and z["images"].dtype == np.uint8
         assert z["labels"].tolist() == [c for c in range(10) for _ in range(3)]
         single = z["images"]
     capsys.readouterr()
-    assert main(["sample", "--inversion", str(inv), "--n-per-class", "3", "--device", "cpu", "--out", str(tmp_path / "big.npz"),
-                 "--shard-size", "8", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--inversion",
+                str(inv),
+                "--n-per-class",
+                "3",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "big.npz"),
+                "--shard-size",
+                "8",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert f"to {tmp_path / 'big-index.json'}" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.glob("big-*.npz")) == [f"big-0000{i}-of-00004.npz" for i in range(4)]
     np.testing.assert_array_equal(load_sample(tmp_path / "big-index.json")[0], single)
-    assert main(["sample", "--inversion", str(inv), "--n-per-class", "2", "--device", "cpu", "--out", str(tmp_path / "pngs")]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--inversion",
+                str(inv),
+                "--n-per-class",
+                "2",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "pngs"),
+            ]
+        )
+        == 0
+    )
     pngs = sorted((tmp_path / "pngs").glob("*/*.png"))
     assert len(pngs) == 20 and pngs[0].parent.name == "0"
     with Image.open(pngs[0]) as im:
         assert im.size == (8, 8)
 
     out = tmp_path / "eval"
-    assert main(["evaluate", "--images", str(tmp_path / "s.npz"), "--classifier", str(clf), "--eval-classifier", str(clf),
-                 "--backend", "torch", "--device", "cpu", "--quiet", "--grid-per-class", "2", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--images",
+                str(tmp_path / "s.npz"),
+                "--classifier",
+                str(clf),
+                "--eval-classifier",
+                str(clf),
+                "--backend",
+                "torch",
+                "--device",
+                "cpu",
+                "--quiet",
+                "--grid-per-class",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     m = json.loads((out / "metrics.json").read_text())
     assert m["num_generated"] == 30 and m["num_train"] == 200 and m["train_source"] == "digits"
     assert m["overall"]["attack_accuracy"] is not None and m["generated_from"] == {"images": str(tmp_path / "s.npz")}
@@ -118,12 +237,52 @@ def test_train_invert_sample_evaluate(tmp_path, capsys):
         assert im.size == grid_size(10, 2, 8, 8)
     assert (out / "summary.txt").read_text().startswith("30 generated images")
     sharded = tmp_path / "eval-sharded"  # the sharded sample's index evaluates as the single .npz does
-    assert main(["evaluate", "--images", str(tmp_path / "big-index.json"), "--classifier", str(clf), "--eval-classifier", str(clf),
-                 "--backend", "torch", "--device", "cpu", "--quiet", "--grid-per-class", "2", "--out", str(sharded)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--images",
+                str(tmp_path / "big-index.json"),
+                "--classifier",
+                str(clf),
+                "--eval-classifier",
+                str(clf),
+                "--backend",
+                "torch",
+                "--device",
+                "cpu",
+                "--quiet",
+                "--grid-per-class",
+                "2",
+                "--out",
+                str(sharded),
+            ]
+        )
+        == 0
+    )
     assert json.loads((sharded / "metrics.json").read_text())["overall"] == m["overall"]
 
-    assert main(["evaluate", "--inversion", str(inv), "--classifier", str(clf), "--n-per-class", "2", "--backend", "torch",
-                 "--device", "cpu", "--quiet", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--inversion",
+                str(inv),
+                "--classifier",
+                str(clf),
+                "--n-per-class",
+                "2",
+                "--backend",
+                "torch",
+                "--device",
+                "cpu",
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     m = json.loads((out / "metrics.json").read_text())
     assert m["num_generated"] == 20 and m["overall"]["target_confidence"] is not None
 
@@ -131,18 +290,58 @@ def test_train_invert_sample_evaluate(tmp_path, capsys):
 def test_demo_end_to_end(tmp_path):
     """The embedded demo on a tiny budget, through the console: files, JSON fields, PNG, then the cache."""
     out, cache = tmp_path / "demo", tmp_path / "cache"
-    args = ["demo", "--out", str(out), "--cache-dir", str(cache), "--train-per-class", "10", "--epochs", "2", "--batch-size", "16",
-            "--n-per-class", "3", "--grid-per-class", "3", "--device", "cpu", "--quiet",
-            "--judge-train-per-class", "20", "--judge-epochs", "1"]  # no --backend: the default a user gets
+    args = [
+        "demo",
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(cache),
+        "--train-per-class",
+        "10",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--n-per-class",
+        "3",
+        "--grid-per-class",
+        "3",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--judge-train-per-class",
+        "20",
+        "--judge-epochs",
+        "1",
+    ]  # no --backend: the default a user gets
     r = _cli(*args, "--steps", "6")
     assert r.returncode == 0, r.stderr
-    assert {p.name for p in out.iterdir()} == {"metrics.json", "grid.png", "summary.txt", "classifier.pt", "inversion.pt"}
+    assert {p.name for p in out.iterdir()} == {
+        "metrics.json",
+        "grid.png",
+        "summary.txt",
+        "classifier.pt",
+        "inversion.pt",
+    }
     m = json.loads((out / "metrics.json").read_text())
     assert m["num_generated"] == 30 and m["num_train"] == 100 and m["train_source"] == "mnist:train"
-    assert set(m["overall"]) >= {"nn_ssim_mean", "reconstructed_nn", "reconstructed_matched", "target_confidence", "attack_accuracy",
-                                 "same_class_ssim_mean", "train_control_ssim_mean", "held_out_ssim_mean", "leakage_gap",
-                                 "closer_to_train", "n_train_matched"}
-    assert all(m["overall"][k] is not None for k in ("attack_accuracy", "same_class_ssim_mean", "leakage_gap", "held_out_ssim_mean"))
+    assert set(m["overall"]) >= {
+        "nn_ssim_mean",
+        "reconstructed_nn",
+        "reconstructed_matched",
+        "target_confidence",
+        "attack_accuracy",
+        "same_class_ssim_mean",
+        "train_control_ssim_mean",
+        "held_out_ssim_mean",
+        "leakage_gap",
+        "closer_to_train",
+        "n_train_matched",
+    }
+    assert all(
+        m["overall"][k] is not None
+        for k in ("attack_accuracy", "same_class_ssim_mean", "leakage_gap", "held_out_ssim_mean")
+    )
     assert 0 <= m["demo"]["eval_classifier_accuracy"] <= 1 and m["demo"]["eval_classifier"] == "lenet"
     assert m["demo"]["inversion_steps"] == 6 and len(m["images"]) == 30
     with Image.open(out / "grid.png") as im:

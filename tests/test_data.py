@@ -26,7 +26,9 @@ from tldr_fast.data import (
 from tldr_fast.grid import save_image_folder
 
 HAS_FASHION = Path(data.FASHION_MNIST_ROOT).is_dir()
-needs_fashion = pytest.mark.skipif(not HAS_FASHION, reason="Debian package dataset-fashion-mnist not installed (apt-get install dataset-fashion-mnist)")
+needs_fashion = pytest.mark.skipif(
+    not HAS_FASHION, reason="Debian package dataset-fashion-mnist not installed (apt-get install dataset-fashion-mnist)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +105,15 @@ def test_digits():
     assert ds.images.max() == 1.0  # 16 / 16
 
 
-@pytest.mark.parametrize("name,shape,k", [("mnist", (1, 28, 28), 10), ("fashionMNIST", (1, 28, 28), 10), ("cifar10", (3, 32, 32), 10), ("cifar100", (3, 32, 32), 100)])
+@pytest.mark.parametrize(
+    "name,shape,k",
+    [
+        ("mnist", (1, 28, 28), 10),
+        ("fashionMNIST", (1, 28, 28), 10),
+        ("cifar10", (3, 32, 32), 10),
+        ("cifar100", (3, 32, 32), 100),
+    ],
+)
 def test_foolbox_samples(name, shape, k):
     ds = load_foolbox_samples(name)
     _check(ds, 20, shape, k)

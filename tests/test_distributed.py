@@ -17,21 +17,35 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from tldr_fast import invert, reference
-from tldr_fast import distributed
+from tldr_fast import distributed, invert, reference
 from tldr_fast.samples import load_sample
 
 pytestmark = pytest.mark.timeout(120)
 
 # every term exact over the global batch (DESIGN.md 5.1): no BatchNorm in the classifier (bn_stats),
 # no per-rank grad-norm, moments or mode-seeking; the reference backend (its perturbation noise)
-TINY = dict(steps=4, batch_size=8, nz=8, ngf=8, device="cpu", progress=False, eval_per_class=2, log_every=1, backend="torch",
-            grad_norm="off", moments=0.0, mode_seek=0.0, select=1)
+TINY = dict(
+    steps=4,
+    batch_size=8,
+    nz=8,
+    ngf=8,
+    device="cpu",
+    progress=False,
+    eval_per_class=2,
+    log_every=1,
+    backend="torch",
+    grad_norm="off",
+    moments=0.0,
+    mode_seek=0.0,
+    select=1,
+)
 
 
 def classifier(k=3, seed=0):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, k))
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, k)
+    )
 
 
 def _free_port() -> int:
@@ -75,9 +89,13 @@ def test_two_ranks_train_the_generator_of_one_process(tmp_path, options):
     for name in sorted(set(weights) - noise):
         torch.testing.assert_close(w0[name], w1[name], rtol=0, atol=0, msg=f"{name} differs between ranks")
         a, b = w0[name].double(), weights[name].double()
-        assert (a - b).norm() <= 1e-5 * b.norm(), f"{name}: 2 ranks vs 1 process, relative difference {(a - b).norm() / b.norm():.2e}"
+        assert (a - b).norm() <= 1e-5 * b.norm(), (
+            f"{name}: 2 ranks vs 1 process, relative difference {(a - b).norm() / b.norm():.2e}"
+        )
     for term, values in history.items():
-        torch.testing.assert_close(torch.tensor(h0[term]), torch.tensor(values), rtol=1e-5, atol=1e-6, msg=f"history of {term}")
+        torch.testing.assert_close(
+            torch.tensor(h0[term]), torch.tensor(values), rtol=1e-5, atol=1e-6, msg=f"history of {term}"
+        )
 
 
 def _feature_terms(phi, w, labels, k):
@@ -132,8 +150,21 @@ KILLED_RANK = textwrap.dedent("""
 def test_a_killed_rank_stops_the_job_with_a_clear_error(tmp_path):
     script = tmp_path / "killed.py"
     script.write_text(KILLED_RANK)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TLDR_FAST_DIST_TIMEOUT": "30", "PYTHONPATH": str(Path(__file__).parents[1])}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port())]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TLDR_FAST_DIST_TIMEOUT": "30",
+        "PYTHONPATH": str(Path(__file__).parents[1]),
+    }
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(_free_port()),
+    ]
     start = time.monotonic()
     run = subprocess.run([*torchrun, str(script)], env=env, capture_output=True, text=True, timeout=90)
     elapsed = time.monotonic() - start
@@ -213,7 +244,9 @@ def test_an_interrupted_sharded_sample_is_completed_by_a_rerun(tmp_path):
 def _evaluate(generated, labels, train, held):
     from tldr_fast import evaluate
 
-    report = evaluate(generated, train, labels, value_range=(0.0, 1.0), held_out=held, backend="reference", device="cpu")
+    report = evaluate(
+        generated, train, labels, value_range=(0.0, 1.0), held_out=held, backend="reference", device="cpu"
+    )
     return None if report is None else report.to_dict()
 
 

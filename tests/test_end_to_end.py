@@ -14,7 +14,9 @@ def test_mnist_inversion_is_classified_as_its_conditioned_class():
     clf = train_classifier(train, "cnn", epochs=10, seed=0, device="cpu")
     assert clf.tldr_meta["train_accuracy"] > 0.97
     t0 = time.perf_counter()
-    inv = invert(clf, 10, (1, 28, 28), steps=200, batch_size=32, ngf=32, device="cpu", backend="torch", progress=False, seed=0)
+    inv = invert(
+        clf, 10, (1, 28, 28), steps=200, batch_size=32, ngf=32, device="cpu", backend="torch", progress=False, seed=0
+    )
     seconds = time.perf_counter() - t0
     assert inv.metrics["accuracy"] >= 0.95, inv.metrics
     assert inv.metrics["samples"] == 10 * inv.config.eval_per_class

@@ -130,11 +130,31 @@ def test_report_json_summary_and_grid(gen, digits_clf, tmp_path):
     r = evaluate(_noise(gen, 30, (1, 8, 8)), ds, labels, classifier=clf, **SSIM)
     r.save_json(tmp_path / "m.json")
     d = json.loads((tmp_path / "m.json").read_text())
-    assert set(d) >= {"tau", "definitions", "num_generated", "num_train", "train_source", "overall", "per_class", "images"}
+    assert set(d) >= {
+        "tau",
+        "definitions",
+        "num_generated",
+        "num_train",
+        "train_source",
+        "overall",
+        "per_class",
+        "images",
+    }
     assert set(d["definitions"]) == set(DEFINITIONS)
-    keys = {"n_generated", "nn_ssim_mean", "nn_ssim_median", "nn_ssim_max", "matched_ssim_mean", "reconstructed_nn",
-            "reconstructed_matched", "n_train_matched", "same_class_ssim_mean", "attack_accuracy", "target_accuracy",
-            "target_confidence"}
+    keys = {
+        "n_generated",
+        "nn_ssim_mean",
+        "nn_ssim_median",
+        "nn_ssim_max",
+        "matched_ssim_mean",
+        "reconstructed_nn",
+        "reconstructed_matched",
+        "n_train_matched",
+        "same_class_ssim_mean",
+        "attack_accuracy",
+        "target_accuracy",
+        "target_confidence",
+    }
     assert set(d["overall"]) == keys and all(set(c) == keys | {"class", "name", "n_train"} for c in d["per_class"])
     assert d["overall"]["attack_accuracy"] is None and d["overall"]["target_confidence"] is not None
     assert len(d["images"]) == 30 and d["num_train"] == 300 and len(d["per_class"]) == 10
@@ -148,7 +168,19 @@ def test_report_json_summary_and_grid(gen, digits_clf, tmp_path):
 
 def test_inversion_input(digits_clf):
     ds, clf = digits_clf
-    inv = invert(clf, 10, (1, 8, 8), steps=3, batch_size=8, ngf=8, nz=8, eval_per_class=2, device="cpu", backend="torch", progress=False)
+    inv = invert(
+        clf,
+        10,
+        (1, 8, 8),
+        steps=3,
+        batch_size=8,
+        ngf=8,
+        nz=8,
+        eval_per_class=2,
+        device="cpu",
+        backend="torch",
+        progress=False,
+    )
     r = evaluate(inv, ds, n_per_class=3, **SSIM)
     assert r.labels.tolist() == [c for c in range(10) for _ in range(3)]
     assert r.generated.min() >= 0 and r.generated.max() <= 1
@@ -194,7 +226,9 @@ def test_control_against_held_out_images(gen, train):
     held = subset(load_dataset("mnist:test"), 20, seed=9)
     held = held.select(torch.nonzero(~torch.isin(held.indices, train.indices)).view(-1))
     labels = torch.arange(10).repeat_interleave(2)
-    images = torch.stack([train.images[torch.nonzero(train.labels == c)[k, 0]] for c in range(10) for k in (0, 1)]) * 2 - 1
+    images = (
+        torch.stack([train.images[torch.nonzero(train.labels == c)[k, 0]] for c in range(10) for k in (0, 1)]) * 2 - 1
+    )
     r = evaluate(images, train, labels, held_out=held, control_seed=4, **SSIM)
     x01 = (images + 1) / 2
     gen_c = torch.Generator().manual_seed(4)  # the control's draws, in its order: per class, train then held-out

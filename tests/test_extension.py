@@ -16,13 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.helpers import DEVICE, HAS_CUDA, assert_close, assert_low_precision_close, rand, rand_weights
 from tldr_fast import build
 from tldr_fast import extension as ext
 from tldr_fast import extension_ops as ext_ops
 from tldr_fast import reference as ref
 from tldr_fast.backends import BackendUnavailable, resolve
 from tldr_fast.ops import LOSS_OPS
-from tests.helpers import DEVICE, HAS_CUDA, assert_close, assert_low_precision_close, rand, rand_weights
 
 DEVICES = ["cpu", "cuda"] if HAS_CUDA else ["cpu"]
 
@@ -146,7 +146,9 @@ def test_import_never_builds_or_fails():
     subprocess.run([sys.executable, "-c", code], env=env, check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
 
 
-CPU_ONLY_CHECK = pytest.mark.skipif(HAS_CUDA, reason="a build check for CPU CI: on a GPU machine the real build does it")
+CPU_ONLY_CHECK = pytest.mark.skipif(
+    HAS_CUDA, reason="a build check for CPU CI: on a GPU machine the real build does it"
+)
 
 
 @CPU_ONLY_CHECK

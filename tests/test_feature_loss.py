@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from tldr_fast import reference as ref
 from tests.helpers import DEVICE, assert_close, assert_low_precision_close, rand, rand_weights
+from tldr_fast import reference as ref
 
 
 def naive_feature_terms(phi):
@@ -178,7 +178,11 @@ def check_low_precision(fast, phi, *label_args):
     """terms and d/dfeatures of ``fast`` against the reference in the same dtype, both measured from fp64."""
     w = torch.tensor([1.0, 0.01], device=DEVICE)
     res = {}
-    for name, impl, x in (("hp", ref.feature_loss, phi.double()), ("ref_lp", ref.feature_loss, phi), ("ours", fast.feature_loss, phi)):
+    for name, impl, x in (
+        ("hp", ref.feature_loss, phi.double()),
+        ("ref_lp", ref.feature_loss, phi),
+        ("ours", fast.feature_loss, phi),
+    ):
         f = x.detach().clone().requires_grad_(True)
         loss, terms = impl(f, w.to(x.dtype) if name == "hp" else w, *label_args)
         loss.backward()

@@ -8,9 +8,9 @@ import importlib
 import pytest
 import torch
 
-from tldr_fast.reference import NORM_EPS
 from tests.helpers import DEVICE, assert_close, loss_and_grad, rand, rand_weights
 from tests.test_feature_loss import check_backend
+from tldr_fast.reference import NORM_EPS
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.usefixtures("triton_backend")  # skipped wherever the Triton backend cannot run
@@ -71,7 +71,9 @@ def test_weights_gradient_is_the_terms(triton_backend, gen):
 @pytest.mark.parametrize("by_class", [False, True])
 def test_opcheck(gen, b, d, by_class):
     labels = torch.randint(0, 3, (b,), generator=gen).to(DEVICE) if by_class else None
-    torch.library.opcheck(op_module._feature_loss_op, (rand(gen, b, d).requires_grad_(True), rand_weights(gen), labels, 3))
+    torch.library.opcheck(
+        op_module._feature_loss_op, (rand(gen, b, d).requires_grad_(True), rand_weights(gen), labels, 3)
+    )
 
 
 def test_by_class_over_several_tiles(triton_backend, gen):

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tldr_fast import reference as ref
 from tests.helpers import DEVICE, assert_close, assert_low_precision_close, backend_or_skip, rand, rand_weights
+from tldr_fast import reference as ref
 
 
 def make_inputs(gen, b, k, d, pert=True, soft=False, dtype=torch.float32, device=DEVICE):
@@ -102,7 +102,9 @@ def test_head_grad_norm_equals_autograd_of_a_real_linear_head(gen, head_bias):
 
 @pytest.mark.parametrize("head_bias", [False, True])
 def test_head_grad_norm_gradcheck(gen, head_bias):
-    logits, target, labels, feats, _ = make_inputs(gen, 5, 4, 3, pert=False, soft=True, dtype=torch.float64, device="cpu")
+    logits, target, labels, feats, _ = make_inputs(
+        gen, 5, 4, 3, pert=False, soft=True, dtype=torch.float64, device="cpu"
+    )
     w = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0], dtype=torch.float64)
     logits.requires_grad_(True)
     feats.requires_grad_(True)

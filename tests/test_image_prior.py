@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from tldr_fast import reference as ref
 from tests.helpers import DEVICE, assert_close, assert_low_precision_close, rand, rand_weights
+from tldr_fast import reference as ref
 
 
 def naive_prior_terms(x, lo, hi):
@@ -66,7 +66,9 @@ def test_reference_moments_gradient_matches_the_derivation(gen):
     x = rand(gen, 3, 3, 5, 4, dtype=torch.float64, device="cpu", scale=0.6)
     x[:, 2] = 0.25  # flat
     x.requires_grad_(True)
-    g = torch.autograd.grad(ref.image_prior(x, torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64), lo, hi, MOMENTS)[0], x)[0]
+    g = torch.autograd.grad(
+        ref.image_prior(x, torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64), lo, hi, MOMENTS)[0], x
+    )[0]
     x01 = (x.detach() - lo) / (hi - lo)
     c, n = x.shape[1], x.numel() // x.shape[1]
     var, m = (t.view(1, c, 1, 1) for t in torch.var_mean(x01, dim=(0, 2, 3), unbiased=False))
@@ -147,7 +149,11 @@ def test_fast_low_precision(fast, gen, dtype, shape, with_moments):
     w = torch.tensor([1e-3, 1.0, 1.0], device=DEVICE)
     moments = rand_moments(gen, shape[1]) if with_moments else None
     res = {}
-    for name, impl, xi in (("hp", ref.image_prior, x.double()), ("ref_lp", ref.image_prior, x), ("ours", fast.image_prior, x)):
+    for name, impl, xi in (
+        ("hp", ref.image_prior, x.double()),
+        ("ref_lp", ref.image_prior, x),
+        ("ours", fast.image_prior, x),
+    ):
         xi = xi.detach().clone().requires_grad_(True)
         loss, terms = impl(xi, w.to(xi.dtype) if name == "hp" else w, -1.0, 1.0, moments)
         loss.backward()

@@ -90,7 +90,9 @@ def test_compile_in_invert():
     clf = mlp()
     runs = [invert(clf, 3, (1, 8, 8), seed=3, compile=flag, **{**TINY, "steps": 4}) for flag in (False, True)]
     for t in TERMS:
-        torch.testing.assert_close(torch.tensor(runs[1].history[t]), torch.tensor(runs[0].history[t]), rtol=1e-3, atol=1e-6)
+        torch.testing.assert_close(
+            torch.tensor(runs[1].history[t]), torch.tensor(runs[0].history[t]), rtol=1e-3, atol=1e-6
+        )
     assert type(clf) is nn.Sequential and not hasattr(runs[1].generator, "_orig_mod")
     assert runs[1].config.compile and InversionConfig.from_dict(runs[1].config.to_dict()).compile
 
@@ -125,8 +127,10 @@ def test_cuda_graph_computes_the_same_steps(backend):
 
     backend_or_skip(backend)
     device = torch.device("cuda")
-    runs = [_objective_steps(InversionConfig(**{**TINY, "device": "cuda", "backend": backend, "cuda_graph": flag}), device)
-            for flag in (False, True)]
+    runs = [
+        _objective_steps(InversionConfig(**{**TINY, "device": "cuda", "backend": backend, "cuda_graph": flag}), device)
+        for flag in (False, True)
+    ]
     for (l0, t0, g0), (l1, t1, g1) in zip(*runs):
         torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(t1, t0, rtol=1e-5, atol=1e-6)

@@ -5,7 +5,6 @@ import json
 import math
 
 import pytest
-import torch
 from PIL import Image
 
 from tldr_fast import leakage
@@ -61,7 +60,10 @@ def test_quick_suite_writes_well_formed_results(quick):
         assert set(run) == {"seed", "seconds", "steps", *leakage.METRICS} and run["steps"] == 20
         for k in ("attack_accuracy", "nn_ssim_mean", "held_out_ssim_mean", "same_class_ssim_mean", "closer_to_train"):
             assert 0 <= run[k] <= 1 or (k == "nn_ssim_mean" and -1 <= run[k] <= 1)
-        assert run["n_train_matched"] == int(run["n_train_matched"]) and v["mean"]["attack_accuracy"] == run["attack_accuracy"]
+        assert (
+            run["n_train_matched"] == int(run["n_train_matched"])
+            and v["mean"]["attack_accuracy"] == run["attack_accuracy"]
+        )
         assert v["std"]["attack_accuracy"] is None  # one seed: no spread
     refs = entry["references"]
     assert refs["real_unseen"]["attack_accuracy"] > refs["noise"]["attack_accuracy"]
@@ -91,25 +93,48 @@ def test_classifiers_are_cached(quick, tmp_path):
 
 
 def test_command_line(tmp_path, capsys):
-    status = main(["leakage", "--suite", "quick", "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c"),
-                   "--device", "cpu", "--quiet", "--variant", "drop:dropout=0.2"])
+    status = main(
+        [
+            "leakage",
+            "--suite",
+            "quick",
+            "--out",
+            str(tmp_path / "o"),
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "--device",
+            "cpu",
+            "--quiet",
+            "--variant",
+            "drop:dropout=0.2",
+        ]
+    )
     assert status == 0 and (tmp_path / "o" / "results.md").is_file()
     assert "| mnist-mlp-10 | drop |" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--set", "nonsense=1"], "unknown option"),
-    (["--variant", "x:eps=7"], "eps"),
-    (["--variant", "nocolon"], "NAME:KEY=VALUE"),
-    (["--set", "noequals"], "KEY=VALUE"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--set", "nonsense=1"], "unknown option"),
+        (["--variant", "x:eps=7"], "eps"),
+        (["--variant", "nocolon"], "NAME:KEY=VALUE"),
+        (["--set", "noequals"], "KEY=VALUE"),
+    ],
+)
 def test_command_line_rejects_bad_options_before_any_work(tmp_path, capsys, argv, message):
-    status = main(["leakage", "--suite", "quick", "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c"), *argv])
+    status = main(
+        ["leakage", "--suite", "quick", "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c"), *argv]
+    )
     assert status == 1 and message in capsys.readouterr().err
     assert not (tmp_path / "c").exists()  # nothing trained
 
 
 def test_parse_overrides():
     assert parse_overrides(["tv=1e-3", "diversity=class", "shift=0", "paired=true"]) == {
-        "tv": 1e-3, "diversity": "class", "shift": 0, "paired": True}
+        "tv": 1e-3,
+        "diversity": "class",
+        "shift": 0,
+        "paired": True,
+    }
     assert math.isnan(parse_overrides(["eps=NaN"])["eps"])

@@ -8,14 +8,17 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tldr_fast import invert, reference as ref
+from tldr_fast import invert
+from tldr_fast import reference as ref
 from tldr_fast.classifier import FrozenClassifier, batchnorm_layers, normalisation
 from tldr_fast.config import TERM_SLICES, TERMS, InversionConfig
-from tldr_fast.ops import LOSS_OPS, SPECS
 from tldr_fast.generator import ConditionedGenerator, sample_conditions
 from tldr_fast.models import PlainCNN, SmallCNN, SmallMLP, shift_images
+from tldr_fast.ops import LOSS_OPS, SPECS
 
-TINY = dict(steps=4, batch_size=8, nz=8, ngf=8, device="cpu", progress=False, eval_per_class=2, log_every=2, backend="torch")
+TINY = dict(
+    steps=4, batch_size=8, nz=8, ngf=8, device="cpu", progress=False, eval_per_class=2, log_every=2, backend="torch"
+)
 
 
 def with_meta(model, channels=1):
@@ -36,7 +39,9 @@ def test_warp_shift_only_moves_whole_pixels(gen):
     out = ref.warp(x, theta, -1.0, "nearest")
     for i in range(len(x)):
         padded = torch.nn.functional.pad(x[i], (2, 2, 2, 2), value=-1.0)
-        matches = [(dy, dx) for dy in range(5) for dx in range(5) if torch.equal(out[i], padded[:, dy : dy + 9, dx : dx + 7])]
+        matches = [
+            (dy, dx) for dy in range(5) for dx in range(5) if torch.equal(out[i], padded[:, dy : dy + 9, dx : dx + 7])
+        ]
         assert matches, f"image {i} is not a whole-pixel shift of its input filled with -1"
 
 
@@ -47,7 +52,9 @@ def test_warp_theta_ranges():
     angle = torch.atan2(lin[:, 1, 0], lin[:, 0, 0]) * 180 / math.pi
     shifts = theta[:, :, 2] * 28 / 2  # pixels
     assert scale.min() >= 0.9 - 1e-6 and scale.max() <= 1.1 + 1e-6 and angle.abs().max() <= 15 + 1e-4
-    assert torch.equal(shifts.round(), shifts.round().clamp(-2, 2)) and torch.allclose(shifts, shifts.round(), atol=1e-5)
+    assert torch.equal(shifts.round(), shifts.round().clamp(-2, 2)) and torch.allclose(
+        shifts, shifts.round(), atol=1e-5
+    )
     assert set(shifts.round().flatten().tolist()) == {-2.0, -1.0, 0.0, 1.0, 2.0}
 
 
@@ -275,8 +282,16 @@ def test_samples_do_not_depend_on_the_batch_size():
 
 @pytest.mark.parametrize(
     "bad, match",
-    [({"shift": -1}, "shift"), ({"rotate": 200.0}, "rotate"), ({"scale": 1.0}, "scale"), ({"dropout": 1.0}, "dropout"),
-     ({"diversity": "pairs"}, "diversity"), ({"select": 0}, "select"), ({"paired": 1}, "paired"), ({"rotate": float("nan")}, "rotate")],
+    [
+        ({"shift": -1}, "shift"),
+        ({"rotate": 200.0}, "rotate"),
+        ({"scale": 1.0}, "scale"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"diversity": "pairs"}, "diversity"),
+        ({"select": 0}, "select"),
+        ({"paired": 1}, "paired"),
+        ({"rotate": float("nan")}, "rotate"),
+    ],
 )
 def test_new_options_are_validated(bad, match):
     with pytest.raises((ValueError, TypeError), match=match):

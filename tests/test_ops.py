@@ -5,17 +5,16 @@ declarations, and every document a source file cites exists.
 """
 
 import ast
-import os
 import re
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.helpers import backend_or_skip
 from tldr_fast import backends, cli, config
 from tldr_fast.backends import BACKENDS, BackendUnavailable, resolve
 from tldr_fast.ops import LOSS_OPS, OPS, SPECS
-from tests.helpers import backend_or_skip
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,8 +84,14 @@ def _w(n):
 
 
 def _head(b=4, k=3, **change):
-    args = dict(logits=torch.randn(2 * b, k), condition=torch.softmax(torch.randn(b, k), 1),
-                labels=torch.tensor([0, 1, 2, 0][:b]), features=torch.randn(b, 5), weights=_w(5), head_bias=True)
+    args = dict(
+        logits=torch.randn(2 * b, k),
+        condition=torch.softmax(torch.randn(b, k), 1),
+        labels=torch.tensor([0, 1, 2, 0][:b]),
+        features=torch.randn(b, 5),
+        weights=_w(5),
+        head_bias=True,
+    )
     args.update(change)
     return tuple(args.values())
 
@@ -241,8 +246,12 @@ def test_no_import_cycles_and_kernels_import_only_the_declarations():
 def test_every_cited_document_and_section_exists():
     design = (ROOT / "DESIGN.md").read_text()
     sections = set(re.findall(r"^#+ (\d+(?:\.\d+)*)[. ]", design, re.M))
-    sources = [p for d in ("tldr_fast", "kernels", "csrc", "benchmarks", "tests") for p in (ROOT / d).rglob("*")
-               if p.suffix in (".py", ".cpp", ".cu", ".h", ".cuh", ".sh")]
+    sources = [
+        p
+        for d in ("tldr_fast", "kernels", "csrc", "benchmarks", "tests")
+        for p in (ROOT / d).rglob("*")
+        if p.suffix in (".py", ".cpp", ".cu", ".h", ".cuh", ".sh")
+    ]
     sources += [ROOT / "setup.py", ROOT / "README.md", ROOT / "BENCHMARKS.md", ROOT / "Makefile"]
     bad = []
     for path in sources:

@@ -13,11 +13,11 @@ import pytest
 import torch
 from skimage.metrics import structural_similarity
 
+from tests.helpers import DEVICE, HAS_CUDA
 from tldr_fast import ssim, torch_ops
-from tldr_fast.ops import SPECS
 from tldr_fast.backends import BackendUnavailable
 from tldr_fast.data import load_foolbox_samples
-from tests.helpers import DEVICE, HAS_CUDA
+from tldr_fast.ops import SPECS
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # max |ours - scikit-image|. The contract is 1e-4; the fast implementations (centred windows in fp32,
@@ -57,7 +57,8 @@ def skimage_matrix(a, b, data_range=1.0):
     """The [N, M] matrix pair by pair with scikit-image, in fp64; uint8 images are divided by 255."""
     a, b = (ssim.as_unit_images(x).double().cpu().numpy() for x in (a, b))
     return torch.tensor(
-        [[structural_similarity(x, y, data_range=data_range, channel_axis=0) for y in b] for x in a], dtype=torch.float64
+        [[structural_similarity(x, y, data_range=data_range, channel_axis=0) for y in b] for x in a],
+        dtype=torch.float64,
     )
 
 
@@ -115,7 +116,9 @@ def test_digits_match_skimage(name, device):
     datasets = pytest.importorskip("sklearn.datasets")
     x = torch.from_numpy(datasets.load_digits().images[:40]).float()[:, None]
     a, b = x[:7], x[7:]
-    check(implementation(name, device)(a.to(device), b.to(device), 16.0), skimage_matrix(a, b, 16.0), tol_of(name), name)
+    check(
+        implementation(name, device)(a.to(device), b.to(device), 16.0), skimage_matrix(a, b, 16.0), tol_of(name), name
+    )
 
 
 @pytest.mark.parametrize("name,device", [c for c in CASES if c[0] != "reference"])
@@ -146,7 +149,9 @@ def test_input_dtypes(name, device, dtype, gen):
     else:
         a, b = a.to(dtype), b.to(dtype)
     out = op(a.to(device), b.to(device), 1.0)
-    assert out.dtype == (torch.float64 if dtype == torch.float64 and name in ("reference", "extension") else torch.float32)
+    assert out.dtype == (
+        torch.float64 if dtype == torch.float64 and name in ("reference", "extension") else torch.float32
+    )
     check(out, skimage_matrix(a, b), tol_of(name), f"{name} {dtype}")
 
 

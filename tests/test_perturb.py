@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from tldr_fast.reference import PERTURBATIONS
 from tests.helpers import backend_or_skip, rand
+from tldr_fast.reference import PERTURBATIONS
 
 
 @pytest.fixture(params=["torch", "triton"])

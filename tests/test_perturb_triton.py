@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from tldr_fast.reference import PERTURBATIONS
 from tests.helpers import DEVICE, assert_close, rand
+from tldr_fast.reference import PERTURBATIONS
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.usefixtures("triton_backend")  # skipped wherever the Triton backend cannot run
@@ -87,7 +87,9 @@ def test_opcheck(gen):
     x = rand(gen, 2, 3, 5, 6).requires_grad_(True)
     for kind in range(len(PERTURBATIONS)):
         torch.library.opcheck(op_module._perturb_op, (x, 0.1, -1.0, 1.0, kind, 5))
-        torch.library.opcheck(op_module._perturb_backward_op, (rand(gen, 2, 3, 5, 6), x.detach(), 0.1, -1.0, 1.0, kind, 5))
+        torch.library.opcheck(
+            op_module._perturb_backward_op, (rand(gen, 2, 3, 5, 6), x.detach(), 0.1, -1.0, 1.0, kind, 5)
+        )
 
 
 def test_torch_compile_fullgraph(triton_backend, gen):

@@ -8,21 +8,22 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
-from tldr_fast import Inversion, InversionConfig, evaluate, invert
+from tldr_fast import Inversion, evaluate, invert
 from tldr_fast.checkpoint import atomic_save, load_checkpoint
 from tldr_fast.classifier import ClassifierError
 from tldr_fast.invert import InversionDiverged
 from tldr_fast.models import PlainCNN, save_classifier
 from tldr_fast.samples import iter_sample, load_sample, write_samples
 
-TINY = dict(steps=6, batch_size=8, nz=8, ngf=8, device="cpu", progress=False, eval_per_class=2, log_every=2, backend="torch")
+TINY = dict(
+    steps=6, batch_size=8, nz=8, ngf=8, device="cpu", progress=False, eval_per_class=2, log_every=2, backend="torch"
+)
 SHAPE = (1, 16, 16)
 
 
@@ -65,7 +66,9 @@ def test_a_non_finite_run_never_overwrites_a_good_checkpoint(tmp_path):
 def test_loading_a_non_finite_generator_is_an_error(tmp_path):
     inv = invert(plain(), 3, SHAPE, **TINY)
     state = inv.state()
-    state["generator"] = {k: v.float() * float("nan") if v.is_floating_point() else v for k, v in state["generator"].items()}
+    state["generator"] = {
+        k: v.float() * float("nan") if v.is_floating_point() else v for k, v in state["generator"].items()
+    }
     bad = tmp_path / "nan.pt"
     atomic_save({"format": "tldr_fast.inversion/1", **state}, bad)
     with pytest.raises(ValueError, match="not finite"):
@@ -200,15 +203,18 @@ class DictNet(nn.Module):
         return {"logits": self.fc(x.flatten(1))}
 
 
-@pytest.mark.parametrize("call, error, match", [
-    (lambda: invert(plain(), 3, SHAPE, **{**TINY, "lr": float("inf")}), ValueError, "lr"),
-    (lambda: invert(plain(), 3, SHAPE, **{**TINY, "lr": True}), ValueError, "lr"),
-    (lambda: invert(plain(), 3, SHAPE, **{**TINY, "tv": float("inf")}), ValueError, "tv"),
-    (lambda: invert(plain(), 3, SHAPE, **{**TINY, "schedules": {"tv": (0.0, float("nan"))}}), ValueError, "Ramp"),
-    (lambda: invert(DictNet(), 3, SHAPE, **TINY), ClassifierError, "dict"),
-    (lambda: invert(plain(), 3, SHAPE, **{**TINY, "device": "meta"}), ValueError, "device"),
-    (lambda: invert(plain(), 3, SHAPE, **{**TINY, "device": "gpu7"}), ValueError, "device"),
-])
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: invert(plain(), 3, SHAPE, **{**TINY, "lr": float("inf")}), ValueError, "lr"),
+        (lambda: invert(plain(), 3, SHAPE, **{**TINY, "lr": True}), ValueError, "lr"),
+        (lambda: invert(plain(), 3, SHAPE, **{**TINY, "tv": float("inf")}), ValueError, "tv"),
+        (lambda: invert(plain(), 3, SHAPE, **{**TINY, "schedules": {"tv": (0.0, float("nan"))}}), ValueError, "Ramp"),
+        (lambda: invert(DictNet(), 3, SHAPE, **TINY), ClassifierError, "dict"),
+        (lambda: invert(plain(), 3, SHAPE, **{**TINY, "device": "meta"}), ValueError, "device"),
+        (lambda: invert(plain(), 3, SHAPE, **{**TINY, "device": "gpu7"}), ValueError, "device"),
+    ],
+)
 def test_bad_input_is_a_clear_error(call, error, match):
     with pytest.raises(error, match=match):
         call()
@@ -219,16 +225,19 @@ def inv():
     return invert(plain(), 3, SHAPE, **TINY)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"n_per_class": -3}, "n_per_class"),
-    ({"n_per_class": 0}, "n_per_class"),
-    ({"labels": ["3"]}, "ints"),
-    ({"labels": [1.5]}, "ints"),
-    ({"labels": [[1, 2]]}, "ints"),
-    ({"labels": torch.tensor([[1, 2]])}, "one-dimensional"),
-    ({"labels": torch.tensor([0.5])}, "integers"),
-    ({"labels": [7]}, r"\[0, 2\]"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"n_per_class": -3}, "n_per_class"),
+        ({"n_per_class": 0}, "n_per_class"),
+        ({"labels": ["3"]}, "ints"),
+        ({"labels": [1.5]}, "ints"),
+        ({"labels": [[1, 2]]}, "ints"),
+        ({"labels": torch.tensor([[1, 2]])}, "one-dimensional"),
+        ({"labels": torch.tensor([0.5])}, "integers"),
+        ({"labels": [7]}, r"\[0, 2\]"),
+    ],
+)
 def test_bad_labels(inv, kwargs, match):
     with pytest.raises(ValueError, match=match):
         inv.sample(**kwargs)
@@ -253,7 +262,11 @@ def test_npz_is_streamed_and_any_case(inv, tmp_path):
     out = write_samples(inv, tmp_path / "S.NPZ", labels, batch_size=4)
     assert out.is_file()
     with np.load(out) as d:
-        assert d["images"].shape == (15, *SHAPE) and d["images"].dtype == np.uint8 and d["labels"].tolist() == labels.tolist()
+        assert (
+            d["images"].shape == (15, *SHAPE)
+            and d["images"].dtype == np.uint8
+            and d["labels"].tolist() == labels.tolist()
+        )
         expected = ((inv.sample(labels=labels) + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
         assert np.abs(d["images"].astype(int) - expected.astype(int)).max() <= 1
     assert not list(tmp_path.glob(".*.tmp"))
@@ -293,7 +306,11 @@ def test_sharded_npz_checks_its_shards_and_replaces_another_sample(inv, tmp_path
     with pytest.raises(ValueError, match="s-00000-of-00003.npz is a shard of another sample"):
         load_sample(index)
     write_samples(inv, out, labels, batch_size=4, shard_size=5)  # this sample again, other shards: replaces them all
-    assert sorted(p.name for p in tmp_path.glob("s-*")) == ["s-00000-of-00002.npz", "s-00001-of-00002.npz", "s-index.json"]
+    assert sorted(p.name for p in tmp_path.glob("s-*")) == [
+        "s-00000-of-00002.npz",
+        "s-00001-of-00002.npz",
+        "s-index.json",
+    ]
     for got, want in zip(load_sample(index), expected):
         np.testing.assert_array_equal(got, want)
     (tmp_path / "s-00001-of-00002.npz").unlink()
@@ -318,7 +335,9 @@ def test_a_single_npz_under_several_ranks_asks_for_shards(inv, tmp_path, monkeyp
 
 
 def _cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "tldr_fast.cli", *map(str, args)], capture_output=True, text=True, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "tldr_fast.cli", *map(str, args)], capture_output=True, text=True, **kw
+    )
 
 
 @pytest.fixture(scope="module")
@@ -327,7 +346,9 @@ def clf_file(tmp_path_factory):
     from tldr_fast.data import load_dataset, subset
     from tldr_fast.models import train_classifier
 
-    save_classifier(train_classifier(subset(load_dataset("mnist:test"), 5, seed=0), "mlp", epochs=1, device="cpu"), path)
+    save_classifier(
+        train_classifier(subset(load_dataset("mnist:test"), 5, seed=0), "mlp", epochs=1, device="cpu"), path
+    )
     return path
 
 
@@ -347,7 +368,18 @@ def test_cli_resume_keeps_the_runs_options(clf_file, tmp_path):
 def test_cli_config_file_and_set(clf_file, tmp_path):
     (tmp_path / "run.json").write_text(json.dumps({"eps": 0.05, "weights": {"tv": 0.01}, "batch_size": 8}))
     out = tmp_path / "x.pt"
-    r = _cli("invert", "--classifier", clf_file, "--out", out, "--config", tmp_path / "run.json", "--set", "diversity=class", *COMMON)
+    r = _cli(
+        "invert",
+        "--classifier",
+        clf_file,
+        "--out",
+        out,
+        "--config",
+        tmp_path / "run.json",
+        "--set",
+        "diversity=class",
+        *COMMON,
+    )
     assert r.returncode == 0, r.stderr
     cfg = load_checkpoint(out)["config"]
     assert (cfg["eps"], cfg["weights"]["tv"], cfg["diversity"]) == (0.05, 0.01, "class")
@@ -358,17 +390,42 @@ def test_cli_config_file_and_set(clf_file, tmp_path):
 def test_cli_unwritable_out_fails_at_once(clf_file, tmp_path):
     blocker = tmp_path / "f"
     blocker.write_text("")
-    for args in (["invert", "--classifier", clf_file, "--out", blocker / "x.pt", *COMMON],
-                 ["train-classifier", "--data", "digits", "--out", blocker / "c.pt", "--epochs", "1", "--quiet"]):
+    for args in (
+        ["invert", "--classifier", clf_file, "--out", blocker / "x.pt", *COMMON],
+        ["train-classifier", "--data", "digits", "--out", blocker / "c.pt", "--epochs", "1", "--quiet"],
+    ):
         r = _cli(*args)
         assert r.returncode == 1 and "cannot write" in r.stderr, r.stderr
 
 
 def test_cli_interrupt_saves_and_says_how_to_resume(clf_file, tmp_path):
     out = tmp_path / "x.pt"
-    proc = subprocess.Popen([sys.executable, "-m", "tldr_fast.cli", "invert", "--classifier", str(clf_file), "--out", str(out),
-                             "--steps", "100000", "--device", "cpu", "--backend", "torch", "--set", "ngf=8", "--set", "nz=8",
-                             "--batch-size", "8"], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tldr_fast.cli",
+            "invert",
+            "--classifier",
+            str(clf_file),
+            "--out",
+            str(out),
+            "--steps",
+            "100000",
+            "--device",
+            "cpu",
+            "--backend",
+            "torch",
+            "--set",
+            "ngf=8",
+            "--set",
+            "nz=8",
+            "--batch-size",
+            "8",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = 120
     import time
 
@@ -387,7 +444,9 @@ def test_cli_interrupt_saves_and_says_how_to_resume(clf_file, tmp_path):
 
 
 def test_cli_quiet_is_quiet(clf_file, tmp_path):
-    r = _cli("invert", "--classifier", clf_file, "--out", tmp_path / "x.pt", "--steps", "2", "--set", "ngf=8", "--quiet")
+    r = _cli(
+        "invert", "--classifier", clf_file, "--out", tmp_path / "x.pt", "--steps", "2", "--set", "ngf=8", "--quiet"
+    )
     assert r.returncode == 0 and r.stderr == "", r.stderr
 
 
@@ -398,8 +457,22 @@ def test_cli_sample_outputs(clf_file, tmp_path):
     assert r.returncode == 0 and (tmp_path / "S.NPZ").is_file(), r.stderr
     r = _cli("sample", "--inversion", inv_file, "--out", "", "--quiet")
     assert r.returncode == 1 and "empty" in r.stderr
-    r = _cli("sample", "--inversion", inv_file, "--out", tmp_path / "p", "--n-per-class", "2", "--select", "3", "--quiet")
+    r = _cli(
+        "sample", "--inversion", inv_file, "--out", tmp_path / "p", "--n-per-class", "2", "--select", "3", "--quiet"
+    )
     assert r.returncode == 1 and "classifier" in r.stderr  # selecting needs the target
-    r = _cli("sample", "--inversion", inv_file, "--classifier", clf_file, "--out", tmp_path / "p", "--n-per-class", "2",
-             "--select", "3", "--quiet")
+    r = _cli(
+        "sample",
+        "--inversion",
+        inv_file,
+        "--classifier",
+        clf_file,
+        "--out",
+        tmp_path / "p",
+        "--n-per-class",
+        "2",
+        "--select",
+        "3",
+        "--quiet",
+    )
     assert r.returncode == 0 and len(list((tmp_path / "p").glob("*/*.png"))) == 20, r.stderr

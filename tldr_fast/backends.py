@@ -50,8 +50,17 @@ REGISTRY: Dict[str, Implementation] = {
 BACKENDS: Tuple[str, ...] = tuple(REGISTRY)
 ALIASES = {"cuda": "extension"}  # a former name -> the backend's name
 NAMES: Tuple[str, ...] = ("auto", *BACKENDS, *ALIASES)  # what backend= accepts
-__all__ = ["ALIASES", "BACKENDS", "NAMES", "REGISTRY", "Backend", "BackendUnavailable", "available", "resolve",
-           "resolve_device"]
+__all__ = [
+    "ALIASES",
+    "BACKENDS",
+    "NAMES",
+    "REGISTRY",
+    "Backend",
+    "BackendUnavailable",
+    "available",
+    "resolve",
+    "resolve_device",
+]
 
 _announced: set = set()
 
@@ -92,7 +101,9 @@ def resolve_device(name: str, quiet: bool = False) -> torch.device:
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from e
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r} (tldr_fast runs on CPUs and CUDA GPUs)")
+        raise ValueError(
+            f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r} (tldr_fast runs on CPUs and CUDA GPUs)"
+        )
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device={name!r} but torch sees no CUDA GPU; use device='cpu' or 'auto'")
     return device

@@ -71,7 +71,9 @@ def load_checkpoint(path: PathLike, fmt: str = FORMAT, kind: str = "inversion") 
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path} is not a tldr_fast {kind} checkpoint that loads safely (weights only; refused: {first})") from e
+        raise ValueError(
+            f"{path} is not a tldr_fast {kind} checkpoint that loads safely (weights only; refused: {first})"
+        ) from e
     if not isinstance(state, dict) or state.get("format") != fmt:
         raise ValueError(f"{path} is not a tldr_fast {kind} checkpoint (expected format {fmt!r})")
     return state

@@ -29,7 +29,10 @@ def make_preprocess(spec: Preprocess, classifier: nn.Module, quiet: bool = False
             spec = (meta["mean"], meta["std"])
         else:
             if not quiet:
-                print("tldr_fast: classifier has no tldr_meta and no preprocess was given: feeding it [0, 1] images", file=sys.stderr)
+                print(
+                    "tldr_fast: classifier has no tldr_meta and no preprocess was given: feeding it [0, 1] images",
+                    file=sys.stderr,
+                )
             spec = "unit"
     if spec == "identity":
         return lambda x: x
@@ -77,7 +80,8 @@ def normalisation(spec: Preprocess, classifier: nn.Module, channels: int) -> Opt
 def batchnorm_layers(classifier: nn.Module) -> List[nn.modules.batchnorm._BatchNorm]:
     """The classifier's BatchNorm layers that keep running statistics (what ``bn_stats`` matches)."""
     return [
-        m for m in classifier.modules()
+        m
+        for m in classifier.modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None
     ]
 
@@ -86,7 +90,9 @@ def _find_head(classifier: nn.Module, num_classes: int, name: Optional[str]) -> 
     modules = dict(classifier.named_modules())
     if name is not None:
         if name not in modules:
-            raise ClassifierError(f"head={name!r} is not a submodule of the classifier; linear layers: {_linears(classifier)}")
+            raise ClassifierError(
+                f"head={name!r} is not a submodule of the classifier; linear layers: {_linears(classifier)}"
+            )
         if not isinstance(modules[name], nn.Linear):
             raise ClassifierError(f"head={name!r} is a {type(modules[name]).__name__}, not an nn.Linear")
         return name, modules[name]
@@ -95,7 +101,9 @@ def _find_head(classifier: nn.Module, num_classes: int, name: Optional[str]) -> 
 
 
 def _linears(classifier: nn.Module) -> List[str]:
-    return [f"{n} ({m.in_features}->{m.out_features})" for n, m in classifier.named_modules() if isinstance(m, nn.Linear)]
+    return [
+        f"{n} ({m.in_features}->{m.out_features})" for n, m in classifier.named_modules() if isinstance(m, nn.Linear)
+    ]
 
 
 class FrozenClassifier(nn.Module):
@@ -136,7 +144,11 @@ class FrozenClassifier(nn.Module):
         self._tuple_output = False
         self._hook = None
         meta = getattr(classifier, "tldr_meta", None)
-        if isinstance(meta, Mapping) and meta.get("input_shape") is not None and list(meta["input_shape"]) != list(image_shape):
+        if (
+            isinstance(meta, Mapping)
+            and meta.get("input_shape") is not None
+            and list(meta["input_shape"]) != list(image_shape)
+        ):
             raise ClassifierError(
                 f"the classifier was trained on images of shape {tuple(meta['input_shape'])} (its tldr_meta), not "
                 f"{tuple(image_shape)}: invert it at its own input shape"
@@ -162,7 +174,9 @@ class FrozenClassifier(nn.Module):
             with torch.no_grad():
                 out = self.classifier(self.preprocess(x))
         except Exception as e:
-            raise ClassifierError(f"the classifier failed on a batch of shape {tuple(x.shape)} (image_shape={tuple(image_shape)}): {e}") from e
+            raise ClassifierError(
+                f"the classifier failed on a batch of shape {tuple(x.shape)} (image_shape={tuple(image_shape)}): {e}"
+            ) from e
         if isinstance(out, Mapping):
             raise ClassifierError(
                 f"the classifier returns a {type(out).__name__} (keys {list(out)[:5]}); invert needs logits [B, K], or "
@@ -183,7 +197,9 @@ class FrozenClassifier(nn.Module):
             self._hook = self.head.register_forward_hook(self._capture)
             logits, feats = self._run(x, no_grad=True)
         if logits.dim() != 2 or logits.shape[1] != self.num_classes:
-            raise ClassifierError(f"the classifier returns logits of shape {tuple(logits.shape)}, expected [B, {self.num_classes}] (num_classes={self.num_classes})")
+            raise ClassifierError(
+                f"the classifier returns logits of shape {tuple(logits.shape)}, expected [B, {self.num_classes}] (num_classes={self.num_classes})"
+            )
         if feats.dim() != 2 or feats.shape[0] != logits.shape[0]:
             raise ClassifierError(f"penultimate features must be [B, D], got {tuple(feats.shape)}")
         if not torch.isfinite(logits).all():
@@ -204,9 +220,13 @@ class FrozenClassifier(nn.Module):
 
     def _bn_capture(self, module: nn.modules.batchnorm._BatchNorm, inputs: Tuple[Tensor, ...]) -> None:
         if self._bn_rows:
-            self._bn_terms.append(reference.bn_stats(inputs[0][: self._bn_rows], module.running_mean, module.running_var))
+            self._bn_terms.append(
+                reference.bn_stats(inputs[0][: self._bn_rows], module.running_mean, module.running_var)
+            )
 
-    def forward_bn_stats(self, x: Tensor, rows: int, module: Optional[Callable] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    def forward_bn_stats(
+        self, x: Tensor, rows: int, module: Optional[Callable] = None
+    ) -> Tuple[Tensor, Tensor, Tensor]:
         """``forward`` plus the BatchNorm-statistics term of the first ``rows`` images: the sum over
         the classifier's BatchNorm layers of ``reference.bn_stats`` (0 without BatchNorm layers)."""
         self._bn_terms.clear()
@@ -230,7 +250,9 @@ class FrozenClassifier(nn.Module):
         if self._tuple_output:
             return out[0], out[1]
         if len(self._captured) != 1:
-            raise ClassifierError(f"the head {self.head_name!r} ran {len(self._captured)} times in one forward; expected once")
+            raise ClassifierError(
+                f"the head {self.head_name!r} ran {len(self._captured)} times in one forward; expected once"
+            )
         return out, self._captured.pop()
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:

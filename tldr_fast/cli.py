@@ -21,7 +21,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Union
 
-import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -61,7 +60,9 @@ def _n_per_class(text: str) -> Union[int, str]:
 
 
 def _add_run_options(p: argparse.ArgumentParser, seed_help: str = "seed of everything random") -> None:
-    p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument(
+        "--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, cuda:1, ... (default: auto)"
+    )
     p.add_argument("--seed", type=int, default=None, help=f"{seed_help} (default: 0, or the resumed run's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -70,18 +71,47 @@ def _add_invert_options(p: argparse.ArgumentParser) -> None:
     from .config import InversionConfig
 
     d = InversionConfig()
-    p.add_argument("--steps", type=_positive_int, default=None, help=f"generator optimisation steps (default: {d.steps})")
+    p.add_argument(
+        "--steps", type=_positive_int, default=None, help=f"generator optimisation steps (default: {d.steps})"
+    )
     p.add_argument("--batch-size", type=_positive_int, default=None, help=f"images per step (default: {d.batch_size})")
     p.add_argument("--lr", type=float, default=None, help="generator learning rate (default: InversionConfig's)")
-    p.add_argument("--backend", default=None, choices=BACKEND_CHOICES, help="kernels for the loss ops and SSIM (default: auto; 'cuda' = 'extension')")
-    p.add_argument("--conditioning", choices=("hot", "soft"), default=None, help="hot: one-hot (TLDR, default); soft: softmax of noise")
-    p.add_argument("--grad-norm", choices=("head", "full", "off"), default=None, help="gradient-norm term: head (closed form, default), full (double backward), off")
-    p.add_argument("--compile", action="store_true", default=None, help="generator and classifier under torch.compile (faster steps after a compile)")
-    p.add_argument("--cuda-graph", action="store_true", default=None, help="replay the loss block from CUDA graphs (GPU; not with --grad-norm full)")
+    p.add_argument(
+        "--backend",
+        default=None,
+        choices=BACKEND_CHOICES,
+        help="kernels for the loss ops and SSIM (default: auto; 'cuda' = 'extension')",
+    )
+    p.add_argument(
+        "--conditioning",
+        choices=("hot", "soft"),
+        default=None,
+        help="hot: one-hot (TLDR, default); soft: softmax of noise",
+    )
+    p.add_argument(
+        "--grad-norm",
+        choices=("head", "full", "off"),
+        default=None,
+        help="gradient-norm term: head (closed form, default), full (double backward), off",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="generator and classifier under torch.compile (faster steps after a compile)",
+    )
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        default=None,
+        help="replay the loss block from CUDA graphs (GPU; not with --grad-norm full)",
+    )
 
 
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--n-per-class", type=_positive_int, default=10, help="generated images per class to evaluate (default: 10)")
+    p.add_argument(
+        "--n-per-class", type=_positive_int, default=10, help="generated images per class to evaluate (default: 10)"
+    )
     p.add_argument("--tau", type=float, default=0.4, help="SSIM threshold of 'reconstructed' (default: 0.4)")
     p.add_argument("--grid-per-class", type=_positive_int, default=8, help="pairs per class in grid.png (default: 8)")
 
@@ -89,7 +119,9 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The parser of all subcommands (each sets ``func``)."""
     parser = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--traceback", action="store_true", help="on an error, show the full traceback instead of one line")
+    parser.add_argument(
+        "--traceback", action="store_true", help="on an error, show the full traceback instead of one line"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -97,108 +129,250 @@ def build_parser() -> argparse.ArgumentParser:
 
     data_help = f"data set: {', '.join(dataset_names())}, an .npz, a folder of IDX files or of class folders; NAME:test picks the test split"
 
-    p = sub.add_parser("train-classifier", help="train a small CNN or MLP on a class-balanced subset and save it", description=(
-        "Train the reference CNN (or MLP) on n images per class of a data set and save weights + metadata "
-        "(architecture, normalisation, class names, the subset's indices, accuracies) to a weights-only checkpoint."))
+    p = sub.add_parser(
+        "train-classifier",
+        help="train a small CNN or MLP on a class-balanced subset and save it",
+        description=(
+            "Train the reference CNN (or MLP) on n images per class of a data set and save weights + metadata "
+            "(architecture, normalisation, class names, the subset's indices, accuracies) to a weights-only checkpoint."
+        ),
+    )
     p.add_argument("--data", default="mnist", help=f"{data_help} (default: mnist)")
-    p.add_argument("--n-per-class", type=_n_per_class, default=DEMO_TRAIN_PER_CLASS, help="training images per class, or 'all' (default: 100)")
-    p.add_argument("--test-data", default=None, help="held-out data set for the test accuracy, e.g. mnist:test (default: none)")
+    p.add_argument(
+        "--n-per-class",
+        type=_n_per_class,
+        default=DEMO_TRAIN_PER_CLASS,
+        help="training images per class, or 'all' (default: 100)",
+    )
+    p.add_argument(
+        "--test-data", default=None, help="held-out data set for the test accuracy, e.g. mnist:test (default: none)"
+    )
     p.add_argument("--arch", choices=("cnn", "mlp"), default="cnn", help="classifier architecture (default: cnn)")
-    p.add_argument("--epochs", type=_positive_int, default=DEMO_EPOCHS, help=f"training epochs (default: {DEMO_EPOCHS})")
+    p.add_argument(
+        "--epochs", type=_positive_int, default=DEMO_EPOCHS, help=f"training epochs (default: {DEMO_EPOCHS})"
+    )
     p.add_argument("--batch-size", type=_positive_int, default=64, help="training batch size (default: 64)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: 3e-3)")
     p.add_argument("--out", required=True, help="checkpoint to write (.pt)")
     _add_run_options(p, "seed of the subset, initialisation and batches")
     p.set_defaults(func=cmd_train_classifier)
 
-    p = sub.add_parser("invert", help="train a generator that inverts a saved classifier (TLDR)", description=(
-        "Invert a classifier saved by train-classifier: train a label-conditioned generator against it and save "
-        "the inversion (generator, config, history, metrics). --resume continues an interrupted run."))
+    p = sub.add_parser(
+        "invert",
+        help="train a generator that inverts a saved classifier (TLDR)",
+        description=(
+            "Invert a classifier saved by train-classifier: train a label-conditioned generator against it and save "
+            "the inversion (generator, config, history, metrics). --resume continues an interrupted run."
+        ),
+    )
     p.add_argument("--classifier", required=True, help="classifier checkpoint from train-classifier")
     p.add_argument("--out", required=True, help="inversion checkpoint to write (.pt)")
-    p.add_argument("--resume", default=None, help="continue from this inversion checkpoint (options not given again are the run's own)")
-    p.add_argument("--checkpoint-every", type=int, default=None, help="also save --out every N steps (default: only at the end and on Ctrl-C)")
-    p.add_argument("--config", default=None, help="a JSON file of InversionConfig fields (e.g. as metrics or a checkpoint record them)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="any InversionConfig field or loss weight, e.g. --set tv=1e-3 --set diversity=class (repeatable; after --config)")
+    p.add_argument(
+        "--resume",
+        default=None,
+        help="continue from this inversion checkpoint (options not given again are the run's own)",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        help="also save --out every N steps (default: only at the end and on Ctrl-C)",
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        help="a JSON file of InversionConfig fields (e.g. as metrics or a checkpoint record them)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any InversionConfig field or loss weight, e.g. --set tv=1e-3 --set diversity=class (repeatable; after --config)",
+    )
     _add_invert_options(p)
     _add_run_options(p)
     p.set_defaults(func=cmd_invert)
 
-    p = sub.add_parser("sample", help="write N generated images per class to an .npz or a folder of PNGs", description=(
-        "Sample an inversion: --out ending in .npz writes uint8 images [N, C, H, W] and labels; with --shard-size "
-        "it writes them in shards beside it plus an index (large samples; needed for an .npz under torchrun); "
-        "any other --out is a folder with one sub-folder of PNGs per class."))
+    p = sub.add_parser(
+        "sample",
+        help="write N generated images per class to an .npz or a folder of PNGs",
+        description=(
+            "Sample an inversion: --out ending in .npz writes uint8 images [N, C, H, W] and labels; with --shard-size "
+            "it writes them in shards beside it plus an index (large samples; needed for an .npz under torchrun); "
+            "any other --out is a folder with one sub-folder of PNGs per class."
+        ),
+    )
     p.add_argument("--inversion", required=True, help="inversion checkpoint from invert")
     p.add_argument("--n-per-class", type=_positive_int, default=10, help="images per class (default: 10)")
-    p.add_argument("--out", required=True, help=".npz file or folder (a folder or a sharded .npz resumes an interrupted sample)")
-    p.add_argument("--shard-size", type=_positive_int, default=None, metavar="N",
-                   help="with an .npz --out such as s.npz: shards of N images, s-00000-of-000NN.npz, and their index "
-                   "s-index.json (the same files for any number of torchrun ranks, each writing its shards; resumable; "
-                   "read back with tldr_fast.samples.load_sample)")
-    p.add_argument("--batch-size", type=_positive_int, default=None, help="images generated at a time (default: the inversion's batch size); "
-                   "the images do not depend on it")
-    p.add_argument("--select", type=_positive_int, default=None, help="keep the most robustly classified of N candidates per image "
-                   "(needs --classifier; default: the inversion's select, or 1 without --classifier)")
-    p.add_argument("--classifier", default=None, help="the target classifier checkpoint (scores the candidates of --select)")
+    p.add_argument(
+        "--out", required=True, help=".npz file or folder (a folder or a sharded .npz resumes an interrupted sample)"
+    )
+    p.add_argument(
+        "--shard-size",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="with an .npz --out such as s.npz: shards of N images, s-00000-of-000NN.npz, and their index "
+        "s-index.json (the same files for any number of torchrun ranks, each writing its shards; resumable; "
+        "read back with tldr_fast.samples.load_sample)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        help="images generated at a time (default: the inversion's batch size); the images do not depend on it",
+    )
+    p.add_argument(
+        "--select",
+        type=_positive_int,
+        default=None,
+        help="keep the most robustly classified of N candidates per image "
+        "(needs --classifier; default: the inversion's select, or 1 without --classifier)",
+    )
+    p.add_argument(
+        "--classifier", default=None, help="the target classifier checkpoint (scores the candidates of --select)"
+    )
     p.add_argument("--device", default="auto", help="device of the generator (default: auto)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: the inversion's own)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("evaluate", help="measure how much of the training set an inversion reconstructs", description=(
-        "Compare generated images with the training images of their class by SSIM (nearest neighbour and "
-        "one-to-one Hungarian matching), and report attack accuracy and target confidence. Writes metrics.json, "
-        "grid.png and summary.txt into --out. The training set is the one recorded in --classifier unless --data is given."))
+    p = sub.add_parser(
+        "evaluate",
+        help="measure how much of the training set an inversion reconstructs",
+        description=(
+            "Compare generated images with the training images of their class by SSIM (nearest neighbour and "
+            "one-to-one Hungarian matching), and report attack accuracy and target confidence. Writes metrics.json, "
+            "grid.png and summary.txt into --out. The training set is the one recorded in --classifier unless --data is given."
+        ),
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--inversion", help="inversion checkpoint (sampled --n-per-class per class)")
-    src.add_argument("--images", help="generated images: an .npz with images (uint8, or floats in [0, 1]) and labels, or a sharded "
-                     "sample's -index.json, as `sample` writes")
-    p.add_argument("--classifier", default=None, help="the target classifier checkpoint (its training subset, confidence)")
-    p.add_argument("--eval-classifier", default=None, help="an independent classifier checkpoint for the attack accuracy")
-    p.add_argument("--data", default=None, help=f"training set to compare with instead of the classifier's: {data_help}")
-    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help="SSIM kernels (default: auto; 'cuda' = 'extension')")
+    src.add_argument(
+        "--images",
+        help="generated images: an .npz with images (uint8, or floats in [0, 1]) and labels, or a sharded "
+        "sample's -index.json, as `sample` writes",
+    )
+    p.add_argument(
+        "--classifier", default=None, help="the target classifier checkpoint (its training subset, confidence)"
+    )
+    p.add_argument(
+        "--eval-classifier", default=None, help="an independent classifier checkpoint for the attack accuracy"
+    )
+    p.add_argument(
+        "--data", default=None, help=f"training set to compare with instead of the classifier's: {data_help}"
+    )
+    p.add_argument(
+        "--backend", default="auto", choices=BACKEND_CHOICES, help="SSIM kernels (default: auto; 'cuda' = 'extension')"
+    )
     p.add_argument("--out", required=True, help="folder for metrics.json, grid.png, summary.txt")
     _add_eval_options(p)
     _add_run_options(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("leakage", help="the leakage benchmark: invert classifiers it trains, measure how training-like the images are", description=(
-        "Train (or reuse from --cache-dir) the suite's target classifiers and an independent evaluation classifier, invert "
-        "each target over several seeds, and measure attack accuracy, nearest-neighbour SSIM to the training images against "
-        "the control (as many held-out images), one-to-one matches and same-class diversity, beside the same metrics of real "
-        "unseen images, noise and a black image. Writes results.json, results.md and grids/ into --out."))
-    p.add_argument("--suite", choices=("quick", "default", "full"), default="default", help="quick: CI smoke test (< 3 min on 2 CPU cores); default: < 45 min; full: every target (default: default)")
-    p.add_argument("--targets", default=None, help="comma-separated target names to run instead of the suite's, e.g. mnist-cnn-1000,mnist-plain_cnn-10")
+    p = sub.add_parser(
+        "leakage",
+        help="the leakage benchmark: invert classifiers it trains, measure how training-like the images are",
+        description=(
+            "Train (or reuse from --cache-dir) the suite's target classifiers and an independent evaluation classifier, invert "
+            "each target over several seeds, and measure attack accuracy, nearest-neighbour SSIM to the training images against "
+            "the control (as many held-out images), one-to-one matches and same-class diversity, beside the same metrics of real "
+            "unseen images, noise and a black image. Writes results.json, results.md and grids/ into --out."
+        ),
+    )
+    p.add_argument(
+        "--suite",
+        choices=("quick", "default", "full"),
+        default="default",
+        help="quick: CI smoke test (< 3 min on 2 CPU cores); default: < 45 min; full: every target (default: default)",
+    )
+    p.add_argument(
+        "--targets",
+        default=None,
+        help="comma-separated target names to run instead of the suite's, e.g. mnist-cnn-1000,mnist-plain_cnn-10",
+    )
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the suite's, 0,1,2)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="an invert option for every run, e.g. --set diversity=class (repeatable)")
-    p.add_argument("--variant", dest="variants", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
-                   help="measure a variant beside the defaults, e.g. --variant no-bn:bn_stats=0 (repeatable)")
-    p.add_argument("--ablation", action="store_true", help="measure every variant of tldr_fast.leakage.ABLATION beside the defaults")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an invert option for every run, e.g. --set diversity=class (repeatable)",
+    )
+    p.add_argument(
+        "--variant",
+        dest="variants",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+        help="measure a variant beside the defaults, e.g. --variant no-bn:bn_stats=0 (repeatable)",
+    )
+    p.add_argument(
+        "--ablation",
+        action="store_true",
+        help="measure every variant of tldr_fast.leakage.ABLATION beside the defaults",
+    )
     p.add_argument("--out", default="leakage_out", help="output folder (default: leakage_out)")
-    p.add_argument("--cache-dir", default=None, help="where trained classifiers are cached (default: $TLDR_FAST_CACHE or ~/.cache/tldr_fast)")
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where trained classifiers are cached (default: $TLDR_FAST_CACHE or ~/.cache/tldr_fast)",
+    )
     p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, ... (default: auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_leakage)
 
-    p = sub.add_parser("info", help="versions, devices and which backends can run here", description=(
-        "Print torch/triton versions, the devices torch sees, tldr_fast.backends.available() for cpu and cuda, "
-        "and the C++/CUDA extension's build info."))
+    p = sub.add_parser(
+        "info",
+        help="versions, devices and which backends can run here",
+        description=(
+            "Print torch/triton versions, the devices torch sees, tldr_fast.backends.available() for cpu and cuda, "
+            "and the C++/CUDA extension's build info."
+        ),
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("demo", help="the whole pipeline on 1,000 MNIST images, in a few minutes on a CPU", description=(
-        "Train (or reuse from --cache-dir) a small CNN on 1,000 MNIST training images and an independent evaluation "
-        "classifier on other MNIST images, invert the CNN with the library's defaults, evaluate the generated images "
-        "against the 1,000 training images and, as the control, as many held-out images, and write metrics.json, "
-        "grid.png, classifier.pt, inversion.pt and summary.txt into --out. At most 5 minutes on a 2-core CPU."))
+    p = sub.add_parser(
+        "demo",
+        help="the whole pipeline on 1,000 MNIST images, in a few minutes on a CPU",
+        description=(
+            "Train (or reuse from --cache-dir) a small CNN on 1,000 MNIST training images and an independent evaluation "
+            "classifier on other MNIST images, invert the CNN with the library's defaults, evaluate the generated images "
+            "against the 1,000 training images and, as the control, as many held-out images, and write metrics.json, "
+            "grid.png, classifier.pt, inversion.pt and summary.txt into --out. At most 5 minutes on a 2-core CPU."
+        ),
+    )
     p.add_argument("--out", default="tldr-demo", help="output folder (default: tldr-demo)")
-    p.add_argument("--cache-dir", default=None, help="where the trained classifier is cached (default: $TLDR_FAST_CACHE or ~/.cache/tldr_fast)")
-    p.add_argument("--train-per-class", type=_positive_int, default=DEMO_TRAIN_PER_CLASS, help="MNIST training images per class (default: 100)")
-    p.add_argument("--epochs", type=_positive_int, default=DEMO_EPOCHS, help=f"classifier training epochs (default: {DEMO_EPOCHS})")
-    p.add_argument("--judge-train-per-class", type=_positive_int, default=None,
-                   help="training images per class of the evaluation classifier (default: the leakage benchmark's, ~560)")
-    p.add_argument("--judge-epochs", type=_positive_int, default=None, help="its training epochs (default: the leakage benchmark's)")
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where the trained classifier is cached (default: $TLDR_FAST_CACHE or ~/.cache/tldr_fast)",
+    )
+    p.add_argument(
+        "--train-per-class",
+        type=_positive_int,
+        default=DEMO_TRAIN_PER_CLASS,
+        help="MNIST training images per class (default: 100)",
+    )
+    p.add_argument(
+        "--epochs", type=_positive_int, default=DEMO_EPOCHS, help=f"classifier training epochs (default: {DEMO_EPOCHS})"
+    )
+    p.add_argument(
+        "--judge-train-per-class",
+        type=_positive_int,
+        default=None,
+        help="training images per class of the evaluation classifier (default: the leakage benchmark's, ~560)",
+    )
+    p.add_argument(
+        "--judge-epochs",
+        type=_positive_int,
+        default=None,
+        help="its training epochs (default: the leakage benchmark's)",
+    )
     _add_invert_options(p)
     _add_eval_options(p)
     _add_run_options(p)
@@ -220,13 +394,22 @@ def _device(args: argparse.Namespace) -> str:
     return str(resolve_device(args.device, quiet=True))
 
 
-def _train(args: argparse.Namespace, train: ImageDataset, test: Optional[ImageDataset], arch: str, lr: float, batch_size: int):
+def _train(
+    args: argparse.Namespace, train: ImageDataset, test: Optional[ImageDataset], arch: str, lr: float, batch_size: int
+):
     from .models import train_classifier
 
     _say(f"training a {arch} on {len(train)} images of {train.source}")
     return train_classifier(
-        train, arch, epochs=args.epochs, batch_size=batch_size, lr=lr, seed=args.seed,
-        device=args.device, progress=not args.quiet, test=test,
+        train,
+        arch,
+        epochs=args.epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.quiet,
+        test=test,
     )
 
 
@@ -260,9 +443,18 @@ def _invert_overrides(args: argparse.Namespace) -> Dict[str, Any]:
         if not isinstance(data, dict):
             raise ValueError(f"{args.config} must hold a JSON object of InversionConfig fields")
         overrides.update(data)
-    flags = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "conditioning": args.conditioning,
-             "grad_norm": args.grad_norm, "compile": args.compile, "cuda_graph": args.cuda_graph, "seed": args.seed,
-             "backend": args.backend, "checkpoint_every": getattr(args, "checkpoint_every", None)}
+    flags = {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "conditioning": args.conditioning,
+        "grad_norm": args.grad_norm,
+        "compile": args.compile,
+        "cuda_graph": args.cuda_graph,
+        "seed": args.seed,
+        "backend": args.backend,
+        "checkpoint_every": getattr(args, "checkpoint_every", None),
+    }
     overrides.update({k: v for k, v in flags.items() if v is not None})
     overrides.update(parse_overrides(getattr(args, "overrides", [])))
     for k in ("device", "progress"):  # how to run, not what to run: from --device and --quiet
@@ -275,8 +467,14 @@ def _invert(args: argparse.Namespace, classifier: torch.nn.Module, out: Path, re
 
     meta = classifier.tldr_meta
     return invert(  # saves `out` at the end and on Ctrl-C, resumable (with the optimiser state)
-        classifier, meta["num_classes"], tuple(meta["input_shape"]), resume=resume, checkpoint=out,
-        device=args.device, progress=not args.quiet, **_invert_overrides(args),
+        classifier,
+        meta["num_classes"],
+        tuple(meta["input_shape"]),
+        resume=resume,
+        checkpoint=out,
+        device=args.device,
+        progress=not args.quiet,
+        **_invert_overrides(args),
     )
 
 
@@ -287,9 +485,9 @@ def _metrics_line(metrics: Optional[Dict[str, float]]) -> str:
 
 
 def cmd_invert(args: argparse.Namespace) -> int:
-    from .distributed import is_main
     from .checkpoint import check_writable
     from .config import InversionConfig
+    from .distributed import is_main
     from .models import load_classifier
 
     check_writable(args.out, "--out")
@@ -301,8 +499,10 @@ def cmd_invert(args: argparse.Namespace) -> int:
         inv = _invert(args, classifier, Path(args.out), args.resume)
     except KeyboardInterrupt:
         if Path(args.out).is_file():
-            _say(f"interrupted; {args.out} holds the run so far. Continue it with:\n  {PROG} invert --classifier {args.classifier} "
-                 f"--resume {args.out} --out {args.out}")
+            _say(
+                f"interrupted; {args.out} holds the run so far. Continue it with:\n  {PROG} invert --classifier {args.classifier} "
+                f"--resume {args.out} --out {args.out}"
+            )
         raise
     if is_main():  # under torchrun: rank 0 saved it
         print(f"saved {args.out} after {inv.step} steps: target classifier {_metrics_line(inv.metrics)}")
@@ -327,14 +527,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
     classifier = load_classifier(args.classifier, device) if args.classifier else None
     inv = _load_inversion(args.inversion, device, classifier)
     labels = inv.labels(n_per_class=args.n_per_class)
-    written = write_samples(inv, out, labels, args.batch_size, args.seed, args.select, progress=not args.quiet,
-                            shard_size=args.shard_size)
+    written = write_samples(
+        inv, out, labels, args.batch_size, args.seed, args.select, progress=not args.quiet, shard_size=args.shard_size
+    )
     if is_main():  # under torchrun: every rank wrote its batches
         print(f"wrote {len(labels)} images ({args.n_per_class} per class) to {written}")
     return 0
 
 
-def _write_evaluation(report, out: Path, grid_per_class: int, extra: Dict[str, Any], header: Sequence[str] = ()) -> None:
+def _write_evaluation(
+    report, out: Path, grid_per_class: int, extra: Dict[str, Any], header: Sequence[str] = ()
+) -> None:
     report.save_json(out / "metrics.json", extra)
     report.save_grid(out / "grid.png", per_class=grid_per_class)
     summary = "\n".join([*header, report.summary()])
@@ -350,7 +553,9 @@ def _training_set(classifier: Optional[torch.nn.Module], data: Optional[str]):
         return load_dataset(data)
     meta = getattr(classifier, "tldr_meta", None) or {}
     if "train_source" not in meta:
-        raise ValueError("no training set to compare with: give --data, or --classifier with a recorded training subset")
+        raise ValueError(
+            "no training set to compare with: give --data, or --classifier with a recorded training subset"
+        )
     return load_dataset(meta["train_source"]).select_source(meta["train_indices"])
 
 
@@ -378,7 +583,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     target = load_classifier(args.classifier, device) if args.classifier else None
     judge = load_classifier(args.eval_classifier, device) if args.eval_classifier else None
     train = _training_set(target, args.data)
-    common = dict(tau=args.tau, classifier=target, eval_classifier=judge, backend=args.backend, device=device, progress=not args.quiet)
+    common = dict(
+        tau=args.tau,
+        classifier=target,
+        eval_classifier=judge,
+        backend=args.backend,
+        device=device,
+        progress=not args.quiet,
+    )
     if args.inversion:
         inv = _load_inversion(args.inversion, device, target)
         report = evaluate(inv, train, n_per_class=args.n_per_class, **common)
@@ -426,7 +638,10 @@ def cmd_leakage(args: argparse.Namespace) -> int:
     variants = {"defaults": common}
     specs = list(args.variants)
     if args.ablation:
-        specs += [f"{name}:" + ",".join(f"{k}={json.dumps(v)}" for k, v in changes.items()) for name, changes in leakage.ABLATION.items()]
+        specs += [
+            f"{name}:" + ",".join(f"{k}={json.dumps(v)}" for k, v in changes.items())
+            for name, changes in leakage.ABLATION.items()
+        ]
     for spec in specs:
         name, sep, rest = spec.partition(":")
         if not sep or not name:
@@ -436,10 +651,15 @@ def cmd_leakage(args: argparse.Namespace) -> int:
         InversionConfig().with_overrides(**{k: v for k, v in overrides.items() if k != "seed"})
     _output_folder(args.out)
     results = leakage.run(
-        args.suite, args.out, variants,
+        args.suite,
+        args.out,
+        variants,
         targets=args.targets.split(",") if args.targets else None,
         seeds=[int(x) for x in args.seeds.split(",")] if args.seeds else None,
-        cache=args.cache_dir, device=_device(args), progress=not args.quiet, say=_say,
+        cache=args.cache_dir,
+        device=_device(args),
+        progress=not args.quiet,
+        say=_say,
     )
     print(leakage.markdown(results))
     print(f"wrote {Path(args.out) / 'results.json'}, {Path(args.out) / 'results.md'} and {Path(args.out) / 'grids'}/")
@@ -457,7 +677,9 @@ def info() -> Dict[str, Any]:
         triton_version = triton.__version__
     except ImportError as e:
         triton_version = f"not installed ({e})"
-    devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    devices = (
+        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    )
     return {
         "tldr_fast": __version__,
         "python": sys.version.split()[0],
@@ -512,8 +734,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # the leakage benchmark's split of the MNIST test split: held-out control images, and the independent
     # evaluation classifier's training images (it is trained once and cached with the benchmark's)
     suite = leakage.SUITES["default"]
-    suite = replace(suite, judge_max_per_class=args.judge_train_per_class or suite.judge_max_per_class,
-                    judge_epochs=args.judge_epochs or suite.judge_epochs)
+    suite = replace(
+        suite,
+        judge_max_per_class=args.judge_train_per_class or suite.judge_max_per_class,
+        judge_epochs=args.judge_epochs or suite.judge_epochs,
+    )
     parts = leakage.split("mnist", suite)
     if classifier is None:
         train = subset(load_dataset("mnist"), args.train_per_class, seed=args.seed)
@@ -521,24 +746,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
         save_classifier(classifier, cached)
     judge = leakage.judge("mnist", parts, suite, cache, args.device, _say)
     save_classifier(classifier, out / "classifier.pt")
-    _say(f"classifier: {_accuracies(classifier.tldr_meta)}; evaluation classifier (lenet on {len(parts.judge)} other "
-         f"MNIST images): held-out accuracy {judge.tldr_meta['test_accuracy']:.3f}")
+    _say(
+        f"classifier: {_accuracies(classifier.tldr_meta)}; evaluation classifier (lenet on {len(parts.judge)} other "
+        f"MNIST images): held-out accuracy {judge.tldr_meta['test_accuracy']:.3f}"
+    )
     inv = _invert(args, classifier, out / "inversion.pt")
     _say(f"inversion: target classifier {_metrics_line(inv.metrics)}")
     report = evaluate(
-        inv, train, n_per_class=args.n_per_class, tau=args.tau, classifier=classifier, eval_classifier=judge,
-        held_out=parts.held_out, backend=args.backend or "auto", device=args.device, progress=not args.quiet,
+        inv,
+        train,
+        n_per_class=args.n_per_class,
+        tau=args.tau,
+        classifier=classifier,
+        eval_classifier=judge,
+        held_out=parts.held_out,
+        backend=args.backend or "auto",
+        device=args.device,
+        progress=not args.quiet,
     )
     seconds = round(time.perf_counter() - start, 1)
     header = [
         f"demo: CNN on {len(train)} MNIST images ({_accuracies(classifier.tldr_meta)}), inverted in {inv.step} steps "
         f"of {inv.config.batch_size} images; {seconds} s in all",
     ]
-    extra = {"demo": {"classifier": classifier.tldr_meta["arch"], "train_accuracy": classifier.tldr_meta["train_accuracy"],
-                      "test_accuracy": classifier.tldr_meta["test_accuracy"], "eval_classifier": judge.tldr_meta["arch"],
-                      "eval_classifier_accuracy": judge.tldr_meta["test_accuracy"], "held_out_images": len(parts.held_out),
-                      "inversion_steps": inv.step, "inversion_batch_size": inv.config.batch_size,
-                      "inversion_metrics": inv.metrics, "seconds": seconds}}
+    extra = {
+        "demo": {
+            "classifier": classifier.tldr_meta["arch"],
+            "train_accuracy": classifier.tldr_meta["train_accuracy"],
+            "test_accuracy": classifier.tldr_meta["test_accuracy"],
+            "eval_classifier": judge.tldr_meta["arch"],
+            "eval_classifier_accuracy": judge.tldr_meta["test_accuracy"],
+            "held_out_images": len(parts.held_out),
+            "inversion_steps": inv.step,
+            "inversion_batch_size": inv.config.batch_size,
+            "inversion_metrics": inv.metrics,
+            "seconds": seconds,
+        }
+    }
     _write_evaluation(report, out, args.grid_per_class, extra, header)
     return 0
 
@@ -570,7 +814,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as e:  # noqa: BLE001 - the command line reports every failure in one line
         if args.traceback:
             raise
-        print(f"{PROG} {args.command}{distributed.rank_label()}: error: {_one_line(e)}{distributed.failure_hint(e)}", file=sys.stderr)
+        print(
+            f"{PROG} {args.command}{distributed.rank_label()}: error: {_one_line(e)}{distributed.failure_hint(e)}",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -197,13 +197,26 @@ class InversionConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError``/``TypeError`` naming the first bad option and what it accepts."""
-        for name in ("steps", "batch_size", "nz", "ngf", "checkpoint_every", "log_every", "eval_per_class", "seed", "shift", "select"):
+        for name in (
+            "steps",
+            "batch_size",
+            "nz",
+            "ngf",
+            "checkpoint_every",
+            "log_every",
+            "eval_per_class",
+            "seed",
+            "shift",
+            "select",
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool):
                 raise TypeError(f"{name} must be an int, got {v!r}")
         _positive(self, "steps", "nz", "ngf", "log_every", "eval_per_class", "select")
         if self.batch_size < 2:
-            raise ValueError(f"batch_size must be at least 2 (the diversity terms compare images), got {self.batch_size}")
+            raise ValueError(
+                f"batch_size must be at least 2 (the diversity terms compare images), got {self.batch_size}"
+            )
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if not (_number(self.lr) and 0 < self.lr < float("inf")):
@@ -230,18 +243,26 @@ class InversionConfig:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.compile and self.grad_norm == "full":
-            raise ValueError("compile=True needs grad_norm='head' or 'off': torch.compile has no double backward, which 'full' needs")
+            raise ValueError(
+                "compile=True needs grad_norm='head' or 'off': torch.compile has no double backward, which 'full' needs"
+            )
         if self.cuda_graph and self.grad_norm == "full":
-            raise ValueError("cuda_graph=True needs grad_norm='head' or 'off': 'full' differentiates through the classifier, outside the captured loss block")
+            raise ValueError(
+                "cuda_graph=True needs grad_norm='head' or 'off': 'full' differentiates through the classifier, outside the captured loss block"
+            )
         if (self.compile or self.cuda_graph) and self.active("kkt"):
-            raise ValueError("the kkt term needs compile=False and cuda_graph=False: it differentiates through the classifier (double backward)")
+            raise ValueError(
+                "the kkt term needs compile=False and cuda_graph=False: it differentiates through the classifier (double backward)"
+            )
         if not isinstance(self.device, str):
             raise TypeError(f"device must be a string such as 'auto', 'cpu' or 'cuda', got {self.device!r}")
         for name, value in asdict(self.weights).items():
             if not (_number(value) and 0 <= value < float("inf")):
                 raise ValueError(f"weight {name!r} must be a finite number >= 0, got {value!r}")
         if isinstance(self.preprocess, str) and self.preprocess not in ("unit", "identity"):
-            raise ValueError(f"preprocess must be None, 'unit', 'identity', (mean, std) or a callable, got {self.preprocess!r}")
+            raise ValueError(
+                f"preprocess must be None, 'unit', 'identity', (mean, std) or a callable, got {self.preprocess!r}"
+            )
 
     def weight(self, term: str, step):
         """The weight of ``term`` at ``step`` (an int or a tensor of steps), by its schedule if it has one."""
@@ -306,7 +327,10 @@ def _with_weights(base: LossWeights, changes: Mapping[str, float]) -> LossWeight
     for k in changes:
         if k not in names:
             hint = difflib.get_close_matches(k, sorted(names), n=1)
-            raise TypeError(f"unknown loss weight {k!r}" + (f"; did you mean {hint[0]!r}?" if hint else f"; expected one of {sorted(names)}"))
+            raise TypeError(
+                f"unknown loss weight {k!r}"
+                + (f"; did you mean {hint[0]!r}?" if hint else f"; expected one of {sorted(names)}")
+            )
     return replace(base, **changes)
 
 
@@ -345,7 +369,9 @@ def _number(v: Any) -> bool:
 def _choice(name: str, value: Any, options: Sequence[str]) -> None:
     if value not in options:
         hint = difflib.get_close_matches(str(value), options, n=1)
-        raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+        raise ValueError(
+            f"{name} must be one of {tuple(options)}, got {value!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
+        )
 
 
 def _positive(cfg: InversionConfig, *names: str) -> None:

@@ -45,7 +45,18 @@ GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 DIGIT_NAMES = [str(i) for i in range(10)]
-FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_NAMES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CIFAR100_NAMES = (
     "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel can "
@@ -85,16 +96,22 @@ class ImageDataset:
         if self.images.dim() != 4 or self.images.dtype != torch.float32:
             raise ValueError(f"images must be float32 [N, C, H, W], got {self.images.dtype} {tuple(self.images.shape)}")
         if self.labels.shape != (n,) or self.indices.shape != (n,):
-            raise ValueError(f"labels and indices must be [{n}], got {tuple(self.labels.shape)} and {tuple(self.indices.shape)}")
+            raise ValueError(
+                f"labels and indices must be [{n}], got {tuple(self.labels.shape)} and {tuple(self.indices.shape)}"
+            )
         self.labels, self.indices = self.labels.long(), self.indices.long()
         if n and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
-            raise ValueError(f"labels must be in [0, {len(self.class_names)}), got [{self.labels.min()}, {self.labels.max()}]")
+            raise ValueError(
+                f"labels must be in [0, {len(self.class_names)}), got [{self.labels.min()}, {self.labels.max()}]"
+            )
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def __repr__(self) -> str:
-        return f"ImageDataset({self.source!r}, {len(self)} images {tuple(self.image_shape)}, {self.num_classes} classes)"
+        return (
+            f"ImageDataset({self.source!r}, {len(self)} images {tuple(self.image_shape)}, {self.num_classes} classes)"
+        )
 
     @property
     def num_classes(self) -> int:
@@ -260,7 +277,9 @@ def load_digits() -> ImageDataset:
     try:
         from sklearn.datasets import load_digits as sk_load_digits
     except ImportError as e:
-        raise DataUnavailable(f"the digits data set needs scikit-learn ({e}): install it with `pip install scikit-learn`") from e
+        raise DataUnavailable(
+            f"the digits data set needs scikit-learn ({e}): install it with `pip install scikit-learn`"
+        ) from e
     d = sk_load_digits()
     x = torch.as_tensor(d.images, dtype=torch.float32).div_(16)[:, None]
     return _dataset(x, d.target, list(DIGIT_NAMES), "digits")
@@ -293,7 +312,9 @@ def load_foolbox_samples(name: str = "mnist") -> ImageDataset:
         raise DataUnavailable(f"no {name}_*.png samples in {folder}: reinstall with `pip install --no-deps foolbox`")
     mode = "L" if name in ("mnist", "fashionMNIST") else "RGB"
     x = np.stack([_read_image(p, mode) for _, _, p in found])
-    names = {"mnist": DIGIT_NAMES, "fashionMNIST": FASHION_NAMES, "cifar10": CIFAR10_NAMES, "cifar100": CIFAR100_NAMES}[name]
+    names = {"mnist": DIGIT_NAMES, "fashionMNIST": FASHION_NAMES, "cifar10": CIFAR10_NAMES, "cifar100": CIFAR100_NAMES}[
+        name
+    ]
     labels = torch.tensor([lab for _, lab, _ in found])
     indices = torch.tensor([i for i, _, _ in found])
     return ImageDataset(_from_uint8(x), labels, list(names), indices, f"foolbox-{name}")
@@ -362,7 +383,9 @@ def load_image_folder(root: PathLike) -> ImageDataset:
     return _dataset(_from_uint8(x), [c for c, _ in files], [d.name for d in classes], str(root))
 
 
-def from_torch_dataset(dataset: Any, class_names: Optional[Sequence[str]] = None, source: str = "torch") -> ImageDataset:
+def from_torch_dataset(
+    dataset: Any, class_names: Optional[Sequence[str]] = None, source: str = "torch"
+) -> ImageDataset:
     """Any ``torch.utils.data.Dataset`` of ``(image, label)`` (e.g. torchvision's, with or without
     ``ToTensor``): images may be PIL images, uint8/float arrays or tensors (``[C, H, W]``, ``[H, W]`` or
     ``[H, W, C]``). Class names default to ``dataset.classes`` when it has them."""
@@ -411,4 +434,6 @@ def load_dataset(name: Union[str, PathLike], split: str = "train", seed: int = 0
         return load_npz(path)
     if path.is_dir():
         return load_idx_folder(path, split) if any(path.glob("*-idx1-ubyte*")) else load_image_folder(path)
-    raise ValueError(f"unknown data set {name!r}: expected one of {dataset_names()}, an .npz file or a folder of class folders")
+    raise ValueError(
+        f"unknown data set {name!r}: expected one of {dataset_names()}, an .npz file or a folder of class folders"
+    )

@@ -65,8 +65,10 @@ class Shard:
     def of(cls, total: int, device, paired: bool = False) -> "Shard":
         rank, size = world()
         if total < size * (2 if paired else 1):
-            raise ValueError(f"the global batch ({total}) must give every one of the {size} ranks at least "
-                             f"{'one pair of rows' if paired else 'one row'}")
+            raise ValueError(
+                f"the global batch ({total}) must give every one of the {size} ranks at least "
+                f"{'one pair of rows' if paired else 'one row'}"
+            )
         if paired:
             h = total // 2
             lo, hi = bounds(h, rank, size)
@@ -130,7 +132,9 @@ class _AllReduceSum(torch.autograd.Function):
         return grad
 
 
-def feature_loss(features: Tensor, weights: Tensor, total: int, labels: Optional[Tensor] = None, num_classes: int = 0) -> Tuple[Tensor, Tensor]:
+def feature_loss(
+    features: Tensor, weights: Tensor, total: int, labels: Optional[Tensor] = None, num_classes: int = 0
+) -> Tuple[Tensor, Tensor]:
     """``reference.feature_loss`` of the global batch (``total`` rows over all ranks), from this rank's
     ``features`` ``[b, D]`` (and ``labels`` ``[b]``): exact, the same value on every rank.
 
@@ -201,7 +205,9 @@ def global_batchnorm(module: nn.Module) -> nn.Module:
     parameter and buffer tensors (an optimizer built on ``module.parameters()`` before still updates them)."""
     for name, child in module.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, GlobalBatchNorm):
-            new = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats, device="meta")
+            new = GlobalBatchNorm(
+                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats, device="meta"
+            )
             for key, value in [*child.named_parameters(recurse=False), *child.named_buffers(recurse=False)]:
                 setattr(new, key, value)
             setattr(module, name, new.train(child.training))

@@ -164,7 +164,9 @@ class EvaluationReport:
         counts = self.train.class_counts()
         per_class = []
         for c in torch.unique(self.labels).tolist():
-            per_class.append({"class": c, "name": self.class_names[c], "n_train": counts[c], **self._stats(self.labels == c)})
+            per_class.append(
+                {"class": c, "name": self.class_names[c], "n_train": counts[c], **self._stats(self.labels == c)}
+            )
         src = self.train.indices
         images = []
         for i in range(len(self.labels)):
@@ -179,7 +181,9 @@ class EvaluationReport:
                     "matched_train_index": m_i if m_i >= 0 else None,
                     "matched_source_index": int(src[m_i]) if m_i >= 0 else None,
                     "same_class_ssim": _num(self.same_class_ssim[i]),
-                    "train_control_ssim": _num(self.train_control_ssim[i]) if self.train_control_ssim is not None else None,
+                    "train_control_ssim": _num(self.train_control_ssim[i])
+                    if self.train_control_ssim is not None
+                    else None,
                     "held_out_ssim": _num(self.held_out_ssim[i]) if self.held_out_ssim is not None else None,
                     "target_prob": _num(self.target_prob[i]) if self.target_prob is not None else None,
                     "eval_prediction": int(self.eval_pred[i]) if self.eval_pred is not None else None,
@@ -210,7 +214,9 @@ class EvaluationReport:
     def save_grid(self, path: PathLike, per_class: int = 8) -> Tuple[int, int]:
         """A PNG of each class's ``per_class`` most similar generated images beside their nearest
         training images, SSIM under each pair (``tldr_fast.grid.pair_grid``); returns its size."""
-        return save_pair_grid(path, self.generated, self.nearest, self.labels, self.nn_ssim, self.class_names, per_class)
+        return save_pair_grid(
+            path, self.generated, self.nearest, self.labels, self.nn_ssim, self.class_names, per_class
+        )
 
     def summary(self) -> str:
         """A few lines for people: the overall numbers, then one line per class."""
@@ -236,7 +242,9 @@ class EvaluationReport:
                 f"held-out images {num(o['held_out_ssim_mean'])}: gap {num(o['leakage_gap'])}, "
                 f"{pct(o['closer_to_train'])} of the images closer to the training set"
             )
-        lines.append(f"{'class':>12} {'n':>5} {'nn ssim':>8} {'rec nn':>7} {'rec 1:1':>7} {'attack':>7} {'conf':>6} {'same':>6} {'gap':>7}")
+        lines.append(
+            f"{'class':>12} {'n':>5} {'nn ssim':>8} {'rec nn':>7} {'rec 1:1':>7} {'attack':>7} {'conf':>6} {'same':>6} {'gap':>7}"
+        )
         for c in d["per_class"]:
             lines.append(
                 f"{str(c['name'])[:12]:>12} {c['n_generated']:>5} {num(c['nn_ssim_mean']):>8} {pct(c['reconstructed_nn']):>7} "
@@ -257,8 +265,15 @@ def same_class_ssim(x01: Tensor, labels: Tensor, **ssim: Any) -> Tensor:
     return out
 
 
-def _control(x01: Tensor, labels: Tensor, sims: Dict[int, Tensor], train: ImageDataset, held: ImageDataset, seed: int,
-             ssim: Dict[str, Any]) -> Tuple[Tensor, Tensor]:
+def _control(
+    x01: Tensor,
+    labels: Tensor,
+    sims: Dict[int, Tensor],
+    train: ImageDataset,
+    held: ImageDataset,
+    seed: int,
+    ssim: Dict[str, Any],
+) -> Tuple[Tensor, Tensor]:
     """``(train_control_ssim [N], held_out_ssim [N])``: per class, nearest-neighbour SSIM to ``m`` random
     training images (columns of ``sims``, already computed) and to ``m`` random held-out images,
     ``m = min(n_train, n_held)`` of the class; NaN where a class has none of either."""
@@ -277,7 +292,9 @@ def _control(x01: Tensor, labels: Tensor, sims: Dict[int, Tensor], train: ImageD
     return t_out, h_out
 
 
-def _classwise(x01: Tensor, labels: Tensor, train: ImageDataset, classes: List[int], ssim: Dict[str, Any]) -> Optional[Dict[int, Tensor]]:
+def _classwise(
+    x01: Tensor, labels: Tensor, train: ImageDataset, classes: List[int], ssim: Dict[str, Any]
+) -> Optional[Dict[int, Tensor]]:
     """``classwise_ssim`` of the generated against the training images of each class in ``classes``.
     Under ``torch.distributed`` each rank computes a contiguous part of each class's training columns
     and rank 0 gathers the whole matrices; the other ranks get None."""
@@ -376,10 +393,14 @@ def evaluate(
         images = inversion.sample(labels=labels)
         value_range = (-1.0, 1.0)
     else:
-        raise TypeError(f"generated must be an image tensor [N, C, H, W] or an Inversion, got {type(generated).__name__}")
+        raise TypeError(
+            f"generated must be an image tensor [N, C, H, W] or an Inversion, got {type(generated).__name__}"
+        )
     labels = torch.as_tensor(labels).long().cpu()
     if images.dim() != 4 or labels.shape != (images.shape[0],):
-        raise ValueError(f"expected images [N, C, H, W] and labels [N], got {tuple(images.shape)} and {tuple(labels.shape)}")
+        raise ValueError(
+            f"expected images [N, C, H, W] and labels [N], got {tuple(images.shape)} and {tuple(labels.shape)}"
+        )
     lo, hi = value_range
     if not hi > lo:
         raise ValueError(f"value_range must be (low, high) with high > low, got {value_range}")
@@ -420,8 +441,12 @@ def evaluate(
         held = _as_train(held_out, k)
         if held.image_shape != train.image_shape:
             raise ValueError(f"held-out images are {held.image_shape}, training images {train.image_shape}")
-        control = dict(zip(("train_control_ssim", "held_out_ssim"), _control(x01, labels, sims, train, held, control_seed, ssim)))
-    report = EvaluationReport(tau, names, labels, x01, nearest, nn_ssim, nn_index, matched_ssim, matched_index, train, same, **control)
+        control = dict(
+            zip(("train_control_ssim", "held_out_ssim"), _control(x01, labels, sims, train, held, control_seed, ssim))
+        )
+    report = EvaluationReport(
+        tau, names, labels, x01, nearest, nn_ssim, nn_index, matched_ssim, matched_index, train, same, **control
+    )
     target = _logits_fn(classifier, inversion)
     if target is not None:
         p = torch.softmax(target(x01), dim=1)

@@ -142,8 +142,11 @@ def load() -> Library:
 def has_kernel(op: str, device_type: str) -> bool:
     """Whether the loaded library has a kernel of ``op`` for ``device_type`` ("cpu" or "cuda")."""
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return (key is not None and _schemas is not None
-            and torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{op}", key))
+    return (
+        key is not None
+        and _schemas is not None
+        and torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{op}", key)
+    )
 
 
 def unavailable(device_type: str) -> Optional[str]:
@@ -158,8 +161,10 @@ def unavailable(device_type: str) -> Optional[str]:
         return None
     if device_type == "cuda":
         why = "this torch has no CUDA" if torch.version.cuda is None else "nvcc not found or TLDR_FAST_BUILD_CUDA=0"
-        return (f"backend='extension': the extension was built without CUDA kernels ({why}). Fix: rebuild it with "
-                "a CUDA torch and nvcc: TLDR_FAST_BUILD_CUDA=1 pip install --no-build-isolation -e .")
+        return (
+            f"backend='extension': the extension was built without CUDA kernels ({why}). Fix: rebuild it with "
+            "a CUDA torch and nvcc: TLDR_FAST_BUILD_CUDA=1 pip install --no-build-isolation -e ."
+        )
     return f"backend='extension': the extension lacks {device_type} kernels; rebuild it. Fix: {FIX_BUILD}"
 
 

@@ -14,7 +14,9 @@ import torch
 
 from . import extension
 from .errors import BackendUnavailable
-from .ops import feature_loss as _feature_loss, head_loss as _head_loss, image_prior as _image_prior
+from .ops import feature_loss as _feature_loss
+from .ops import head_loss as _head_loss
+from .ops import image_prior as _image_prior
 from .ops import pairwise_ssim as _pairwise_ssim
 
 Tensor = torch.Tensor
@@ -27,15 +29,23 @@ def _ops():
     return torch.ops.tldr_fast
 
 
-def head_loss(logits: Tensor, condition: Tensor, labels: Tensor, features: Optional[Tensor], weights: Tensor,
-              head_bias: bool = True) -> Tuple[Tensor, Tensor]:
+def head_loss(
+    logits: Tensor,
+    condition: Tensor,
+    labels: Tensor,
+    features: Optional[Tensor],
+    weights: Tensor,
+    head_bias: bool = True,
+) -> Tuple[Tensor, Tensor]:
     """``tldr_fast.reference.head_loss`` in one fused kernel: ``(loss [], terms [5])``."""
     _head_loss.check(logits, condition, labels, features, weights, head_bias)
     loss, terms, _, _ = _ops().head_loss(logits, condition, labels, features, weights, bool(head_bias))
     return loss, terms
 
 
-def feature_loss(features: Tensor, weights: Tensor, labels: Optional[Tensor] = None, num_classes: int = 0) -> Tuple[Tensor, Tensor]:
+def feature_loss(
+    features: Tensor, weights: Tensor, labels: Optional[Tensor] = None, num_classes: int = 0
+) -> Tuple[Tensor, Tensor]:
     """``tldr_fast.reference.feature_loss`` by the closed forms: ``(loss [], terms [2])``; with ``labels``
     over same-label pairs."""
     _feature_loss.check(features, weights, labels, num_classes)
@@ -43,7 +53,9 @@ def feature_loss(features: Tensor, weights: Tensor, labels: Optional[Tensor] = N
     return loss, terms
 
 
-def image_prior(images: Tensor, weights: Tensor, lo: float = -1.0, hi: float = 1.0, moments: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def image_prior(
+    images: Tensor, weights: Tensor, lo: float = -1.0, hi: float = 1.0, moments: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
     """``tldr_fast.reference.image_prior`` in one pass (two with ``moments``): ``(loss [], terms [3])``."""
     _image_prior.check(images, weights, lo, hi, moments)
     loss, terms, _ = _ops().image_prior(images, weights, float(lo), float(hi), moments)

@@ -65,7 +65,9 @@ class ConditionedGenerator(nn.Module):
     torch.Size([4, 1, 28, 28])
     """
 
-    def __init__(self, num_classes: int, image_shape: Tuple[int, int, int], nz: int = 100, ngf: int = 64, dropout: float = 0.0):
+    def __init__(
+        self, num_classes: int, image_shape: Tuple[int, int, int], nz: int = 100, ngf: int = 64, dropout: float = 0.0
+    ):
         super().__init__()
         c, h, w = image_shape
         if num_classes < 2:

@@ -13,18 +13,16 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
+from . import distributed, reference
 from .backends import resolve, resolve_device
 from .checkpoint import PathLike, check_writable, load_checkpoint, require_keys, save_checkpoint
 from .classifier import ClassifierError, FrozenClassifier
 from .config import TERMS, InversionConfig, Preprocess
 from .generator import ConditionedGenerator
 from .progress import progress_bar
-from . import distributed, reference
 from .step import PIXEL_RANGE, TLDRObjective, pixel_eps, step_seed
 
 Tensor = torch.Tensor
-
-
 
 
 @dataclass
@@ -50,7 +48,9 @@ class Inversion:
     def device(self) -> torch.device:
         return next(self.generator.parameters()).device
 
-    def _batches(self, labels: Tensor, batch_size: int, seed: int, select: int = 1, offset: int = 0) -> Iterator[Tuple[Tensor, Tensor]]:
+    def _batches(
+        self, labels: Tensor, batch_size: int, seed: int, select: int = 1, offset: int = 0
+    ) -> Iterator[Tuple[Tensor, Tensor]]:
         """``(labels, images)`` on the generator's device, ``batch_size`` images at a time, generator in
         eval mode; with ``select > 1`` each image is the best of ``select`` candidates (``robustness_score``).
         Candidate ``c`` (image ``c // select``, counting from image ``offset``) has its own latent, a
@@ -64,7 +64,14 @@ class Inversion:
                     y = labels[start : start + batch_size].to(dev)
                     yc = y.repeat_interleave(select)  # [n * select]: the candidates of each image together
                     first = (offset + start) * select
-                    z = indexed_draws(seed, 0, first, first + len(yc), lambda gen, k: torch.randn(k, g.nz, generator=gen, device=dev), dev)
+                    z = indexed_draws(
+                        seed,
+                        0,
+                        first,
+                        first + len(yc),
+                        lambda gen, k: torch.randn(k, g.nz, generator=gen, device=dev),
+                        dev,
+                    )
                     x = g(z, torch.nn.functional.one_hot(yc, self.num_classes).float(), yc)
                     if select > 1:
                         best = self.robustness_score(x, yc, seed, first).view(len(y), select).argmax(1)  # [n]
@@ -83,10 +90,22 @@ class Inversion:
         n, shape = len(labels), images.shape[1:]
         score = torch.zeros(n, device=dev)
         for r in range(draws):
-            noise = indexed_draws(seed, 1 + 2 * r, first, first + n,
-                                  lambda gen, k: reference.perturb_noise((k, *shape), cfg.perturbation, gen, dev, images.dtype), dev)
-            theta = indexed_draws(seed, 2 + 2 * r, first, first + n,
-                                  lambda gen, k: reference.warp_theta(k, shape[-2:], cfg.shift, cfg.rotate, cfg.scale, gen, dev), dev)
+            noise = indexed_draws(
+                seed,
+                1 + 2 * r,
+                first,
+                first + n,
+                lambda gen, k: reference.perturb_noise((k, *shape), cfg.perturbation, gen, dev, images.dtype),
+                dev,
+            )
+            theta = indexed_draws(
+                seed,
+                2 + 2 * r,
+                first,
+                first + n,
+                lambda gen, k: reference.warp_theta(k, shape[-2:], cfg.shift, cfg.rotate, cfg.scale, gen, dev),
+                dev,
+            )
             x = reference.warp((images + eps * noise).clamp(*PIXEL_RANGE), theta, PIXEL_RANGE[0])
             p = torch.softmax(self.target(x)[0].float(), 1)
             score += p.gather(1, labels[:, None]).view(-1) / draws
@@ -143,7 +162,11 @@ class Inversion:
         return out
 
     def sample_batches(
-        self, labels: Tensor, batch_size: Optional[int] = None, seed: Optional[int] = None, select: Optional[int] = None,
+        self,
+        labels: Tensor,
+        batch_size: Optional[int] = None,
+        seed: Optional[int] = None,
+        select: Optional[int] = None,
         offset: int = 0,
     ) -> Iterator[Tuple[int, Tensor]]:
         """``sample`` one batch at a time, for writers that stream to disk: ``(position of the batch's
@@ -171,8 +194,11 @@ class Inversion:
         if select is None:
             select = self.config.select
             if select > 1 and self.target is None:  # the default asks for what is missing: say so, do not fail
-                print(f"tldr_fast: sampling without selection (this inversion's select={select} needs its target "
-                      "classifier: Inversion.load(..., classifier=) or --classifier)", file=sys.stderr)
+                print(
+                    f"tldr_fast: sampling without selection (this inversion's select={select} needs its target "
+                    "classifier: Inversion.load(..., classifier=) or --classifier)",
+                    file=sys.stderr,
+                )
                 return 1
         if isinstance(select, bool) or not isinstance(select, int) or select < 1:
             raise ValueError(f"select must be a positive int, got {select!r}")
@@ -197,8 +223,13 @@ class Inversion:
                 x_pert = ops.perturb(x, eps, *PIXEL_RANGE, cfg.perturbation, step_seed(seed, i, 2))
                 pert_hits += (self.target(x_pert)[0].argmax(1) == y).sum().item()
         n = len(y_all)
-        return {"accuracy": hits / n, "confidence": conf / n, "perturbed_accuracy": pert_hits / n, "saturated": saturated / n,
-                "samples": n}
+        return {
+            "accuracy": hits / n,
+            "confidence": conf / n,
+            "perturbed_accuracy": pert_hits / n,
+            "saturated": saturated / n,
+            "samples": n,
+        }
 
     def state(self, optimizer: Optional[torch.optim.Optimizer] = None) -> dict:
         return {
@@ -218,7 +249,9 @@ class Inversion:
         _save(path, self)
 
     @classmethod
-    def load(cls, path: PathLike, classifier: Optional[nn.Module] = None, device: str = "auto", preprocess: Preprocess = None) -> "Inversion":
+    def load(
+        cls, path: PathLike, classifier: Optional[nn.Module] = None, device: str = "auto", preprocess: Preprocess = None
+    ) -> "Inversion":
         """Load a saved inversion (or checkpoint). With ``classifier``, ``classifier_metrics`` works again."""
         state = _load_state(path)
         cfg = InversionConfig.from_dict(state["config"], preprocess)
@@ -227,7 +260,9 @@ class Inversion:
         g = _generator(state["num_classes"], shape, cfg, dev, state["generator"], path)
         target = None
         if classifier is not None:
-            target = FrozenClassifier(classifier, state["num_classes"], shape, cfg.preprocess, cfg.head, quiet=True, device=dev)
+            target = FrozenClassifier(
+                classifier, state["num_classes"], shape, cfg.preprocess, cfg.head, quiet=True, device=dev
+            )
         return cls(g, cfg, state["num_classes"], shape, state["step"], state["history"], state["metrics"], target)
 
 
@@ -262,16 +297,26 @@ def _load_state(path: PathLike) -> dict:
     return state
 
 
-def _generator(num_classes: int, shape: Tuple[int, int, int], cfg: InversionConfig, device: torch.device,
-               weights: Optional[dict] = None, path: Optional[PathLike] = None) -> ConditionedGenerator:
+def _generator(
+    num_classes: int,
+    shape: Tuple[int, int, int],
+    cfg: InversionConfig,
+    device: torch.device,
+    weights: Optional[dict] = None,
+    path: Optional[PathLike] = None,
+) -> ConditionedGenerator:
     g = ConditionedGenerator(num_classes, shape, cfg.nz, cfg.ngf, cfg.dropout).to(device)
     if weights is not None:
         try:
             g.load_state_dict(weights)
         except RuntimeError as e:
-            raise ValueError(f"{path}: its generator weights do not fit a generator of nz={cfg.nz}, ngf={cfg.ngf} ({str(e).splitlines()[0]})") from e
+            raise ValueError(
+                f"{path}: its generator weights do not fit a generator of nz={cfg.nz}, ngf={cfg.ngf} ({str(e).splitlines()[0]})"
+            ) from e
         if not _finite(g):
-            raise ValueError(f"{path}: the generator's weights are not finite (NaN or inf): the run that wrote it had diverged")
+            raise ValueError(
+                f"{path}: the generator's weights are not finite (NaN or inf): the run that wrote it had diverged"
+            )
     return g
 
 
@@ -390,8 +435,14 @@ def invert(
     shape = _check_problem(num_classes, image_shape)
     if state is not None:
         if (state["num_classes"], tuple(state["image_shape"])) != (num_classes, shape):
-            raise ValueError(f"checkpoint {resume} is for {state['num_classes']} classes of {tuple(state['image_shape'])}, not {num_classes} of {shape}")
-        changed = [f"{k} ({state['config'][k]} -> {getattr(cfg, k)})" for k in ARCHITECTURE if state["config"].get(k) != getattr(cfg, k)]
+            raise ValueError(
+                f"checkpoint {resume} is for {state['num_classes']} classes of {tuple(state['image_shape'])}, not {num_classes} of {shape}"
+            )
+        changed = [
+            f"{k} ({state['config'][k]} -> {getattr(cfg, k)})"
+            for k in ARCHITECTURE
+            if state["config"].get(k) != getattr(cfg, k)
+        ]
         if changed:
             raise ValueError(f"cannot resume {resume} with another generator layout: {', '.join(changed)}")
     ckpt = checkpoint if checkpoint is not None else resume
@@ -400,7 +451,9 @@ def invert(
     device = resolve_device(cfg.device, quiet=not (cfg.progress and main))
     target = FrozenClassifier(classifier, num_classes, shape, cfg.preprocess, cfg.head, cfg.param_grads, device=device)
     if cfg.grad_norm == "head" and target.head is None:
-        raise ClassifierError("grad_norm='head' needs the classifier's final nn.Linear: name it with head='...', or use grad_norm='full' or 'off'")
+        raise ClassifierError(
+            "grad_norm='head' needs the classifier's final nn.Linear: name it with head='...', or use grad_norm='full' or 'off'"
+        )
     ops = resolve(cfg.backend, device, quiet=not (cfg.progress and main))
     torch.manual_seed(cfg.seed)  # the generator's initial weights
     g = _generator(num_classes, shape, cfg, device, state["generator"] if state else None, resume)
@@ -415,7 +468,9 @@ def invert(
     objective = TLDRObjective(g, target, cfg, ops, device)
     shard, ckpt = objective.shard, ckpt if main else None  # only rank 0 saves
     params = list(g.parameters())
-    bar = progress_bar(total=cfg.steps, initial=inv.step, desc="invert", unit="step", disable=not (cfg.progress and main))
+    bar = progress_bar(
+        total=cfg.steps, initial=inv.step, desc="invert", unit="step", disable=not (cfg.progress and main)
+    )
     buffers = list(g.buffers())  # BatchNorm statistics and counts: updated by the forward
     before = [b.clone() for b in buffers]  # their values before the current step
     phase = "between"  # of a step: "between" steps, in its "forward" (and backward), or in its "update"
@@ -450,14 +505,20 @@ def invert(
                 if phase == "forward":  # with the statistics from before the unfinished step
                     torch._foreach_copy_(buffers, before)
                 _save(ckpt, inv, opt)
-                print(f"\ntldr_fast: interrupted at step {inv.step}; saved to {ckpt}, resume with invert(..., resume={str(ckpt)!r})",
-                      file=sys.stderr)
+                print(
+                    f"\ntldr_fast: interrupted at step {inv.step}; saved to {ckpt}, resume with invert(..., resume={str(ckpt)!r})",
+                    file=sys.stderr,
+                )
             raise
         finally:
             bar.close()
         if stopped or stop.requested is not None:
             reason = stop.requested or "stopped by another rank"
-            where = f"; saved to {ckpt}, resume with invert(..., resume={str(ckpt)!r})" if ckpt is not None else " (no checkpoint= to save to)"
+            where = (
+                f"; saved to {ckpt}, resume with invert(..., resume={str(ckpt)!r})"
+                if ckpt is not None
+                else " (no checkpoint= to save to)"
+            )
             if main:
                 print(f"\ntldr_fast: {reason} at step {inv.step}{where}", file=sys.stderr)
             raise KeyboardInterrupt(reason)
@@ -476,4 +537,6 @@ def _log(inv: Inversion, terms: Tensor, bar) -> None:
     for t, v in zip(TERMS, values):
         inv.history.setdefault(t, []).append(v)  # setdefault: a checkpoint from before a term existed
     shown = dict(zip(TERMS, values))
-    bar.set_postfix(ce=f"{shown['ce']:.3f}", ce_pert=f"{shown['ce_pert']:.3f}", cos=f"{shown['cos']:.2f}", refresh=False)
+    bar.set_postfix(
+        ce=f"{shown['ce']:.3f}", ce_pert=f"{shown['ce_pert']:.3f}", cos=f"{shown['cos']:.2f}", refresh=False
+    )

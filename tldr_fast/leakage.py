@@ -112,13 +112,21 @@ SUITES: Dict[str, Suite] = {
     # CI smoke test: one tiny target, one seed, a short inversion; checks that everything runs and
     # writes well-formed results (no quality threshold is meaningful at this size)
     "quick": Suite(
-        targets=(Target("mnist", 10, "mlp"),), seeds=(0,), eval_per_class=4, held_out_per_class=10, real_per_class=4,
-        judge_epochs=2, judge_max_per_class=50, target_epochs=((10, 30),), invert=(("steps", 20), ("batch_size", 32)),
+        targets=(Target("mnist", 10, "mlp"),),
+        seeds=(0,),
+        eval_per_class=4,
+        held_out_per_class=10,
+        real_per_class=4,
+        judge_epochs=2,
+        judge_max_per_class=50,
+        target_epochs=((10, 30),),
+        invert=(("steps", 20), ("batch_size", 32)),
     ),
     # what fits in 45 minutes on a 2-core CPU: the issue's goal targets at 1,000 per class, the
     # memorising regime at 10 per class, an MLP and Fashion-MNIST
     "default": Suite(
-        targets=_grid(["mnist"], ["plain_cnn", "cnn"], [10, 1000]) + (Target("mnist", 1000, "mlp"), Target("fashion-mnist", 100, "cnn")),
+        targets=_grid(["mnist"], ["plain_cnn", "cnn"], [10, 1000])
+        + (Target("mnist", 1000, "mlp"), Target("fashion-mnist", 100, "cnn")),
     ),
     # everything: MNIST at 10, 100, 1,000 per class and all 60k, Fashion-MNIST at 100, three architectures
     "full": Suite(targets=_grid(["mnist"], ARCHS, [10, 100, 1000, "all"]) + _grid(["fashion-mnist"], ARCHS, [100])),
@@ -179,7 +187,9 @@ def judge(data: str, parts: Split, suite: Suite, cache: Path, device: str, say: 
 
     def train() -> nn.Module:
         say(f"training the evaluation classifier (lenet) on {n} {data} test-split images")
-        return train_classifier(parts.judge, "lenet", epochs=suite.judge_epochs, augment=2, device=device, test=parts.held_out)
+        return train_classifier(
+            parts.judge, "lenet", epochs=suite.judge_epochs, augment=2, device=device, test=parts.held_out
+        )
 
     return _cached(path, train, device, say)
 
@@ -208,8 +218,9 @@ def _overall(report: EvaluationReport) -> Dict[str, Any]:
     return {k: o.get(k) for k in METRICS}
 
 
-def references(model: nn.Module, judge_model: nn.Module, train_set: ImageDataset, parts: Split, suite: Suite,
-               device: str) -> Dict[str, Dict[str, Any]]:
+def references(
+    model: nn.Module, judge_model: nn.Module, train_set: ImageDataset, parts: Split, suite: Suite, device: str
+) -> Dict[str, Dict[str, Any]]:
     """The metrics of real unseen images, uniform noise and an all-black image, as if generated."""
     real = parts.real
     gen = torch.Generator().manual_seed(0)
@@ -220,8 +231,16 @@ def references(model: nn.Module, judge_model: nn.Module, train_set: ImageDataset
     }
     out = {}
     for name, x01 in images.items():
-        report = evaluate(x01, train_set, real.labels, value_range=(0.0, 1.0), classifier=model, eval_classifier=judge_model,
-                          held_out=parts.held_out, device=device)
+        report = evaluate(
+            x01,
+            train_set,
+            real.labels,
+            value_range=(0.0, 1.0),
+            classifier=model,
+            eval_classifier=judge_model,
+            held_out=parts.held_out,
+            device=device,
+        )
         out[name] = _overall(report)
     return out
 
@@ -275,7 +294,11 @@ def run(
         "suite": suite_name,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "versions": {"tldr_fast": __version__, "torch": torch.__version__, "python": platform.python_version()},
-        "machine": {"device": device, "cpu_threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine()},
+        "machine": {
+            "device": device,
+            "cpu_threads": torch.get_num_threads(),
+            "processor": platform.processor() or platform.machine(),
+        },
         "settings": {**{k: v for k, v in asdict(s).items() if k != "targets"}, "seeds": list(seeds), "tau": 0.4},
         "variants": {k: dict(v) for k, v in variants.items()},
         "judges": {},
@@ -291,8 +314,11 @@ def run(
                 splits[t.data] = split(t.data, s)
                 judges[t.data] = judge(t.data, splits[t.data], s, cache_path, device, say)
                 meta = judges[t.data].tldr_meta
-                results["judges"][t.data] = {"arch": meta["arch"], "n_train": len(splits[t.data].judge),
-                                             "held_out_accuracy": meta["test_accuracy"]}
+                results["judges"][t.data] = {
+                    "arch": meta["arch"],
+                    "n_train": len(splits[t.data].judge),
+                    "held_out_accuracy": meta["test_accuracy"],
+                }
         except DataUnavailable as e:
             results["skipped"][t.name] = str(e)
             say(f"skipping {t.name}: {e}")
@@ -303,8 +329,13 @@ def run(
         train_set = _training_set(model)
         meta = model.tldr_meta
         entry = {
-            "target": t.name, "data": t.data, "arch": t.arch, "n_per_class": t.n_per_class, "n_train": len(train_set),
-            "train_accuracy": meta["train_accuracy"], "held_out_accuracy": meta["test_accuracy"],
+            "target": t.name,
+            "data": t.data,
+            "arch": t.arch,
+            "n_per_class": t.n_per_class,
+            "n_train": len(train_set),
+            "train_accuracy": meta["train_accuracy"],
+            "held_out_accuracy": meta["test_accuracy"],
             "references": references(model, judges[t.data], train_set, parts, s, device),
             "variants": {},
         }
@@ -314,10 +345,19 @@ def run(
                 bar.set_postfix(target=t.name, variant=vname, seed=seed, refresh=False)
                 settings = {**dict(s.invert), **dict(overrides), "seed": seed}
                 start = time.perf_counter()
-                inv = invert(model, meta["num_classes"], tuple(meta["input_shape"]), device=device, progress=False, **settings)
+                inv = invert(
+                    model, meta["num_classes"], tuple(meta["input_shape"]), device=device, progress=False, **settings
+                )
                 seconds = time.perf_counter() - start
-                report = evaluate(inv, train_set, n_per_class=s.eval_per_class, classifier=model, eval_classifier=judges[t.data],
-                                  held_out=parts.held_out, device=device)
+                report = evaluate(
+                    inv,
+                    train_set,
+                    n_per_class=s.eval_per_class,
+                    classifier=model,
+                    eval_classifier=judges[t.data],
+                    held_out=parts.held_out,
+                    device=device,
+                )
                 runs.append({"seed": seed, "seconds": seconds, "steps": inv.step, **_overall(report)})
                 if seed == seeds[0]:
                     report.save_grid(out / "grids" / f"{t.name}--{vname}.png", per_class=8)
@@ -371,14 +411,21 @@ def markdown(results: Dict[str, Any]) -> str:
         "",
     ]
     for data, j in results["judges"].items():
-        lines.append(f"Evaluation classifier for {data}: {j['arch']} on {j['n_train']} test-split images, "
-                     f"held-out accuracy {_fmt(j['held_out_accuracy'], digits=4)}.")
-    lines += ["", "| target | variant | " + " | ".join(h for h, _, _ in COLUMNS) + " | s/run |",
-              "|---|---|" + "---|" * (len(COLUMNS) + 1)]
+        lines.append(
+            f"Evaluation classifier for {data}: {j['arch']} on {j['n_train']} test-split images, "
+            f"held-out accuracy {_fmt(j['held_out_accuracy'], digits=4)}."
+        )
+    lines += [
+        "",
+        "| target | variant | " + " | ".join(h for h, _, _ in COLUMNS) + " | s/run |",
+        "|---|---|" + "---|" * (len(COLUMNS) + 1),
+    ]
     for e in results["targets"]:
         for vname, v in e["variants"].items():
             cells = [_fmt(v["mean"][k], v["std"][k], d) for _, k, d in COLUMNS]
-            lines.append(f"| {e['target']} | {vname} | " + " | ".join(cells) + f" | {_fmt(v['mean']['seconds'], digits=0)} |")
+            lines.append(
+                f"| {e['target']} | {vname} | " + " | ".join(cells) + f" | {_fmt(v['mean']['seconds'], digits=0)} |"
+            )
         for ref in REFERENCES:
             r = e["references"][ref]
             cells = [_fmt(r[k], None, d) for _, k, d in COLUMNS]
@@ -399,5 +446,13 @@ ABLATION: Dict[str, Dict[str, Any]] = {
     "dropout-0.3": {"dropout": 0.3},
     "no-select": {"select": 1},
     # the TLDR paper's method (noise-only perturbations, no image statistics, no selection) at the same budget
-    "paper-loss": {"moments": 0.0, "bn_stats": 0.0, "shift": 0, "rotate": 0.0, "scale": 0.0, "mode_seek": 0.0, "select": 1},
+    "paper-loss": {
+        "moments": 0.0,
+        "bn_stats": 0.0,
+        "shift": 0,
+        "rotate": 0.0,
+        "scale": 0.0,
+        "mode_seek": 0.0,
+        "select": 1,
+    },
 }

@@ -41,7 +41,9 @@ def _conv_block(cin: int, cout: int) -> nn.Sequential:
 
 
 def _dense_block(cin: int, cout: int, dropout: float) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(cin, cout, bias=False), nn.BatchNorm1d(cout), nn.ReLU(inplace=True), nn.Dropout(dropout))
+    return nn.Sequential(
+        nn.Linear(cin, cout, bias=False), nn.BatchNorm1d(cout), nn.ReLU(inplace=True), nn.Dropout(dropout)
+    )
 
 
 class SmallCNN(nn.Module):
@@ -53,7 +55,12 @@ class SmallCNN(nn.Module):
     """
 
     def __init__(
-        self, input_shape: Sequence[int], num_classes: int, width: int = 16, feature_dim: int = 128, dropout: float = 0.25
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        width: int = 16,
+        feature_dim: int = 128,
+        dropout: float = 0.25,
     ):
         super().__init__()
         c, h, w = _check_shape(input_shape)
@@ -84,7 +91,14 @@ class PlainCNN(nn.Module):
     torch.Size([2, 10])
     """
 
-    def __init__(self, input_shape: Sequence[int], num_classes: int, width: int = 32, feature_dim: int = 256, dropout: float = 0.25):
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        width: int = 32,
+        feature_dim: int = 256,
+        dropout: float = 0.25,
+    ):
         super().__init__()
         c, h, w = _check_shape(input_shape)
         layers = []
@@ -112,12 +126,23 @@ class LeNet(nn.Module):
     torch.Size([2, 10])
     """
 
-    def __init__(self, input_shape: Sequence[int], num_classes: int, width: int = 32, feature_dim: int = 256, dropout: float = 0.3):
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        width: int = 32,
+        feature_dim: int = 256,
+        dropout: float = 0.3,
+    ):
         super().__init__()
         c, h, w = _check_shape(input_shape)
         self.features = nn.Sequential(  # [B, C, H, W] -> [B, feature_dim]
-            nn.Conv2d(c, width, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(c, width, 5, padding=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 5, padding=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
             nn.Flatten(),
             nn.Linear(2 * width * (h // 4) * (w // 4), feature_dim),
             nn.ReLU(inplace=True),
@@ -136,7 +161,14 @@ class SmallMLP(nn.Module):
     torch.Size([2, 10])
     """
 
-    def __init__(self, input_shape: Sequence[int], num_classes: int, hidden: int = 256, feature_dim: int = 128, dropout: float = 0.2):
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        hidden: int = 256,
+        feature_dim: int = 128,
+        dropout: float = 0.2,
+    ):
         super().__init__()
         c, h, w = _check_shape(input_shape)
         self.features = nn.Sequential(  # [B, C, H, W] -> [B, feature_dim]
@@ -196,7 +228,10 @@ def predict_logits(model: nn.Module, x01: Tensor, batch_size: int = 1024) -> Ten
     was_training = model.training
     model.eval()
     try:
-        out = [model(normalize(model, x01[i : i + batch_size].to(device))).float().cpu() for i in range(0, len(x01), batch_size)]
+        out = [
+            model(normalize(model, x01[i : i + batch_size].to(device))).float().cpu()
+            for i in range(0, len(x01), batch_size)
+        ]
     finally:
         model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, 0)
@@ -304,7 +339,9 @@ def save_classifier(model: nn.Module, path: PathLike) -> None:
     """Write the weights and ``model.tldr_meta`` (as JSON) to ``path`` atomically."""
     meta = getattr(model, "tldr_meta", None)
     if not meta or meta.get("arch") not in ARCHS:
-        raise ValueError("save_classifier saves the classifiers of tldr_fast.models (built with a tldr_meta); save others with torch.save")
+        raise ValueError(
+            "save_classifier saves the classifiers of tldr_fast.models (built with a tldr_meta); save others with torch.save"
+        )
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_save({"format": CHECKPOINT_FORMAT, "meta": json.dumps(meta), "state_dict": state}, path)
 
@@ -328,4 +365,3 @@ def load_classifier(path: PathLike, device: str = "cpu") -> nn.Module:
         ) from e
     model.tldr_meta = meta
     return model.to(resolve_device(device)).eval()
-

@@ -23,14 +23,17 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-Tensor = torch.Tensor
-
-from .ops import feature_loss as _feature_loss, head_loss as _head_loss, image_prior as _image_prior
-from .ops import pairwise_ssim as _pairwise_ssim, perturb as _perturb
+from .ops import feature_loss as _feature_loss
+from .ops import head_loss as _head_loss
+from .ops import image_prior as _image_prior
+from .ops import pairwise_ssim as _pairwise_ssim
+from .ops import perturb as _perturb
 from .ops.feature_loss import NORM_EPS
 from .ops.image_prior import MOMENT_VAR_EPS
 from .ops.pairwise_ssim import SSIM_K1, SSIM_K2, SSIM_WIN
 from .ops.perturb import PERTURBATIONS
+
+Tensor = torch.Tensor
 
 
 def _acc(t: Tensor) -> Tensor:
@@ -91,7 +94,9 @@ def head_loss(
     return (weights.to(terms.dtype) * terms).sum(), terms.detach()
 
 
-def feature_loss(features: Tensor, weights: Tensor, labels: Optional[Tensor] = None, num_classes: int = 0) -> Tuple[Tensor, Tensor]:
+def feature_loss(
+    features: Tensor, weights: Tensor, labels: Optional[Tensor] = None, num_classes: int = 0
+) -> Tuple[Tensor, Tensor]:
     """Diversity: mean pairwise cosine similarity and orthogonality of penultimate features, over all
     pairs of the batch or, with ``labels``, over the pairs of the same label only.
 
@@ -254,8 +259,16 @@ def bn_stats(activations: Tensor, running_mean: Tensor, running_var: Tensor) -> 
     return (mu - running_mean.to(x.dtype)).norm() + (var - running_var.to(x.dtype)).norm()
 
 
-def warp_theta(n: int, size: Tuple[int, int], shift: int, rotate: float, scale: float, generator: torch.Generator, device,
-               dtype=torch.float32) -> Tensor:
+def warp_theta(
+    n: int,
+    size: Tuple[int, int],
+    shift: int,
+    rotate: float,
+    scale: float,
+    generator: torch.Generator,
+    device,
+    dtype=torch.float32,
+) -> Tensor:
     """``[n, 2, 3]`` affine matrices (``F.affine_grid``'s convention) of random transforms: a whole-pixel
     shift in ``[-shift, shift]`` on each axis of an image of ``size = (H, W)``, a rotation by an angle in
     ``[-rotate, rotate]`` degrees and a scaling by a factor in ``[1 - scale, 1 + scale]`` about the centre."""
@@ -327,7 +340,9 @@ def pairwise_ssim(a: Tensor, b: Tensor, data_range: float = 1.0) -> Tensor:
 
     def box(t: Tensor) -> Tensor:  # [..., H, W] -> [..., H-6, W-6]: mean over each valid window
         lead = t.shape[:-2]
-        return F.avg_pool2d(t.reshape(-1, 1, h, w), SSIM_WIN, stride=1).reshape(*lead, h - SSIM_WIN + 1, w - SSIM_WIN + 1)
+        return F.avg_pool2d(t.reshape(-1, 1, h, w), SSIM_WIN, stride=1).reshape(
+            *lead, h - SSIM_WIN + 1, w - SSIM_WIN + 1
+        )
 
     mu_a, mu_b = box(a), box(b)  # [N, C, h', w'], [M, C, h', w']
     var_a = cov_norm * (box(a * a) - mu_a * mu_a)

@@ -56,8 +56,16 @@ def fingerprint(inv: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def write_samples(inv: Any, out: PathLike, labels: Tensor, batch_size: Optional[int] = None, seed: Optional[int] = None,
-                  select: Optional[int] = None, progress: bool = False, shard_size: Optional[int] = None) -> Path:
+def write_samples(
+    inv: Any,
+    out: PathLike,
+    labels: Tensor,
+    batch_size: Optional[int] = None,
+    seed: Optional[int] = None,
+    select: Optional[int] = None,
+    progress: bool = False,
+    shard_size: Optional[int] = None,
+) -> Path:
     """Write ``inv``'s images for ``labels`` to ``out`` (``.npz`` or a folder), one batch in memory at a time.
     ``shard_size`` (``.npz`` only; needed under ``torchrun``): shards of that many images and their index.
     Returns what ``load_sample`` reads: ``out``, or the index of a sharded sample."""
@@ -69,11 +77,15 @@ def write_samples(inv: Any, out: PathLike, labels: Tensor, batch_size: Optional[
         if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
             raise ValueError(f"shard_size must be a positive int, got {shard_size!r}")
         if not npz:
-            raise ValueError(f"{out}: shard_size applies to an .npz output (a PNG folder is one file per image already)")
+            raise ValueError(
+                f"{out}: shard_size applies to an .npz output (a PNG folder is one file per image already)"
+            )
     rank, world = distributed.world()
     if world > 1 and npz and shard_size is None:
-        raise ValueError(f"{out}: a single .npz is written by one process; under torchrun give a shard size "
-                         "(--shard-size N: each rank writes its shards) or a folder (each rank writes its PNGs)")
+        raise ValueError(
+            f"{out}: a single .npz is written by one process; under torchrun give a shard size "
+            "(--shard-size N: each rank writes its shards) or a folder (each rank writes its PNGs)"
+        )
     bar = progress_bar(total=len(labels), desc="sample", unit="img", disable=not (progress and rank == 0))
     try:
         if shard_size is not None:
@@ -87,8 +99,17 @@ def write_samples(inv: Any, out: PathLike, labels: Tensor, batch_size: Optional[
     return out
 
 
-def _write_npz(inv, out: Path, labels: Tensor, batch_size, seed, select, bar, offset: int = 0,
-               extra: Optional[Dict[str, np.ndarray]] = None) -> None:
+def _write_npz(
+    inv,
+    out: Path,
+    labels: Tensor,
+    batch_size,
+    seed,
+    select,
+    bar,
+    offset: int = 0,
+    extra: Optional[Dict[str, np.ndarray]] = None,
+) -> None:
     """One ``.npz`` of ``labels``' images (image ``offset`` of the sample first) and ``extra`` arrays,
     written to a temp file and renamed into place (reproducible bytes: the zip entries carry no time)."""
     if out.is_dir():
@@ -120,8 +141,14 @@ def _write_shards(inv, out: Path, labels: Tensor, batch_size, seed, select, shar
     sample = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
     count = -(-n // shard_size)
     digits = max(5, len(str(count)))
-    shards = [{"file": f"{out.stem}-{i:0{digits}d}-of-{count:0{digits}d}{out.suffix}", "start": start,
-               "count": min(shard_size, n - start)} for i, start in enumerate(range(0, n, shard_size))]
+    shards = [
+        {
+            "file": f"{out.stem}-{i:0{digits}d}-of-{count:0{digits}d}{out.suffix}",
+            "start": start,
+            "count": min(shard_size, n - start),
+        }
+        for i, start in enumerate(range(0, n, shard_size))
+    ]
     index = {**manifest, "sample": sample, "shards": shards}
     path = out.with_name(out.stem + INDEX)
     rank, world = distributed.world()
@@ -143,8 +170,17 @@ def _write_shards(inv, out: Path, labels: Tensor, batch_size, seed, select, shar
         if _sample_of(file) == sample:  # written by an earlier, interrupted run of this sample
             bar.update(s["count"])
             continue
-        _write_npz(inv, file, labels[start:stop], batch_size, manifest["seed"], manifest["select"], bar, offset=start,
-                   extra={"sample": np.array(sample)})
+        _write_npz(
+            inv,
+            file,
+            labels[start:stop],
+            batch_size,
+            manifest["seed"],
+            manifest["select"],
+            bar,
+            offset=start,
+            extra={"sample": np.array(sample)},
+        )
     distributed.barrier()  # the whole sample is on disk when any rank returns
     return path
 
@@ -162,14 +198,20 @@ def iter_sample(path: PathLike) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
         return
     index = _read(path)
     if not isinstance(index, dict) or not isinstance(index.get("shards"), list) or "sample" not in index:
-        raise ValueError(f"{path}: neither an .npz nor the index of a sharded sample (<stem>{INDEX}, from write_samples with shard_size)")
+        raise ValueError(
+            f"{path}: neither an .npz nor the index of a sharded sample (<stem>{INDEX}, from write_samples with shard_size)"
+        )
     for s in index["shards"]:
         file = path.parent / s["file"]
         found = _sample_of(file)
         if found is None:
-            raise FileNotFoundError(f"{file} is missing or unreadable: the sample is incomplete (write the same sample again to complete it)")
+            raise FileNotFoundError(
+                f"{file} is missing or unreadable: the sample is incomplete (write the same sample again to complete it)"
+            )
         if found != index["sample"]:
-            raise ValueError(f"{file} is a shard of another sample than {path} (another inversion, seed, selection, count or shard size)")
+            raise ValueError(
+                f"{file} is a shard of another sample than {path} (another inversion, seed, selection, count or shard size)"
+            )
         with np.load(file, allow_pickle=False) as z:
             images, labels = z["images"], z["labels"]
         yield images, labels
@@ -196,9 +238,11 @@ def _sample_of(shard: Path) -> Optional[str]:
 def _manifest(inv: Any, labels: Tensor, seed: Optional[int], select: Optional[int]) -> Dict[str, Any]:
     """What identifies a sample on disk: the inversion, the seed and selection (defaults resolved), the labels."""
     return {
-        "inversion": fingerprint(inv), "seed": inv.sample_seed(seed),
+        "inversion": fingerprint(inv),
+        "seed": inv.sample_seed(seed),
         "select": inv.resolve_select(select),
-        "labels": hashlib.sha256(labels.numpy().astype(np.int64).tobytes()).hexdigest()[:16], "count": len(labels),
+        "labels": hashlib.sha256(labels.numpy().astype(np.int64).tobytes()).hexdigest()[:16],
+        "count": len(labels),
     }
 
 

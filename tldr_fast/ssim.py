@@ -158,7 +158,9 @@ def pairwise_ssim(
     name, op = implementation(backend, device)
     bn, bm = _block_shape(name, device, a, b, budget_mb)
     out = torch.empty(a.shape[0], b.shape[0], dtype=torch.float32, device=out_device or device)
-    bar = progress_bar(total=-(-a.shape[0] // bn) * -(-b.shape[0] // bm), desc="SSIM", unit="block", disable=not progress)
+    bar = progress_bar(
+        total=-(-a.shape[0] // bn) * -(-b.shape[0] // bm), desc="SSIM", unit="block", disable=not progress
+    )
     for j in _blocks(b.shape[0], bm):
         bj = _to_device(b[j], device)
         for i in _blocks(a.shape[0], bn):
@@ -188,7 +190,9 @@ def nearest_ssim(
     bn, bm = _block_shape(name, device, a, b, budget_mb)
     vals = torch.full((a.shape[0], k), -float("inf"), device=device)
     idx = torch.zeros((a.shape[0], k), dtype=torch.long, device=device)
-    bar = progress_bar(total=-(-a.shape[0] // bn) * -(-b.shape[0] // bm), desc="SSIM top-k", unit="block", disable=not progress)
+    bar = progress_bar(
+        total=-(-a.shape[0] // bn) * -(-b.shape[0] // bm), desc="SSIM top-k", unit="block", disable=not progress
+    )
     for j in _blocks(b.shape[0], bm):
         bj = _to_device(b[j], device)
         cols = torch.arange(j.start, j.stop, device=device)

@@ -10,8 +10,8 @@ from . import distributed, reference
 from .backends import Backend
 from .classifier import FrozenClassifier
 from .config import TERM_SLICES, TERMS, InversionConfig
-from .ops.feature_loss import TERMS as FEATURE_TERMS
 from .generator import ConditionedGenerator, sample_conditions
+from .ops.feature_loss import TERMS as FEATURE_TERMS
 
 Tensor = torch.Tensor
 PIXEL_RANGE = (-1.0, 1.0)  # the generator's tanh output
@@ -22,7 +22,9 @@ def pixel_eps(cfg: InversionConfig) -> float:
     return cfg.eps * (PIXEL_RANGE[1] - PIXEL_RANGE[0])
 
 
-def random_warp(images: Tensor, cfg: InversionConfig, generator: torch.Generator, shard: Optional[distributed.Shard] = None) -> Tensor:
+def random_warp(
+    images: Tensor, cfg: InversionConfig, generator: torch.Generator, shard: Optional[distributed.Shard] = None
+) -> Tensor:
     """``images`` under random transforms of ``cfg.shift/rotate/scale`` drawn from ``generator``
     (uncovered pixels: background, the low end of the pixel range). With ``shard``, ``images`` are its
     rows of a global batch: the transforms of the whole batch are drawn, and its rows kept."""
@@ -55,7 +57,14 @@ class TLDRObjective:
     the ranks' losses is the global objective (``global_terms`` gives the global values).
     """
 
-    def __init__(self, generator: ConditionedGenerator, target: FrozenClassifier, cfg: InversionConfig, ops: Backend, device: torch.device):
+    def __init__(
+        self,
+        generator: ConditionedGenerator,
+        target: FrozenClassifier,
+        cfg: InversionConfig,
+        ops: Backend,
+        device: torch.device,
+    ):
         self.g, self.target, self.cfg, self.ops, self.device = generator, target, cfg, ops, device
         self.robust = cfg.active("ce_pert") or cfg.active("kl_pert")
         self.diverse = cfg.active("cos") or cfg.active("ortho")
@@ -95,7 +104,9 @@ class TLDRObjective:
     def __call__(self, step: int):
         cfg, shard = self.cfg, self.shard
         self._gen.manual_seed(step_seed(cfg.seed, step))
-        drawn = sample_conditions(cfg.batch_size, self.g.num_classes, self.g.nz, cfg.conditioning, self._gen, self.device, self.paired)
+        drawn = sample_conditions(
+            cfg.batch_size, self.g.num_classes, self.g.nz, cfg.conditioning, self._gen, self.device, self.paired
+        )
         z, c, y = (shard.take(t) for t in drawn)  # this rank's rows: [b, nz], [b, K], [b]
         b = len(y)
         w = self.weights(step) if shard.world == 1 else self.weights(step) * self.scale
@@ -164,7 +175,9 @@ class TLDRObjective:
             if self.shard.world == 1:
                 l_f, feat_terms = self.ops.feature_loss(feats, w[feature], labels, self.g.num_classes)
             else:  # exact over the global batch, from all-reduced sums
-                l_f, feat_terms = distributed.feature_loss(feats, w[feature], self.shard.total, labels, self.g.num_classes)
+                l_f, feat_terms = distributed.feature_loss(
+                    feats, w[feature], self.shard.total, labels, self.g.num_classes
+                )
             loss = loss + l_f
         parts.append(feat_terms if self.diverse else zeros[feature])
         if self.prior:

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from .ops import pairwise_ssim as _pairwise_ssim
-from .ops.pairwise_ssim import SSIM_K1, SSIM_K2, SSIM_WIN as WIN
+from .ops.pairwise_ssim import SSIM_K1, SSIM_K2
+from .ops.pairwise_ssim import SSIM_WIN as WIN
 from .reference import feature_loss, head_loss, image_prior, perturb
 
 Tensor = torch.Tensor
@@ -36,7 +37,6 @@ TORCH_CHUNK = {"cpu": 1 << 20, "cuda": 1 << 24}
 def _unit(x: Tensor) -> Tensor:
     """Images as fp32 in [0, 1]: uint8 is divided by 255."""
     return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
-
 
 
 def _centered_windows(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:

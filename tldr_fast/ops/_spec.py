@@ -18,7 +18,7 @@ So every backend rejects a bad argument with the same ``ValueError`` and the sam
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, List, Mapping, Optional, Tuple
 
 import torch
@@ -45,7 +45,6 @@ class OpSpec:
     grad_inputs: Tuple[int, ...] = ()  # loss ops: the arguments whose gradients outputs 2, 3, ... are
     weights_arg: Optional[int] = None  # loss ops: the position of ``weights``
     extension: bool = True  # the C++/CUDA extension defines ``tldr_fast::<name>``
-    doc: str = field(default="", repr=False)
 
     def qualname(self, namespace: str) -> str:
         return f"{namespace}::{self.name}"

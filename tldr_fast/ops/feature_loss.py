@@ -46,8 +46,11 @@ def check(features: Tensor, weights: Tensor, labels: Optional[Tensor] = None, nu
 def fake(features, weights, labels, num_classes):
     """``(loss [], terms [2], grad_features [B, D])``."""
     acc = _spec.acc_dtype(features.dtype)
-    return (features.new_empty((), dtype=acc), features.new_empty((len(TERMS),), dtype=acc),
-            features.new_empty(features.shape))
+    return (
+        features.new_empty((), dtype=acc),
+        features.new_empty((len(TERMS),), dtype=acc),
+        features.new_empty(features.shape),
+    )
 
 
 SPEC = OpSpec(
@@ -57,9 +60,15 @@ SPEC = OpSpec(
     check=check,
     fake=fake,
     auto={"cuda": ("extension", "triton", "torch"), "cpu": ("extension", "torch")},
-    files=("tldr_fast/reference.py", "kernels/feature_loss.py", "csrc/cpu/feature_loss.cpp",
-           "csrc/cuda/feature_loss.cu", "tests/test_feature_loss.py", "tests/test_feature_loss_triton.py",
-           "benchmarks/benchmark_feature_loss.py"),
+    files=(
+        "tldr_fast/reference.py",
+        "kernels/feature_loss.py",
+        "csrc/cpu/feature_loss.cpp",
+        "csrc/cuda/feature_loss.cu",
+        "tests/test_feature_loss.py",
+        "tests/test_feature_loss_triton.py",
+        "benchmarks/benchmark_feature_loss.py",
+    ),
     terms=TERMS,
     grad_inputs=(0,),
     weights_arg=1,

@@ -23,8 +23,14 @@ NAME = "head_loss"
 TERMS = ("ce", "kl", "ce_pert", "kl_pert", "grad_norm")
 
 
-def check(logits: Tensor, condition: Tensor, labels: Tensor, features: Optional[Tensor], weights: Tensor,
-          head_bias: bool = True) -> None:
+def check(
+    logits: Tensor,
+    condition: Tensor,
+    labels: Tensor,
+    features: Optional[Tensor],
+    weights: Tensor,
+    head_bias: bool = True,
+) -> None:
     """``logits`` [N, K] with N = B or 2B, ``condition`` [B, K], ``labels`` [B] integers in [0, K) (values
     checked on CPU tensors), ``features`` None or [B, D], ``weights`` [5]; floating tensors, one device."""
     _spec.floating(NAME, "logits", logits)
@@ -49,8 +55,9 @@ def check(logits: Tensor, condition: Tensor, labels: Tensor, features: Optional[
         if features.dim() != 2 or features.shape[0] != b or features.shape[1] == 0:
             _spec.fail(NAME, f"features must be [B, D] with B = {b} and D > 0, got {list(features.shape)}")
     _spec.weights(NAME, weights, len(TERMS))
-    _spec.same_device(NAME, "logits", logits=logits, condition=condition, labels=labels, features=features,
-                      weights=weights)
+    _spec.same_device(
+        NAME, "logits", logits=logits, condition=condition, labels=labels, features=features, weights=weights
+    )
     _spec.labels_in_range(NAME, labels, k)
 
 
@@ -58,8 +65,12 @@ def fake(logits, condition, labels, features, weights, head_bias):
     """``(loss [], terms [5], grad_logits [N, K], grad_features [B, D] or [0])``."""
     acc = _spec.acc_dtype(logits.dtype, *(() if features is None else (features.dtype,)))
     grad_features = logits.new_empty((0,)) if features is None else features.new_empty(features.shape)
-    return (logits.new_empty((), dtype=acc), logits.new_empty((len(TERMS),), dtype=acc), logits.new_empty(logits.shape),
-            grad_features)
+    return (
+        logits.new_empty((), dtype=acc),
+        logits.new_empty((len(TERMS),), dtype=acc),
+        logits.new_empty(logits.shape),
+        grad_features,
+    )
 
 
 SPEC = OpSpec(
@@ -69,8 +80,15 @@ SPEC = OpSpec(
     check=check,
     fake=fake,
     auto={"cuda": ("extension", "triton", "torch"), "cpu": ("extension", "torch")},
-    files=("tldr_fast/reference.py", "kernels/head_loss.py", "csrc/cpu/head_loss.cpp", "csrc/cuda/head_loss.cu",
-           "tests/test_head_loss.py", "tests/test_head_loss_triton.py", "benchmarks/benchmark_head_loss.py"),
+    files=(
+        "tldr_fast/reference.py",
+        "kernels/head_loss.py",
+        "csrc/cpu/head_loss.cpp",
+        "csrc/cuda/head_loss.cu",
+        "tests/test_head_loss.py",
+        "tests/test_head_loss_triton.py",
+        "benchmarks/benchmark_head_loss.py",
+    ),
     terms=TERMS,
     grad_inputs=(0, 3),
     weights_arg=4,

@@ -58,6 +58,13 @@ SPEC = OpSpec(
     # on a GPU the Triton kernel first: 56 ms for 1,000 x 60,000 on an H200 against 197 ms for the
     # extension's CUDA kernel (BENCHMARKS.md)
     auto={"cuda": ("triton", "extension", "torch"), "cpu": ("extension", "torch")},
-    files=("tldr_fast/reference.py", "tldr_fast/torch_ops.py", "kernels/pairwise_ssim.py", "csrc/cpu/pairwise_ssim.cpp",
-           "csrc/cuda/pairwise_ssim.cu", "tests/test_pairwise_ssim.py", "benchmarks/benchmark_pairwise_ssim.py"),
+    files=(
+        "tldr_fast/reference.py",
+        "tldr_fast/torch_ops.py",
+        "kernels/pairwise_ssim.py",
+        "csrc/cpu/pairwise_ssim.cpp",
+        "csrc/cuda/pairwise_ssim.cu",
+        "tests/test_pairwise_ssim.py",
+        "benchmarks/benchmark_pairwise_ssim.py",
+    ),
 )

@@ -1,10 +1,10 @@
 """``perturb``: ``clip(x + eps * s, lo, hi)`` with seeded noise ``s`` of a given kind (DESIGN.md §2.3).
 
-    reference   tldr_fast/reference.py            perturb
-    Triton      kernels/perturb.py                tldr_triton::perturb (its own Philox noise)
-    extension   none (the Triton kernel, or the reference on a CPU)
-    tests       tests/test_perturb.py, tests/test_perturb_triton.py
-    benchmark   benchmarks/benchmark_perturb.py
+reference   tldr_fast/reference.py            perturb
+Triton      kernels/perturb.py                tldr_triton::perturb (its own Philox noise)
+extension   none (the Triton kernel, or the reference on a CPU)
+tests       tests/test_perturb.py, tests/test_perturb_triton.py
+benchmark   benchmarks/benchmark_perturb.py
 """
 
 from __future__ import annotations
@@ -55,7 +55,12 @@ SPEC = OpSpec(
     check=check,
     fake=fake,
     auto={"cuda": ("triton", "torch"), "cpu": ("torch",)},
-    files=("tldr_fast/reference.py", "kernels/perturb.py", "tests/test_perturb.py", "tests/test_perturb_triton.py",
-           "benchmarks/benchmark_perturb.py"),
+    files=(
+        "tldr_fast/reference.py",
+        "kernels/perturb.py",
+        "tests/test_perturb.py",
+        "tests/test_perturb_triton.py",
+        "benchmarks/benchmark_perturb.py",
+    ),
     extension=False,
 )
