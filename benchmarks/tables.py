@@ -899,7 +899,10 @@ def block_leakage_stretch(rows):
     spec = [
         (f"{TARGETS[t]} | {lab}", [L06 + run], t, variant)
         for t in ("mnist-plain_cnn-10", "mnist-plain_cnn-1000")
-        for lab, run, variant in (("defaults", "default", "defaults"), ("stretched to full range", "stretch", "stretch"))
+        for lab, run, variant in (
+            ("defaults", "default", "defaults"),
+            ("stretched to full range", "stretch", "stretch"),
+        )
     ]
     return leak_table(rows, spec, first=("target", "variant"))
 
