@@ -156,6 +156,17 @@ def test_every_backend_rejects_bad_input_alike(op, i):
     assert next(iter(messages.values())).startswith(f"{op}: ")
 
 
+def test_every_backend_reads_uint8_images_as_divided_by_255():
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randint(0, 256, (n, 1, 9, 8), generator=gen, dtype=torch.uint8) for n in (3, 4))
+    for name in BACKENDS:
+        try:
+            op = resolve(name, "cpu", quiet=True, fallback=False).pairwise_ssim
+        except (BackendUnavailable, AttributeError):
+            continue
+        torch.testing.assert_close(op(a, b), op(a.float() / 255, b.float() / 255), rtol=0, atol=1e-5, msg=name)
+
+
 def test_the_triton_and_extension_backends_run_the_checks():
     """The cross-backend test above covers a backend only where it runs here: say which ran."""
     for name in ("triton", "extension"):

@@ -319,7 +319,8 @@ def pairwise_ssim(a: Tensor, b: Tensor, data_range: float = 1.0) -> Tensor:
     """SSIM of every image of ``a`` against every image of ``b``, as scikit-image defines it.
 
     Args:
-        a: ``[N, C, H, W]``, b: ``[M, C, H, W]`` with H, W >= 7; floats in ``[0, data_range]``.
+        a: ``[N, C, H, W]``, b: ``[M, C, H, W]`` with H, W >= 7; floats in ``[0, data_range]``, or uint8
+            (divided by 255).
 
     Returns:
         ``[N, M]`` fp32 (fp64 for fp64 inputs): ``structural_similarity(a_i, b_j, data_range=...,
@@ -331,7 +332,7 @@ def pairwise_ssim(a: Tensor, b: Tensor, data_range: float = 1.0) -> Tensor:
     """
     _pairwise_ssim.check(a, b, data_range)
     out_dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
-    a, b = a.double(), b.double()
+    a, b = (x.double() / 255 if x.dtype == torch.uint8 else x.double() for x in (a, b))
     c, h, w = a.shape[1:]
     np_ = SSIM_WIN * SSIM_WIN
     cov_norm = np_ / (np_ - 1)
