@@ -6,10 +6,11 @@ gradient computed in the fused forward, so a loss built from them traces under
 ``torch.compile(fullgraph=True)``; ``pairwise_ssim`` (evaluation only, no autograd) is a plain function.
 """
 
+from .bn_stats import bn_stats
 from .feature_loss import feature_loss
 from .head_loss import head_loss
 from .image_prior import image_prior
 from .pairwise_ssim import pairwise_ssim
 from .perturb import perturb
 
-__all__ = ["head_loss", "feature_loss", "image_prior", "perturb", "pairwise_ssim"]
+__all__ = ["head_loss", "feature_loss", "image_prior", "perturb", "bn_stats", "pairwise_ssim"]

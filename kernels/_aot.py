@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64", torch.int32: "i32"}
+_DTYPES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64", torch.int32: "i32"}
 
 
 def _arg_type(v, float_type: str = "fp32") -> str:
@@ -147,13 +147,24 @@ def _cases(op: str):
 
             for kind in ("rademacher", "uniform", "gaussian"):
                 yield partial(forward_backward, x, kind)
+        elif op == "bn_stats":
+
+            def value_backward(x: torch.Tensor) -> None:
+                c = x.shape[1]
+                kernels.bn_stats(x, torch.zeros(c), torch.ones(c)).backward()
+
+            # [N, C] (channels contiguous, several samples per tile; one sample: M = 1), odd and large
+            # spatial sizes, one channel
+            shapes = ((1024, 256), (33, 20), (1, 5), (64, 512, 7, 7), (8, 64, 56, 56), (4, 12, 31), (2, 1, 28, 28))
+            for shape in shapes:
+                yield partial(value_backward, torch.zeros(shape, dtype=dtype, requires_grad=True))
         else:
             raise ValueError(f"unknown op {op!r}")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("ops", nargs="*", default=["head_loss", "feature_loss", "image_prior", "perturb"])
+    p.add_argument("ops", nargs="*", default=["head_loss", "feature_loss", "image_prior", "perturb", "bn_stats"])
     p.add_argument("--arch", type=int, default=90)
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
