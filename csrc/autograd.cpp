@@ -7,6 +7,12 @@
 // In C++ rather than torch.library.register_autograd in Python: the Python rule cost 100-300 us of host
 // time per op and backward (benchmarks/host_overhead.py), more than the kernels at B = 1024. The fake
 // (meta) rules stay in Python (tldr_fast/extension.py), which torch.compile uses to trace through this.
+//
+// bn_stats is not a loss op: its forward returns (value, mean, coef) and its backward is one elementwise pass,
+// the helper op tldr_fast::bn_stats_backward (called through the dispatcher: CPU and CUDA alike):
+//
+//   d/d activations = bn_stats_backward(grad_value, activations, mean, coef)   (mean, coef carry no gradient;
+//   running_mean and running_var get none: they are buffers)
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -64,6 +70,8 @@ using HeadLossSig = HeadLossOut(const Tensor&, const Tensor&, const Tensor&, con
 using TripleOut = std::tuple<Tensor, Tensor, Tensor>;
 using FeatureLossSig = TripleOut(const Tensor&, const Tensor&, const std::optional<Tensor>&, int64_t);
 using ImagePriorSig = TripleOut(const Tensor&, const Tensor&, double, double, const std::optional<Tensor>&);
+using BnStatsSig = TripleOut(const Tensor&, const Tensor&, const Tensor&);
+using BnStatsBackwardSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&);
 
 struct HeadLoss : torch::autograd::Function<HeadLoss> {
   static variable_list forward(AutogradContext* ctx, const Tensor& logits, const Tensor& condition, const Tensor& labels,
@@ -110,6 +118,28 @@ struct ImagePrior : torch::autograd::Function<ImagePrior> {
   }
 };
 
+struct BnStats : torch::autograd::Function<BnStats> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& activations, const Tensor& running_mean,
+                               const Tensor& running_var) {
+    static const auto op = op_handle<BnStatsSig>("tldr_fast::bn_stats");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [value, mean, coef] = op.call(activations, running_mean, running_var);
+    ctx->save_for_backward({activations, mean, coef});
+    ctx->mark_non_differentiable({mean, coef});
+    ctx->set_materialize_grads(false);  // no zero tensors for the outputs without a gradient
+    return {value, mean, coef};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    static const auto op = op_handle<BnStatsBackwardSig>("tldr_fast::bn_stats_backward");
+    variable_list out(3);  // activations, running_mean, running_var
+    const Tensor& grad_value = grad_outputs[0];
+    if (!grad_value.defined() || !ctx->needs_input_grad(0)) return out;
+    const variable_list saved = ctx->get_saved_variables();  // activations, mean, coef
+    out[0] = op.call(grad_value, saved[0], saved[1], saved[2]);
+    return out;
+  }
+};
+
 HeadLossOut head_loss_autograd(const Tensor& logits, const Tensor& condition, const Tensor& labels,
                                const std::optional<Tensor>& features, const Tensor& weights, bool head_bias) {
   const variable_list r = HeadLoss::apply(logits, condition, labels, features, weights, head_bias);
@@ -128,12 +158,18 @@ TripleOut image_prior_autograd(const Tensor& images, const Tensor& weights, doub
   return {r[0], r[1], r[2]};
 }
 
+TripleOut bn_stats_autograd(const Tensor& activations, const Tensor& running_mean, const Tensor& running_var) {
+  const variable_list r = BnStats::apply(activations, running_mean, running_var);
+  return {r[0], r[1], r[2]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tldr_fast, Autograd, m) {
   m.impl("head_loss", &head_loss_autograd);
   m.impl("feature_loss", &feature_loss_autograd);
   m.impl("image_prior", &image_prior_autograd);
+  m.impl("bn_stats", &bn_stats_autograd);
 }
 
 }  // namespace tldr_fast

@@ -125,4 +125,40 @@ inline at::Tensor prepare_moments(const at::Tensor& moments, const at::Tensor& i
   return moments.to(acc).contiguous();
 }
 
+// activations of bn_stats: [N, C, ...], non-empty -> [N, C, S] contiguous (NCHW; S = the product of the trailing
+// sizes, 1 for [N, C]).
+inline at::Tensor prepare_bn_stats(const at::Tensor& activations) {
+  check_floating(activations, "activations");
+  TORCH_CHECK(activations.dim() >= 2 && activations.numel() > 0, "activations must be a non-empty [N, C, ...], got ",
+              activations.sizes());
+  const int64_t n = activations.size(0), c = activations.size(1);
+  return activations.contiguous().view({n, c, activations.numel() / (n * c)});
+}
+
+// A per-channel tensor of bn_stats (running_mean, running_var, mean): [C] on the device of `x` [N, C, S] ->
+// contiguous, in the accumulation dtype.
+inline at::Tensor prepare_channel_stat(const at::Tensor& t, const char* name, const at::Tensor& x, at::ScalarType acc) {
+  check_floating(t, name);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1), name, " must be [C] with C = ", x.size(1), ", got ", t.sizes());
+  TORCH_CHECK(t.device() == x.device(), name, " must be on ", x.device(), " like activations, got ", t.device());
+  return t.to(acc).contiguous();
+}
+
+// The saved coefficients of bn_stats_backward: [2, C] (a, b) on the device of `x` [N, C, S] -> contiguous, in the
+// accumulation dtype; grad: the upstream gradient of the value, one element -> [] in the accumulation dtype.
+inline at::Tensor prepare_bn_coef(const at::Tensor& coef, const at::Tensor& x, at::ScalarType acc) {
+  check_floating(coef, "coef");
+  TORCH_CHECK(coef.dim() == 2 && coef.size(0) == 2 && coef.size(1) == x.size(1), "coef must be [2, C] with C = ",
+              x.size(1), ", got ", coef.sizes());
+  TORCH_CHECK(coef.device() == x.device(), "coef must be on ", x.device(), " like activations, got ", coef.device());
+  return coef.to(acc).contiguous();
+}
+
+inline at::Tensor prepare_bn_grad(const at::Tensor& grad, const at::Tensor& x, at::ScalarType acc) {
+  check_floating(grad, "grad");
+  TORCH_CHECK(grad.numel() == 1, "grad must have one element (the gradient of the value), got ", grad.sizes());
+  TORCH_CHECK(grad.device() == x.device(), "grad must be on ", x.device(), " like activations, got ", grad.device());
+  return grad.to(acc).reshape({});
+}
+
 }  // namespace tldr_fast

@@ -214,6 +214,31 @@ def test_opcheck_image_prior(lib, gen, device, shape, dtype, with_moments):
     torch.library.opcheck(lib.image_prior.default, (x, torch.ones(3, device=device), -1.0, 1.0, moments))
 
 
+def bn_args(gen, device, shape, dtype=torch.float32, stats_dtype=torch.float32):
+    """(activations [N, C, ...] requiring grad, running_mean [C], running_var [C])."""
+    x = rand(gen, *shape, device=device, dtype=dtype, scale=1.5).requires_grad_(True)
+    rm = rand(gen, shape[1], device=device, dtype=stats_dtype, scale=0.3)
+    rv = rand(gen, shape[1], device=device, dtype=stats_dtype, scale=0.3).abs() + 0.7
+    return x, rm, rv
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(3, 5, 4, 6), (7, 4), (2, 3, 5), (1, 1, 1, 1)], ids=lambda s: "x".join(map(str, s)))
+def test_opcheck_bn_stats(lib, gen, device, dtype, shape):
+    torch.library.opcheck(lib.bn_stats.default, bn_args(gen, device, shape, dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_opcheck_bn_stats_backward(lib, gen, device, dtype):
+    """The helper op alone (the backward of bn_stats): schema and fake rule."""
+    x, rm, rv = bn_args(gen, device, (3, 5, 4, 6), dtype)
+    _, mean, coef = lib.bn_stats(x.detach(), rm, rv)
+    grad = torch.tensor(0.7, dtype=mean.dtype, device=device)
+    torch.library.opcheck(lib.bn_stats_backward.default, (grad, x.detach(), mean, coef))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_pairwise_ssim(lib, gen, device):
     if not hasattr(lib, "pairwise_ssim"):
@@ -262,6 +287,51 @@ def test_gradcheck_fp64_with_weights(lib, gen):
     w3 = w[:3].detach().clone().requires_grad_(True)
     moments = torch.tensor([[0.2, 0.4], [0.3, 0.2]], dtype=torch.float64, device=DEVICE)
     assert torch.autograd.gradcheck(lambda x, w: ext_ops.image_prior(x, w, -1.0, 1.0, moments)[0], (x, w3))
+
+
+def test_bn_stats_fp64_gradcheck_of_the_channel_vectorised_path(lib, gen):
+    """[N, C] (S = 1: the CPU kernels vectorise over the channels there), fp64 running statistics; the
+    [N, C, H, W] gradcheck is tests/test_bn_stats.py's."""
+    x, rm, rv = bn_args(gen, DEVICE, (6, 5), torch.float64, torch.float64)
+    assert torch.autograd.gradcheck(lambda t: ext_ops.bn_stats(t, rm, rv), (x,))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(16, 8, 9, 11), (64, 24)], ids=lambda s: "x".join(map(str, s)))
+def test_bn_stats_low_precision_and_mixed_dtypes(lib, gen, dtype, shape):
+    """bf16/fp16 activations with fp64 running statistics: the fp32 value and the gradient in the activations'
+    dtype, as close to the fp64 truth as the reference's own low-precision result."""
+    x, rm, rv = bn_args(gen, DEVICE, shape, dtype, torch.float64)
+    res = {}
+    for name, impl, xi in (
+        ("hp", ref.bn_stats, x.double()),
+        ("ref_lp", ref.bn_stats, x),
+        ("ours", ext_ops.bn_stats, x),
+    ):
+        xi = xi.detach().clone().requires_grad_(True)
+        value = impl(xi, rm, rv)
+        value.backward()
+        res[name] = (value, xi.grad)
+    assert res["ours"][0].dtype == torch.float32 and res["ours"][1].dtype == dtype
+    for i, what in enumerate(("value", "d/dactivations")):
+        assert_low_precision_close(res["ours"][i], res["ref_lp"][i], res["hp"][i], slack=2.0, atol=1e-5, what=what)
+
+
+@pytest.mark.parametrize("shape", [(4, 8, 64, 64), (4096, 16), (2, 2048, 3, 3)], ids=lambda s: "x".join(map(str, s)))
+def test_bn_stats_cpu_is_deterministic_across_thread_counts(lib, gen, shape):
+    """The CPU kernel's tasks and their order of summation come from the shape alone: bitwise the same value,
+    mean and coefficients on one thread and on several."""
+    x, rm, rv = bn_args(gen, "cpu", shape)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = lib.bn_stats(x.detach(), rm, rv)
+        torch.set_num_threads(max(2, threads))
+        many = lib.bn_stats(x.detach(), rm, rv)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, many):
+        assert torch.equal(a, b)
 
 
 def test_terms_are_detached_and_weights_get_their_gradient(lib, gen):
@@ -319,6 +389,16 @@ def test_the_raw_ops_still_guard_their_kernels(lib, gen):
         lib.feature_loss(torch.randn(4, 4), w[:2], torch.tensor([0, 1, 3, 0]), 3)
     with pytest.raises(RuntimeError, match="moments must be"):
         lib.image_prior(torch.randn(2, 3, 4, 4), w[:3], -1.0, 1.0, torch.ones(2, 2))
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(RuntimeError, match=r"running_var must be \[C\] with C = 3"):
+        lib.bn_stats(x, torch.zeros(3), torch.ones(2))
+    with pytest.raises(RuntimeError, match="activations must be a non-empty"):
+        lib.bn_stats(torch.randn(3), torch.zeros(3), torch.ones(3))
+    _, mean, coef = lib.bn_stats(x, torch.zeros(3), torch.ones(3))
+    with pytest.raises(RuntimeError, match=r"coef must be \[2, C\]"):
+        lib.bn_stats_backward(torch.tensor(1.0), x, mean, coef[:, :2])
+    with pytest.raises(RuntimeError, match="grad must have one element"):
+        lib.bn_stats_backward(torch.ones(2), x, mean, coef)
 
 
 # --- the CUDA sources compile (nvcc, compile only; runs without a GPU) ------------------------------------

@@ -14,6 +14,7 @@ import torch
 
 from . import extension
 from .errors import BackendUnavailable
+from .ops import bn_stats as _bn_stats
 from .ops import feature_loss as _feature_loss
 from .ops import head_loss as _head_loss
 from .ops import image_prior as _image_prior
@@ -60,6 +61,14 @@ def image_prior(
     _image_prior.check(images, weights, lo, hi, moments)
     loss, terms, _ = _ops().image_prior(images, weights, float(lo), float(hi), moments)
     return loss, terms
+
+
+def bn_stats(activations: Tensor, running_mean: Tensor, running_var: Tensor) -> Tensor:
+    """``tldr_fast.reference.bn_stats`` in one pass over the activations (its backward one more): the value
+    ``[]``, differentiable w.r.t. ``activations``."""
+    _bn_stats.check(activations, running_mean, running_var)
+    value, _, _ = _ops().bn_stats(activations, running_mean, running_var)
+    return value
 
 
 def pairwise_ssim(a: Tensor, b: Tensor, data_range: float = 1.0) -> Tensor:
