@@ -5,9 +5,9 @@
 
 ``warp`` (the geometric transforms of the perturbed copies, ``warp_theta`` drawn once: "shift", a
 whole-pixel shift of up to 2 px, and "affine", shift + rotation up to 15 degrees + scale 0.9-1.1),
-``mode_seek`` (paired images and latents [B, 100]) and ``bn_stats`` (one BatchNorm layer's input,
-[B, 32, 14, 14]). They have no fused kernel: each is a handful of PyTorch ops (grid_sample, var_mean, a
-reduction) that torch fuses itself; the rows say what they cost next to the fused loss ops. Bytes: the
+and ``mode_seek`` (paired images and latents [B, 100]). They have no fused kernel: each is a handful of
+PyTorch ops (grid_sample, a reduction) that torch fuses itself; the rows say what they cost next to the
+fused loss ops. ``bn_stats`` has its fused kernels and its own benchmark (``benchmark_bn_stats.py``). Bytes: the
 input read once and its gradient written once.
 """
 
@@ -44,13 +44,6 @@ def test_mode_seek(bench, device, batch, chw, impl):
     x = make_images(batch, chw, device)
     z = torch.randn(batch, 100, device=device)
     timed_grad(bench, lambda: reference.mode_seek(x, z), x, "mode_seek", impl, f"B={batch} {'x'.join(map(str, chw))}")
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-def test_bn_stats(bench, device, batch, impl):
-    a = torch.randn(batch, 32, 14, 14, device=device, requires_grad=True)
-    mean, var = torch.zeros(32, device=device), torch.ones(32, device=device)
-    timed_grad(bench, lambda: reference.bn_stats(a, mean, var), a, "bn_stats", impl, f"B={batch} 32x14x14")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_every_op_is_declared_once_with_the_files_it_names():
-    assert set(OPS) == {"head_loss", "feature_loss", "image_prior", "perturb", "pairwise_ssim"}
+    assert set(OPS) == {"head_loss", "feature_loss", "image_prior", "perturb", "bn_stats", "pairwise_ssim"}
     for name, spec in SPECS.items():
         assert spec.name == name and spec.schema.startswith("(") and "->" in spec.schema
         assert (ROOT / "tldr_fast" / "ops" / f"{name}.py").exists()
@@ -125,6 +125,12 @@ BAD = {
         ((torch.randn(2, 1, 4, 4), 0.1, -1.0, 1.0, "salt", 0), "unknown perturbation 'salt'"),
         ((torch.randn(2, 1, 4, 4), -0.1, -1.0, 1.0, "uniform", 0), "eps must be finite and >= 0"),
         ((torch.randn(2, 1, 4, 4), 0.1, -1.0, 1.0, "uniform", 0.5), "seed must be an int"),
+    ],
+    "bn_stats": [
+        ((torch.randn(4), torch.zeros(1), torch.ones(1)), r"activations must be a non-empty \[N, C, \.\.\.\]"),
+        ((torch.randn(4, 3, 2, 2), torch.zeros(2), torch.ones(3)), r"running_mean must be \[C\] with C = 3"),
+        ((torch.randn(4, 3, 2, 2), torch.zeros(3), torch.ones(3, 1)), r"running_var must be \[C\] with C = 3"),
+        ((torch.ones(4, 3, dtype=torch.long), torch.zeros(3), torch.ones(3)), "activations must be a floating-point"),
     ],
     "pairwise_ssim": [
         ((torch.rand(2, 1, 6, 8), torch.rand(2, 1, 6, 8)), "at least 7x7"),

@@ -159,6 +159,7 @@ class FrozenClassifier(nn.Module):
         self.batchnorms = batchnorm_layers(self.classifier)
         self._bn_rows = 0  # > 0 while forward_bn_stats runs: the rows whose statistics are matched
         self._bn_terms: List[Tensor] = []
+        self._bn_op: Callable = reference.bn_stats  # the bn_stats of forward_bn_stats's backend
         for m in self.batchnorms:
             m.register_forward_pre_hook(self._bn_capture)
         self._probe(image_shape)
@@ -220,17 +221,16 @@ class FrozenClassifier(nn.Module):
 
     def _bn_capture(self, module: nn.modules.batchnorm._BatchNorm, inputs: Tuple[Tensor, ...]) -> None:
         if self._bn_rows:
-            self._bn_terms.append(
-                reference.bn_stats(inputs[0][: self._bn_rows], module.running_mean, module.running_var)
-            )
+            self._bn_terms.append(self._bn_op(inputs[0][: self._bn_rows], module.running_mean, module.running_var))
 
     def forward_bn_stats(
-        self, x: Tensor, rows: int, module: Optional[Callable] = None
+        self, x: Tensor, rows: int, module: Optional[Callable] = None, op: Callable = reference.bn_stats
     ) -> Tuple[Tensor, Tensor, Tensor]:
         """``forward`` plus the BatchNorm-statistics term of the first ``rows`` images: the sum over
-        the classifier's BatchNorm layers of ``reference.bn_stats`` (0 without BatchNorm layers)."""
+        the classifier's BatchNorm layers of ``op`` (a backend's ``bn_stats``; 0 without BatchNorm layers)."""
         self._bn_terms.clear()
         self._bn_rows = rows
+        self._bn_op = op
         try:
             logits, feats = self._run(x, module=module)
         finally:

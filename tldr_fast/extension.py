@@ -122,7 +122,7 @@ def open_library(
 def _register_fakes() -> None:
     for spec in SPECS.values():
         if spec.extension:
-            torch.library.register_fake(spec.qualname(NAMESPACE))(spec.fake)
+            spec.register_fakes(NAMESPACE)
 
 
 def load() -> Library:

@@ -23,6 +23,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .ops import bn_stats as _bn_stats
 from .ops import feature_loss as _feature_loss
 from .ops import head_loss as _head_loss
 from .ops import image_prior as _image_prior
@@ -253,6 +254,7 @@ def bn_stats(activations: Tensor, running_mean: Tensor, running_var: Tensor) -> 
     ``||mu - running_mean||_2 + ||var - running_var||_2`` with ``mu``, ``var`` the per-channel mean and
     (population) variance of ``activations`` ``[N, C, ...]`` over every dimension but the channels,
     as BatchNorm computes them in training. fp32 scalar (fp64 for fp64 input), differentiable."""
+    _bn_stats.check(activations, running_mean, running_var)
     x = _acc(activations)
     dims = [0] + list(range(2, x.dim()))
     var, mu = torch.var_mean(x, dim=dims, unbiased=False)  # [C]

@@ -122,7 +122,9 @@ class TLDRObjective:
                 if self.warp:
                     x_pert = random_warp(x_pert, cfg, self._gen, shard)
                 batch = torch.cat([x, x_pert])  # one forward of 2B
-            logits, feats, bn = self.target.forward_bn_stats(batch, b if self.bn_stats else 0, self.classifier)
+            logits, feats, bn = self.target.forward_bn_stats(
+                batch, b if self.bn_stats else 0, self.classifier, self.ops.bn_stats
+            )
         feats = feats[:b]  # clean images' features: [B, D]
         loss, terms = self.loss_block(logits, feats, x, c, y, w)
         extra = {}

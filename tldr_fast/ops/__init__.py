@@ -15,10 +15,12 @@ from __future__ import annotations
 
 from typing import Dict, Tuple
 
-from . import feature_loss, head_loss, image_prior, pairwise_ssim, perturb
+from . import bn_stats, feature_loss, head_loss, image_prior, pairwise_ssim, perturb
 from ._spec import OpSpec
 
-SPECS: Dict[str, OpSpec] = {m.SPEC.name: m.SPEC for m in (head_loss, feature_loss, image_prior, perturb, pairwise_ssim)}
+SPECS: Dict[str, OpSpec] = {
+    m.SPEC.name: m.SPEC for m in (head_loss, feature_loss, image_prior, perturb, bn_stats, pairwise_ssim)
+}
 OPS: Tuple[str, ...] = tuple(SPECS)
 LOSS_OPS: Tuple[str, ...] = tuple(name for name, spec in SPECS.items() if spec.terms)
 

@@ -45,13 +45,23 @@ class OpSpec:
     grad_inputs: Tuple[int, ...] = ()  # loss ops: the arguments whose gradients outputs 2, 3, ... are
     weights_arg: Optional[int] = None  # loss ops: the position of ``weights``
     extension: bool = True  # the C++/CUDA extension defines ``tldr_fast::<name>``
+    # helper ops of the fused form (e.g. a backward pass): (name, schema, fake rule), defined beside it
+    helpers: Tuple[Tuple[str, str, Callable[..., Any]], ...] = ()
 
     def qualname(self, namespace: str) -> str:
         return f"{namespace}::{self.name}"
 
     def define(self, library: "torch.library.Library") -> None:
-        """Define the op in ``library`` (a ``torch.library.Library(ns, "DEF"/"FRAGMENT")``)."""
+        """Define the op and its helper ops in ``library`` (a ``torch.library.Library(ns, "DEF"/"FRAGMENT")``)."""
         library.define(self.name + self.schema)
+        for name, schema, _ in self.helpers:
+            library.define(name + schema)
+
+    def register_fakes(self, namespace: str) -> None:
+        """Register the fake rules of the op and its helper ops in ``namespace``."""
+        torch.library.register_fake(self.qualname(namespace))(self.fake)
+        for name, _, fake in self.helpers:
+            torch.library.register_fake(f"{namespace}::{name}")(fake)
 
     def autograd(self) -> Tuple[Callable, Callable]:
         """``(setup_context, backward)`` of the fused form of a loss op, for ``register_autograd``.
