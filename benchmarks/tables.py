@@ -907,6 +907,25 @@ def block_leakage_stretch(rows):
     return leak_table(rows, spec, first=("target", "variant"))
 
 
+def block_leakage_screen(rows):
+    spec = [
+        (
+            "mnist-plain_cnn-1000",
+            "defaults (600 steps, shift 2 / rotate 15 / scale 0.1, ngf 32)",
+            [L06 + "default"],
+            "defaults",
+        ),
+        ("mnist-plain_cnn-1000", "1,500 steps", [L06 + "screen"], "steps-1500"),
+        ("mnist-plain_cnn-1000", "shift 3 / rotate 25 / scale 0.2", [L06 + "screen"], "geo-strong"),
+        ("mnist-plain_cnn-1000", "generator width ngf 64", [L06 + "screen"], "ngf-64"),
+    ]
+    body = []
+    for target, lab, runs, variant in spec:
+        rs = runs_of(rows, runs, target, variant, seeds=[0])
+        body.append([TARGETS[target], lab, *(pm(rs, m) for m in ("attack_accuracy", "nn_ssim", "same_class_ssim"))])
+    return "\n".join(table(["target", "variant (seed 0)", "attack acc", "NN-SSIM train", "same-class"], body)) + "\n"
+
+
 def block_leakage_trials(rows):
     s4a, s4b = [L05 + "select-4/a"], [L05 + "select-4/b"]
     spec = [
