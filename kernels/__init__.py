@@ -10,7 +10,8 @@ from .bn_stats import bn_stats
 from .feature_loss import feature_loss
 from .head_loss import head_loss
 from .image_prior import image_prior
+from .mode_seek import mode_seek
 from .pairwise_ssim import pairwise_ssim
 from .perturb import perturb
 
-__all__ = ["head_loss", "feature_loss", "image_prior", "perturb", "bn_stats", "pairwise_ssim"]
+__all__ = ["head_loss", "feature_loss", "image_prior", "perturb", "bn_stats", "mode_seek", "pairwise_ssim"]

@@ -158,13 +158,23 @@ def _cases(op: str):
             shapes = ((1024, 256), (33, 20), (1, 5), (64, 512, 7, 7), (8, 64, 56, 56), (4, 12, 31), (2, 1, 28, 28))
             for shape in shapes:
                 yield partial(value_backward, torch.zeros(shape, dtype=dtype, requires_grad=True))
+        elif op == "mode_seek":
+
+            def seek_backward(x: torch.Tensor) -> None:
+                kernels.mode_seek(x, torch.ones(x.shape[0], 100)).backward()
+
+            # even and odd B; one pair per program (P >= 1024) and several split programs per pair
+            # (few pairs, large images); several pairs per tile (small P)
+            shapes = ((1024, 1, 28, 28), (4097, 3, 32, 32), (2, 3, 224, 224), (33, 50))
+            for shape in shapes:
+                yield partial(seek_backward, torch.zeros(shape, dtype=dtype, requires_grad=True))
         else:
             raise ValueError(f"unknown op {op!r}")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("ops", nargs="*", default=["head_loss", "feature_loss", "image_prior", "perturb", "bn_stats"])
+    p.add_argument("ops", nargs="*", default=["head_loss", "feature_loss", "image_prior", "perturb", "bn_stats", "mode_seek"])
     p.add_argument("--arch", type=int, default=90)
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":

@@ -6,7 +6,7 @@ import pytest
 from tldr_fast.kernels._aot import compile_check
 
 
-@pytest.mark.parametrize("op", ["head_loss", "feature_loss", "image_prior", "perturb", "bn_stats"])
+@pytest.mark.parametrize("op", ["head_loss", "feature_loss", "image_prior", "perturb", "bn_stats", "mode_seek"])
 def test_kernels_compile_for_hopper(op):
     result = compile_check(op)
     if result is None:
