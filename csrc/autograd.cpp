@@ -13,6 +13,12 @@
 //
 //   d/d activations = bn_stats_backward(grad_value, activations, mean, coef)   (mean, coef carry no gradient;
 //   running_mean and running_var get none: they are buffers)
+//
+// mode_seek likewise: its forward returns (value, coef) and its backward is the helper op
+// tldr_fast::mode_seek_backward:
+//
+//   d/d images = mode_seek_backward(grad_value, images, coef)   (coef carries no gradient; latents get none:
+//   they are sampled noise)
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -72,6 +78,9 @@ using FeatureLossSig = TripleOut(const Tensor&, const Tensor&, const std::option
 using ImagePriorSig = TripleOut(const Tensor&, const Tensor&, double, double, const std::optional<Tensor>&);
 using BnStatsSig = TripleOut(const Tensor&, const Tensor&, const Tensor&);
 using BnStatsBackwardSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&);
+using PairOut = std::tuple<Tensor, Tensor>;
+using ModeSeekSig = PairOut(const Tensor&, const Tensor&);
+using ModeSeekBackwardSig = Tensor(const Tensor&, const Tensor&, const Tensor&);
 
 struct HeadLoss : torch::autograd::Function<HeadLoss> {
   static variable_list forward(AutogradContext* ctx, const Tensor& logits, const Tensor& condition, const Tensor& labels,
@@ -140,6 +149,27 @@ struct BnStats : torch::autograd::Function<BnStats> {
   }
 };
 
+struct ModeSeek : torch::autograd::Function<ModeSeek> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& images, const Tensor& latents) {
+    static const auto op = op_handle<ModeSeekSig>("tldr_fast::mode_seek");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [value, coef] = op.call(images, latents);
+    ctx->save_for_backward({images, coef});
+    ctx->mark_non_differentiable({coef});
+    ctx->set_materialize_grads(false);  // no zero tensor for coef
+    return {value, coef};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    static const auto op = op_handle<ModeSeekBackwardSig>("tldr_fast::mode_seek_backward");
+    variable_list out(2);  // images, latents
+    const Tensor& grad_value = grad_outputs[0];
+    if (!grad_value.defined() || !ctx->needs_input_grad(0)) return out;
+    const variable_list saved = ctx->get_saved_variables();  // images, coef
+    out[0] = op.call(grad_value, saved[0], saved[1]);
+    return out;
+  }
+};
+
 HeadLossOut head_loss_autograd(const Tensor& logits, const Tensor& condition, const Tensor& labels,
                                const std::optional<Tensor>& features, const Tensor& weights, bool head_bias) {
   const variable_list r = HeadLoss::apply(logits, condition, labels, features, weights, head_bias);
@@ -163,6 +193,11 @@ TripleOut bn_stats_autograd(const Tensor& activations, const Tensor& running_mea
   return {r[0], r[1], r[2]};
 }
 
+PairOut mode_seek_autograd(const Tensor& images, const Tensor& latents) {
+  const variable_list r = ModeSeek::apply(images, latents);
+  return {r[0], r[1]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tldr_fast, Autograd, m) {
@@ -170,6 +205,7 @@ TORCH_LIBRARY_IMPL(tldr_fast, Autograd, m) {
   m.impl("feature_loss", &feature_loss_autograd);
   m.impl("image_prior", &image_prior_autograd);
   m.impl("bn_stats", &bn_stats_autograd);
+  m.impl("mode_seek", &mode_seek_autograd);
 }
 
 }  // namespace tldr_fast

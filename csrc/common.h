@@ -161,4 +161,45 @@ inline at::Tensor prepare_bn_grad(const at::Tensor& grad, const at::Tensor& x, a
   return grad.to(acc).reshape({});
 }
 
+// mode_seek's inputs. images: [B, ...] with B >= 2, non-empty rows -> [B, P] contiguous; latents: [B, ...] with
+// the same B, non-empty rows, on the images' device -> [B, Q] contiguous in the accumulation dtype (they are small).
+inline at::Tensor prepare_mode_seek_images(const at::Tensor& images) {
+  check_floating(images, "images");
+  TORCH_CHECK(images.dim() >= 2 && images.size(0) >= 2 && images.numel() > 0,
+              "images must be [B, ...] with B >= 2 and non-empty rows, got ", images.sizes());
+  const int64_t b = images.size(0);
+  return images.contiguous().view({b, images.numel() / b});
+}
+
+inline at::Tensor prepare_mode_seek_latents(const at::Tensor& latents, const at::Tensor& x, at::ScalarType acc) {
+  check_floating(latents, "latents");
+  TORCH_CHECK(latents.dim() >= 2 && latents.size(0) == x.size(0) && latents.numel() > 0,
+              "latents must be [B, ...] with B = ", x.size(0), " and non-empty rows, got ", latents.sizes());
+  TORCH_CHECK(latents.device() == x.device(), "latents must be on ", x.device(), " like images, got ", latents.device());
+  const int64_t b = latents.size(0);
+  return latents.to(acc).contiguous().view({b, latents.numel() / b});
+}
+
+// The saved coefficients of mode_seek_backward: [h] (h = B // 2) on the device of `x` [B, P] -> contiguous, in the
+// accumulation dtype.
+inline at::Tensor prepare_mode_seek_coef(const at::Tensor& coef, const at::Tensor& x, at::ScalarType acc) {
+  check_floating(coef, "coef");
+  const int64_t h = x.size(0) / 2;
+  TORCH_CHECK(coef.dim() == 1 && coef.size(0) == h, "coef must be [h] with h = B // 2 = ", h, ", got ", coef.sizes());
+  TORCH_CHECK(coef.device() == x.device(), "coef must be on ", x.device(), " like images, got ", coef.device());
+  return coef.to(acc).contiguous();
+}
+
+// The upstream gradient of a scalar value: one element on the device of `x` -> [] in the accumulation dtype.
+inline at::Tensor prepare_scalar_grad(const at::Tensor& grad, const at::Tensor& x, at::ScalarType acc) {
+  check_floating(grad, "grad");
+  TORCH_CHECK(grad.numel() == 1, "grad must have one element (the gradient of the value), got ", grad.sizes());
+  TORCH_CHECK(grad.device() == x.device(), "grad must be on ", x.device(), ", got ", grad.device());
+  return grad.to(acc).reshape({});
+}
+
+// mode_seek's epsilons (reference.mode_seek): dz_i = max(d_z(i), kModeSeekDzEps), value = 1 / (S + kModeSeekEps).
+constexpr double kModeSeekDzEps = 1e-12;
+constexpr double kModeSeekEps = 1e-5;
+
 }  // namespace tldr_fast

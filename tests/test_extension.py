@@ -239,6 +239,29 @@ def test_opcheck_bn_stats_backward(lib, gen, device, dtype):
     torch.library.opcheck(lib.bn_stats_backward.default, (grad, x.detach(), mean, coef))
 
 
+def mode_seek_args(gen, device, shape, dtype=torch.float32, q=10):
+    """(images [B, ...] requiring grad, latents [B, q] fp32)."""
+    x = rand(gen, *shape, device=device, dtype=dtype).requires_grad_(True)
+    return x, rand(gen, shape[0], q, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(6, 3, 4, 5), (7, 9), (2, 1, 1, 1)], ids=lambda s: "x".join(map(str, s)))
+def test_opcheck_mode_seek(lib, gen, device, dtype, shape):
+    torch.library.opcheck(lib.mode_seek.default, mode_seek_args(gen, device, shape, dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_opcheck_mode_seek_backward(lib, gen, device, dtype):
+    """The helper op alone (the backward of mode_seek): schema and fake rule."""
+    x, z = mode_seek_args(gen, device, (7, 3, 4, 5), dtype)
+    _, coef = lib.mode_seek(x.detach(), z)
+    grad = torch.tensor(0.7, dtype=coef.dtype, device=device)
+    torch.library.opcheck(lib.mode_seek_backward.default, (grad, x.detach(), coef))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_pairwise_ssim(lib, gen, device):
     if not hasattr(lib, "pairwise_ssim"):
@@ -334,6 +357,41 @@ def test_bn_stats_cpu_is_deterministic_across_thread_counts(lib, gen, shape):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(16, 3, 9, 11), (33, 24)], ids=lambda s: "x".join(map(str, s)))
+def test_mode_seek_low_precision_and_mixed_dtypes(lib, gen, dtype, shape):
+    """bf16/fp16 images with fp64 latents: the fp32 value and the gradient in the images' dtype, as close to
+    the fp64 truth as the reference's own low-precision result."""
+    x = rand(gen, *shape, device=DEVICE).tanh().to(dtype)
+    z = rand(gen, shape[0], 20, device=DEVICE, dtype=torch.float64)
+    res = {}
+    for name, impl, xi in (("hp", ref.mode_seek, x.double()), ("ref_lp", ref.mode_seek, x), ("ours", ext_ops.mode_seek, x)):
+        xi = xi.detach().clone().requires_grad_(True)
+        value = impl(xi, z if name == "hp" else z.float())
+        value.backward()
+        res[name] = (value, xi.grad)
+    assert res["ours"][0].dtype == torch.float32 and res["ours"][1].dtype == dtype
+    for i, what in enumerate(("value", "d/dimages")):
+        assert_low_precision_close(res["ours"][i], res["ref_lp"][i], res["hp"][i], slack=2.0, atol=1e-5, what=what)
+
+
+@pytest.mark.parametrize("shape", [(256, 1, 28, 28), (4, 3, 128, 128), (4097, 16)], ids=lambda s: "x".join(map(str, s)))
+def test_mode_seek_cpu_is_deterministic_across_thread_counts(lib, gen, shape):
+    """The CPU kernel's tasks (pair, chunk of the row) and their order of summation come from the shape alone:
+    bitwise the same value and coefficients on one thread and on several."""
+    x, z = mode_seek_args(gen, "cpu", shape)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = lib.mode_seek(x.detach(), z)
+        torch.set_num_threads(max(2, threads))
+        many = lib.mode_seek(x.detach(), z)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, many):
+        assert torch.equal(a, b)
+
+
 def test_terms_are_detached_and_weights_get_their_gradient(lib, gen):
     logits, target, labels, feats, w, _ = head_args(gen, DEVICE)
     w.requires_grad_(True)
@@ -399,6 +457,15 @@ def test_the_raw_ops_still_guard_their_kernels(lib, gen):
         lib.bn_stats_backward(torch.tensor(1.0), x, mean, coef[:, :2])
     with pytest.raises(RuntimeError, match="grad must have one element"):
         lib.bn_stats_backward(torch.ones(2), x, mean, coef)
+    with pytest.raises(RuntimeError, match="latents must be"):
+        lib.mode_seek(torch.randn(4, 3), torch.randn(3, 2))
+    with pytest.raises(RuntimeError, match="images must be"):
+        lib.mode_seek(torch.randn(1, 3), torch.randn(1, 2))
+    _, coef = lib.mode_seek(torch.randn(5, 3), torch.randn(5, 2))
+    with pytest.raises(RuntimeError, match=r"coef must be \[h\]"):
+        lib.mode_seek_backward(torch.tensor(1.0), torch.randn(5, 3), coef[:1])
+    with pytest.raises(RuntimeError, match="grad must have one element"):
+        lib.mode_seek_backward(torch.ones(2), torch.randn(5, 3), coef)
 
 
 # --- the CUDA sources compile (nvcc, compile only; runs without a GPU) ------------------------------------

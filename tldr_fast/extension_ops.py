@@ -18,6 +18,7 @@ from .ops import bn_stats as _bn_stats
 from .ops import feature_loss as _feature_loss
 from .ops import head_loss as _head_loss
 from .ops import image_prior as _image_prior
+from .ops import mode_seek as _mode_seek
 from .ops import pairwise_ssim as _pairwise_ssim
 
 Tensor = torch.Tensor
@@ -68,6 +69,14 @@ def bn_stats(activations: Tensor, running_mean: Tensor, running_var: Tensor) -> 
     ``[]``, differentiable w.r.t. ``activations``."""
     _bn_stats.check(activations, running_mean, running_var)
     value, _, _ = _ops().bn_stats(activations, running_mean, running_var)
+    return value
+
+
+def mode_seek(images: Tensor, latents: Tensor) -> Tensor:
+    """``tldr_fast.reference.mode_seek`` in one pass over the image pairs (its backward one more): the value
+    ``[]``, differentiable w.r.t. ``images`` only."""
+    _mode_seek.check(images, latents)
+    value, _ = _ops().mode_seek(images, latents)
     return value
 
 
