@@ -16,7 +16,7 @@ STAMP_MAX := $(VENV_MAX)/.installed
 # the tests of every Triton kernel: under the interpreter, and compiled for sm_90 by Triton's own compiler (no GPU needed)
 TRITON_TESTS := tests/test_feature_loss_triton.py tests/test_head_loss_triton.py tests/test_image_prior_triton.py \
 	tests/test_perturb_triton.py tests/test_pairwise_ssim.py tests/test_feature_loss.py tests/test_image_prior.py \
-	tests/test_kernels_aot.py tests/test_bn_stats.py tests/test_bn_stats_triton.py
+	tests/test_kernels_aot.py tests/test_bn_stats.py tests/test_bn_stats_triton.py tests/test_mode_seek.py tests/test_mode_seek_triton.py
 
 # The benchmark suite (pytest-benchmark, benchmarks/; BENCHMARKS.md "Running the benchmark suite"):
 # `make bench` times it on this machine's devices and saves the run under .benchmarks/; `make

@@ -1,13 +1,13 @@
-"""The method's reference-only terms, forward + backward: the eager reference against torch.compile of it.
+"""The method's reference-only term ``warp``, forward + backward: the eager reference against torch.compile of it.
 
     pytest benchmarks/benchmark_method_terms.py --benchmark-only
     python benchmarks/benchmark_method_terms.py [the same options]
 
 ``warp`` (the geometric transforms of the perturbed copies, ``warp_theta`` drawn once: "shift", a
-whole-pixel shift of up to 2 px, and "affine", shift + rotation up to 15 degrees + scale 0.9-1.1),
-and ``mode_seek`` (paired images and latents [B, 100]). They have no fused kernel: each is a handful of
-PyTorch ops (grid_sample, a reduction) that torch fuses itself; the rows say what they cost next to the
-fused loss ops. ``bn_stats`` has its fused kernels and its own benchmark (``benchmark_bn_stats.py``). Bytes: the
+whole-pixel shift of up to 2 px, and "affine", shift + rotation up to 15 degrees + scale 0.9-1.1).
+It has no fused kernel: it is a few PyTorch ops (affine_grid, grid_sample) that torch fuses itself; the
+rows say what it costs next to the fused loss ops. ``bn_stats`` and ``mode_seek`` have their fused kernels
+and their own benchmarks (``benchmark_bn_stats.py``, ``benchmark_mode_seek.py``). Bytes: the
 input read once and its gradient written once.
 """
 
@@ -37,13 +37,6 @@ def test_warp(bench, device, batch, chw, impl, kind):
     theta = reference.warp_theta(batch, chw[1:], *WARPS[kind], torch.Generator(device).manual_seed(0), device)
     shape = "x".join(map(str, chw))
     timed_grad(bench, lambda: reference.warp(x, theta, -1.0).sum(), x, "warp", impl, f"{kind} B={batch} {shape}")
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-def test_mode_seek(bench, device, batch, chw, impl):
-    x = make_images(batch, chw, device)
-    z = torch.randn(batch, 100, device=device)
-    timed_grad(bench, lambda: reference.mode_seek(x, z), x, "mode_seek", impl, f"B={batch} {'x'.join(map(str, chw))}")
 
 
 if __name__ == "__main__":

@@ -365,7 +365,11 @@ def test_mode_seek_low_precision_and_mixed_dtypes(lib, gen, dtype, shape):
     x = rand(gen, *shape, device=DEVICE).tanh().to(dtype)
     z = rand(gen, shape[0], 20, device=DEVICE, dtype=torch.float64)
     res = {}
-    for name, impl, xi in (("hp", ref.mode_seek, x.double()), ("ref_lp", ref.mode_seek, x), ("ours", ext_ops.mode_seek, x)):
+    for name, impl, xi in (
+        ("hp", ref.mode_seek, x.double()),
+        ("ref_lp", ref.mode_seek, x),
+        ("ours", ext_ops.mode_seek, x),
+    ):
         xi = xi.detach().clone().requires_grad_(True)
         value = impl(xi, z if name == "hp" else z.float())
         value.backward()

@@ -254,6 +254,43 @@ def test_bn_stats_in_the_step_is_the_backends(fast):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_mode_seek_in_the_step_is_the_backends(fast):
+    """The step's mode-seeking term comes from its backend: with only mode_seek taken from a fast backend,
+    the first step's terms and the generator's gradients are the reference path's."""
+    from tldr_fast.backends import resolve
+    from tldr_fast.generator import ConditionedGenerator
+    from tldr_fast.step import TLDRObjective
+
+    op = getattr(fast, "mode_seek", None)
+    if op is None:
+        pytest.skip(f"backend {fast.name!r} has no mode_seek kernel")
+    calls = []
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return op(*args)
+
+    clf = with_meta(PlainCNN([1, 16, 16], 3, width=4, feature_dim=8))
+    cfg = InversionConfig().with_overrides(**{**TINY, "backend": "reference", "mode_seek": 0.5})
+    target = FrozenClassifier(clf, 3, (1, 16, 16), preprocess=cfg.preprocess, device="cpu")
+    out = []
+    for fused in (False, True):
+        ops = resolve("reference", "cpu", quiet=True)
+        if fused:
+            ops.ops["mode_seek"] = counted
+        torch.manual_seed(0)
+        g = ConditionedGenerator(3, (1, 16, 16), cfg.nz, cfg.ngf)
+        loss, terms = TLDRObjective(g, target, cfg, ops, torch.device("cpu"))(0)
+        loss.backward()
+        out.append((terms, [p.grad.clone() for p in g.parameters() if p.grad is not None]))
+    assert len(calls) == 1, "the fast mode_seek ran once"
+    (t0, g0), (t1, g1) = out
+    assert t0[TERMS.index("mode_seek")] > 0
+    torch.testing.assert_close(t1, t0, rtol=2e-5, atol=1e-6)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_class_diversity_changes_the_step():
     clf = with_meta(PlainCNN([1, 16, 16], 3, width=4, feature_dim=8))
     a = invert(clf, 3, (1, 16, 16), **TINY)

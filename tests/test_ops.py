@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_every_op_is_declared_once_with_the_files_it_names():
-    assert set(OPS) == {"head_loss", "feature_loss", "image_prior", "perturb", "bn_stats", "pairwise_ssim"}
+    assert set(OPS) == {"head_loss", "feature_loss", "image_prior", "perturb", "bn_stats", "mode_seek", "pairwise_ssim"}
     for name, spec in SPECS.items():
         assert spec.name == name and spec.schema.startswith("(") and "->" in spec.schema
         assert (ROOT / "tldr_fast" / "ops" / f"{name}.py").exists()
@@ -131,6 +131,11 @@ BAD = {
         ((torch.randn(4, 3, 2, 2), torch.zeros(2), torch.ones(3)), r"running_mean must be \[C\] with C = 3"),
         ((torch.randn(4, 3, 2, 2), torch.zeros(3), torch.ones(3, 1)), r"running_var must be \[C\] with C = 3"),
         ((torch.ones(4, 3, dtype=torch.long), torch.zeros(3), torch.ones(3)), "activations must be a floating-point"),
+    ],
+    "mode_seek": [
+        ((torch.randn(1, 1, 4, 4), torch.randn(1, 8)), "B >= 2"),
+        ((torch.randn(4, 1, 4, 4), torch.randn(3, 8)), r"latents must be \[B, \.\.\.\] with B = 4"),
+        ((torch.randn(4, 1, 4, 4), torch.ones(4, 8, dtype=torch.long)), "latents must be a floating-point"),
     ],
     "pairwise_ssim": [
         ((torch.rand(2, 1, 6, 8), torch.rand(2, 1, 6, 8)), "at least 7x7"),

@@ -27,6 +27,7 @@ from .ops import bn_stats as _bn_stats
 from .ops import feature_loss as _feature_loss
 from .ops import head_loss as _head_loss
 from .ops import image_prior as _image_prior
+from .ops import mode_seek as _mode_seek
 from .ops import pairwise_ssim as _pairwise_ssim
 from .ops import perturb as _perturb
 from .ops.feature_loss import NORM_EPS
@@ -310,6 +311,7 @@ def mode_seek(images: Tensor, latents: Tensor) -> Tensor:
     ``d_x`` the mean absolute difference of the two images and ``d_z`` that of their latents
     (an unpaired last row of an odd batch is left out). Minimising it pushes the generator to let
     different latents give different images. fp32 scalar, differentiable w.r.t. ``images``."""
+    _mode_seek.check(images, latents)
     h = images.shape[0] // 2
     x, z = _acc(images), _acc(latents)
     dx = (x[:h] - x[h : 2 * h]).abs().flatten(1).mean(1)  # [h]

@@ -131,7 +131,7 @@ class TLDRObjective:
         if self.bn_stats:
             extra["bn_stats"] = bn
         if self.mode_seek:
-            extra["mode_seek"] = reference.mode_seek(x, z)
+            extra["mode_seek"] = self.ops.mode_seek(x, z)
         if cfg.grad_norm == "full":
             extra["grad_norm"] = reference.grad_norm_full(logits[:b], c, self.params)
         if cfg.active("kkt"):

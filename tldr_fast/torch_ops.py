@@ -1,6 +1,6 @@
 """Backend ``"torch"``: every op in plain PyTorch, in its fastest form.
 
-For the loss ops, ``perturb`` and ``bn_stats`` that form is the reference's own code (``tldr_fast.reference``: autograd
+For the loss ops, ``perturb``, ``bn_stats`` and ``mode_seek`` that form is the reference's own code (``tldr_fast.reference``: autograd
 through plain tensor ops); ``pairwise_ssim`` is organised as batched matrix products over the window
 positions, which needs a fraction of the reference's memory and time (the reference materialises
 ``[n, m, C, H, W]`` in fp64). Each op checks its arguments against its declaration (``tldr_fast/ops/``).
@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from .ops import pairwise_ssim as _pairwise_ssim
 from .ops.pairwise_ssim import SSIM_K1, SSIM_K2
 from .ops.pairwise_ssim import SSIM_WIN as WIN
-from .reference import bn_stats, feature_loss, head_loss, image_prior, perturb
+from .reference import bn_stats, feature_loss, head_loss, image_prior, mode_seek, perturb
 
 Tensor = torch.Tensor
 
-__all__ = ["bn_stats", "feature_loss", "head_loss", "image_prior", "pairwise_ssim", "perturb"]
+__all__ = ["bn_stats", "feature_loss", "head_loss", "image_prior", "mode_seek", "pairwise_ssim", "perturb"]
 
 NPIX = WIN * WIN  # pixels per window
 # Elements of each [positions, n, m] temporary of pairwise_ssim: large enough that the per-op overhead

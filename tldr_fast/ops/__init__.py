@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from typing import Dict, Tuple
 
-from . import bn_stats, feature_loss, head_loss, image_prior, pairwise_ssim, perturb
+from . import bn_stats, feature_loss, head_loss, image_prior, mode_seek, pairwise_ssim, perturb
 from ._spec import OpSpec
 
 SPECS: Dict[str, OpSpec] = {
-    m.SPEC.name: m.SPEC for m in (head_loss, feature_loss, image_prior, perturb, bn_stats, pairwise_ssim)
+    m.SPEC.name: m.SPEC for m in (head_loss, feature_loss, image_prior, perturb, bn_stats, mode_seek, pairwise_ssim)
 }
 OPS: Tuple[str, ...] = tuple(SPECS)
 LOSS_OPS: Tuple[str, ...] = tuple(name for name, spec in SPECS.items() if spec.terms)
