@@ -58,3 +58,15 @@ def assert_low_precision_close(actual, reference_lp, reference_hp, slack=2.0, at
     ours = (actual.double().cpu() - hp).norm()
     theirs = (reference_lp.double().cpu() - hp).norm()
     assert ours <= slack * theirs + atol * (1 + hp.norm()), f"{what}: error {ours:.3g} vs reference's own {theirs:.3g}"
+
+
+def assert_compiled_matches_eager(f, x, **compile_kwargs):
+    """``torch.compile(f, fullgraph=True)`` gives the value of ``f(x)`` and its gradient w.r.t. ``x``."""
+    out = []
+    for fn in (torch.compile(f, fullgraph=True, **compile_kwargs), f):
+        xi = x.clone().requires_grad_(True)
+        value = fn(xi)
+        value.backward()
+        out.append((value, xi.grad))
+    assert_close(out[0][0], out[1][0], what="value")
+    assert_close(out[0][1], out[1][1], what="d/dx")

@@ -215,8 +215,9 @@ def test_new_terms_are_logged_where_they_apply():
     assert inv.history["moments"][-1] == 0.0  # no known normalisation: nothing to match
 
 
-def test_bn_stats_in_the_step_is_the_backends(fast):
-    """The step sums its backend's bn_stats over the classifier's BatchNorm layers: with only bn_stats taken
+@pytest.mark.parametrize("op", ["bn_stats", "mode_seek"])
+def test_fused_method_terms_in_the_step_are_the_backends(fast, op):
+    """The step takes bn_stats (once per BatchNorm layer) and mode_seek from its backend: with only that op
     from a fast backend (every other op from the reference), the first step's terms and the generator's
     gradients are the reference path's. (Later steps are not compared: the generator's embedding bias has
     an exactly-zero gradient, so Adam turns rounding differences into steps of lr.)"""
@@ -224,68 +225,32 @@ def test_bn_stats_in_the_step_is_the_backends(fast):
     from tldr_fast.generator import ConditionedGenerator
     from tldr_fast.step import TLDRObjective
 
-    op = getattr(fast, "bn_stats", None)
-    if op is None:
-        pytest.skip(f"backend {fast.name!r} has no bn_stats kernel")
+    fused = getattr(fast, op, None)
+    if fused is None:
+        pytest.skip(f"backend {fast.name!r} has no {op} kernel")
     calls = []
 
     def counted(*args):
         calls.append(args[0].shape)
-        return op(*args)
+        return fused(*args)
 
-    clf = with_meta(SmallCNN([1, 12, 12], 3, width=4, feature_dim=8))
-    cfg = InversionConfig(**{**TINY, "backend": "reference"})
-    target = FrozenClassifier(clf, 3, (1, 12, 12), preprocess=cfg.preprocess, device="cpu")
-    out = []
-    for fused in (False, True):
-        ops = resolve("reference", "cpu", quiet=True)
-        if fused:
-            ops.ops["bn_stats"] = counted
-        torch.manual_seed(0)
-        g = ConditionedGenerator(3, (1, 12, 12), cfg.nz, cfg.ngf)
-        loss, terms = TLDRObjective(g, target, cfg, ops, torch.device("cpu"))(0)
-        loss.backward()
-        out.append((terms, [p.grad.clone() for p in g.parameters() if p.grad is not None]))
-    assert len(calls) == len(target.batchnorms) > 0, "the fast bn_stats ran once per BatchNorm layer"
-    (t0, g0), (t1, g1) = out
-    assert t0[TERMS.index("bn_stats")] > 0
-    torch.testing.assert_close(t1, t0, rtol=2e-5, atol=1e-6)
-    for a, b in zip(g1, g0):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-
-
-def test_mode_seek_in_the_step_is_the_backends(fast):
-    """The step's mode-seeking term comes from its backend: with only mode_seek taken from a fast backend,
-    the first step's terms and the generator's gradients are the reference path's."""
-    from tldr_fast.backends import resolve
-    from tldr_fast.generator import ConditionedGenerator
-    from tldr_fast.step import TLDRObjective
-
-    op = getattr(fast, "mode_seek", None)
-    if op is None:
-        pytest.skip(f"backend {fast.name!r} has no mode_seek kernel")
-    calls = []
-
-    def counted(*args):
-        calls.append(args[0].shape)
-        return op(*args)
-
-    clf = with_meta(PlainCNN([1, 16, 16], 3, width=4, feature_dim=8))
+    shape = (1, 12, 12)
+    clf = with_meta(SmallCNN(list(shape), 3, width=4, feature_dim=8))  # BatchNorm layers
     cfg = InversionConfig().with_overrides(**{**TINY, "backend": "reference", "mode_seek": 0.5})
-    target = FrozenClassifier(clf, 3, (1, 16, 16), preprocess=cfg.preprocess, device="cpu")
+    target = FrozenClassifier(clf, 3, shape, preprocess=cfg.preprocess, device="cpu")
     out = []
-    for fused in (False, True):
+    for use_fused in (False, True):
         ops = resolve("reference", "cpu", quiet=True)
-        if fused:
-            ops.ops["mode_seek"] = counted
+        if use_fused:
+            ops.ops[op] = counted
         torch.manual_seed(0)
-        g = ConditionedGenerator(3, (1, 16, 16), cfg.nz, cfg.ngf)
+        g = ConditionedGenerator(3, shape, cfg.nz, cfg.ngf)
         loss, terms = TLDRObjective(g, target, cfg, ops, torch.device("cpu"))(0)
         loss.backward()
         out.append((terms, [p.grad.clone() for p in g.parameters() if p.grad is not None]))
-    assert len(calls) == 1, "the fast mode_seek ran once"
+    assert len(calls) == (len(target.batchnorms) if op == "bn_stats" else 1) > 0, f"the fast {op} ran"
     (t0, g0), (t1, g1) = out
-    assert t0[TERMS.index("mode_seek")] > 0
+    assert t0[TERMS.index(op)] > 0
     torch.testing.assert_close(t1, t0, rtol=2e-5, atol=1e-6)
     for a, b in zip(g1, g0):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -8,7 +8,7 @@ import importlib
 import pytest
 import torch
 
-from tests.helpers import DEVICE, assert_close, rand
+from tests.helpers import DEVICE, assert_close, assert_compiled_matches_eager, rand
 from tests.test_mode_seek import check_backend
 from tldr_fast import reference as ref
 
@@ -168,23 +168,4 @@ def test_torch_compile_fullgraph(triton_backend, gen):
     def f(t):
         return triton_backend.mode_seek(torch.tanh(t) * 1.2, z) * 2.0
 
-    out = []
-    for fn in (torch.compile(f, fullgraph=True, backend="aot_eager"), f):
-        xi = x.clone().requires_grad_(True)
-        value = fn(xi)
-        value.backward()
-        out.append((value, xi.grad))
-    assert_close(out[0][0], out[1][0], what="value")
-    assert_close(out[0][1], out[1][1], what="d/dx")
-
-
-def test_kernels_compile_for_hopper():
-    """Every mode_seek kernel variant compiles for sm_90 (tldr_fast.kernels._aot; tests/test_kernels_aot.py
-    checks the other ops)."""
-    from tldr_fast.kernels._aot import compile_check
-
-    result = compile_check("mode_seek")
-    if result is None:
-        pytest.skip("Triton's NVIDIA backend (ptxas) is not available")
-    ok, output = result
-    assert ok, output
+    assert_compiled_matches_eager(f, x, backend="aot_eager")
