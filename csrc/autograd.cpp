@@ -127,25 +127,39 @@ struct ImagePrior : torch::autograd::Function<ImagePrior> {
   }
 };
 
+// Forward half of the value ops (bn_stats, mode_seek): `outputs` = (value, saved...) of the op called below
+// autograd on `x, ...`; x and the saved outputs are kept for the backward, the saved outputs carry no gradient.
+variable_list save_value_outputs(AutogradContext* ctx, const Tensor& x, variable_list outputs) {
+  variable_list saved(outputs.begin() + 1, outputs.end());
+  ctx->mark_non_differentiable(saved);
+  saved.insert(saved.begin(), x);
+  ctx->save_for_backward(saved);  // x, saved outputs
+  ctx->set_materialize_grads(false);  // no zero tensors for the outputs without a gradient
+  return outputs;
+}
+
+// Backward half: one gradient per forward argument, only x's: `backward_op(grad_value, x, saved outputs...)`.
+template <typename F>
+variable_list value_backward(AutogradContext* ctx, const variable_list& grad_outputs, size_t n_args, F backward_op) {
+  variable_list out(n_args);
+  const Tensor& grad_value = grad_outputs[0];
+  if (grad_value.defined() && ctx->needs_input_grad(0)) out[0] = backward_op(grad_value, ctx->get_saved_variables());
+  return out;
+}
+
 struct BnStats : torch::autograd::Function<BnStats> {
   static variable_list forward(AutogradContext* ctx, const Tensor& activations, const Tensor& running_mean,
                                const Tensor& running_var) {
     static const auto op = op_handle<BnStatsSig>("tldr_fast::bn_stats");
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [value, mean, coef] = op.call(activations, running_mean, running_var);
-    ctx->save_for_backward({activations, mean, coef});
-    ctx->mark_non_differentiable({mean, coef});
-    ctx->set_materialize_grads(false);  // no zero tensors for the outputs without a gradient
-    return {value, mean, coef};
+    return save_value_outputs(ctx, activations, {value, mean, coef});
   }
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     static const auto op = op_handle<BnStatsBackwardSig>("tldr_fast::bn_stats_backward");
-    variable_list out(3);  // activations, running_mean, running_var
-    const Tensor& grad_value = grad_outputs[0];
-    if (!grad_value.defined() || !ctx->needs_input_grad(0)) return out;
-    const variable_list saved = ctx->get_saved_variables();  // activations, mean, coef
-    out[0] = op.call(grad_value, saved[0], saved[1], saved[2]);
-    return out;
+    return value_backward(ctx, grad_outputs, 3, [](const Tensor& g, const variable_list& saved) {
+      return op.call(g, saved[0], saved[1], saved[2]);  // activations, mean, coef
+    });
   }
 };
 
@@ -154,19 +168,13 @@ struct ModeSeek : torch::autograd::Function<ModeSeek> {
     static const auto op = op_handle<ModeSeekSig>("tldr_fast::mode_seek");
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [value, coef] = op.call(images, latents);
-    ctx->save_for_backward({images, coef});
-    ctx->mark_non_differentiable({coef});
-    ctx->set_materialize_grads(false);  // no zero tensor for coef
-    return {value, coef};
+    return save_value_outputs(ctx, images, {value, coef});
   }
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     static const auto op = op_handle<ModeSeekBackwardSig>("tldr_fast::mode_seek_backward");
-    variable_list out(2);  // images, latents
-    const Tensor& grad_value = grad_outputs[0];
-    if (!grad_value.defined() || !ctx->needs_input_grad(0)) return out;
-    const variable_list saved = ctx->get_saved_variables();  // images, coef
-    out[0] = op.call(grad_value, saved[0], saved[1]);
-    return out;
+    return value_backward(ctx, grad_outputs, 2, [](const Tensor& g, const variable_list& saved) {
+      return op.call(g, saved[0], saved[1]);  // images, coef
+    });
   }
 };
 

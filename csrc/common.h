@@ -135,30 +135,20 @@ inline at::Tensor prepare_bn_stats(const at::Tensor& activations) {
   return activations.contiguous().view({n, c, activations.numel() / (n * c)});
 }
 
-// A per-channel tensor of bn_stats (running_mean, running_var, mean): [C] on the device of `x` [N, C, S] ->
-// contiguous, in the accumulation dtype.
-inline at::Tensor prepare_channel_stat(const at::Tensor& t, const char* name, const at::Tensor& x, at::ScalarType acc) {
+// A small tensor an op reads whole (bn_stats' running statistics and saved mean and coefficients, mode_seek's
+// saved coefficients): `sizes` on the device of `x` -> contiguous, in the accumulation dtype. `layout`, `dim` and
+// `dim_value` spell the expected shape in the error ("coef must be [2, C] with C = 64").
+inline at::Tensor prepare_small(const at::Tensor& t, const char* name, at::IntArrayRef sizes, const char* layout,
+                                const char* dim, int64_t dim_value, const at::Tensor& x, at::ScalarType acc) {
   check_floating(t, name);
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1), name, " must be [C] with C = ", x.size(1), ", got ", t.sizes());
-  TORCH_CHECK(t.device() == x.device(), name, " must be on ", x.device(), " like activations, got ", t.device());
+  TORCH_CHECK(t.sizes() == sizes, name, " must be ", layout, " with ", dim, " = ", dim_value, ", got ", t.sizes());
+  TORCH_CHECK(t.device() == x.device(), name, " must be on ", x.device(), ", got ", t.device());
   return t.to(acc).contiguous();
 }
 
-// The saved coefficients of bn_stats_backward: [2, C] (a, b) on the device of `x` [N, C, S] -> contiguous, in the
-// accumulation dtype; grad: the upstream gradient of the value, one element -> [] in the accumulation dtype.
-inline at::Tensor prepare_bn_coef(const at::Tensor& coef, const at::Tensor& x, at::ScalarType acc) {
-  check_floating(coef, "coef");
-  TORCH_CHECK(coef.dim() == 2 && coef.size(0) == 2 && coef.size(1) == x.size(1), "coef must be [2, C] with C = ",
-              x.size(1), ", got ", coef.sizes());
-  TORCH_CHECK(coef.device() == x.device(), "coef must be on ", x.device(), " like activations, got ", coef.device());
-  return coef.to(acc).contiguous();
-}
-
-inline at::Tensor prepare_bn_grad(const at::Tensor& grad, const at::Tensor& x, at::ScalarType acc) {
-  check_floating(grad, "grad");
-  TORCH_CHECK(grad.numel() == 1, "grad must have one element (the gradient of the value), got ", grad.sizes());
-  TORCH_CHECK(grad.device() == x.device(), "grad must be on ", x.device(), " like activations, got ", grad.device());
-  return grad.to(acc).reshape({});
+// A per-channel tensor of bn_stats (running_mean, running_var, mean): [C] of `x` [N, C, S].
+inline at::Tensor prepare_channel_stat(const at::Tensor& t, const char* name, const at::Tensor& x, at::ScalarType acc) {
+  return prepare_small(t, name, {x.size(1)}, "[C]", "C", x.size(1), x, acc);
 }
 
 // mode_seek's inputs. images: [B, ...] with B >= 2, non-empty rows -> [B, P] contiguous; latents: [B, ...] with
@@ -178,16 +168,6 @@ inline at::Tensor prepare_mode_seek_latents(const at::Tensor& latents, const at:
   TORCH_CHECK(latents.device() == x.device(), "latents must be on ", x.device(), " like images, got ", latents.device());
   const int64_t b = latents.size(0);
   return latents.to(acc).contiguous().view({b, latents.numel() / b});
-}
-
-// The saved coefficients of mode_seek_backward: [h] (h = B // 2) on the device of `x` [B, P] -> contiguous, in the
-// accumulation dtype.
-inline at::Tensor prepare_mode_seek_coef(const at::Tensor& coef, const at::Tensor& x, at::ScalarType acc) {
-  check_floating(coef, "coef");
-  const int64_t h = x.size(0) / 2;
-  TORCH_CHECK(coef.dim() == 1 && coef.size(0) == h, "coef must be [h] with h = B // 2 = ", h, ", got ", coef.sizes());
-  TORCH_CHECK(coef.device() == x.device(), "coef must be on ", x.device(), " like images, got ", coef.device());
-  return coef.to(acc).contiguous();
 }
 
 // The upstream gradient of a scalar value: one element on the device of `x` -> [] in the accumulation dtype.

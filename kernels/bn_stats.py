@@ -208,21 +208,7 @@ def _bn_stats_backward_op(grad: Tensor, activations: Tensor, mean: Tensor, coef:
     return dx
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    activations, _, _ = inputs
-    _, mean, coef = output
-    ctx.mark_non_differentiable(mean, coef)
-    ctx.set_materialize_grads(False)  # no zero tensors for the outputs without a gradient
-    ctx.save_for_backward(activations, mean, coef)
-
-
-def _backward(ctx, grad_value, *_):
-    if grad_value is None or not ctx.needs_input_grad[0]:
-        return None, None, None
-    activations, mean, coef = ctx.saved_tensors
-    return _bn_stats_backward_op(grad_value, activations, mean, coef), None, None
-
-
+_setup_context, _backward = SPEC.value_autograd(_bn_stats_backward_op)  # d/dx: the helper backward op
 _bn_stats_op.register_autograd(_backward, setup_context=_setup_context)
 
 
@@ -231,6 +217,4 @@ def bn_stats(activations: Tensor, running_mean: Tensor, running_var: Tensor) -> 
     ``running_var`` [C] on its device; returns the fp32 value [] (fp64 inputs are computed in fp32),
     differentiable w.r.t. the activations (gradient in their dtype)."""
     SPEC.check(activations, running_mean, running_var)
-    rm = running_mean.to(torch.float32).contiguous()
-    rv = running_var.to(torch.float32).contiguous()
-    return _bn_stats_op(compute_dtype(activations), rm, rv)[0]
+    return _bn_stats_op(compute_dtype(activations), running_mean, running_var)[0]

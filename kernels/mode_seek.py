@@ -200,21 +200,7 @@ def _mode_seek_backward_op(grad: Tensor, images: Tensor, coef: Tensor) -> Tensor
     return dx
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    images, _ = inputs
-    _, coef = output
-    ctx.mark_non_differentiable(coef)
-    ctx.set_materialize_grads(False)  # no zero tensor for the coef's gradient
-    ctx.save_for_backward(images, coef)
-
-
-def _backward(ctx, grad_value, *_):
-    if grad_value is None or not ctx.needs_input_grad[0]:
-        return None, None
-    images, coef = ctx.saved_tensors
-    return _mode_seek_backward_op(grad_value, images, coef), None
-
-
+_setup_context, _backward = SPEC.value_autograd(_mode_seek_backward_op)  # d/dx: the helper backward op
 _mode_seek_op.register_autograd(_backward, setup_context=_setup_context)
 
 

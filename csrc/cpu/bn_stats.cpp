@@ -190,9 +190,9 @@ at::Tensor bn_stats_backward_cpu(const at::Tensor& grad, const at::Tensor& activ
                                  const at::Tensor& coef) {
   const at::Tensor x = prepare_bn_stats(activations);
   const at::ScalarType acc = acc_dtype(x.scalar_type());
-  const at::Tensor g = prepare_bn_grad(grad, x, acc);
+  const at::Tensor g = prepare_scalar_grad(grad, x, acc);
   const at::Tensor mu = prepare_channel_stat(mean, "mean", x, acc);
-  const at::Tensor k = prepare_bn_coef(coef, x, acc);
+  const at::Tensor k = prepare_small(coef, "coef", {2, x.size(1)}, "[2, C]", "C", x.size(1), x, acc);
   at::Tensor out = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_stats_backward_cpu", [&] {
     bn_stats_backward_cpu_kernel<scalar_t>(g, x, mu, k, out);

@@ -122,7 +122,7 @@ at::Tensor mode_seek_backward_cpu(const at::Tensor& grad, const at::Tensor& imag
   const at::Tensor x = prepare_mode_seek_images(images);
   const at::ScalarType acc = acc_dtype(x.scalar_type());
   const at::Tensor g = prepare_scalar_grad(grad, x, acc);
-  const at::Tensor k = prepare_mode_seek_coef(coef, x, acc);
+  const at::Tensor k = prepare_small(coef, "coef", {x.size(0) / 2}, "[h]", "h = B // 2", x.size(0) / 2, x, acc);
   at::Tensor out = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mode_seek_backward_cpu", [&] {
     mode_seek_backward_cpu_kernel<scalar_t>(g, x, k, out);

@@ -192,9 +192,9 @@ at::Tensor bn_stats_backward_cuda(const at::Tensor& grad, const at::Tensor& acti
   const at::Tensor x = prepare_bn_stats(activations);  // [N, C, S]
   TORCH_CHECK(x.size(1) < 65536, "bn_stats: C must be < 65536 on CUDA, got ", x.size(1));
   const at::ScalarType acc = acc_dtype(x.scalar_type());
-  const at::Tensor g = prepare_bn_grad(grad, x, acc);  // read on the device: no host sync
+  const at::Tensor g = prepare_scalar_grad(grad, x, acc);  // read on the device: no host sync
   const at::Tensor mu = prepare_channel_stat(mean, "mean", x, acc);
-  const at::Tensor k = prepare_bn_coef(coef, x, acc);
+  const at::Tensor k = prepare_small(coef, "coef", {2, x.size(1)}, "[2, C]", "C", x.size(1), x, acc);
   const int64_t n = x.size(0), s = x.size(2);
   const int c = int(x.size(1));
   at::Tensor out = at::empty_like(x);

@@ -176,7 +176,7 @@ at::Tensor mode_seek_backward_cuda(const at::Tensor& grad, const at::Tensor& ima
   const at::Tensor x = prepare_mode_seek_images(images);  // [B, P]
   const at::ScalarType acc = acc_dtype(x.scalar_type());
   const at::Tensor g = prepare_scalar_grad(grad, x, acc);  // read on the device: no host sync
-  const at::Tensor k = prepare_mode_seek_coef(coef, x, acc);
+  const at::Tensor k = prepare_small(coef, "coef", {x.size(0) / 2}, "[h]", "h = B // 2", x.size(0) / 2, x, acc);
   const int64_t b = x.size(0), h = b / 2, p = x.size(1);
   TORCH_CHECK(h < (int64_t(1) << 31), "mode_seek: B // 2 must be < 2^31 on CUDA, got ", h);
   at::Tensor out = at::empty_like(x);

@@ -96,6 +96,27 @@ class OpSpec:
 
         return setup_context, backward
 
+    @staticmethod
+    def value_autograd(backward_op: Callable[..., Tensor]) -> Tuple[Callable, Callable]:
+        """``(setup_context, backward)`` of a value op's fused form (``bn_stats``, ``mode_seek``): the op
+        returns ``(value, saved...)``; the gradient of its first argument is
+        ``backward_op(grad_value, x, saved...)`` (one elementwise pass), the other arguments get none and the
+        saved outputs carry no gradient."""
+
+        def setup_context(ctx, inputs, output) -> None:
+            ctx.mark_non_differentiable(*output[1:])
+            ctx.set_materialize_grads(False)  # no zero tensors for the outputs without a gradient
+            ctx.n_inputs = len(inputs)
+            ctx.save_for_backward(inputs[0], *output[1:])
+
+        def backward(ctx, grad_value, *_):
+            out: List[Optional[Tensor]] = [None] * ctx.n_inputs
+            if grad_value is not None and ctx.needs_input_grad[0]:
+                out[0] = backward_op(grad_value, *ctx.saved_tensors)
+            return tuple(out)
+
+        return setup_context, backward
+
 
 # --- the checks the declarations share ------------------------------------------------------------
 
