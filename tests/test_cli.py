@@ -207,29 +207,9 @@ def test_train_invert_sample_evaluate(tmp_path, capsys):
         assert im.size == (8, 8)
 
     out = tmp_path / "eval"
-    assert (
-        main(
-            [
-                "evaluate",
-                "--images",
-                str(tmp_path / "s.npz"),
-                "--classifier",
-                str(clf),
-                "--eval-classifier",
-                str(clf),
-                "--backend",
-                "torch",
-                "--device",
-                "cpu",
-                "--quiet",
-                "--grid-per-class",
-                "2",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    evaluate_args = ["--classifier", str(clf), "--eval-classifier", str(clf), "--backend", "torch", "--device", "cpu"]
+    evaluate_args += ["--quiet", "--grid-per-class", "2"]
+    assert main(["evaluate", "--images", str(tmp_path / "s.npz"), *evaluate_args, "--out", str(out)]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["num_generated"] == 30 and m["num_train"] == 200 and m["train_source"] == "digits"
     assert m["overall"]["attack_accuracy"] is not None and m["generated_from"] == {"images": str(tmp_path / "s.npz")}
@@ -237,29 +217,7 @@ def test_train_invert_sample_evaluate(tmp_path, capsys):
         assert im.size == grid_size(10, 2, 8, 8)
     assert (out / "summary.txt").read_text().startswith("30 generated images")
     sharded = tmp_path / "eval-sharded"  # the sharded sample's index evaluates as the single .npz does
-    assert (
-        main(
-            [
-                "evaluate",
-                "--images",
-                str(tmp_path / "big-index.json"),
-                "--classifier",
-                str(clf),
-                "--eval-classifier",
-                str(clf),
-                "--backend",
-                "torch",
-                "--device",
-                "cpu",
-                "--quiet",
-                "--grid-per-class",
-                "2",
-                "--out",
-                str(sharded),
-            ]
-        )
-        == 0
-    )
+    assert main(["evaluate", "--images", str(tmp_path / "big-index.json"), *evaluate_args, "--out", str(sharded)]) == 0
     assert json.loads((sharded / "metrics.json").read_text())["overall"] == m["overall"]
 
     assert (
