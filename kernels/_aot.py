@@ -141,12 +141,14 @@ def _cases(op: str):
                 yield partial(kernels.image_prior, torch.zeros(shape, dtype=dtype), torch.ones(3), -1.0, 1.0, moments)
         elif op == "perturb":
             x = torch.zeros(64, 3, 32, 32, dtype=dtype, requires_grad=True)
+            theta = torch.eye(2, 3).repeat(64, 1, 1)  # [B, 2, 3]
 
-            def forward_backward(x: torch.Tensor, kind: str) -> None:
-                kernels.perturb(x, 0.1, -1.0, 1.0, kind, 1).sum().backward()
+            def forward_backward(x: torch.Tensor, kind: str, *warp) -> None:
+                kernels.perturb(x, 0.1, -1.0, 1.0, kind, 1, *warp).sum().backward()
 
             for kind in ("rademacher", "uniform", "gaussian"):
-                yield partial(forward_backward, x, kind)
+                for warp in ((), (theta, "bilinear"), (theta, "nearest")):
+                    yield partial(forward_backward, x, kind, *warp)
         elif op == "bn_stats":
 
             def value_backward(x: torch.Tensor) -> None:

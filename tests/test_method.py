@@ -72,6 +72,35 @@ def test_warp_theta_is_seeded():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+@pytest.mark.parametrize("geometry", [{}, {"rotate": 0.0, "scale": 0.0}], ids=["affine", "shift"])
+def test_the_step_warps_in_perturb_with_the_draws_of_random_warp(geometry):
+    """One process: the step hands its random transforms to ``ops.perturb`` (noise, clip and warp in one
+    op), and they are the ones ``random_warp`` draws from the step's generator right after the
+    conditions, with the config's resampling: the perturbed copies of before the warp was fused."""
+    from tldr_fast.backends import resolve
+    from tldr_fast.step import TLDRObjective, random_warp, step_seed
+
+    cfg = InversionConfig().with_overrides(**{**TINY, **geometry})
+    shape = (1, 12, 12)
+    target = FrozenClassifier(with_meta(PlainCNN(list(shape), 3, width=4, feature_dim=8)), 3, shape, device="cpu")
+    ops = resolve("torch", "cpu", quiet=True)
+    calls = []
+
+    def recorded(x, *args):
+        calls.append((x.detach(), args))
+        return ref.perturb(x, *args)
+
+    ops.ops["perturb"] = recorded
+    objective = TLDRObjective(ConditionedGenerator(3, shape, cfg.nz, cfg.ngf), target, cfg, ops, torch.device("cpu"))
+    objective(3)
+    ((x, (eps, lo, hi, kind, seed, theta, mode)),) = calls
+    gen = torch.Generator().manual_seed(step_seed(cfg.seed, 3))
+    sample_conditions(cfg.batch_size, 3, cfg.nz, cfg.conditioning, gen, "cpu", objective.paired)
+    before = random_warp(ref.perturb(x, eps, lo, hi, kind, seed), cfg, gen)
+    assert mode == ("nearest" if geometry else "bilinear")
+    assert torch.equal(ref.perturb(x, eps, lo, hi, kind, seed, theta, mode), before)
+
+
 # --- mode seeking, BatchNorm statistics, moments -------------------------------------------------------------
 
 

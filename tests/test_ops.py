@@ -5,6 +5,7 @@ declarations, and every document a source file cites exists.
 """
 
 import ast
+import math
 import re
 from pathlib import Path
 
@@ -96,6 +97,11 @@ def _head(b=4, k=3, **change):
     return tuple(args.values())
 
 
+def _warp(theta, mode="bilinear", images=None):
+    """perturb's arguments with ``theta`` and ``mode`` (images ``[2, 1, 4, 4]`` unless given)."""
+    return (torch.randn(2, 1, 4, 4) if images is None else images, 0.1, -1.0, 1.0, "uniform", 0, theta, mode)
+
+
 BAD = {
     "head_loss": [
         (_head(labels=torch.tensor([0, 1, 3, 0])), r"labels must lie in \[0, 3\), got values in \[0, 3\]"),
@@ -125,6 +131,13 @@ BAD = {
         ((torch.randn(2, 1, 4, 4), 0.1, -1.0, 1.0, "salt", 0), "unknown perturbation 'salt'"),
         ((torch.randn(2, 1, 4, 4), -0.1, -1.0, 1.0, "uniform", 0), "eps must be finite and >= 0"),
         ((torch.randn(2, 1, 4, 4), 0.1, -1.0, 1.0, "uniform", 0.5), "seed must be an int"),
+        (_warp(None, "bicubic"), "unknown warp mode 'bicubic'"),
+        (_warp(torch.zeros(3, 2, 3)), r"theta must be \[B, 2, 3\] with B = 2"),
+        (_warp(torch.zeros(2, 3, 3)), r"theta must be \[B, 2, 3\] with B = 2"),
+        (_warp(torch.zeros(2, 2, 3).long()), "theta must be a floating-point tensor"),
+        (_warp([[0.0] * 3] * 2), "theta must be a tensor"),
+        (_warp(torch.full((2, 2, 3), math.inf)), "theta must be finite"),
+        (_warp(torch.zeros(2, 2, 3), images=torch.randn(2, 4, 4)), r"images must be \[B, C, H, W\] with theta"),
     ],
     "bn_stats": [
         ((torch.randn(4), torch.zeros(1), torch.ones(1)), r"activations must be a non-empty \[N, C, \.\.\.\]"),

@@ -183,25 +183,38 @@ def perturb_noise(shape: torch.Size, kind: str, generator: torch.Generator, devi
     raise ValueError(f"unknown perturbation {kind!r}; expected one of {PERTURBATIONS}")
 
 
-def perturb(images: Tensor, eps: float, lo: float, hi: float, kind: str, seed: int) -> Tensor:
-    """``clip(x + eps * s, lo, hi)`` with noise ``s`` of the given kind drawn from ``seed``.
+def perturb(
+    images: Tensor,
+    eps: float,
+    lo: float,
+    hi: float,
+    kind: str,
+    seed: int,
+    theta: Optional[Tensor] = None,
+    mode: str = "bilinear",
+) -> Tensor:
+    """``clip(x + eps * s, lo, hi)`` with noise ``s`` of the given kind drawn from ``seed``; with ``theta``,
+    then moved by ``warp(., theta, fill=lo, mode)``.
 
     Args:
-        images: ``[B, C, H, W]`` (any shape works).
+        images: ``[B, C, H, W]`` (any shape works without ``theta``).
         eps: absolute perturbation size, in the images' units.
         lo, hi: clipping range.
         kind: one of ``PERTURBATIONS``.
         seed: the noise is a deterministic function of (seed, shape, device).
+        theta: ``[B, 2, 3]`` affine transforms (``warp_theta``), or None (no transform).
+        mode: the resampling of the transform, "bilinear" or "nearest" (``warp``).
 
-    The gradient w.r.t. ``images`` is 1 where the clip is inactive and 0 where it clips.
-    Backends draw their noise from their own generators: the same seed gives the same images within
-    one backend, not across backends.
+    The gradient w.r.t. ``images`` is 1 where the clip is inactive and 0 where it clips (then through
+    the warp). Backends draw their noise from their own generators: the same seed gives the same images
+    within one backend, not across backends.
     """
-    _perturb.check(images, eps, lo, hi, kind, seed)
+    _perturb.check(images, eps, lo, hi, kind, seed, theta, mode)
     gen = torch.Generator(device=images.device).manual_seed(int(seed))
     x = _acc(images)
     s = perturb_noise(images.shape, kind, gen, images.device, x.dtype)
-    return (x + eps * s).clamp(lo, hi).to(images.dtype)
+    y = (x + eps * s).clamp(lo, hi).to(images.dtype)
+    return y if theta is None else warp(y, theta, lo, mode)
 
 
 def grad_norm_full(logits: Tensor, condition: Tensor, params) -> Tensor:

@@ -22,16 +22,28 @@ def pixel_eps(cfg: InversionConfig) -> float:
     return cfg.eps * (PIXEL_RANGE[1] - PIXEL_RANGE[0])
 
 
+def warp_mode(cfg: InversionConfig) -> str:
+    """The resampling of the random transforms: "nearest" for whole-pixel shifts alone (exact moves)."""
+    return "nearest" if cfg.rotate == cfg.scale == 0 else "bilinear"
+
+
+def random_theta(
+    images: Tensor, cfg: InversionConfig, generator: torch.Generator, shard: Optional[distributed.Shard] = None
+) -> Tensor:
+    """``[len(images), 2, 3]`` random transforms of ``cfg.shift/rotate/scale`` for ``images``, drawn from
+    ``generator``. With ``shard``, ``images`` are its rows of a global batch: the transforms of the whole
+    batch are drawn, and its rows kept."""
+    n = len(images) if shard is None else shard.total
+    theta = reference.warp_theta(n, images.shape[-2:], cfg.shift, cfg.rotate, cfg.scale, generator, images.device)
+    return theta if shard is None else shard.take(theta)
+
+
 def random_warp(
     images: Tensor, cfg: InversionConfig, generator: torch.Generator, shard: Optional[distributed.Shard] = None
 ) -> Tensor:
-    """``images`` under random transforms of ``cfg.shift/rotate/scale`` drawn from ``generator``
-    (uncovered pixels: background, the low end of the pixel range). With ``shard``, ``images`` are its
-    rows of a global batch: the transforms of the whole batch are drawn, and its rows kept."""
-    n = len(images) if shard is None else shard.total
-    theta = reference.warp_theta(n, images.shape[-2:], cfg.shift, cfg.rotate, cfg.scale, generator, images.device)
-    theta = theta if shard is None else shard.take(theta)  # [len(images), 2, 3]
-    return reference.warp(images, theta, PIXEL_RANGE[0], "nearest" if cfg.rotate == cfg.scale == 0 else "bilinear")
+    """``images`` under ``random_theta``'s transforms (uncovered pixels: background, the low end of the
+    pixel range)."""
+    return reference.warp(images, random_theta(images, cfg, generator, shard), PIXEL_RANGE[0], warp_mode(cfg))
 
 
 def step_seed(seed: int, step: int, stream: int = 0) -> int:
@@ -115,12 +127,15 @@ class TLDRObjective:
             batch = x
             if self.robust:
                 noise_seed = step_seed(cfg.seed, step, 1)
-                if shard.world == 1:
-                    x_pert = self.ops.perturb(x, self.eps, *PIXEL_RANGE, cfg.perturbation, noise_seed)
+                if shard.world == 1:  # noise, clip and warp in one op (theta: the draw random_warp would make)
+                    theta = random_theta(x, cfg, self._gen) if self.warp else None
+                    x_pert = self.ops.perturb(
+                        x, self.eps, *PIXEL_RANGE, cfg.perturbation, noise_seed, theta, warp_mode(cfg)
+                    )
                 else:  # the reference's noise of the whole batch, this rank's rows
                     x_pert = distributed.perturb(x, self.eps, *PIXEL_RANGE, cfg.perturbation, noise_seed, shard)
-                if self.warp:
-                    x_pert = random_warp(x_pert, cfg, self._gen, shard)
+                    if self.warp:
+                        x_pert = random_warp(x_pert, cfg, self._gen, shard)
                 batch = torch.cat([x, x_pert])  # one forward of 2B
             logits, feats, bn = self.target.forward_bn_stats(
                 batch, b if self.bn_stats else 0, self.classifier, self.ops.bn_stats

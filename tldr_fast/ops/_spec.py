@@ -164,14 +164,25 @@ def weights(op: str, w: Any, n: int) -> None:
         fail(op, f"weights must have shape [{n}], got {list(w.shape)}")
 
 
+def values_readable(t: Tensor) -> bool:
+    """Whether the values of ``t`` may be checked: where that costs no host sync, i.e. a CPU tensor, outside
+    ``torch.compile`` (a traced graph cannot branch on values). On a GPU reading them would stall the
+    stream every step; the library's own inputs are valid by construction."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def labels_in_range(op: str, labels: Tensor, k: int) -> None:
-    """Labels in ``[0, k)``, checked where that costs no host sync: CPU tensors, outside ``torch.compile``
-    (a traced graph cannot branch on values). On a GPU reading them would stall the stream every step;
-    the library's own labels are in range by construction."""
-    if labels.device.type == "cpu" and labels.numel() and not torch.compiler.is_compiling():
+    """Labels in ``[0, k)``, checked where ``values_readable``."""
+    if labels.numel() and values_readable(labels):
         lo, hi = (v.item() for v in torch.aminmax(labels))
         if lo < 0 or hi >= k:
             fail(op, f"labels must lie in [0, {k}), got values in [{lo}, {hi}]")
+
+
+def finite(op: str, name: str, t: Tensor) -> None:
+    """Every value of ``t`` finite, checked where ``values_readable``."""
+    if values_readable(t) and not bool(torch.isfinite(t).all()):
+        fail(op, f"{name} must be finite, got non-finite values")
 
 
 def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
