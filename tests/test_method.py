@@ -337,6 +337,21 @@ def test_robustness_score_is_the_mean_probability(gen):
     torch.testing.assert_close(inv.robustness_score(x[2:], torch.tensor([2, 0]), seed=5, first=2), s[2:])  # per image
 
 
+def test_robustness_score_moves_images_like_training(gen, monkeypatch):
+    """With whole-pixel shifts alone (and no noise), the score's perturbed copies are exact moves, as in
+    the step: every pixel the classifier sees is a pixel of the image or background."""
+    clf = with_meta(PlainCNN([1, 16, 16], 3, width=4, feature_dim=8))
+    inv = invert(clf, 3, (1, 16, 16), **{**TINY, "eps": 0.0, "rotate": 0.0, "scale": 0.0, "shift": 3})
+    x = torch.rand(4, 1, 16, 16, generator=gen) * 2 - 1
+    seen = []
+    forward = type(inv.target).__call__
+    monkeypatch.setattr(type(inv.target), "__call__", lambda self, t: seen.append(t) or forward(self, t))
+    inv.robustness_score(x, torch.tensor([0, 1, 2, 0]), seed=5)
+    allowed = torch.cat([x.flatten(), torch.tensor([-1.0])])
+    assert seen and all(torch.isin(t, allowed).all() for t in seen)
+    assert any(not torch.equal(t, x) for t in seen)  # they did move
+
+
 def test_samples_do_not_depend_on_the_batch_size():
     clf = with_meta(PlainCNN([1, 16, 16], 3, width=4, feature_dim=8))
     inv = invert(clf, 3, (1, 16, 16), **TINY)

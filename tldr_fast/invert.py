@@ -20,7 +20,7 @@ from .classifier import ClassifierError, FrozenClassifier
 from .config import TERMS, InversionConfig, Preprocess
 from .generator import ConditionedGenerator
 from .progress import progress_bar
-from .step import PIXEL_RANGE, TLDRObjective, pixel_eps, step_seed
+from .step import PIXEL_RANGE, TLDRObjective, pixel_eps, step_seed, warp_mode
 
 Tensor = torch.Tensor
 
@@ -106,7 +106,7 @@ class Inversion:
                 lambda gen, k: reference.warp_theta(k, shape[-2:], cfg.shift, cfg.rotate, cfg.scale, gen, dev),
                 dev,
             )
-            x = reference.warp((images + eps * noise).clamp(*PIXEL_RANGE), theta, PIXEL_RANGE[0])
+            x = reference.warp((images + eps * noise).clamp(*PIXEL_RANGE), theta, PIXEL_RANGE[0], warp_mode(cfg))
             p = torch.softmax(self.target(x)[0].float(), 1)
             score += p.gather(1, labels[:, None]).view(-1) / draws
         return score
