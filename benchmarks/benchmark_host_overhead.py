@@ -75,7 +75,7 @@ def test_op(bench, device, batch, impl, op, backward):
         pytest.skip(f"backend {impl!r} has no {op}")
     logits, target, labels, features, w_head = head_inputs(batch, device)
     images = make_images(batch, (1, 28, 28), device)
-    w_feat, w_prior = torch.tensor([1.0, 0.1], device=device), torch.tensor([1e-3, 1.0, 0.0], device=device)
+    w_feat, w_prior = torch.tensor([1.0, 0.1, 0.0], device=device), torch.tensor([1e-3, 1.0, 0.0], device=device)
     forward, leaves = {  # op: (the loss, the leaves of its backward)
         "head_loss": (lambda: ops.head_loss(logits, target, labels, features, w_head, True)[0], (logits, features)),
         "feature_loss": (lambda: ops.feature_loss(features, w_feat)[0], (features,)),

@@ -70,7 +70,7 @@ def test_loss_block(bench, device, batch, chw, dtype, impl):
     fn = block_impl(impl, device, bench.timed)
     logits, target, labels, features, w_head = head_inputs(batch, device, dtype)
     images = make_images(batch, chw, device, dtype)
-    w_feat = torch.tensor([1.0, 0.1], device=device)
+    w_feat = torch.tensor([1.0, 0.1, 0.0], device=device)
     w_prior = torch.tensor([1e-3, 1.0, 0.0], device=device)
     up = torch.randn_like(images)
     leaves = (logits, features, images)

@@ -131,9 +131,9 @@ def _cases(op: str):
                     yield partial(kernels.head_loss, z2, condition, labels, None, w, True)
         elif op == "feature_loss":
             for b, d in ((1024, 256), (65536, 256), (300, 4096)):
-                yield partial(kernels.feature_loss, torch.ones(b, d, dtype=dtype), torch.ones(2))
+                yield partial(kernels.feature_loss, torch.ones(b, d, dtype=dtype), torch.ones(3))
             labels = torch.zeros(1024, dtype=torch.int64)
-            yield partial(kernels.feature_loss, torch.ones(1024, 256, dtype=dtype), torch.ones(2), labels, 10)
+            yield partial(kernels.feature_loss, torch.ones(1024, 256, dtype=dtype), torch.ones(3), labels, 10)
         elif op == "image_prior":
             for shape in ((1024, 1, 28, 28), (4, 3, 224, 300)):
                 yield partial(kernels.image_prior, torch.zeros(shape, dtype=dtype), torch.ones(3), -1.0, 1.0)

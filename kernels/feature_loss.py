@@ -1,6 +1,6 @@
 """feature_loss: mean pairwise cosine similarity and orthogonality of the penultimate features, by their
-closed forms, over all pairs of the batch or over the pairs of the same label, with the gradient computed
-in the forward.
+closed forms, over all pairs of the batch or over the pairs of the same label, and the activation loss
+(DAFL, Chen et al. 2019), with the gradient computed in the forward.
 
 Notation: Phi [B, D], r_i = max(||phi_i||, eps) (eps = reference.NORM_EPS), u_i = phi_i / r_i,
 S = sum_i u_i [D], and the smaller Gram matrix: G = Phi^T Phi [D, D] when D <= B, else Phi Phi^T [B, B]
@@ -8,6 +8,7 @@ S = sum_i u_i [D], and the smaller Gram matrix: G = Phi^T Phi [D, D] when D <= B
 
     Cos   = (||S||^2 - B) / (B (B-1))
     Ortho = (||G||_F^2 - 2 ||Phi||_F^2 + B) / B^2
+    Act   = -(1 / (B D)) sum_{i,d} |phi_id|        (every row, with labels too)
 
 Gradients (autograd of the reference, derived):
     dCos/du_i = 2 S / (B (B-1)); through u_i = phi_i / r_i:
@@ -15,6 +16,7 @@ Gradients (autograd of the reference, derived):
         d/dphi_i = dCos/du_i / eps                             when the norm is clamped (no projection);
     so d/dphi_i = 2 (S - [||phi_i|| >= eps] u_i t_i) / (B (B-1) r_i) with t_i = u_i . S.
     dOrtho/dPhi = 4 (Phi (Phi^T Phi) - Phi) / B^2 = 4 ((Phi Phi^T) Phi - Phi) / B^2.
+    dAct/dphi_id = -sign(phi_id) / (B D)   (sign(0) = 0: torch.abs's subgradient, as the reference's autograd).
 t_i comes with the matrix product: phi_i . S is (Phi G_aug)_{i, D} for G_aug = [Phi^T Phi | S], or
 (G w)_i with w = 1/r for the B x B Gram (then S = Phi^T w is accumulated in the same loop).
 
@@ -31,8 +33,9 @@ depend on the labels, which stay on the device (compared, never read by the host
 partial sums carry N2, and the gradient kernel's programs each sum them before scaling. O(B^2 D) work and a
 [B, B] buffer: meant for training batches.
 
-Kernels (launches): ``_feature_norms_kernel`` (row norms, ||Phi||_F^2 pieces; with labels the N2 pieces,
-counting each row's label in the batch), the Gram kernel
+Partial sums: one column per term (Cos, Ortho, Act: ``TERMS``' order), and with labels N2 in a fourth.
+Kernels (launches): ``_feature_norms_kernel`` (row norms, ||Phi||_F^2 and sum |phi| pieces; with labels
+the N2 pieces, counting each row's label in the batch), the Gram kernel
 (G, plus S as an extra column of Phi^T [Phi | 1/r] in the D x D case; ||G||^2 pieces and ||S||^2
 pieces, from that column or from w^T G w for the B x B Gram, masked with labels; a split-sum kernel at
 large B), ``_feature_grad_kernel`` (d/dPhi, and the terms in its program 0): 3, or 4 at large B.
@@ -49,12 +52,13 @@ import triton.language as tl
 from tldr_fast.ops.feature_loss import NORM_EPS, SPEC, TERMS
 
 from ._gram import EXTRA_INV, EXTRA_NONE, gram, plan_gram
-from ._reduce import _finish, _store_partial_row, _sum_partials, _write_terms
+from ._reduce import _finish, _sum_partials, _write_terms
 from ._utils import BLOCK_ROWS, FP32_DOT, TERMS_PAD, block, cdiv, compute_dtype, empty, launch, triton_op, weights_fp32
 
 Tensor = torch.Tensor
-_COS, _ORTHO = TERMS.index("cos"), TERMS.index("ortho")  # columns of terms / partial sums
-assert (_COS, _ORTHO) == (0, 1), "the kernels below are written for this layout"
+_COS, _ORTHO, _ACT = TERMS.index("cos"), TERMS.index("ortho"), TERMS.index("activation")  # columns of terms
+assert (_COS, _ORTHO, _ACT) == (0, 1, 2) == tuple(range(len(TERMS))), "the kernels below are written for this layout"
+_N2 = len(TERMS)  # with labels, the partial sums' column of N2 (after the terms')
 _NORM_ROWS = 16  # feature rows per program of the norms kernel
 
 
@@ -64,35 +68,44 @@ def _feature_norms_kernel(
     norm_ptr,  # ||phi_i||: [B] fp32
     part_ptr,  # partial sums: [rows, T]; this kernel's rows 0 .. grid-1
     y_ptr,  # LABELS: labels [B]
-    B, D, T, inv_b2, cos_const, ortho_const,
+    B, D, T, inv_b2, inv_bd, cos_const, ortho_const,
     LABELS: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr, BY: tl.constexpr, TP: tl.constexpr,
 ):
     inv_b2 = tl.cast(inv_b2, tl.float32)  # float arguments in fp32 (see _utils)
+    inv_bd = tl.cast(inv_bd, tl.float32)
     cos_const = tl.cast(cos_const, tl.float32)
     ortho_const = tl.cast(ortho_const, tl.float32)
     pid = tl.program_id(0)
     rows = pid * BB + tl.arange(0, BB)
     mask_r = rows < B
-    sq = tl.zeros([BB], tl.float32)
+    sq = tl.zeros([BB], tl.float32)  # ||phi_i||^2
+    ab = tl.zeros([BB], tl.float32)  # sum_d |phi_id|
     for d0 in range(0, D, BD):
         cols = d0 + tl.arange(0, BD)
         x = tl.load(phi_ptr + rows[:, None] * D + cols[None, :],
                     mask=mask_r[:, None] & (cols < D)[None, :], other=0.0).to(tl.float32)
         sq += tl.sum(x * x, axis=1)
+        ab += tl.sum(tl.abs(x), axis=1)
     tl.store(norm_ptr + rows, tl.sqrt(sq), mask=mask_r)
-    # Ortho gets -2 ||Phi||^2 / B^2; program 0 adds the constants of both terms
+    # Ortho gets -2 ||Phi||^2 / B^2 and Act -sum |phi| / (B D); program 0 adds the constants of Cos and Ortho
     first = pid == 0
+    cos = tl.where(first, cos_const, 0.0)
     ortho = -2.0 * inv_b2 * tl.sum(sq, axis=0) + tl.where(first, ortho_const, 0.0)
-    if LABELS:  # column 2: this program's rows' part of N2 = sum_i n_{y_i}
+    act = -inv_bd * tl.sum(ab, axis=0)
+    if LABELS:  # column _N2 = 3: this program's rows' part of N2 = sum_i n_{y_i}
         y_r = tl.load(y_ptr + rows, mask=mask_r, other=0)
         n = tl.zeros([BB], tl.float32)
         for j0 in range(0, B, BY):
             js = j0 + tl.arange(0, BY)
             y_j = tl.load(y_ptr + js, mask=js < B, other=0)
             n += tl.sum(tl.where((y_r[:, None] == y_j[None, :]) & (js < B)[None, :], 1.0, 0.0), axis=1)
-        _store_partial_row(part_ptr, pid, T, 1, ortho, 2, tl.sum(tl.where(mask_r, n, 0.0), axis=0), TP)
+        n2 = tl.sum(tl.where(mask_r, n, 0.0), axis=0)
     else:
-        _store_partial_row(part_ptr, pid, T, 0, tl.where(first, cos_const, 0.0), 1, ortho, TP)
+        n2 = 0.0
+    cols_t = tl.arange(0, TP)
+    vals = (tl.where(cols_t == 0, cos, 0.0) + tl.where(cols_t == 1, ortho, 0.0) + tl.where(cols_t == 2, act, 0.0)
+            + tl.where(cols_t == 3, n2, 0.0))
+    tl.store(part_ptr + pid * T + cols_t, vals, mask=cols_t < T)  # part[pid, :T]
 
 
 @triton.jit
@@ -101,17 +114,18 @@ def _feature_grad_kernel(
     norm_ptr,  # ||phi_i||: [B] fp32
     g_ptr,  # D x D: G_aug = [Phi^T Phi | S] [D, D+1]; B x B: Phi Phi^T [B, B] (masked with labels); fp32
     y_ptr,  # LABELS: labels [B]
-    w_ptr,  # weights: [2] fp32
+    w_ptr,  # weights: [3] fp32
     part_ptr, n_part, T,  # partial sums: [n_part, T], complete
     dphi_ptr,  # d loss / d features: [B, D]
-    terms_ptr, loss_ptr,  # [2], []: written by program (0, 0)
-    B, D, eps, cos_scale, ortho_scale,
+    terms_ptr, loss_ptr,  # [3], []: written by program (0, 0)
+    B, D, eps, cos_scale, ortho_scale, act_scale,
     GRAM_BB: tl.constexpr, LABELS: tl.constexpr, BB: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
     PREC: tl.constexpr, TP: tl.constexpr, BLOCK_ROWS: tl.constexpr,
 ):
     eps = tl.cast(eps, tl.float32)  # float arguments in fp32 (see _utils)
     cos_scale = tl.cast(cos_scale, tl.float32)
     ortho_scale = tl.cast(ortho_scale, tl.float32)
+    act_scale = tl.cast(act_scale, tl.float32)
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
     rows = pid_b * BB + tl.arange(0, BB)
@@ -151,10 +165,10 @@ def _feature_grad_kernel(
             g = tl.load(g_ptr + ks[:, None] * ldg + cols[None, :], mask=mask_k[:, None] & mask_d[None, :], other=0.0)
             phi_s += tl.sum(phi_k * tl.load(g_ptr + ks * ldg + D, mask=mask_k, other=0.0)[None, :], axis=1)
             ortho = tl.dot(phi_k, g, ortho, input_precision=PREC)
-    if LABELS:  # the scales from P and N2: the partial sums' columns (Cos, Ortho, N2) without the constants
+    if LABELS:  # the scales from P and N2: the partial sums' columns (Cos, Ortho without the constants, Act, N2)
         cols_t = tl.arange(0, TP)
         totals = _sum_partials(part_ptr, n_part, T, TP, BLOCK_ROWS)
-        n2 = tl.sum(tl.where(cols_t == 2, totals, 0.0), axis=0)
+        n2 = tl.sum(tl.where(cols_t == 3, totals, 0.0), axis=0)
         pairs = tl.maximum(n2 - B, 1.0)
         cos_scale = 2.0 / pairs
         ortho_scale = 4.0 / n2
@@ -168,13 +182,16 @@ def _feature_grad_kernel(
     t = phi_s / r  # u_i . S
     u = phi / r[:, None]
     d_cos = (s - tl.where((norm >= eps)[:, None], u * t[:, None], 0.0)) / r[:, None]
-    grad = tl.load(w_ptr + 0) * cos_scale * d_cos + tl.load(w_ptr + 1) * ortho_scale * (ortho - phi)
+    sign = tl.where(phi > 0, 1.0, 0.0) - tl.where(phi < 0, 1.0, 0.0)  # sign(0) = 0
+    grad = (tl.load(w_ptr + 0) * cos_scale * d_cos + tl.load(w_ptr + 1) * ortho_scale * (ortho - phi)
+            - tl.load(w_ptr + 2) * act_scale * sign)
     tl.store(dphi_ptr + rows[:, None] * D + cols[None, :], grad.to(dphi_ptr.dtype.element_ty), mask=mask)
 
     if (pid_b == 0) & (pid_d == 0):
         if LABELS:
-            terms = tl.where(cols_t == 0, (totals - B) / pairs, tl.where(cols_t == 1, (totals + B) / n2, 0.0))
-            _write_terms(terms, 2, w_ptr, terms_ptr, loss_ptr, TP)
+            terms = tl.where(cols_t == 0, (totals - B) / pairs,
+                             tl.where(cols_t == 1, (totals + B) / n2, tl.where(cols_t == 2, totals, 0.0)))
+            _write_terms(terms, 3, w_ptr, terms_ptr, loss_ptr, TP)
         else:
             _finish(part_ptr, n_part, T, w_ptr, terms_ptr, loss_ptr, -1, TP, BLOCK_ROWS)
 
@@ -183,7 +200,7 @@ def _feature_grad_kernel(
 def _feature_loss_op(
     features: Tensor, weights: Tensor, labels: Optional[Tensor], num_classes: int
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """(loss [], terms [2], d loss/d features [B, D]); the kernels compare labels, so ``num_classes`` is unused."""
+    """(loss [], terms [3], d loss/d features [B, D]); the kernels compare labels, so ``num_classes`` is unused."""
     phi = features.contiguous()
     b, d = phi.shape
     device = phi.device
@@ -198,26 +215,28 @@ def _feature_loss_op(
         view = (d, 1)
     n_part = p1 + plan.partial_rows
     if y is None:  # partial sums already scaled: terms = column sums
-        cols, cos_scale, ortho_scale = 2, 1.0 / (b * (b - 1)), 1.0 / b**2
-    else:  # columns (Cos, Ortho) without their constants and divisors, and N2 (see the module doc)
-        cols, cos_scale, ortho_scale = 3, 1.0, 1.0
+        cols, cos_scale, ortho_scale = len(TERMS), 1.0 / (b * (b - 1)), 1.0 / b**2
+    else:  # columns (Cos, Ortho) without their constants and divisors, Act, and N2 (see the module doc)
+        cols, cos_scale, ortho_scale = _N2 + 1, 1.0, 1.0
+    act_scale = 1.0 / (b * d)  # Act's divisor, labels or not
     consts = (-b * cos_scale, b * ortho_scale) if y is None else (0.0, 0.0)  # program 0 adds them
     part = empty((n_part, cols), device)
     norms = empty((b,), device)
     launch(
-        _feature_norms_kernel, (p1,), phi, norms, part, y if y is not None else phi, b, d, cols, ortho_scale, *consts,
+        _feature_norms_kernel, (p1,), phi, norms, part, y if y is not None else phi, b, d, cols, ortho_scale, act_scale,
+        *consts,
         LABELS=y is not None, BB=_NORM_ROWS, BD=block(d, hi=128), BY=block(b, hi=128), TP=TERMS_PAD, num_warps=4,
     )
     # ||G||^2 into Ortho; ||S||^2 (extra column, or w^T G w for the B x B Gram) into Cos
     g = gram(plan, phi, view, phi, view, part, p1, (_ORTHO, _COS), (ortho_scale, cos_scale),
              v=norms, eps=NORM_EPS, quad=gram_bb, labels=y)
     dphi = empty((b, d), device, features.dtype)
-    loss, terms = empty((), device), empty((2,), device)
+    loss, terms = empty((), device), empty((len(TERMS),), device)
     bb, bd = 32, block(d, hi=64)
     launch(
         _feature_grad_kernel, (cdiv(b, bb), cdiv(d, bd)),
         phi, norms, g, y if y is not None else phi, weights, part, n_part, cols, dphi, terms, loss,
-        b, d, NORM_EPS, 2.0 * cos_scale, 4.0 * ortho_scale,
+        b, d, NORM_EPS, 2.0 * cos_scale, 4.0 * ortho_scale, act_scale,
         GRAM_BB=gram_bb, LABELS=y is not None, BB=bb, BD=bd, BK=32, PREC=FP32_DOT, TP=TERMS_PAD,
         BLOCK_ROWS=BLOCK_ROWS, num_warps=8,
     )
@@ -231,9 +250,9 @@ _feature_loss_op.register_autograd(_backward, setup_context=_setup_context)
 def feature_loss(
     features: Tensor, weights: Tensor, labels: Optional[Tensor] = None, num_classes: int = 0
 ) -> Tuple[Tensor, Tensor]:
-    """Fused ``tldr_fast.reference.feature_loss``: ``features`` [B, D] with B >= 2, ``weights`` [2] fp32
+    """Fused ``tldr_fast.reference.feature_loss``: ``features`` [B, D] with B >= 2, ``weights`` [3] fp32
     on the device, ``labels`` None (all pairs) or [B] integers in ``[0, num_classes)`` on the device
-    (same-label pairs); returns ``(loss [], terms [2])`` = (Cos, Ortho). Gradients flow to features (in
+    (same-label pairs); returns ``(loss [], terms [3])`` = (Cos, Ortho, Act). Gradients flow to features (in
     their dtype) and weights."""
     SPEC.check(features, weights, labels, num_classes)
     loss, terms, _ = _feature_loss_op(compute_dtype(features), weights_fp32(weights), labels, int(num_classes))

@@ -28,7 +28,7 @@ def rand(gen, *shape, dtype=torch.float32, device=DEVICE, scale=1.0):
     return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
 
 
-def rand_weights(gen, n=2, device=DEVICE):
+def rand_weights(gen, n, device=DEVICE):
     """Loss weights in [0.5, 1.5) drawn on the CPU from ``gen``: ``[n]`` fp32 on ``device``."""
     return (torch.rand(n, generator=gen) + 0.5).to(device)
 

@@ -23,7 +23,8 @@ from tldr_fast.samples import load_sample
 pytestmark = pytest.mark.timeout(120)
 
 # every term exact over the global batch (DESIGN.md 5.1): no BatchNorm in the classifier (bn_stats),
-# no per-rank grad-norm, moments or mode-seeking; the reference backend (its perturbation noise)
+# no per-rank grad-norm, moments or mode-seeking; the activation term on; the reference backend (its
+# perturbation noise)
 TINY = dict(
     steps=4,
     batch_size=8,
@@ -37,6 +38,7 @@ TINY = dict(
     grad_norm="off",
     moments=0.0,
     mode_seek=0.0,
+    activation=0.1,
     select=1,
 )
 
@@ -111,8 +113,9 @@ def _feature_terms(phi, w, labels, k):
 def test_distributed_feature_loss_is_the_global_one(tmp_path, by_class):
     gen = torch.Generator().manual_seed(0)
     phi = torch.randn(11, 6, generator=gen, dtype=torch.float64) + 0.3
+    phi[3, :2] = 0  # Act's gradient is 0 there
     labels = torch.randint(0, 3, (11,), generator=gen) if by_class else None
-    w = torch.tensor([0.7, 1.3], dtype=torch.float64)
+    w = torch.tensor([0.7, 1.3, 0.9], dtype=torch.float64)
     x = phi.clone().requires_grad_(True)
     loss, terms = reference.feature_loss(x, w, labels, 3)
     loss.backward()

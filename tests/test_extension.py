@@ -200,7 +200,7 @@ def test_opcheck_head_loss(lib, gen, device, case):
 def test_opcheck_feature_loss(lib, gen, device, shape, dtype, by_class):
     phi = rand(gen, *shape, device=device, dtype=dtype).requires_grad_(True)
     labels = torch.randint(0, 3, (shape[0],), generator=gen).to(device) if by_class else None
-    torch.library.opcheck(lib.feature_loss.default, (phi, torch.ones(2, device=device), labels, 3))
+    torch.library.opcheck(lib.feature_loss.default, (phi, torch.ones(3, device=device), labels, 3))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -279,7 +279,7 @@ def test_ops_under_torch_compile_fullgraph(lib, gen):
 
     def block(z, f, x):
         l1, t1 = ext_ops.head_loss(z, target, labels, f, w)
-        l2, t2 = ext_ops.feature_loss(f.relu(), w[:2], labels, 4)
+        l2, t2 = ext_ops.feature_loss(f.relu(), w[:3], labels, 4)
         l3, t3 = ext_ops.image_prior(torch.tanh(x), w[:3], -1.0, 1.0, moments)
         return l1 + l2 + 2.0 * l3, torch.cat([t1, t2, t3])
 
@@ -302,12 +302,11 @@ def test_gradcheck_fp64_with_weights(lib, gen):
     w = (torch.rand(5, generator=gen, dtype=torch.float64) + 0.5).to(DEVICE).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda z, f, w: ext_ops.head_loss(z, target, labels, f, w)[0], (logits, feats, w))
     phi = rand(gen, 5, 3, dtype=torch.float64).requires_grad_(True)
-    w2 = w[:2].detach().clone().requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda p, w: ext_ops.feature_loss(p, w)[0], (phi, w2))
-    y = torch.tensor([0, 1, 0, 1, 1], device=DEVICE)
-    assert torch.autograd.gradcheck(lambda p, w: ext_ops.feature_loss(p, w, y, 2)[0], (phi, w2))
-    x = rand(gen, 2, 2, 4, 5, dtype=torch.float64, scale=1.5).requires_grad_(True)
     w3 = w[:3].detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda p, w: ext_ops.feature_loss(p, w)[0], (phi, w3))
+    y = torch.tensor([0, 1, 0, 1, 1], device=DEVICE)
+    assert torch.autograd.gradcheck(lambda p, w: ext_ops.feature_loss(p, w, y, 2)[0], (phi, w3))
+    x = rand(gen, 2, 2, 4, 5, dtype=torch.float64, scale=1.5).requires_grad_(True)
     moments = torch.tensor([[0.2, 0.4], [0.3, 0.2]], dtype=torch.float64, device=DEVICE)
     assert torch.autograd.gradcheck(lambda x, w: ext_ops.image_prior(x, w, -1.0, 1.0, moments)[0], (x, w3))
 
@@ -434,8 +433,8 @@ def test_non_contiguous_inputs(lib, gen):
     g0 = torch.autograd.grad(ref.image_prior(x, w)[0], x)[0]
     assert_close(g1, g0, what="d/dimages on channels_last")
     phi = rand(gen, 9, 5).t().requires_grad_(True)  # [5, 9], column-major
-    g1 = torch.autograd.grad(ext_ops.feature_loss(phi, w[:2])[0], phi)[0]
-    g0 = torch.autograd.grad(ref.feature_loss(phi, w[:2])[0], phi)[0]
+    g1 = torch.autograd.grad(ext_ops.feature_loss(phi, w)[0], phi)[0]
+    g0 = torch.autograd.grad(ref.feature_loss(phi, w)[0], phi)[0]
     assert_close(g1, g0, what="d/dfeatures, transposed input")
 
 
@@ -448,7 +447,9 @@ def test_the_raw_ops_still_guard_their_kernels(lib, gen):
     with pytest.raises(RuntimeError, match="weights must have shape"):
         lib.head_loss(logits, target, labels, feats, w[:3], True)
     with pytest.raises(RuntimeError, match=r"labels must lie in \[0, 3\)"):
-        lib.feature_loss(torch.randn(4, 4), w[:2], torch.tensor([0, 1, 3, 0]), 3)
+        lib.feature_loss(torch.randn(4, 4), w[:3], torch.tensor([0, 1, 3, 0]), 3)
+    with pytest.raises(RuntimeError, match=r"weights must have shape \[3\]"):
+        lib.feature_loss(torch.randn(4, 4), w[:2], None, 0)
     with pytest.raises(RuntimeError, match="moments must be"):
         lib.image_prior(torch.randn(2, 3, 4, 4), w[:3], -1.0, 1.0, torch.ones(2, 2))
     x = torch.randn(2, 3, 4)

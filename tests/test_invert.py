@@ -230,6 +230,19 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
         assert resumed.history[t] == pytest.approx(full.history[t], rel=1e-5, abs=1e-7)
 
 
+def test_a_checkpoint_from_before_a_term_loads_and_resumes(tmp_path):
+    """A checkpoint written before the activation term existed (no weight, no history column): the weight
+    is its default (0), the term's column starts at the resumed steps."""
+    ckpt = tmp_path / "run.pt"
+    invert(mlp(), 3, (1, 8, 8), checkpoint=ckpt, **{**TINY, "steps": 4})
+    state = torch.load(ckpt, weights_only=True)
+    del state["config"]["weights"]["activation"], state["history"]["activation"]
+    torch.save(state, ckpt)
+    assert Inversion.load(ckpt, classifier=mlp()).config.weights.activation == 0.0
+    resumed = invert(mlp(), 3, (1, 8, 8), resume=ckpt, steps=6)
+    assert resumed.history["step"] == [2, 4, 6] and len(resumed.history["activation"]) == 1
+
+
 def test_checkpoints_are_written_periodically_and_atomically(tmp_path):
     ckpt = tmp_path / "sub" / "run.pt"
     invert(mlp(), 3, (1, 8, 8), checkpoint=ckpt, checkpoint_every=2, **{**TINY, "steps": 4})

@@ -285,6 +285,37 @@ def test_fused_method_terms_in_the_step_are_the_backends(fast, op):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_activation_alone_runs_feature_loss_in_the_step():
+    """With only the activation term of feature_loss on, the step runs the op (with all its weights) and the
+    term is -mean |phi| of the clean rows' features; with every term of the op at weight 0 (the activation's
+    default) the op does not run and the term reads 0."""
+    from tldr_fast.backends import resolve
+    from tldr_fast.step import TLDRObjective
+
+    shape = (1, 16, 16)
+    clf = with_meta(PlainCNN(list(shape), 3, width=4, feature_dim=8))
+    cfg = InversionConfig().with_overrides(**{**TINY, "cos": 0.0, "ortho": 0.0, "activation": 0.5})
+    target = FrozenClassifier(clf, 3, shape, preprocess=cfg.preprocess, device="cpu")
+    ops = resolve("torch", "cpu", quiet=True)
+    calls = []
+    fused = ops.ops["feature_loss"]
+
+    def counted(feats, w, *args):
+        calls.append(w.clone())
+        feature_terms = fused(feats, w, *args)
+        torch.testing.assert_close(feature_terms[1][-1], -feats.detach().abs().mean())
+        return feature_terms
+
+    ops.ops["feature_loss"] = counted
+    torch.manual_seed(0)
+    g = ConditionedGenerator(3, shape, cfg.nz, cfg.ngf)
+    _, terms = TLDRObjective(g, target, cfg, ops, torch.device("cpu"))(0)
+    assert len(calls) == 1 and calls[0].tolist() == [0.0, 0.0, 0.5]
+    assert terms[TERMS.index("activation")] < 0
+    off = invert(clf, 3, shape, cos=0.0, ortho=0.0, **TINY)
+    assert off.history["activation"][-1] == 0.0
+
+
 def test_class_diversity_changes_the_step():
     clf = with_meta(PlainCNN([1, 16, 16], 3, width=4, feature_dim=8))
     a = invert(clf, 3, (1, 16, 16), **TINY)

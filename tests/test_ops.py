@@ -114,12 +114,13 @@ BAD = {
         (_head(logits=torch.randn(8, 3).long()), "logits must be a floating-point tensor"),
     ],
     "feature_loss": [
-        ((torch.randn(1, 4), _w(2)), "B >= 2"),
-        ((torch.randn(4, 4), _w(2), torch.zeros(4), 3), "labels must be an integer tensor"),
-        ((torch.randn(4, 4), _w(2), torch.tensor([0, 1, 3, 0]), 3), r"labels must lie in \[0, 3\)"),
-        ((torch.randn(4, 4), _w(3)), r"weights must have shape \[2\]"),
-        ((torch.randn(4, 4), _w(2), torch.tensor([0, 1, 1, 0])), "num_classes must be an int >= 1"),
-        ((torch.randn(4, 4), _w(2), torch.tensor([0, 1, 1])), "labels must be"),
+        ((torch.randn(1, 4), _w(3)), "B >= 2"),
+        ((torch.randn(4, 4), _w(3), torch.zeros(4), 3), "labels must be an integer tensor"),
+        ((torch.randn(4, 4), _w(3), torch.tensor([0, 1, 3, 0]), 3), r"labels must lie in \[0, 3\)"),
+        ((torch.randn(4, 4), _w(2)), r"weights must have shape \[3\]"),  # the layout before Act
+        ((torch.randn(4, 4), _w(4)), r"weights must have shape \[3\]"),
+        ((torch.randn(4, 4), _w(3), torch.tensor([0, 1, 1, 0])), "num_classes must be an int >= 1"),
+        ((torch.randn(4, 4), _w(3), torch.tensor([0, 1, 1])), "labels must be"),
     ],
     "image_prior": [
         ((torch.randn(2, 4, 4), _w(3)), "images must be a non-empty"),
@@ -196,7 +197,7 @@ def test_the_triton_and_extension_backends_run_the_checks():
     for name in ("triton", "extension"):
         ops = backend_or_skip(name, "cpu")
         with pytest.raises(ValueError, match="B >= 2"):
-            ops.feature_loss(torch.randn(1, 4), _w(2))
+            ops.feature_loss(torch.randn(1, 4), _w(3))
 
 
 # --- structure ---------------------------------------------------------------------------------------

@@ -41,7 +41,10 @@ class LossWeights:
     2019): the inverse of the image distance per latent distance between pairs of the same label;
     ``kkt`` asks the batch's CE descent direction w.r.t. the classifier's parameters to point along
     the parameters (``reference.kkt``: the KKT stationarity of a converged classifier, Haim et al. 2022,
-    Buzaglo et al. 2023; a double backward, so not with ``compile`` or ``cuda_graph``).
+    Buzaglo et al. 2023; a double backward, so not with ``compile`` or ``cuda_graph``);
+    ``activation``: DAFL's activation loss (Chen et al. 2019), -mean |phi| of the penultimate features:
+    rewards images that excite the classifier's features strongly; helps classifiers without BatchNorm
+    (BENCHMARKS.md).
     """
 
     ce: float = 1.0
@@ -51,6 +54,7 @@ class LossWeights:
     grad_norm: float = 0.1
     cos: float = 1.0
     ortho: float = 1e-5  # Ortho acts on raw features: its scale is ||phi||^4, hundreds to thousands
+    activation: float = 0.0
     tv: float = 1e-3
     pix: float = 1.0
     moments: float = 1.0

@@ -7,7 +7,7 @@
   whole of each term that every rank computes from all-reduced statistics.
 * ``GlobalBatchNorm``: BatchNorm over the global batch (``nn.SyncBatchNorm`` needs a GPU; this works
   with gloo on the CPU too), and ``data_parallel`` (it, then DDP) for the generator.
-* ``feature_loss``: the cosine and orthogonality terms of the global batch from all-reduced sums.
+* ``feature_loss``: the cosine, orthogonality and activation terms of the global batch from all-reduced sums.
 * ``process_group``: the command line's process group under ``torchrun``.
 """
 
@@ -138,32 +138,34 @@ def feature_loss(
     """``reference.feature_loss`` of the global batch (``total`` rows over all ranks), from this rank's
     ``features`` ``[b, D]`` (and ``labels`` ``[b]``): exact, the same value on every rank.
 
-    All pairs: one all-reduce of ``[S = sum u_i (D), Phi^T Phi (D x D), ||Phi||_F^2]``. Same-label pairs:
-    ``[S_k (K x D), n_k (K), Phi_k^T Phi_k (K x D x D), ||Phi||_F^2]`` (``sum_{y_i = y_j} (phi_i . phi_j)^2
-    = sum_k ||Phi_k^T Phi_k||_F^2``). Communication does not grow with the batch. Gradients flow through
-    the all-reduce: a rank's backward of the returned loss is ``world`` times the global term's
-    gradient w.r.t. its rows (the mean of the ranks' losses is the global term).
+    All pairs: one all-reduce of ``[S = sum u_i (D), Phi^T Phi (D x D), ||Phi||_F^2, sum |phi|]``. Same-label
+    pairs: ``[S_k (K x D), n_k (K), Phi_k^T Phi_k (K x D x D), ||Phi||_F^2, sum |phi|]`` (``sum_{y_i = y_j}
+    (phi_i . phi_j)^2 = sum_k ||Phi_k^T Phi_k||_F^2``); Act is ``-sum |phi|`` over ``total * D``.
+    Communication does not grow with the batch. Gradients flow through the all-reduce: a rank's backward
+    of the returned loss is ``world`` times the global term's gradient w.r.t. its rows (the mean of the
+    ranks' losses is the global term).
     """
     phi = features.double() if features.dtype == torch.float64 else features.float()
     b, d = phi.shape
     u = phi / phi.norm(dim=1, keepdim=True).clamp_min(reference.NORM_EPS)
-    sq = phi.square().sum().view(1)
+    norms = torch.stack([phi.square().sum(), phi.abs().sum()])  # [2]: ||Phi||_F^2, sum |phi|
     if labels is None:
-        parts = [u.sum(0), (phi.t() @ phi).flatten(), sq]  # [D], [D*D], [1]
+        parts = [u.sum(0), (phi.t() @ phi).flatten(), norms]  # [D], [D*D], [2]
     else:
         onehot = F.one_hot(labels, num_classes).to(phi.dtype)  # [b, K]
         gram = (onehot[:, :, None] * phi[:, None, :]).flatten(1).t() @ phi  # [K*D, D]: Phi_k^T Phi_k
-        parts = [(onehot.t() @ u).flatten(), onehot.sum(0), gram.flatten(), sq]  # [K*D], [K], [K*D*D], [1]
+        parts = [(onehot.t() @ u).flatten(), onehot.sum(0), gram.flatten(), norms]  # [K*D], [K], [K*D*D], [2]
     sums = all_reduce_sum(torch.cat(parts)).split([p.numel() for p in parts])
     n = total
     if labels is None:
-        s, gram, sq = sums
+        s, gram, (sq, l1) = sums
         cos = (s.square().sum() - n) / (n * (n - 1))
     else:
-        s, counts, gram, sq = sums
+        s, counts, gram, (sq, l1) = sums
         cos = (s.square().sum() - n) / (counts * (counts - 1)).sum().clamp_min(1)
-    ortho = (gram.square().sum() - 2 * sq.sum() + n) / (n * n if labels is None else counts.square().sum())
-    terms = torch.stack([cos, ortho])
+    ortho = (gram.square().sum() - 2 * sq + n) / (n * n if labels is None else counts.square().sum())
+    act = -l1 / (n * d)
+    terms = torch.stack([cos, ortho, act])
     return (weights.to(terms.dtype) * terms).sum(), terms.detach()
 
 

@@ -100,16 +100,17 @@ def feature_loss(
     features: Tensor, weights: Tensor, labels: Optional[Tensor] = None, num_classes: int = 0
 ) -> Tuple[Tensor, Tensor]:
     """Diversity: mean pairwise cosine similarity and orthogonality of penultimate features, over all
-    pairs of the batch or, with ``labels``, over the pairs of the same label only.
+    pairs of the batch or, with ``labels``, over the pairs of the same label only; and the activation
+    loss of DAFL (Chen et al. 2019) over every row.
 
     Args:
         features: ``[B, D]`` with B >= 2.
-        weights: ``[2]`` fp32 weights of the terms (``tldr_fast.ops.feature_loss.TERMS``).
+        weights: ``[3]`` fp32 weights of the terms (``tldr_fast.ops.feature_loss.TERMS``).
         labels: None (all pairs), or ``[B]`` int64 in ``[0, num_classes)``: only pairs with equal labels.
         num_classes: K, with ``labels`` (the per-class sums are ``[K, D]``; no host sync on the labels).
 
     Returns:
-        ``(loss [], terms [2])``. All pairs: ``Cos = (||sum_i u_i||^2 - B) / (B(B-1))`` with
+        ``(loss [], terms [3])``. All pairs: ``Cos = (||sum_i u_i||^2 - B) / (B(B-1))`` with
         ``u_i = phi_i / ||phi_i||``; ``Ortho = ||Phi^T Phi||_F^2 - 2||Phi||_F^2 + B`` over ``B^2``
         (equal to ``||Phi Phi^T - I||_F^2 / B^2``), with the smaller Gram matrix.
         Same-label pairs, with ``n_k`` samples of class k and ``S_k = sum_{i: y_i = k} u_i``:
@@ -117,6 +118,8 @@ def feature_loss(
         same-label pairs (0 when P = 0); ``Ortho = ||(Phi Phi^T) o M - I||_F^2 / sum_k n_k^2`` with
         ``M_ij = [y_i = y_j]``, i.e. ``(sum_{i,j: y_i = y_j} (phi_i . phi_j)^2 - 2||Phi||_F^2 + B) / sum_k n_k^2``.
         Every sample of a class is one term of its class; the all-pairs form is the one-class case.
+        ``Act = -(1 / (B D)) sum_{i,d} |phi_id|`` over every row, labels or not (large activations, as
+        real images excite the classifier's features; d/dphi = -sign(phi) / (B D), sign(0) = 0).
     """
     _feature_loss.check(features, weights, labels, num_classes)
     phi = _acc(features)
@@ -132,7 +135,8 @@ def feature_loss(
         cos = (s.square().sum() - b) / (n * (n - 1)).sum().clamp_min(1)
         same = labels[:, None] == labels[None, :]  # [B, B]: M
         ortho = ((phi @ phi.t()).square()[same].sum() - 2 * phi.square().sum() + b) / n.square().sum()
-    terms = torch.stack([cos, ortho])
+    act = -phi.abs().mean()
+    terms = torch.stack([cos, ortho, act])
     return (weights.to(terms.dtype) * terms).sum(), terms.detach()
 
 

@@ -64,9 +64,9 @@ class TLDRObjective:
 
     Under ``torch.distributed`` (world size > 1; DESIGN.md section 5.1) ``cfg.batch_size`` is the global
     batch: this rank draws the whole batch's randomness and keeps its rows (``self.shard``), the
-    generator is data-parallel (global BatchNorm, DDP), ``cos``/``ortho`` are exact global-batch terms
-    (``distributed.feature_loss``) and every other term is weighted by ``self.scale`` so that the mean of
-    the ranks' losses is the global objective (``global_terms`` gives the global values).
+    generator is data-parallel (global BatchNorm, DDP), ``cos``/``ortho``/``activation`` are exact
+    global-batch terms (``distributed.feature_loss``) and every other term is weighted by ``self.scale`` so
+    that the mean of the ranks' losses is the global objective (``global_terms`` gives the global values).
     """
 
     def __init__(
@@ -79,7 +79,7 @@ class TLDRObjective:
     ):
         self.g, self.target, self.cfg, self.ops, self.device = generator, target, cfg, ops, device
         self.robust = cfg.active("ce_pert") or cfg.active("kl_pert")
-        self.diverse = cfg.active("cos") or cfg.active("ortho")
+        self.diverse = any(cfg.active(t) for t in FEATURE_TERMS)  # feature_loss runs, with all its weights
         self.moments = target.moments if cfg.active("moments") else None  # [2, C] or None
         self.prior = cfg.active("tv") or cfg.active("pix") or self.moments is not None
         self.bn_stats = cfg.active("bn_stats") and bool(target.batchnorms)
@@ -161,7 +161,7 @@ class TLDRObjective:
 
     def global_terms(self, terms: Tensor) -> Tensor:
         """The terms of the global batch from this rank's ``terms`` (a collective: every rank calls it;
-        ``terms`` itself in one process). Exact for ``cos``, ``ortho``, ``pix`` and the means of
+        ``terms`` itself in one process). Exact for ``cos``, ``ortho``, ``activation``, ``pix`` and the means of
         per-image values; the other terms are the mean of the ranks' values weighted by their rows."""
         return terms if self.shard.world == 1 else self.shard.mean_of_ranks(terms * self.scale)
 

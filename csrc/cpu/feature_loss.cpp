@@ -1,6 +1,6 @@
 // feature_loss, CPU: mean pairwise cosine similarity and orthogonality of the penultimate features by their
-// closed forms, over all pairs of the batch or over the pairs of the same label, gradient written in the same
-// call.
+// closed forms, over all pairs of the batch or over the pairs of the same label, and the activation loss (DAFL,
+// Chen et al. 2019) over every row; gradient written in the same call.
 //
 // The rows fall into groups: all B rows, or (with labels) the n_k rows of each label k. A row interacts only
 // with the rows of its group, so each group is the all-pairs problem on its own rows, and the terms add up:
@@ -9,12 +9,15 @@
 // P = sum_k n_k (n_k - 1) ordered pairs, N2 = sum_k n_k^2 (all pairs: P = B (B-1), N2 = B^2):
 //   Cos   = (sum_k ||S_k||^2 - B) / max(P, 1)
 //   Ortho = (sum_k ||G_k||_F^2 - 2 ||Phi||_F^2 + B) / N2
+//   Act   = -(1 / (B D)) sum_{i,d} |phi_id|   (every row, whatever the groups)
 // (sum_k ||G_k||^2 = sum_{i,j: y_i = y_j} (phi_i . phi_j)^2, the masked B x B Gram's norm, at the cost of the
 // per-label Grams). Gradients (DESIGN.md section 2), for row i of group k:
 //   dCos/du_i = 2 S_k / max(P, 1) =: cs S_k, then through the normalisation
 //     r_i >= eps: du_i/dphi_i = (I - u_i u_i^T) / r_i  ->  cs (S_k - u_i (u_i . S_k)) / r_i
 //     r_i <  eps: u_i = phi_i / eps                     ->  cs S_k / eps   (as clamp_min's gradient)
 //   dOrtho/dphi_i = 4 ((Phi_k (Phi_k^T Phi_k))_i - phi_i) / N2 =: co (...)   (= ((Phi_k Phi_k^T) Phi_k)_i)
+//   dAct/dphi_id  = -sign(phi_id) / (B D) =: -ca sign(phi_id)   (sign(0) = 0, torch.abs's subgradient)
+// sum |phi_id| is taken per row with the row norms (the pass that reads Phi first).
 // The Gram (by blocks of its upper triangle, sym_gram), its product with Phi_k and the matrix-vector products
 // go through ATen's BLAS; bf16/fp16 features are converted to fp32 once for them. With labels the rows are
 // first put in label order (a counting sort and one copy of Phi), so that every group is a block of rows, and
@@ -41,6 +44,15 @@ inline T dot(const T* __restrict__ x, const T* __restrict__ y, int64_t n) {
   T s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t j = 0; j < n; ++j) s += x[j] * y[j];
+  return s;
+}
+
+// sum_j |x_j| over n elements, vectorised.
+template <typename T>
+inline T abs_sum(const T* __restrict__ x, int64_t n) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += std::abs(x[j]);
   return s;
 }
 
@@ -94,10 +106,12 @@ void feature_loss_cpu_kernel(const at::Tensor& phi_t, const std::vector<int64_t>
   at::Tensor norm_t = at::empty({b}, opts), inv_t = at::empty({b}, opts);
   acc_t* nrm = norm_t.mutable_data_ptr<acc_t>();  // r_i
   acc_t* inv = inv_t.mutable_data_ptr<acc_t>();   // 1 / rc_i
+  std::vector<acc_t> l1(b);                        // sum_d |phi_id|
   at::parallel_for(0, b, parallel_grain(d), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       nrm[i] = std::sqrt(dot(phi + i * d, phi + i * d, d));
       inv[i] = acc_t(1) / std::max(nrm[i], acc_t(kNormEps));
+      l1[i] = abs_sum(phi + i * d, d);
     }
   });
   at::Tensor s = at::empty({groups, d}, opts);  // [groups, D] S_k
@@ -123,15 +137,19 @@ void feature_loss_cpu_kernel(const at::Tensor& phi_t, const std::vector<int64_t>
     n2 += double(n) * double(n);
     std::fill(group_of.begin() + r0, group_of.begin() + r0 + n, k);
   }
-  double f2 = 0;
-  for (int64_t i = 0; i < b; ++i) f2 += double(nrm[i]) * nrm[i];
-  const double bd = double(b), p = std::max(pairs, 1.0);
+  double f2 = 0, a1 = 0;
+  for (int64_t i = 0; i < b; ++i) {
+    f2 += double(nrm[i]) * nrm[i];
+    a1 += l1[i];
+  }
+  const double bd = double(b), p = std::max(pairs, 1.0), size = bd * double(d);
   acc_t* t = terms.mutable_data_ptr<acc_t>();
   t[0] = static_cast<acc_t>((s2 - bd) / p);
   t[1] = static_cast<acc_t>((g2 - 2 * f2 + bd) / n2);
-  *loss.mutable_data_ptr<acc_t>() = w[0] * t[0] + w[1] * t[1];
+  t[2] = static_cast<acc_t>(-a1 / size);
+  *loss.mutable_data_ptr<acc_t>() = w[0] * t[0] + w[1] * t[1] + w[2] * t[2];
 
-  const acc_t cs = acc_t(2 * double(w[0]) / p), co = acc_t(4 * double(w[1]) / n2);
+  const acc_t cs = acc_t(2 * double(w[0]) / p), co = acc_t(4 * double(w[1]) / n2), ca = acc_t(double(w[2]) / size);
   const acc_t* sp = s.const_data_ptr<acc_t>();
   const acc_t* pp = prod.const_data_ptr<acc_t>();
   acc_t* g = grad.mutable_data_ptr<acc_t>();
@@ -147,7 +165,8 @@ void feature_loss_cpu_kernel(const at::Tensor& phi_t, const std::vector<int64_t>
       const acc_t a = unclamped ? cs / r : cs / acc_t(kNormEps);
       const acc_t us = unclamped ? dot(pr, sk, d) / (r * r) : acc_t(0);
 #pragma omp simd
-      for (int64_t j = 0; j < d; ++j) gr[j] = a * (sk[j] - pr[j] * us) + co * (qr[j] - pr[j]);
+      for (int64_t j = 0; j < d; ++j)
+        gr[j] = a * (sk[j] - pr[j] * us) + co * (qr[j] - pr[j]) - ca * acc_t((pr[j] > 0) - (pr[j] < 0));
     }
   });
 }
@@ -158,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_loss_cpu(const at::Tensor
   const at::Tensor feats = prepare_feature_loss(features);
   const at::ScalarType acc = acc_dtype(feats.scalar_type());
   at::Tensor phi = feats.to(acc);  // fp32/fp64 copy for BLAS (no copy for fp32/fp64 input)
-  const at::Tensor w = prepare_weights(weights, 2, feats, acc);
+  const at::Tensor w = prepare_weights(weights, 3, feats, acc);
   std::vector<int64_t> sizes{phi.size(0)};  // one group: all pairs
   at::Tensor order;
   if (labels.has_value()) {
@@ -166,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_loss_cpu(const at::Tensor
     phi = phi.index_select(0, order);  // [B, D] in label order
   }
   at::Tensor loss = at::empty({}, phi.options());
-  at::Tensor terms = at::empty({2}, phi.options());
+  at::Tensor terms = at::empty({3}, phi.options());  // Cos, Ortho, Act
   at::Tensor grad = at::empty_like(phi);
   AT_DISPATCH_FLOATING_TYPES(acc, "feature_loss_cpu", [&] {
     feature_loss_cpu_kernel<scalar_t>(phi, sizes, order.defined() ? order.const_data_ptr<int64_t>() : nullptr,

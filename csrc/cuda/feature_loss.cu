@@ -1,10 +1,11 @@
-// feature_loss, CUDA: the formulas and the gradient derivation are those of feature_loss.cpp.
+// feature_loss, CUDA: the formulas and the gradient derivation are those of feature_loss.cpp (Act, the
+// activation loss, is the same in both forms: -sum |phi| / (B D), gradient -w_act sign(phi) / (B D)).
 //
 // Launches, all pairs:
-//   feature_norms_kernel     one warp per row: r_i and w_i = 1 / max(r_i, eps)
+//   feature_norms_kernel     one warp per row: r_i, w_i = 1 / max(r_i, eps) and l1_i = sum_d |phi_id|
 //   S = Phi^T w, Gram = Phi^T Phi (or Phi Phi^T), Phi Phi^T Phi   (cuBLAS through ATen, fp32/fp64)
 //   sum_squares_kernel       partial sums of ||Gram||_F^2
-//   feature_finalize_kernel  one block: ||S||^2, ||Phi||_F^2, the terms and the loss
+//   feature_finalize_kernel  one block: ||S||^2, ||Phi||_F^2, sum_i l1_i, the terms and the loss
 //   feature_grad_kernel      one warp per row: phi_i . S, then the row's gradient
 // Same-label pairs, by the masked B x B Gram (no per-label grouping: the labels stay on the device, compared,
 // never read by the host nor used as indices). With M_ij = [y_i = y_j],
@@ -41,21 +42,25 @@ template <typename scalar_t, typename acc_t>
 __global__ void feature_norms_kernel(const scalar_t* __restrict__ phi,  // [B, D]
                                      acc_t* __restrict__ nrm,           // [B] r_i
                                      acc_t* __restrict__ inv,           // [B] 1 / max(r_i, eps)
+                                     acc_t* __restrict__ l1,            // [B] sum_d |phi_id|
                                      int64_t b, int64_t d) {
   const int lane = threadIdx.x % kWarp;
   const int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
   if (r >= b) return;  // warp-uniform, no block-level synchronisation in this kernel
   const scalar_t* row = phi + r * d;
-  acc_t sq = 0;
+  acc_t sq = 0, ab = 0;
   for (int64_t j = lane; j < d; j += kWarp) {
     const acc_t v = static_cast<acc_t>(row[j]);
     sq += v * v;
+    ab += abs(v);
   }
   sq = warp_sum(sq);
+  ab = warp_sum(ab);
   if (lane == 0) {
     const acc_t n = sqrt(sq);
     nrm[r] = n;
     inv[r] = acc_t(1) / (n > acc_t(kNormEps) ? n : acc_t(kNormEps));
+    l1[r] = ab;
   }
 }
 
@@ -104,25 +109,30 @@ __global__ void label_mask_kernel(acc_t* __restrict__ a,              // [2B, B]
 }
 
 // s2 = sum_j s_j^2 (all pairs: S [D]) or sum_j s_j (same label: q [B]); g2 = sum of g2_part; N2 = B^2 (counts
-// null) or sum counts; P = N2 - B. Writes the terms, the loss and, with counts, scale = (cs, co).
+// null) or sum counts; P = N2 - B; a1 = sum_i l1_i. Writes the terms, the loss and, with counts, scale = (cs, co).
 template <typename acc_t>
 __global__ void feature_finalize_kernel(const acc_t* __restrict__ s, int64_t s_len, bool square_s,
                                         const acc_t* __restrict__ nrm,      // [B]
+                                        const acc_t* __restrict__ l1,       // [B]
                                         const acc_t* __restrict__ g2_part,  // [g2_len]
                                         int64_t g2_len,
                                         const acc_t* __restrict__ counts,   // [B] n_{y_i}, or null
-                                        const acc_t* __restrict__ weights,  // [2]
-                                        int64_t b,
+                                        const acc_t* __restrict__ weights,  // [3]
+                                        int64_t b, int64_t d,
                                         acc_t* __restrict__ loss,    // []
-                                        acc_t* __restrict__ terms,   // [2]
+                                        acc_t* __restrict__ terms,   // [3]
                                         acc_t* __restrict__ scale) {  // [2] with counts
   __shared__ acc_t smem[kWarp];
-  acc_t s2 = 0, f2 = 0, g2 = 0, n2 = 0;
+  acc_t s2 = 0, f2 = 0, a1 = 0, g2 = 0, n2 = 0;
   for (int64_t j = threadIdx.x; j < s_len; j += blockDim.x) s2 += square_s ? s[j] * s[j] : s[j];
-  for (int64_t j = threadIdx.x; j < b; j += blockDim.x) f2 += nrm[j] * nrm[j];
+  for (int64_t j = threadIdx.x; j < b; j += blockDim.x) {
+    f2 += nrm[j] * nrm[j];
+    a1 += l1[j];
+  }
   for (int64_t j = threadIdx.x; j < g2_len; j += blockDim.x) g2 += g2_part[j];
   s2 = block_sum(s2, smem);
   f2 = block_sum(f2, smem);
+  a1 = block_sum(a1, smem);
   g2 = block_sum(g2, smem);
   if (counts != nullptr) {  // uniform: every thread calls block_sum or none
     for (int64_t j = threadIdx.x; j < b; j += blockDim.x) n2 += counts[j];
@@ -132,10 +142,11 @@ __global__ void feature_finalize_kernel(const acc_t* __restrict__ s, int64_t s_l
     const acc_t bf = acc_t(b);
     if (counts == nullptr) n2 = bf * bf;
     const acc_t pairs = n2 - bf > acc_t(1) ? n2 - bf : acc_t(1);
-    const acc_t cos = (s2 - bf) / pairs, ortho = (g2 - 2 * f2 + bf) / n2;
+    const acc_t cos = (s2 - bf) / pairs, ortho = (g2 - 2 * f2 + bf) / n2, act = -a1 / (bf * acc_t(d));
     terms[0] = cos;
     terms[1] = ortho;
-    *loss = weights[0] * cos + weights[1] * ortho;
+    terms[2] = act;
+    *loss = weights[0] * cos + weights[1] * ortho + weights[2] * act;
     if (counts != nullptr) {
       scale[0] = 2 * weights[0] / pairs;
       scale[1] = 4 * weights[1] / n2;
@@ -144,14 +155,14 @@ __global__ void feature_finalize_kernel(const acc_t* __restrict__ s, int64_t s_l
 }
 
 // The row's S is s + row * s_ld (s_ld = 0: one S for every row); (cs, co) from `scale`, or for all pairs
-// (scale null) 2 w_0 / (B (B-1)) and 4 w_1 / B^2.
+// (scale null) 2 w_0 / (B (B-1)) and 4 w_1 / B^2; Act's ca = w_2 / (B D) in both forms.
 template <typename scalar_t, typename acc_t>
 __global__ void feature_grad_kernel(const scalar_t* __restrict__ phi,   // [B, D]
                                     const acc_t* __restrict__ s,        // [D] or [B, D]
                                     int64_t s_ld,
                                     const acc_t* __restrict__ prod,     // [B, D] ((Phi Phi^T) o M) Phi
                                     const acc_t* __restrict__ nrm,      // [B]
-                                    const acc_t* __restrict__ weights,  // [2]
+                                    const acc_t* __restrict__ weights,  // [3]
                                     const acc_t* __restrict__ scale,    // [2] or null
                                     scalar_t* __restrict__ grad,        // [B, D]
                                     int64_t b, int64_t d) {
@@ -165,6 +176,7 @@ __global__ void feature_grad_kernel(const scalar_t* __restrict__ phi,   // [B, D
   const acc_t bf = acc_t(b);
   const acc_t cs = scale != nullptr ? scale[0] : 2 * weights[0] / (bf * (bf - 1));
   const acc_t co = scale != nullptr ? scale[1] : 4 * weights[1] / (bf * bf);
+  const acc_t ca = weights[2] / (bf * acc_t(d));
   acc_t dot = 0;
   for (int64_t j = lane; j < d; j += kWarp) dot += static_cast<acc_t>(row[j]) * sr[j];
   dot = warp_sum(dot);
@@ -174,7 +186,8 @@ __global__ void feature_grad_kernel(const scalar_t* __restrict__ phi,   // [B, D
   const acc_t us = unclamped ? dot / (rn * rn) : acc_t(0);  // u_id (u_i . S) = phi_id (phi_i . S) / r^2
   for (int64_t j = lane; j < d; j += kWarp) {
     const acc_t v = static_cast<acc_t>(row[j]);
-    out[j] = static_cast<scalar_t>(a * (sr[j] - v * us) + co * (pr[j] - v));
+    const acc_t sign = acc_t((v > acc_t(0)) - (v < acc_t(0)));  // sign(0) = 0
+    out[j] = static_cast<scalar_t>(a * (sr[j] - v * us) + co * (pr[j] - v) - ca * sign);
   }
 }
 
@@ -185,22 +198,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_loss_cuda(const at::Tenso
   const at::Tensor feats = prepare_feature_loss(features);
   const at::ScalarType acc = acc_dtype(feats.scalar_type());
   const at::Tensor phi = feats.to(acc);  // fp32/fp64 operand of the cuBLAS products (no copy for fp32/fp64)
-  const at::Tensor w = prepare_weights(weights, 2, feats, acc);
+  const at::Tensor w = prepare_weights(weights, 3, feats, acc);
   const bool by_label = labels.has_value();
   const at::Tensor y = by_label ? prepare_labels(*labels, feats) : at::Tensor();
   const int64_t b = feats.size(0), d = feats.size(1);
   const auto acc_opts = phi.options();
   at::Tensor loss = at::empty({}, acc_opts);
-  at::Tensor terms = at::empty({2}, acc_opts);
+  at::Tensor terms = at::empty({3}, acc_opts);  // Cos, Ortho, Act
   at::Tensor grad = at::empty_like(feats);
-  at::Tensor nrm = at::empty({b}, acc_opts), inv = at::empty({b}, acc_opts);
+  at::Tensor nrm = at::empty({b}, acc_opts), inv = at::empty({b}, acc_opts), l1 = at::empty({b}, acc_opts);
   const int row_blocks = int((b + kRowsPerBlock - 1) / kRowsPerBlock);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "feature_norms_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     feature_norms_kernel<scalar_t, acc_t><<<row_blocks, kRowsPerBlock * kWarp, 0, stream>>>(
-        feats.const_data_ptr<scalar_t>(), nrm.mutable_data_ptr<acc_t>(), inv.mutable_data_ptr<acc_t>(), b, d);
+        feats.const_data_ptr<scalar_t>(), nrm.mutable_data_ptr<acc_t>(), inv.mutable_data_ptr<acc_t>(),
+        l1.mutable_data_ptr<acc_t>(), b, d);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   at::Tensor s, gram, prod, row_sums, scale;  // see the file's comment
@@ -237,8 +251,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_loss_cuda(const at::Tenso
     }
     feature_finalize_kernel<acc_t><<<1, kFinalThreads, 0, stream>>>(
         by_label ? rs + b : s.const_data_ptr<acc_t>(), by_label ? b : d, !by_label, nrm.const_data_ptr<acc_t>(),
-        by_label ? rs : gram_partial.const_data_ptr<acc_t>(), by_label ? b : gram_blocks,
-        by_label ? rs + 2 * b : nullptr, w.const_data_ptr<acc_t>(), b, loss.mutable_data_ptr<acc_t>(),
+        l1.const_data_ptr<acc_t>(), by_label ? rs : gram_partial.const_data_ptr<acc_t>(), by_label ? b : gram_blocks,
+        by_label ? rs + 2 * b : nullptr, w.const_data_ptr<acc_t>(), b, d, loss.mutable_data_ptr<acc_t>(),
         terms.mutable_data_ptr<acc_t>(), by_label ? scale.mutable_data_ptr<acc_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     feature_grad_kernel<scalar_t, acc_t><<<row_blocks, kRowsPerBlock * kWarp, 0, stream>>>(

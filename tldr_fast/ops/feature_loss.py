@@ -1,5 +1,6 @@
 """``feature_loss``: mean pairwise cosine similarity (Cos) and orthogonality (Ortho) of the penultimate
-features, over all pairs of the batch or over the pairs of the same label, by closed forms (DESIGN.md §2.4, §2.6).
+features, over all pairs of the batch or over the pairs of the same label, by closed forms, and DAFL's
+activation loss (Act = -mean |phi|, over every row whatever the pairs) (DESIGN.md §2.4, §2.6).
 
     reference   tldr_fast/reference.py            feature_loss
     Triton      kernels/feature_loss.py           tldr_triton::feature_loss
@@ -20,13 +21,13 @@ from ._spec import OpSpec
 Tensor = torch.Tensor
 
 NAME = "feature_loss"
-TERMS = ("cos", "ortho")
+TERMS = ("cos", "ortho", "activation")
 # Features are divided by max(||phi||, NORM_EPS), as F.normalize does.
 NORM_EPS = 1e-12
 
 
 def check(features: Tensor, weights: Tensor, labels: Optional[Tensor] = None, num_classes: int = 0) -> None:
-    """``features`` [B >= 2, D > 0] floating, ``weights`` [2]; ``labels`` None or [B] integers in
+    """``features`` [B >= 2, D > 0] floating, ``weights`` [3] (``TERMS``); ``labels`` None or [B] integers in
     ``[0, num_classes)`` with ``num_classes >= 1`` (values checked on CPU tensors); one device."""
     _spec.floating(NAME, "features", features)
     if features.dim() != 2 or features.shape[0] < 2 or features.shape[1] == 0:
@@ -44,7 +45,7 @@ def check(features: Tensor, weights: Tensor, labels: Optional[Tensor] = None, nu
 
 
 def fake(features, weights, labels, num_classes):
-    """``(loss [], terms [2], grad_features [B, D])``."""
+    """``(loss [], terms [3], grad_features [B, D])``."""
     acc = _spec.acc_dtype(features.dtype)
     return (
         features.new_empty((), dtype=acc),
