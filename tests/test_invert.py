@@ -232,7 +232,8 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
 
 def test_a_checkpoint_from_before_a_term_loads_and_resumes(tmp_path):
     """A checkpoint written before the activation term existed (no weight, no history column): the weight
-    is its default (0), the term's column starts at the resumed steps."""
+    is 0 whatever today's default (the term was no part of that run's objective), the term's column starts
+    at the resumed steps."""
     ckpt = tmp_path / "run.pt"
     invert(mlp(), 3, (1, 8, 8), checkpoint=ckpt, **{**TINY, "steps": 4})
     state = torch.load(ckpt, weights_only=True)
@@ -241,6 +242,9 @@ def test_a_checkpoint_from_before_a_term_loads_and_resumes(tmp_path):
     assert Inversion.load(ckpt, classifier=mlp()).config.weights.activation == 0.0
     resumed = invert(mlp(), 3, (1, 8, 8), resume=ckpt, steps=6)
     assert resumed.history["step"] == [2, 4, 6] and len(resumed.history["activation"]) == 1
+    state["config"]["weights"].pop("cos")  # a missing weight whose default is not 0 (Cos: 1) reads 0 too
+    torch.save(state, ckpt)
+    assert Inversion.load(ckpt, classifier=mlp()).config.weights.cos == 0.0
 
 
 def test_checkpoints_are_written_periodically_and_atomically(tmp_path):

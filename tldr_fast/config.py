@@ -321,7 +321,8 @@ class InversionConfig:
             if preprocess is None:
                 raise ValueError(f"this run used a custom preprocess ({pre[9:]}): pass preprocess= again")
             d["preprocess"] = preprocess
-        d["weights"] = LossWeights(**d["weights"])
+        # a weight the saved run does not name was no part of its objective (a term added since): 0, not today's default
+        d["weights"] = LossWeights(**{**{f.name: 0.0 for f in fields(LossWeights)}, **d["weights"]})
         d["schedules"] = {k: Ramp(**v) for k, v in d.get("schedules", {}).items()}
         return cls(**d)
 
