@@ -57,10 +57,11 @@ class TLDRObjective:
 
     The clean images and their perturbed copies (noise, then the random geometric transforms of
     ``cfg.shift/rotate/scale``) go through the classifier in ONE forward of 2B, which also yields the
-    BatchNorm-statistics term of the clean rows. Terms are in ``config.TERMS`` order; inactive terms
-    (zero weight at every step, or nothing to act on: ``moments`` without a known normalisation,
-    ``bn_stats`` without BatchNorm layers) are not computed and read 0. ``loss`` is differentiable
-    w.r.t. the generator's parameters.
+    BatchNorm-statistics term of the clean rows. Terms are in ``config.TERMS`` order; an op none of whose
+    terms is active (zero weight at every step, or nothing to act on: ``moments`` without a known
+    normalisation, ``bn_stats`` without BatchNorm layers) is not run and its terms read 0; a fused op that
+    runs reports every term it computes, weighted 0 or not. ``loss`` is differentiable w.r.t. the
+    generator's parameters.
 
     Under ``torch.distributed`` (world size > 1; DESIGN.md section 5.1) ``cfg.batch_size`` is the global
     batch: this rank draws the whole batch's randomness and keeps its rows (``self.shard``), the
