@@ -208,7 +208,13 @@ def test_schedules_and_weights():
     assert Ramp(1.0, 0.0, 10, 20).at(torch.tensor([0.0, 15.0, 30.0])).tolist() == [1.0, 0.5, 0.0]
     inv = invert(mlp(), 3, (1, 8, 8), schedules={"tv": Ramp(0.0, 1e-3, 0, 4)}, tv=5.0, **TINY)
     assert inv.history["tv"][-1] > 0
-    off = invert(mlp(), 3, (1, 8, 8), weights={"tv": 0.0, "pix": 0.0, "cos": 0.0, "ortho": 0.0, "ce_pert": 0.0}, **TINY)
+    off = invert(
+        mlp(),
+        3,
+        (1, 8, 8),
+        weights={"tv": 0.0, "pix": 0.0, "cos": 0.0, "ortho": 0.0, "activation": 0.0, "ce_pert": 0.0},
+        **TINY,
+    )
     assert off.history["tv"][-1] == off.history["cos"][-1] == off.history["ce_pert"][-1] == 0.0
 
 

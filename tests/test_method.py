@@ -287,8 +287,8 @@ def test_fused_method_terms_in_the_step_are_the_backends(fast, op):
 
 def test_activation_alone_runs_feature_loss_in_the_step():
     """With only the activation term of feature_loss on, the step runs the op (with all its weights) and the
-    term is -mean |phi| of the clean rows' features; with every term of the op at weight 0 (the activation's
-    default) the op does not run and the term reads 0."""
+    term is -mean |phi| of the clean rows' features; with every term of the op at weight 0 the op does not
+    run and the term reads 0."""
     from tldr_fast.backends import resolve
     from tldr_fast.step import TLDRObjective
 
@@ -312,7 +312,7 @@ def test_activation_alone_runs_feature_loss_in_the_step():
     _, terms = TLDRObjective(g, target, cfg, ops, torch.device("cpu"))(0)
     assert len(calls) == 1 and calls[0].tolist() == [0.0, 0.0, 0.5]
     assert terms[TERMS.index("activation")] < 0
-    off = invert(clf, 3, shape, cos=0.0, ortho=0.0, **TINY)
+    off = invert(clf, 3, shape, cos=0.0, ortho=0.0, activation=0.0, **TINY)
     assert off.history["activation"][-1] == 0.0
 
 
