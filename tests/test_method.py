@@ -73,12 +73,12 @@ def test_warp_theta_is_seeded():
 
 
 @pytest.mark.parametrize("geometry", [{}, {"rotate": 0.0, "scale": 0.0}], ids=["affine", "shift"])
-def test_the_step_warps_in_perturb_with_the_draws_of_random_warp(geometry):
+def test_the_step_warps_in_perturb_with_the_draws_of_before(geometry):
     """One process: the step hands its random transforms to ``ops.perturb`` (noise, clip and warp in one
-    op), and they are the ones ``random_warp`` draws from the step's generator right after the
-    conditions, with the config's resampling: the perturbed copies of before the warp was fused."""
+    op), and they are the transforms the step drew from its generator right after the conditions before
+    the warp was fused (``reference.warp_theta``), with the config's resampling: the same perturbed copies."""
     from tldr_fast.backends import resolve
-    from tldr_fast.step import TLDRObjective, random_warp, step_seed
+    from tldr_fast.step import TLDRObjective, step_seed
 
     cfg = InversionConfig().with_overrides(**{**TINY, **geometry})
     shape = (1, 12, 12)
@@ -96,8 +96,10 @@ def test_the_step_warps_in_perturb_with_the_draws_of_random_warp(geometry):
     ((x, (eps, lo, hi, kind, seed, theta, mode)),) = calls
     gen = torch.Generator().manual_seed(step_seed(cfg.seed, 3))
     sample_conditions(cfg.batch_size, 3, cfg.nz, cfg.conditioning, gen, "cpu", objective.paired)
-    before = random_warp(ref.perturb(x, eps, lo, hi, kind, seed), cfg, gen)
-    assert mode == ("nearest" if geometry else "bilinear")
+    drawn = ref.warp_theta(len(x), shape[-2:], cfg.shift, cfg.rotate, cfg.scale, gen, "cpu")
+    expected_mode = "nearest" if geometry else "bilinear"
+    before = ref.warp(ref.perturb(x, eps, lo, hi, kind, seed), drawn, lo, expected_mode)
+    assert mode == expected_mode
     assert torch.equal(ref.perturb(x, eps, lo, hi, kind, seed, theta, mode), before)
 
 

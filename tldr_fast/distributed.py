@@ -286,10 +286,22 @@ def failure_hint(err: BaseException) -> str:
     return ""
 
 
-def perturb(images: Tensor, eps: float, lo: float, hi: float, kind: str, seed: int, shard: Shard) -> Tensor:
+def perturb(
+    images: Tensor,
+    eps: float,
+    lo: float,
+    hi: float,
+    kind: str,
+    seed: int,
+    shard: Shard,
+    theta: Optional[Tensor] = None,
+    mode: str = "bilinear",
+) -> Tensor:
     """``reference.perturb`` of the global batch, this rank's rows: the noise of all ``shard.total`` images
-    is drawn from ``seed`` and sliced, so N ranks perturb exactly as one process with the reference."""
+    is drawn from ``seed`` and sliced, so N ranks perturb exactly as one process with the reference;
+    ``theta`` ``[b, 2, 3]``: this rank's rows' transforms."""
     gen = torch.Generator(images.device).manual_seed(int(seed))
     x = images.double() if images.dtype == torch.float64 else images.float()
     noise = shard.take(reference.perturb_noise((shard.total, *images.shape[1:]), kind, gen, images.device, x.dtype))
-    return (x + eps * noise).clamp(lo, hi).to(images.dtype)
+    y = (x + eps * noise).clamp(lo, hi).to(images.dtype)
+    return y if theta is None else reference.warp(y, theta, lo, mode)

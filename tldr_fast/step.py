@@ -38,14 +38,6 @@ def random_theta(
     return theta if shard is None else shard.take(theta)
 
 
-def random_warp(
-    images: Tensor, cfg: InversionConfig, generator: torch.Generator, shard: Optional[distributed.Shard] = None
-) -> Tensor:
-    """``images`` under ``random_theta``'s transforms (uncovered pixels: background, the low end of the
-    pixel range)."""
-    return reference.warp(images, random_theta(images, cfg, generator, shard), PIXEL_RANGE[0], warp_mode(cfg))
-
-
 def step_seed(seed: int, step: int, stream: int = 0) -> int:
     """The seed of everything random in ``step``: a run is a function of (seed, step), so a resumed run
     draws exactly what an uninterrupted one would."""
@@ -80,7 +72,7 @@ class TLDRObjective:
     ):
         self.g, self.target, self.cfg, self.ops, self.device = generator, target, cfg, ops, device
         self.robust = cfg.active("ce_pert") or cfg.active("kl_pert")
-        self.diverse = any(cfg.active(t) for t in FEATURE_TERMS)  # feature_loss runs, with all its weights
+        self.feature_terms_on = any(cfg.active(t) for t in FEATURE_TERMS)  # feature_loss runs, with all its weights
         self.moments = target.moments if cfg.active("moments") else None  # [2, C] or None
         self.prior = cfg.active("tv") or cfg.active("pix") or self.moments is not None
         self.bn_stats = cfg.active("bn_stats") and bool(target.batchnorms)
@@ -128,15 +120,12 @@ class TLDRObjective:
             batch = x
             if self.robust:
                 noise_seed = step_seed(cfg.seed, step, 1)
-                if shard.world == 1:  # noise, clip and warp in one op (theta: the draw random_warp would make)
-                    theta = random_theta(x, cfg, self._gen) if self.warp else None
-                    x_pert = self.ops.perturb(
-                        x, self.eps, *PIXEL_RANGE, cfg.perturbation, noise_seed, theta, warp_mode(cfg)
-                    )
+                theta = random_theta(x, cfg, self._gen, shard) if self.warp else None  # [b, 2, 3]
+                args = (x, self.eps, *PIXEL_RANGE, cfg.perturbation, noise_seed)
+                if shard.world == 1:  # noise, clip and warp in one op
+                    x_pert = self.ops.perturb(*args, theta, warp_mode(cfg))
                 else:  # the reference's noise of the whole batch, this rank's rows
-                    x_pert = distributed.perturb(x, self.eps, *PIXEL_RANGE, cfg.perturbation, noise_seed, shard)
-                    if self.warp:
-                        x_pert = random_warp(x_pert, cfg, self._gen, shard)
+                    x_pert = distributed.perturb(*args, shard, theta, warp_mode(cfg))
                 batch = torch.cat([x, x_pert])  # one forward of 2B
             logits, feats, bn = self.target.forward_bn_stats(
                 batch, b if self.bn_stats else 0, self.classifier, self.ops.bn_stats
@@ -188,7 +177,7 @@ class TLDRObjective:
         loss, head_terms = self.ops.head_loss(logits, c, y, head_feats, w[head], self.target.head_bias)
         parts = [head_terms]
         feature, prior = TERM_SLICES["feature_loss"], TERM_SLICES["image_prior"]
-        if self.diverse:
+        if self.feature_terms_on:
             labels = y if cfg.diversity == "class" else None
             if self.shard.world == 1:
                 l_f, feat_terms = self.ops.feature_loss(feats, w[feature], labels, self.g.num_classes)
@@ -197,7 +186,7 @@ class TLDRObjective:
                     feats, w[feature], self.shard.total, labels, self.g.num_classes
                 )
             loss = loss + l_f
-        parts.append(feat_terms if self.diverse else zeros[feature])
+        parts.append(feat_terms if self.feature_terms_on else zeros[feature])
         if self.prior:
             l_p, prior_terms = self.ops.image_prior(x, w[prior], *PIXEL_RANGE, self.moments)
             loss = loss + l_p

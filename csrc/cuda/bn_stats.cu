@@ -129,20 +129,15 @@ __global__ void bn_stats_finish_kernel(const double* __restrict__ partial, int b
   if (threadIdx.x == 0) *value = static_cast<acc_t>(nm + nv);
 }
 
-// The widest pack (<= 16 bytes) that divides S and keeps the pointers aligned: VEC, VEC/2, ..., 1.
-template <typename scalar_t, Pass PASS, int VEC = int(16 / sizeof(scalar_t))>
+// The widest pack (launch_widest_pack) that divides S and keeps the pointers aligned.
+template <typename scalar_t, Pass PASS>
 void launch_bn_stats(const scalar_t* x, scalar_t* grad_x, const at::opmath_type<scalar_t>* grad,
                      const at::opmath_type<scalar_t>* mean, const at::opmath_type<scalar_t>* coef, double* partial,
                      dim3 grid, int64_t n, int c, int64_t s, cudaStream_t stream) {
-  if constexpr (VEC > 1) {
-    const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % (VEC * sizeof(scalar_t)) == 0; };
-    if (s % VEC != 0 || !aligned(x) || (grad_x != nullptr && !aligned(grad_x))) {
-      launch_bn_stats<scalar_t, PASS, VEC / 2>(x, grad_x, grad, mean, coef, partial, grid, n, c, s, stream);
-      return;
-    }
-  }
-  bn_stats_kernel<scalar_t, VEC, PASS><<<grid, kThreads, 0, stream>>>(x, grad_x, grad, mean, coef, partial, n, c, s);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_widest_pack<scalar_t>(s, {x, grad_x}, [&](auto vec) {
+    bn_stats_kernel<scalar_t, decltype(vec)::value, PASS>
+        <<<grid, kThreads, 0, stream>>>(x, grad_x, grad, mean, coef, partial, n, c, s);
+  });
 }
 
 // Blocks per channel of the grid (blocks, C): the GPU filled (sized for the widest pack), and no more blocks

@@ -10,6 +10,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
+#include <type_traits>
 
 namespace tldr_fast {
 namespace cuda {
@@ -69,6 +71,23 @@ inline int sm_count() {
 inline int grid_size(int64_t work, int per_block, int blocks_per_sm = 8) {
   const int64_t needed = (work + per_block - 1) / per_block;
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(needed, int64_t(sm_count()) * blocks_per_sm)));
+}
+
+// Launch a kernel templated on its pack width: `launch(std::integral_constant<int, VEC>{})` with the widest VEC
+// (16 bytes of scalar_t, halved down to 1) that divides `len` (the contiguous run each pack must stay inside) and
+// to which every non-null pointer of `ptrs` is aligned; then the launch check.
+template <typename scalar_t, int VEC = int(16 / sizeof(scalar_t)), typename Launch>
+void launch_widest_pack(int64_t len, std::initializer_list<const void*> ptrs, Launch&& launch) {
+  if constexpr (VEC > 1) {
+    bool fits = len % VEC == 0;
+    for (const void* p : ptrs) fits = fits && (p == nullptr || reinterpret_cast<uintptr_t>(p) % (VEC * sizeof(scalar_t)) == 0);
+    if (!fits) {
+      launch_widest_pack<scalar_t, VEC / 2>(len, ptrs, launch);
+      return;
+    }
+  }
+  launch(std::integral_constant<int, VEC>{});
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace cuda

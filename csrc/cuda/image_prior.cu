@@ -182,21 +182,15 @@ __global__ void image_prior_finalize_kernel(const at::opmath_type<scalar_t>* __r
   }
 }
 
-// The widest pack (<= 16 bytes) that divides W and keeps both pointers aligned: VEC, VEC/2, ..., 1.
-template <typename scalar_t, Pass PASS, int VEC = int(16 / sizeof(scalar_t))>
+// The widest pack (launch_widest_pack) that divides W and keeps both pointers aligned.
+template <typename scalar_t, Pass PASS>
 void launch_image_prior(const scalar_t* x, scalar_t* grad, const at::opmath_type<scalar_t>* weights,
                         const at::opmath_type<scalar_t>* coef, at::opmath_type<scalar_t>* partial, dim3 grid,
                         int64_t rows, int h, int w, int c, int64_t b, double lo, double hi, cudaStream_t stream) {
-  if constexpr (VEC > 1) {
-    const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % (VEC * sizeof(scalar_t)) == 0; };
-    if (w % VEC != 0 || !aligned(x) || !aligned(grad)) {
-      launch_image_prior<scalar_t, PASS, VEC / 2>(x, grad, weights, coef, partial, grid, rows, h, w, c, b, lo, hi, stream);
-      return;
-    }
-  }
-  image_prior_kernel<scalar_t, VEC, PASS>
-      <<<grid, kThreads, 0, stream>>>(x, grad, weights, coef, partial, rows, h, w, c, b, lo, hi);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_widest_pack<scalar_t>(w, {x, grad}, [&](auto vec) {
+    image_prior_kernel<scalar_t, decltype(vec)::value, PASS>
+        <<<grid, kThreads, 0, stream>>>(x, grad, weights, coef, partial, rows, h, w, c, b, lo, hi);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> image_prior_cuda(const at::Tensor& images, const at::Tensor& weights,

@@ -119,22 +119,15 @@ __global__ void mode_seek_finish_kernel(double* __restrict__ partial, int blocks
   if (threadIdx.x == 0) *value = static_cast<acc_t>(1.0 / se);
 }
 
-// The widest pack (<= 16 bytes) that divides P and keeps the pointers aligned: VEC, VEC/2, ..., 1.
-template <typename scalar_t, Pass PASS, int VEC = int(16 / sizeof(scalar_t))>
+// The widest pack (launch_widest_pack) that divides P and keeps the pointers aligned.
+template <typename scalar_t, Pass PASS>
 void launch_mode_seek(const scalar_t* x, const at::opmath_type<scalar_t>* z, scalar_t* grad_x,
                       const at::opmath_type<scalar_t>* grad, const at::opmath_type<scalar_t>* coef, double* partial,
                       dim3 grid, int64_t p, int64_t q, int64_t h, cudaStream_t stream) {
-  if constexpr (VEC > 1) {
-    const auto aligned = [](const void* ptr) {
-      return reinterpret_cast<uintptr_t>(ptr) % (VEC * sizeof(scalar_t)) == 0;
-    };
-    if (p % VEC != 0 || !aligned(x) || (grad_x != nullptr && !aligned(grad_x))) {
-      launch_mode_seek<scalar_t, PASS, VEC / 2>(x, z, grad_x, grad, coef, partial, grid, p, q, h, stream);
-      return;
-    }
-  }
-  mode_seek_kernel<scalar_t, VEC, PASS><<<grid, kThreads, 0, stream>>>(x, z, grad_x, grad, coef, partial, p, q, h);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_widest_pack<scalar_t>(p, {x, grad_x}, [&](auto vec) {
+    mode_seek_kernel<scalar_t, decltype(vec)::value, PASS>
+        <<<grid, kThreads, 0, stream>>>(x, z, grad_x, grad, coef, partial, p, q, h);
+  });
 }
 
 // Blocks per pair of the grid (h, blocks): the GPU filled (sized for the widest pack), and no more blocks than

@@ -6,8 +6,8 @@ population variance of the layer's input over every dimension but the channels.
     Triton      kernels/bn_stats.py               tldr_triton::bn_stats, tldr_triton::bn_stats_backward
     extension   csrc/cpu/bn_stats.cpp, csrc/cuda/bn_stats.cu (tldr_fast::bn_stats, ::bn_stats_backward),
                 csrc/autograd.cpp
-    tests       tests/test_bn_stats.py (all backends), tests/test_method.py (in the step)
-    benchmark   benchmarks/benchmark_method_terms.py
+    tests       tests/test_bn_stats.py (all backends), tests/test_bn_stats_triton.py, tests/test_method.py (in the step)
+    benchmark   benchmarks/benchmark_bn_stats.py
 
 The fused form returns ``(value [], mean [C], coef [2, C])`` and its backward is one elementwise pass:
 with ``M`` the elements per channel, ``dm = mu - running_mean``, ``dv = var - running_var``,
@@ -73,7 +73,8 @@ SPEC = OpSpec(
         "csrc/cpu/bn_stats.cpp",
         "csrc/cuda/bn_stats.cu",
         "tests/test_bn_stats.py",
-        "benchmarks/benchmark_method_terms.py",
+        "tests/test_bn_stats_triton.py",
+        "benchmarks/benchmark_bn_stats.py",
     ),
     helpers=(
         ("bn_stats_backward", "(Tensor grad, Tensor activations, Tensor mean, Tensor coef) -> Tensor", fake_backward),

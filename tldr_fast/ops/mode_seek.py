@@ -11,7 +11,7 @@ only (the latents are sampled noise).
     Triton      kernels/mode_seek.py              tldr_triton::mode_seek, tldr_triton::mode_seek_backward
     extension   csrc/cpu/mode_seek.cpp, csrc/cuda/mode_seek.cu (tldr_fast::mode_seek, ::mode_seek_backward),
                 csrc/autograd.cpp
-    tests       tests/test_mode_seek.py (all backends), tests/test_method.py (in the step)
+    tests       tests/test_mode_seek.py (all backends), tests/test_mode_seek_triton.py, tests/test_method.py (in the step)
     benchmark   benchmarks/benchmark_mode_seek.py
 
 The fused form returns ``(value [], coef [h])`` and its backward is one elementwise pass: with
@@ -71,6 +71,7 @@ SPEC = OpSpec(
         "csrc/cpu/mode_seek.cpp",
         "csrc/cuda/mode_seek.cu",
         "tests/test_mode_seek.py",
+        "tests/test_mode_seek_triton.py",
         "benchmarks/benchmark_mode_seek.py",
     ),
     helpers=(("mode_seek_backward", "(Tensor grad, Tensor images, Tensor coef) -> Tensor", fake_backward),),
