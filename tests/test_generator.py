@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from tldr_fast.generator import ConditionedGenerator, hot_matrix, sample_conditions
+from tldr_fast.generator import ConditionedGenerator, hot_matrix, legacy_optimizer_state, sample_conditions
 
 
 def hot_matrix_loop(labels, k, size):
@@ -60,3 +61,82 @@ def test_condition_changes_the_image(gen):
 def test_bad_arguments(k, shape):
     with pytest.raises(ValueError):
         ConditionedGenerator(k, shape)
+
+
+# --- the embedding without a bias, and weights saved with it -------------------------------------
+
+
+class LegacyGenerator(ConditionedGenerator):
+    """The generator as it was before the embedding lost its bias (the state dict has ``embed.bias``)."""
+
+    def __init__(self, num_classes, image_shape, nz=100, ngf=64, dropout=0.0):
+        super().__init__(num_classes, image_shape, nz, ngf, dropout)
+        self.embed = nn.Linear(num_classes, nz)  # same place in the module order: embed.weight, embed.bias, ...
+
+
+def _legacy(gen, k=5, shape=(1, 12, 12), nz=6, ngf=8):
+    """A legacy generator with a large embedding bias whose running statistics recorded it (3 batches)."""
+    legacy = LegacyGenerator(k, shape, nz, ngf)
+    with torch.no_grad():
+        legacy.embed.bias.copy_(3 * torch.randn(nz, generator=gen))
+    for _ in range(3):
+        legacy(*sample_conditions(16, k, nz, "soft", gen, "cpu"))
+    return legacy
+
+
+def test_the_embedding_has_no_bias():
+    g = ConditionedGenerator(10, (1, 28, 28), nz=8, ngf=8)
+    assert g.embed.bias is None and "embed.bias" not in g.state_dict()
+    assert "embed.bias" not in dict(g.named_parameters())
+
+
+def test_weights_with_the_embedding_bias_load_as_the_same_function(gen):
+    """Weights saved with ``embed.bias`` load (strictly) into the generator without it as the same function, in
+    eval mode (the bias is folded into the BatchNorm's running mean) and in training mode (the batch statistics
+    cancel it), and stay so after further training-mode forwards; the caller's state dict is left as it was."""
+    k, nz = 5, 6
+    legacy = _legacy(gen, k, nz=nz)
+    saved = legacy.state_dict()
+    kept = {name: t.clone() for name, t in saved.items()}
+    g = ConditionedGenerator(k, (1, 12, 12), nz, 8)
+    g.load_state_dict(saved)
+    assert "embed.bias" not in g.state_dict()
+    assert saved.keys() == kept.keys() and all(torch.equal(saved[n], kept[n]) for n in kept), "the caller's dict"
+    shift = legacy.project[0].weight[:, nz:] @ legacy.embed.bias  # [M]: what the bias added to the BatchNorm's input
+    assert shift.norm() > 1  # the fold matters
+    z, c, y = sample_conditions(9, k, nz, "soft", gen, "cpu")
+    with torch.no_grad():
+        for mode in ("eval", "train", "eval"):  # the train-mode forward updates both running means alike
+            legacy.train(mode == "train")
+            g.train(mode == "train")
+            torch.testing.assert_close(g(z, c, y), legacy(z, c, y), rtol=1e-5, atol=1e-5, msg=mode)
+            torch.testing.assert_close(g.project[1].running_mean, legacy.project[1].running_mean - shift)
+        unfolded = ConditionedGenerator(k, (1, 12, 12), nz, 8).eval()  # the bias merely dropped: not the same
+        unfolded.load_state_dict({n: t for n, t in kept.items() if n != "embed.bias"})
+        assert (unfolded(z, c, y) - legacy.eval()(z, c, y)).abs().max() > 1e-2
+
+
+def test_the_optimizer_state_of_the_embedding_bias_is_dropped(gen):
+    """``legacy_optimizer_state``: an Adam state saved with a legacy generator loads into an Adam over the
+    generator without the bias, each parameter with its own moments; other states pass unchanged."""
+    k, nz = 5, 6
+    legacy = _legacy(gen, k, nz=nz)
+    opt = torch.optim.Adam(legacy.parameters(), lr=1e-3)
+    for _ in range(2):
+        opt.zero_grad()
+        legacy(*sample_conditions(8, k, nz, "hot", gen, "cpu")).square().mean().backward()
+        opt.step()
+    g = ConditionedGenerator(k, (1, 12, 12), nz, 8)
+    g.load_state_dict(legacy.state_dict())
+    new = torch.optim.Adam(g.parameters(), lr=1e-3)
+    saved = opt.state_dict()
+    with pytest.raises(ValueError):  # as saved: one parameter too many
+        new.load_state_dict(saved)
+    new.load_state_dict(legacy_optimizer_state(g, legacy.state_dict(), saved))
+    moments = {name: opt.state[p] for name, p in legacy.named_parameters()}
+    assert len(new.state) == len(moments) - 1
+    for name, p in g.named_parameters():
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(new.state[p][key], moments[name][key]), f"{name}: {key}"
+    current = new.state_dict()
+    assert legacy_optimizer_state(g, g.state_dict(), current) is current

@@ -1,5 +1,6 @@
 """The public API: invert, InversionConfig, Inversion, checkpoints, resume, and clear errors."""
 
+import importlib
 import pickle
 
 import pytest
@@ -251,6 +252,51 @@ def test_a_checkpoint_from_before_a_term_loads_and_resumes(tmp_path):
     state["config"]["weights"].pop("cos")  # a missing weight whose default is not 0 (Cos: 1) reads 0 too
     torch.save(state, ckpt)
     assert Inversion.load(ckpt, classifier=mlp()).config.weights.cos == 0.0
+
+
+def test_a_checkpoint_with_the_embedding_bias_loads_and_resumes(tmp_path, monkeypatch):
+    """A checkpoint written while the generator's embedding had a bias (removed: its exact gradient is 0)
+    loads as the same generator (eval-mode samples) and resumes, Adam's state of the other parameters
+    carried over: the resumed run is the old code's uninterrupted run (up to rounding; the bias folded into
+    the BatchNorm's running mean), and the checkpoint it writes has neither the bias nor its Adam state."""
+    from tests.test_generator import LegacyGenerator
+
+    invert_module = importlib.import_module("tldr_fast.invert")  # the module (the package's `invert` is the function)
+
+    cfg = dict(TINY, steps=10, checkpoint_every=0)
+    ckpt = tmp_path / "old.pt"
+    with monkeypatch.context() as m:  # the old code
+        m.setattr(invert_module, "ConditionedGenerator", LegacyGenerator)
+        full = invert(mlp(), 3, (1, 8, 8), **cfg)
+        first = invert(mlp(), 3, (1, 8, 8), checkpoint=ckpt, **{**cfg, "steps": 4})
+    old = torch.load(ckpt, weights_only=True)
+    n = len(list(first.generator.parameters()))
+    assert "embed.bias" in old["generator"] and old["optimizer"]["param_groups"][0]["params"] == list(range(n))
+    loaded = Inversion.load(ckpt, classifier=mlp())  # the same selection of candidates
+    assert "embed.bias" not in loaded.generator.state_dict()
+    torch.testing.assert_close(loaded.sample(n_per_class=3), first.sample(n_per_class=3), rtol=1e-5, atol=1e-5)
+
+    resumed = invert(mlp(), 3, (1, 8, 8), resume=ckpt, steps=10)
+    assert resumed.step == 10 and "embed.bias" not in resumed.generator.state_dict()
+    weights, reference = resumed.generator.state_dict(), full.generator.state_dict()
+    # the old run's BatchNorm after the embedding recorded the bias's drift (Adam moved it by about lr a step)
+    # in its running mean, which no fold of the final bias undoes: that mean is compared at the load only
+    assert weights.keys() == reference.keys() - {"embed.bias"}
+    for name in sorted(
+        set(weights) - {"project.1.running_mean"}
+    ):  # within 1e-5 relative (norm of each tensor: Adam's first steps
+        a, b = weights[name].double(), reference[name].double()  # are about lr * sign(gradient), as in the
+        assert (a - b).norm() <= 1e-5 * b.norm(), (  # distributed test: a near-zero gradient steps either way)
+            f"{name}: relative difference {(a - b).norm() / b.norm():.2e}"
+        )
+    assert resumed.history["step"] == full.history["step"]
+    for t in TERMS:
+        assert resumed.history[t] == pytest.approx(full.history[t], rel=1e-5, abs=1e-7), t
+    new = torch.load(ckpt, weights_only=True)
+    assert "embed.bias" not in new["generator"]
+    assert (
+        new["optimizer"]["param_groups"][0]["params"] == list(range(n - 1)) and len(new["optimizer"]["state"]) == n - 1
+    )
 
 
 def test_checkpoints_are_written_periodically_and_atomically(tmp_path):

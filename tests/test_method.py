@@ -250,8 +250,8 @@ def test_new_terms_are_logged_where_they_apply():
 def test_fused_method_terms_in_the_step_are_the_backends(fast, op):
     """The step takes bn_stats (once per BatchNorm layer) and mode_seek from its backend: with only that op
     from a fast backend (every other op from the reference), the first step's terms and the generator's
-    gradients are the reference path's. (Later steps are not compared: the generator's embedding bias has
-    an exactly-zero gradient, so Adam turns rounding differences into steps of lr.)"""
+    gradients are the reference path's. (Later steps are not compared: Adam's first steps are about
+    lr * sign(gradient), so a rounding difference in a near-zero gradient can become a step of lr.)"""
     from tldr_fast.backends import resolve
     from tldr_fast.generator import ConditionedGenerator
     from tldr_fast.step import TLDRObjective

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Any, Dict, Mapping, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 Tensor = torch.Tensor
+LEGACY_EMBED_BIAS = "embed.bias"  # in generator weights saved before the embedding lost its bias
 
 
 def sample_conditions(
@@ -53,7 +54,7 @@ def hot_matrix(labels: Tensor, num_classes: int, size: Tuple[int, int]) -> Tenso
 class ConditionedGenerator(nn.Module):
     """DCGAN-style generator with vector AND intermediate-matrix conditioning (DESIGN.md §2).
 
-    The condition ``c`` is embedded (Linear K -> nz) and concatenated with ``z``; a projection and two
+    The condition ``c`` is embedded (Linear K -> nz, no bias) and concatenated with ``z``; a projection and two
     nearest-upsample + 3x3 conv stages reach ``(H, W)`` exactly, with the label's hot matrix
     concatenated as an extra channel at the intermediate (half-resolution) stage; ``dropout`` (channel
     dropout, active in training mode) after each up-sampling stage. Output: tanh, in [-1, 1]. Any
@@ -78,7 +79,9 @@ class ConditionedGenerator(nn.Module):
         self.mid = (math.ceil(h / 2), math.ceil(w / 2))
         self.start = (math.ceil(h / 4), math.ceil(w / 4))
         c0 = 2 * ngf
-        self.embed = nn.Linear(num_classes, nz)
+        # no bias: it would only shift the input of the BatchNorm below (through the bias-free Linear), which
+        # normalises the shift away; its exact gradient is 0, and Adam turned the rounding noise into steps of lr
+        self.embed = nn.Linear(num_classes, nz, bias=False)
         self.project = nn.Sequential(
             nn.Linear(2 * nz, c0 * self.start[0] * self.start[1], bias=False),
             nn.BatchNorm1d(c0 * self.start[0] * self.start[1]),
@@ -100,6 +103,22 @@ class ConditionedGenerator(nn.Module):
         )
         self.out = nn.Conv2d(ngf // 2, c, 3, padding=1)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        """Weights saved with the embedding's former bias ``b`` load as the same function: ``b`` added
+        ``P_e b`` (``P_e = project[0].weight[:, nz:]``) to the BatchNorm's input, which the batch statistics
+        cancel and the running mean absorbed; so ``b`` is dropped and ``P_e b`` taken off the running mean."""
+        bias = state_dict.get(prefix + LEGACY_EMBED_BIAS)
+        if bias is not None:
+            w = state_dict.get(prefix + "project.0.weight", self.project[0].weight).detach()  # [M, 2 nz]
+            mean_key = prefix + "project.1.running_mean"
+            mean = state_dict.get(mean_key)  # [M]
+            if bias.shape == (self.nz,) and w.shape[1] == 2 * self.nz:  # else another layout: the usual errors
+                del state_dict[prefix + LEGACY_EMBED_BIAS]  # Module.load_state_dict passes its own copy
+                if mean is not None and mean.shape == w.shape[:1]:
+                    shift = w[:, self.nz :].to(mean.device, torch.float64) @ bias.to(mean.device, torch.float64)
+                    state_dict[mean_key] = (mean.double() - shift).to(mean.dtype)  # a new tensor: the caller's is kept
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def forward(self, z: Tensor, c: Tensor, labels: Tensor) -> Tensor:
         # z: [B, nz], c: [B, K], labels: [B] -> images: [B, C, H, W] in [-1, 1]
         v = torch.cat([z, self.embed(c)], dim=1)  # [B, 2 nz]
@@ -107,3 +126,25 @@ class ConditionedGenerator(nn.Module):
         x = self.up1(x)  # [B, ngf, H/2, W/2]
         x = torch.cat([x, hot_matrix(labels, self.num_classes, self.mid).to(x.dtype)], dim=1)
         return torch.tanh(self.out(self.up2(x)))
+
+
+def legacy_optimizer_state(
+    generator: ConditionedGenerator, weights: Mapping[str, Tensor], state: Dict[str, Any]
+) -> Dict[str, Any]:
+    """The optimizer ``state`` saved with the generator ``weights``, for ``generator``'s parameters: where the
+    weights still hold ``embed.bias`` (which ``load_state_dict`` folds away), its entry is dropped and the
+    parameters after it renumbered. Anything else is returned as it is."""
+    names = [name for name, _ in generator.named_parameters()]
+    saved = sorted(i for group in state["param_groups"] for i in group["params"])
+    if LEGACY_EMBED_BIAS not in weights or LEGACY_EMBED_BIAS in names or saved != list(range(len(names) + 1)):
+        return state
+    gone = names.index("embed.weight") + 1  # the old order: embed.weight, embed.bias, project...
+
+    def new(i: int) -> int:
+        return i - (i > gone)
+
+    return {
+        **state,
+        "state": {new(i): s for i, s in state["state"].items() if i != gone},
+        "param_groups": [{**g, "params": [new(i) for i in g["params"] if i != gone]} for g in state["param_groups"]],
+    }

@@ -18,7 +18,7 @@ from .backends import resolve, resolve_device
 from .checkpoint import PathLike, check_writable, load_checkpoint, require_keys, save_checkpoint
 from .classifier import ClassifierError, FrozenClassifier
 from .config import TERMS, InversionConfig, Preprocess
-from .generator import ConditionedGenerator
+from .generator import ConditionedGenerator, legacy_optimizer_state
 from .progress import progress_bar
 from .step import PIXEL_RANGE, TLDRObjective, pixel_eps, step_seed, warp_mode
 
@@ -461,7 +461,7 @@ def invert(
     inv = Inversion(g, cfg, num_classes, shape, 0, {t: [] for t in ("step",) + TERMS}, None, target)
     if state is not None:
         if state["optimizer"] is not None:
-            opt.load_state_dict(state["optimizer"])
+            opt.load_state_dict(legacy_optimizer_state(g, state["generator"], state["optimizer"]))
             for group in opt.param_groups:  # the lr and betas given now apply (and are what the checkpoint records)
                 group["lr"], group["betas"] = cfg.lr, cfg.betas
         inv.step, inv.history = state["step"], state["history"]
