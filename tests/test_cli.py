@@ -271,6 +271,10 @@ def test_demo_end_to_end(tmp_path):
         "20",
         "--judge-epochs",
         "1",
+        "--teach-per-class",
+        "4",
+        "--student-steps",
+        "5",
     ]  # no --backend: the default a user gets
     r = _cli(*args, "--steps", "6")
     assert r.returncode == 0, r.stderr
@@ -295,11 +299,25 @@ def test_demo_end_to_end(tmp_path):
         "leakage_gap",
         "closer_to_train",
         "n_train_matched",
+        "nn_ssim_ci_mean",
+        "cas",
+        "real_curve",
+        "worth_real_per_class",
+        "distill_accuracy",
+        "precision",
+        "recall",
+        "density",
+        "coverage",
+        "feature_nn_ratio",
     }
+    teach = ("cas", "distill_accuracy", "precision", "recall", "density", "coverage", "feature_nn_ratio")
     assert all(
         m["overall"][k] is not None
-        for k in ("attack_accuracy", "same_class_ssim_mean", "leakage_gap", "held_out_ssim_mean")
+        for k in ("attack_accuracy", "same_class_ssim_mean", "leakage_gap", "held_out_ssim_mean", *teach)
     )
+    assert m["overall"]["teach_images"] == 40 and set(m["overall"]["real_curve"]) == {"1", "3", "10", "100"}
+    assert "what they teach" in (out / "summary.txt").read_text()
+    assert len(list(cache.glob("real-curve-*.json"))) == 1
     assert 0 <= m["demo"]["eval_classifier_accuracy"] <= 1 and m["demo"]["eval_classifier"] == "lenet"
     assert m["demo"]["inversion_steps"] == 6 and len(m["images"]) == 30
     with Image.open(out / "grid.png") as im:

@@ -114,6 +114,18 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--tau", type=float, default=0.4, help="SSIM threshold of 'reconstructed' (default: 0.4)")
     p.add_argument("--grid-per-class", type=_positive_int, default=8, help="pairs per class in grid.png (default: 8)")
+    p.add_argument(
+        "--teach-per-class",
+        type=_positive_int,
+        default=100,
+        help="generated images per class that the students of CAS and distillation learn from (default: 100)",
+    )
+    p.add_argument(
+        "--student-steps",
+        type=_positive_int,
+        default=None,
+        help="Adam steps of each student, also on the real curve (default: tldr_fast.utility.Teaching's, 400)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--data", default=None, help=f"training set to compare with instead of the classifier's: {data_help}"
+    )
+    p.add_argument(
+        "--test-data",
+        default=None,
+        help="real images the target never saw, e.g. mnist:test: adds what the generated images teach (CAS, worth in "
+        "real images per class, distillation accuracy), the students tested on them",
     )
     p.add_argument(
         "--backend", default="auto", choices=BACKEND_CHOICES, help="SSIM kernels (default: auto; 'cuda' = 'extension')"
@@ -572,8 +590,16 @@ def _output_folder(path: str) -> Path:
     return out
 
 
+def _teaching(args: argparse.Namespace, **changes: Any):
+    """The students' recipe: ``tldr_fast.utility.Teaching`` with ``--student-steps`` and ``changes``."""
+    from .utility import Teaching
+
+    steps = {"steps": args.student_steps} if args.student_steps else {}
+    return Teaching(**{**steps, **changes})
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .data import load_npz
+    from .data import load_dataset, load_npz
     from .evaluate import evaluate
     from .models import load_classifier
 
@@ -583,10 +609,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     target = load_classifier(args.classifier, device) if args.classifier else None
     judge = load_classifier(args.eval_classifier, device) if args.eval_classifier else None
     train = _training_set(target, args.data)
+    test = load_dataset(args.test_data) if args.test_data else None
     common = dict(
         tau=args.tau,
         classifier=target,
         eval_classifier=judge,
+        test=test,
+        teach_per_class=args.teach_per_class,
+        teaching=_teaching(args),
         backend=args.backend,
         device=device,
         progress=not args.quiet,
@@ -760,6 +790,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         classifier=classifier,
         eval_classifier=judge,
         held_out=parts.held_out,
+        test=parts.held_out,
+        teach_per_class=args.teach_per_class,
+        real_pool=load_dataset("mnist"),
+        teaching=_teaching(args, draws=1),  # the real curve from one draw: a demo's budget
         backend=args.backend or "auto",
         device=args.device,
         progress=not args.quiet,

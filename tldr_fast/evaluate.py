@@ -28,6 +28,16 @@ section 6.1):
   ``nn_ssim`` alone proves only "looks like the class" (a real unseen MNIST digit scores ~0.77, and an
   all-black image ~0.49, against the 60k MNIST training images).
 
+* ``nn_ssim_ci`` (contrast-invariant NN-SSIM): ``nn_ssim`` of each generated image min-max rescaled
+  to [0, 1] first; a blank image scores 0 (a dark background cannot lift it).
+* What the images teach (``tldr_fast.utility``; with ``test=``, real held-out images): ``cas``, the
+  test accuracy of a fresh classifier trained on ``teach_per_class`` generated images per class (a
+  sample of their own, from an ``Inversion``) with their conditioned labels, beside ``real_curve`` (the same recipe on 1, 3, 10, 100 real images per
+  class) and ``worth_real_per_class`` read off it; ``distill_accuracy``, the same student trained on the
+  target's soft outputs. With ``eval_classifier=``, in its penultimate features: ``precision``,
+  ``recall``, ``density``, ``coverage`` (Naeem et al. 2020, k = 3, per class) against the training
+  images, and ``feature_nn_ratio`` against real unseen images (``held_out``, else ``test``).
+
 SSIM is scikit-image's (``tldr_fast.ssim``), on images in [0, 1].
 
 Under ``torch.distributed`` (``torchrun ... -m tldr_fast evaluate``) each rank computes the SSIM of every
@@ -55,6 +65,7 @@ from .data import ImageDataset
 from .grid import save_pair_grid
 from .models import predict_logits
 from .ssim import classwise_ssim, pairwise_ssim
+from .utility import Teaching, classwise_prdc, minmax_rescale, nn_feature_distance, real_curve, student_accuracy, worth
 
 Tensor = torch.Tensor
 PathLike = Union[str, os.PathLike]
@@ -75,6 +86,21 @@ DEFINITIONS = {
     "held_out_ssim": "nearest-neighbour SSIM to m random held-out images of the class (never seen by the target)",
     "leakage_gap": "mean of train_control_ssim - held_out_ssim: > 0 when generated images are nearer the training set than unseen data",
     "closer_to_train": "fraction of generated images with train_control_ssim > held_out_ssim",
+    "nn_ssim_ci": "nn_ssim of the generated image min-max rescaled to [0, 1] (contrast-invariant); 0 for a blank image",
+    "cas": "Classification Accuracy Score: real held-out test accuracy of a fresh classifier (utility.Teaching) trained on "
+    "teach_images generated images with their conditioned labels",
+    "real_curve": "the same recipe trained on n real training images per class (mean over draws): {n: test accuracy}",
+    "worth_real_per_class": "real images per class that teach as much as the generated ones (cas read off real_curve; "
+    "capped at its largest n)",
+    "distill_accuracy": "real held-out test accuracy of the same student trained on the generated images against the "
+    "target's soft outputs (T^2 KL, T = 4): data-free distillation",
+    "precision": "Naeem et al. 2020, k = 3, in the evaluation classifier's penultimate features, per class with as many "
+    "training as generated images, mean over classes: fraction of generated inside some real k-NN ball (fidelity)",
+    "recall": "as precision: fraction of real images inside some generated k-NN ball (diversity)",
+    "density": "as precision: mean number of real k-NN balls holding a generated image, over k (1 for real data)",
+    "coverage": "as precision: fraction of real images whose k-NN ball holds a generated image (diversity)",
+    "feature_nn_ratio": "mean feature distance of a generated image to the nearest training image of its class, over "
+    "the same for real unseen images (1: as near as unseen data, < 1 nearer, > 1 farther)",
     "ssim": "scikit-image structural_similarity defaults (7x7 uniform window, K1=0.01, K2=0.03, data_range=1), images in [0, 1]",
 }
 
@@ -120,6 +146,8 @@ class EvaluationReport:
     eval_pred: Optional[Tensor] = None
     train_control_ssim: Optional[Tensor] = None  # [N], with held_out
     held_out_ssim: Optional[Tensor] = None  # [N], with held_out
+    nn_ssim_ci: Optional[Tensor] = None  # [N]: contrast-invariant nn_ssim
+    utility: Optional[Dict[str, Any]] = None  # what the images teach (tldr_fast.utility), overall
 
     def _stats(self, sel: Tensor) -> Dict[str, Any]:
         n = int(sel.sum())
@@ -148,6 +176,7 @@ class EvaluationReport:
             "nn_ssim_mean": mean(nn_s),
             "nn_ssim_median": float(found.median()) if len(found) else None,
             "nn_ssim_max": float(found.max()) if len(found) else None,
+            "nn_ssim_ci_mean": mean(self.nn_ssim_ci[sel]) if self.nn_ssim_ci is not None else None,
             "matched_ssim_mean": mean(m_s),
             "reconstructed_nn": float((nn_s >= self.tau).sum()) / n if n else None,
             "reconstructed_matched": float((m_s >= self.tau).sum()) / n if n else None,
@@ -175,6 +204,7 @@ class EvaluationReport:
                 {
                     "label": int(self.labels[i]),
                     "nn_ssim": _num(self.nn_ssim[i]),
+                    "nn_ssim_ci": _num(self.nn_ssim_ci[i]) if self.nn_ssim_ci is not None else None,
                     "nn_train_index": nn_i if nn_i >= 0 else None,
                     "nn_source_index": int(src[nn_i]) if nn_i >= 0 else None,
                     "matched_ssim": _num(self.matched_ssim[i]),
@@ -197,7 +227,7 @@ class EvaluationReport:
             "train_source": self.train.source,
             "image_shape": list(self.generated.shape[1:]),
             "class_names": list(self.class_names),
-            "overall": self._stats(torch.ones_like(self.labels, dtype=torch.bool)),
+            "overall": {**self._stats(torch.ones_like(self.labels, dtype=torch.bool)), **(self.utility or {})},
             "per_class": per_class,
             "images": images,
         }
@@ -236,6 +266,31 @@ class EvaluationReport:
             f"same-class diversity (SSIM to the nearest other generated image of the class; real digits ~0.58, "
             f"collapse ~1): {num(o['same_class_ssim_mean'])}",
         ]
+        if o.get("nn_ssim_ci_mean") is not None:
+            lines.append(
+                f"contrast-invariant NN-SSIM (each image min-max rescaled; blank 0): {num(o['nn_ssim_ci_mean'])}"
+            )
+        if o.get("cas") is not None:
+            curve = ", ".join(f"{n}/class {a:.3f}" for n, a in o["real_curve"].items())
+            lines.append(
+                f"what they teach: a fresh classifier trained on {o['teach_images']} of them scores {num(o['cas'])} on real "
+                f"held-out images (real images: {curve}): worth {o['worth_real_per_class']:.1f} real images per class"
+                + (
+                    f"; distilled from the target: {num(o['distill_accuracy'])}"
+                    if o.get("distill_accuracy") is not None
+                    else ""
+                )
+            )
+        if o.get("precision") is not None:
+            lines.append(
+                f"features (evaluation classifier, k=3): precision {num(o['precision'])}, recall {num(o['recall'])}, "
+                f"density {num(o['density'])}, coverage {num(o['coverage'])}"
+                + (
+                    f"; nearest-training distance {num(o['feature_nn_ratio'])}x real unseen images'"
+                    if o.get("feature_nn_ratio") is not None
+                    else ""
+                )
+            )
         if "leakage_gap" in o:
             lines.append(
                 f"control: nearest-neighbour SSIM to training images {num(o['train_control_ssim_mean'])} vs to as many "
@@ -352,6 +407,11 @@ def evaluate(
     class_names: Optional[Sequence[str]] = None,
     held_out: Union[None, ImageDataset, Tuple[Any, Any]] = None,
     control_seed: int = 0,
+    test: Union[None, ImageDataset, Tuple[Any, Any]] = None,
+    teach_per_class: int = 100,
+    real_pool: Optional[ImageDataset] = None,
+    teaching: Optional[Teaching] = None,
+    cache: Optional[PathLike] = None,
     backend: str = "auto",
     device: Optional[str] = None,
     progress: bool = False,
@@ -376,7 +436,19 @@ def evaluate(
         class_names: default: the training set's.
         held_out: images of the same classes the target never saw (same forms as ``train``): adds the
             control, ``train_control_ssim`` against ``held_out_ssim`` at equal sizes per class.
-        control_seed: seed of the control's random equal-size subsets.
+        control_seed: seed of the control's random equal-size subsets, of the students and of the
+            feature metrics' subsets.
+        test: real held-out images (same forms as ``train``, never seen by the target) on which the
+            students are tested: adds ``cas``, ``real_curve``, ``worth_real_per_class`` and, when the
+            target is known, ``distill_accuracy`` (two students of ``teaching``'s recipe, and the real
+            curve's once per data set: about 15 s each on 2 CPU cores).
+        teach_per_class: generated images per class that the students learn from, sampled from an
+            ``Inversion`` (an image tensor is used whole). The feature metrics measure the evaluated
+            images (``n_per_class`` of an ``Inversion``), as every other metric does.
+        real_pool: the real images of the real curve (default: ``train``); sizes larger than its
+            smallest class are left out.
+        teaching: the students' recipe and the real curve's sizes (default: ``tldr_fast.utility.Teaching()``).
+        cache: folder that keeps the real curve (default: ``tldr_fast.leakage.cache_dir()``).
         backend, device: of the SSIM computation (``tldr_fast.ssim.classwise_ssim``).
         progress: progress bars of the SSIM computation.
     """
@@ -406,7 +478,11 @@ def evaluate(
         raise ValueError(f"value_range must be (low, high) with high > low, got {value_range}")
     if not 0 <= tau <= 1:
         raise ValueError(f"tau must be an SSIM threshold in [0, 1], got {tau}")
+    if isinstance(teach_per_class, bool) or not isinstance(teach_per_class, int) or teach_per_class < 1:
+        raise ValueError(f"teach_per_class must be a positive int, got {teach_per_class!r}")
     x01 = ((images.detach().float().cpu() - lo) / (hi - lo)).clamp_(0, 1)
+    if not torch.isfinite(x01).all():
+        raise ValueError("generated images hold NaN: nothing to evaluate")
     k = getattr(inversion, "num_classes", None) or int(labels.max()) + 1
     train = _as_train(train, k)
     if list(x01.shape[1:]) != train.image_shape:
@@ -423,8 +499,14 @@ def evaluate(
     classes = [c for c in torch.unique(labels).tolist() if c in present]  # a class without training images has no match
     ssim = dict(backend=backend, device=device, progress=progress and distributed.is_main())
     sims = _classwise(x01, labels, train, classes, ssim)
+    x_ci, blank = minmax_rescale(x01)
+    sims_ci = _classwise(x_ci, labels, train, classes, ssim)
     if sims is None:  # another rank: rank 0 has its columns and makes the report
         return None
+    nn_ssim_ci = torch.full((n,), math.nan)
+    for c, s in sims_ci.items():
+        nn_ssim_ci[labels == c] = s.max(dim=1).values
+    nn_ssim_ci[blank & ~torch.isnan(nn_ssim_ci)] = 0.0
     for c, s in sims.items():  # s: [n_c, m_c], rows and columns in the order of nonzero()
         gen_pos = torch.nonzero(labels == c).view(-1)
         train_pos = torch.nonzero(train.labels == c).view(-1)
@@ -447,10 +529,72 @@ def evaluate(
     report = EvaluationReport(
         tau, names, labels, x01, nearest, nn_ssim, nn_index, matched_ssim, matched_index, train, same, **control
     )
+    report.nn_ssim_ci = nn_ssim_ci
     target = _logits_fn(classifier, inversion)
     if target is not None:
         p = torch.softmax(target(x01), dim=1)
         report.target_prob, report.target_pred = p.gather(1, labels[:, None]).view(-1), p.argmax(1)
     if eval_classifier is not None:
         report.eval_pred = predict_logits(eval_classifier, x01).argmax(1)
+    if test is not None or eval_classifier is not None:
+        test_ds = None if test is None else _as_train(test, k)
+        if test_ds is not None and test_ds.image_shape != train.image_shape:
+            raise ValueError(f"test images are {test_ds.image_shape}, training images {train.image_shape}")
+        x_t, y_t = x01, labels
+        if inversion is not None:  # the students' own, larger sample
+            y_t = inversion.labels(n_per_class=teach_per_class)
+            x_t = ((inversion.sample(labels=y_t).float().cpu() + 1) / 2).clamp_(0, 1)
+        unseen = _as_train(held_out, k) if held_out is not None else test_ds
+        report.utility = _utility(
+            x01, labels, x_t, y_t.long().cpu(), k, names, train, test_ds, unseen, target, eval_classifier,
+            real_pool, teaching or Teaching(), cache, control_seed, device, progress,
+        )  # fmt: skip
     return report
+
+
+def _utility(
+    x01: Tensor,
+    labels: Tensor,
+    x_teach: Tensor,
+    y_teach: Tensor,
+    k: int,
+    names: List[str],
+    train: ImageDataset,
+    test: Optional[ImageDataset],
+    unseen: Optional[ImageDataset],
+    target: Optional[Callable[[Tensor], Tensor]],
+    eval_classifier: Optional[nn.Module],
+    real_pool: Optional[ImageDataset],
+    teaching: Teaching,
+    cache: Optional[PathLike],
+    seed: int,
+    device: Optional[str],
+    progress: bool,
+) -> Dict[str, Any]:
+    """The ``tldr_fast.utility`` metrics, overall: the students learn from ``x_teach`` ``[T, C, H, W]``
+    (``y_teach`` ``[T]``), the feature metrics measure the evaluated images ``x01`` ``[N, C, H, W]``."""
+    out: Dict[str, Any] = {"teach_images": len(y_teach) if test is not None else None}
+    if test is not None:
+        from .leakage import cache_dir
+
+        dev = str(device) if device else "auto"
+        pool = real_pool if real_pool is not None else train
+        curve = real_curve(pool, test, teaching, device=dev, cache=cache_dir(cache), progress=progress)
+        student = dict(class_names=names, recipe=teaching, seed=seed, device=dev, progress=progress)
+        cas = student_accuracy(x_teach, y_teach, test, **student)
+        out.update(cas=cas, real_curve=curve, worth_real_per_class=worth(cas, curve, chance=1 / k))
+        distill = None if target is None else student_accuracy(x_teach, y_teach, test, teacher=target, **student)
+        out["distill_accuracy"] = distill
+    if eval_classifier is not None:
+        feats = predict_logits(eval_classifier, x01, features=True)  # [N, D]
+        train_feats = predict_logits(eval_classifier, train.images, features=True)
+        out.update(classwise_prdc(train_feats, train.labels, feats, labels, k=3, seed=seed))
+        if unseen is not None:
+            near = nn_feature_distance(feats, labels, train_feats, train.labels)
+            ref = nn_feature_distance(
+                predict_logits(eval_classifier, unseen.images, features=True), unseen.labels, train_feats, train.labels
+            )
+            near, ref = near[~torch.isnan(near)], ref[~torch.isnan(ref)]
+            ok = len(near) and len(ref) and float(ref.mean()) > 0
+            out["feature_nn_ratio"] = float(near.mean() / ref.mean()) if ok else None
+    return out

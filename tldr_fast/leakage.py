@@ -44,6 +44,7 @@ from .data import DataUnavailable, ImageDataset, load_dataset, subset
 from .evaluate import EvaluationReport, evaluate
 from .models import load_classifier, save_classifier, train_classifier
 from .progress import progress_bar
+from .utility import Teaching
 
 PathLike = Union[str, os.PathLike]
 
@@ -60,6 +61,16 @@ METRICS = (
     "same_class_ssim_mean",
     "target_accuracy",
     "target_confidence",
+    # what the images teach (tldr_fast.utility): metrics a dark background cannot fool
+    "nn_ssim_ci_mean",
+    "cas",
+    "worth_real_per_class",
+    "distill_accuracy",
+    "precision",
+    "recall",
+    "density",
+    "coverage",
+    "feature_nn_ratio",
 )
 REFERENCES = ("real_unseen", "noise", "black")
 CACHE_VERSION = 1  # part of every cached classifier's file name: bump when a training recipe changes
@@ -95,6 +106,8 @@ class Suite:
     targets: Tuple[Target, ...]
     seeds: Tuple[int, ...] = (0, 1, 2)
     eval_per_class: int = 20  # generated images per class that are evaluated
+    teach_per_class: int = 100  # generated images per class the students of CAS and distillation learn from
+    teaching: Teaching = Teaching()  # the students' recipe and the real curve's sizes
     held_out_per_class: int = 400  # the control set, from the test split
     real_per_class: int = 20  # real unseen reference images, from the test split
     judge_epochs: int = 20
@@ -115,6 +128,8 @@ SUITES: Dict[str, Suite] = {
         targets=(Target("mnist", 10, "mlp"),),
         seeds=(0,),
         eval_per_class=4,
+        teach_per_class=4,
+        teaching=Teaching(steps=10, real_sizes=(1, 4), draws=1),
         held_out_per_class=10,
         real_per_class=4,
         judge_epochs=2,
@@ -307,6 +322,7 @@ def run(
     }
     splits: Dict[str, Split] = {}
     judges: Dict[str, nn.Module] = {}
+    real_curves: Dict[str, Dict[str, float]] = results.setdefault("real_curves", {})
     bar = progress_bar(total=len(chosen) * len(seeds) * len(variants), desc="leakage", unit="run", disable=not progress)
     for t in chosen:
         try:
@@ -356,8 +372,14 @@ def run(
                     classifier=model,
                     eval_classifier=judges[t.data],
                     held_out=parts.held_out,
+                    test=parts.held_out,
+                    teach_per_class=s.teach_per_class,
+                    real_pool=parts.train,
+                    teaching=s.teaching,
+                    cache=cache_path,
                     device=device,
                 )
+                real_curves[t.data] = report.utility["real_curve"]
                 runs.append({"seed": seed, "seconds": seconds, "steps": inv.step, **_overall(report)})
                 if seed == seeds[0]:
                     report.save_grid(out / "grids" / f"{t.name}--{vname}.png", per_class=8)
@@ -397,6 +419,39 @@ COLUMNS = (  # (header, metric, digits)
     ("same-class SSIM", "same_class_ssim_mean", 2),
     ("target acc", "target_accuracy", 2),
 )
+TEACH_COLUMNS = (  # what the images teach (tldr_fast.utility): a second table
+    ("NN-SSIM train", "nn_ssim_mean", 2),
+    ("NN-SSIM contrast-inv.", "nn_ssim_ci_mean", 2),
+    ("CAS", "cas", 2),
+    ("worth real/class", "worth_real_per_class", 1),
+    ("distill acc", "distill_accuracy", 2),
+    ("precision", "precision", 2),
+    ("recall", "recall", 2),
+    ("density", "density", 2),
+    ("coverage", "coverage", 2),
+    ("feature NN ratio", "feature_nn_ratio", 2),
+)
+
+
+def _table(results: Dict[str, Any], columns: Sequence[Tuple[str, str, int]], seconds: bool) -> List[str]:
+    """One row per target and variant (mean ± std over seeds), its references under it."""
+    tail = " s/run |" if seconds else ""
+    lines = [
+        "| target | variant | " + " | ".join(h for h, _, _ in columns) + " |" + tail,
+        "|---|---|" + "---|" * (len(columns) + int(seconds)),
+    ]
+    for e in results["targets"]:
+        for vname, v in e["variants"].items():
+            cells = [_fmt(v["mean"].get(k), v["std"].get(k), d) for _, k, d in columns]
+            time_cell = f" {_fmt(v['mean']['seconds'], digits=0)} |" if seconds else ""
+            lines.append(f"| {e['target']} | {vname} | " + " | ".join(cells) + " |" + time_cell)
+        for ref in REFERENCES:
+            r = e["references"][ref]
+            cells = [_fmt(r.get(k), None, d) for _, k, d in columns]
+            lines.append(
+                f"| ↳ {ref.replace('_', ' ')} | (reference) | " + " | ".join(cells) + " |" + (" |" if seconds else "")
+            )
+    return lines
 
 
 def markdown(results: Dict[str, Any]) -> str:
@@ -415,21 +470,11 @@ def markdown(results: Dict[str, Any]) -> str:
             f"Evaluation classifier for {data}: {j['arch']} on {j['n_train']} test-split images, "
             f"held-out accuracy {_fmt(j['held_out_accuracy'], digits=4)}."
         )
-    lines += [
-        "",
-        "| target | variant | " + " | ".join(h for h, _, _ in COLUMNS) + " | s/run |",
-        "|---|---|" + "---|" * (len(COLUMNS) + 1),
-    ]
-    for e in results["targets"]:
-        for vname, v in e["variants"].items():
-            cells = [_fmt(v["mean"][k], v["std"][k], d) for _, k, d in COLUMNS]
-            lines.append(
-                f"| {e['target']} | {vname} | " + " | ".join(cells) + f" | {_fmt(v['mean']['seconds'], digits=0)} |"
-            )
-        for ref in REFERENCES:
-            r = e["references"][ref]
-            cells = [_fmt(r[k], None, d) for _, k, d in COLUMNS]
-            lines.append(f"| ↳ {ref.replace('_', ' ')} | (reference) | " + " | ".join(cells) + " | |")
+    lines += ["", *_table(results, COLUMNS, seconds=True), "", "What the images teach (tldr_fast.utility):", ""]
+    lines += _table(results, TEACH_COLUMNS, seconds=False)
+    for data, curve in results.get("real_curves", {}).items():
+        points = ", ".join(f"{n}/class {a:.2f}" for n, a in curve.items())
+        lines.append(f"\nReal curve of {data} (the students' recipe on real training images): {points}.")
     for name, why in results["skipped"].items():
         lines.append(f"\nSkipped {name}: {why}")
     return "\n".join(lines) + "\n"

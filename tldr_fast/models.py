@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -220,16 +220,23 @@ def normalize(model: nn.Module, x01: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, x01: Tensor, batch_size: int = 1024) -> Tensor:
+def predict_logits(model: nn.Module, x01: Tensor, batch_size: int = 1024, features: bool = False) -> Tensor:
     """Logits ``[N, K]`` (fp32, CPU) of ``model`` in eval mode on images ``[N, C, H, W]`` in [0, 1],
-    normalised by ``normalize``; batched on the model's device. The model's mode is restored."""
+    normalised by ``normalize``; batched on the model's device. The model's mode is restored.
+    ``features``: the penultimate features ``model.features(x)`` ``[N, D]`` instead (the head's input)."""
+    if features and not callable(getattr(model, "features", None)):
+        raise ValueError(
+            f"{type(model).__name__} has no .features(x) (the penultimate features that feed its head): "
+            "feature-space metrics need a classifier of tldr_fast.models or one with that method"
+        )
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
+    fn = model.features if features else model
     was_training = model.training
     model.eval()
     try:
         out = [
-            model(normalize(model, x01[i : i + batch_size].to(device))).float().cpu()
+            fn(normalize(model, x01[i : i + batch_size].to(device))).float().flatten(1).cpu()
             for i in range(0, len(x01), batch_size)
         ]
     finally:
@@ -240,6 +247,14 @@ def predict_logits(model: nn.Module, x01: Tensor, batch_size: int = 1024) -> Ten
 def accuracy(model: nn.Module, ds: ImageDataset, batch_size: int = 1024) -> float:
     """Fraction of ``ds`` that ``model`` classifies correctly."""
     return (predict_logits(model, ds.images, batch_size).argmax(1) == ds.labels).float().mean().item()
+
+
+def distillation_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """``T^2 KL(softmax(teacher/T) || softmax(student/T))``, the batch mean (logits ``[B, K]``): the
+    ``T^2`` keeps the gradient's scale independent of ``T`` (Hinton et al. 2015)."""
+    t = temperature
+    kl = F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True, reduction="batchmean")
+    return kl * t * t
 
 
 def train_classifier(
@@ -254,6 +269,8 @@ def train_classifier(
     test: Optional[ImageDataset] = None,
     weight_decay: float = 1e-4,
     augment: int = 0,
+    teacher: Optional[Callable[[Tensor], Tensor]] = None,
+    temperature: float = 4.0,
     **arch_kwargs: Any,
 ) -> nn.Module:
     """Train a classifier of ``ARCHS`` on ``dataset`` and return it in eval mode on ``device``.
@@ -263,7 +280,10 @@ def train_classifier(
     training image by a random whole-pixel shift in [-n, n] per axis every time it is seen (for judges,
     such as the leakage benchmark's evaluation classifier, which should generalise). Normalisation mean/std are the
     training images' per-channel statistics. Deterministic for a given ``seed`` on the CPU; the global
-    RNG is left as it was. ``model.tldr_meta`` records the architecture, normalisation, class names,
+    RNG is left as it was. ``teacher`` (a function of ``[B, C, H, W]`` images in [0, 1] returning logits
+    ``[B, K]``) makes it knowledge distillation (Hinton et al. 2015): the loss is ``T^2 KL(softmax(t/T) ||
+    softmax(s/T))`` at ``T = temperature`` against the teacher's logits on each (shifted) batch, and the
+    labels serve only the reported accuracy. ``model.tldr_meta`` records the architecture, normalisation, class names,
     the training subset (``train_source``, ``train_indices``), ``train_accuracy`` and, when ``test`` is
     given, ``test_accuracy``.
     """
@@ -276,6 +296,8 @@ def train_classifier(
         raise ValueError(f"augment must be an int >= 0 (pixels), got {augment!r}")
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature!r}")
     if test is not None and test.image_shape != dataset.image_shape:
         raise ValueError(f"test images are {test.image_shape}, training images {dataset.image_shape}")
     dev = resolve_device(device)
@@ -287,8 +309,8 @@ def train_classifier(
         model = build_classifier(arch, dataset.image_shape, dataset.num_classes, **arch_kwargs).to(dev)
         gen = torch.Generator().manual_seed(seed)
         xn = ((x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)).to(dev)
-        if augment:
-            x01, mean_d, std_d = x.to(dev), mean.view(1, -1, 1, 1).to(dev), std.view(1, -1, 1, 1).to(dev)
+        x01 = x.to(dev) if augment or teacher is not None else None
+        mean_d, std_d = mean.view(1, -1, 1, 1).to(dev), std.view(1, -1, 1, 1).to(dev)
         y = dataset.labels.to(dev)
         steps_per_epoch = math.ceil(len(x) / batch_size)
         opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -302,11 +324,17 @@ def train_classifier(
                 idx = order[i * batch_size : (i + 1) * batch_size]
                 if len(idx) < 2:  # batch norm needs two samples
                     continue
-                xb = xn[idx]
+                xb, xb01 = xn[idx], None if x01 is None else x01[idx]
                 if augment:  # shift the [0, 1] images (background 0), then normalise
-                    xb = (shift_images(x01[idx], augment, gen, 0.0) - mean_d) / std_d
+                    xb01 = shift_images(xb01, augment, gen, 0.0)
+                    xb = (xb01 - mean_d) / std_d
                 logits = model(xb)
-                loss = F.cross_entropy(logits, y[idx])
+                if teacher is None:
+                    loss = F.cross_entropy(logits, y[idx])
+                else:
+                    with torch.no_grad():
+                        t_logits = teacher(xb01).float().to(dev)  # [B, K]
+                    loss = distillation_loss(logits, t_logits, temperature)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -327,6 +355,7 @@ def train_classifier(
         "train_indices": dataset.indices.tolist(),
         "epochs": epochs,
         "augment": augment,
+        "distillation_temperature": temperature if teacher is not None else None,
         "seed": seed,
         "test_source": test.source if test is not None else None,
     }
