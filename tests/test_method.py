@@ -398,9 +398,83 @@ def test_samples_do_not_depend_on_the_batch_size():
             inv.sample(n_per_class=1, batch_size=bad)
 
 
+# --- zoom -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "zoom,steps,size,want",
+    [
+        (4, 100, (28, 28), [(7, 7)] * 25 + [(14, 14)] * 25 + [(21, 21)] * 25 + [None] * 25),
+        (3, 7, (9, 11), [(3, 4)] * 3 + [(6, 8)] * 2 + [None] * 2),
+        (0, 10, (28, 28), [None] * 10),
+        (1, 10, (28, 28), [None] * 10),
+    ],
+)
+def test_zoom_stages(zoom, steps, size, want):
+    assert [ref.zoom_size(zoom, s, steps, size) for s in range(steps)] == want
+    assert ref.zoom_size(zoom, steps + 5, steps, size) is None  # a resumed run past steps: full resolution
+
+
+def test_zoom_matches_its_definition(gen):
+    x = torch.randn(3, 2, 8, 12, generator=gen, dtype=torch.float64)
+    out = ref.zoom(x, (4, 3))
+    blocks = x.view(3, 2, 4, 2, 3, 4).mean((3, 5))  # the mean of each 2 x 4 area
+
+    # bilinear back up (align_corners=False): output pixel i reads source coordinate (i + 0.5) / f - 0.5
+    def weights(n_out, n_in):
+        w = torch.zeros(n_out, n_in, dtype=torch.float64)
+        for i in range(n_out):
+            s = min(max((i + 0.5) * n_in / n_out - 0.5, 0.0), n_in - 1)
+            lo = int(math.floor(s))
+            hi = min(lo + 1, n_in - 1)
+            w[i, lo] += 1 - (s - lo)
+            w[i, hi] += s - lo
+        return w
+
+    want = torch.einsum("hi,bcij,wj->bchw", weights(8, 4), blocks, weights(12, 3))
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: ref.zoom(t, (3, 5)), (x[:1].clone().requires_grad_(True),))
+    assert ref.zoom(x.float(), (4, 3)).dtype == torch.float32
+
+
+def test_zoom_in_the_step(monkeypatch):
+    clf = with_meta(PlainCNN([1, 16, 16], 3, width=4, feature_dim=8))
+    seen = []
+    forward = clf.forward
+
+    def record(x):
+        seen.append(x.detach().clone())
+        return forward(x)
+
+    monkeypatch.setattr(clf, "forward", record)
+    zoomed, zoom = [], ref.zoom
+
+    def spy(images, size):
+        out = zoom(images, size)
+        zoomed.append((size, len(images), out.detach().clone()))
+        return out
+
+    import tldr_fast.step
+
+    monkeypatch.setattr(tldr_fast.step.reference, "zoom", spy)
+    cfg = dict(TINY, steps=4, select=1)
+    invert(clf, 3, (1, 16, 16), zoom=2, **cfg)
+    # steps 0 and 1 at 8 x 8, clean and perturbed images together; steps 2 and 3 at full resolution
+    assert [(size, n) for size, n, _ in zoomed] == [((8, 8), 16), ((8, 8), 16)]
+    for _, _, out in zoomed:  # what the classifier saw: the zoomed batch, normalised by its meta
+        want = ((out + 1) / 2 - 0.2) / 0.3
+        assert any(s.shape == want.shape and torch.allclose(s, want, atol=1e-5) for s in seen)
+    monkeypatch.undo()
+    off = invert(clf, 3, (1, 16, 16), zoom=0, **cfg).history
+    on = invert(clf, 3, (1, 16, 16), zoom=2, **cfg).history
+    assert off["ce"][0] != on["ce"][0]
+
+
 @pytest.mark.parametrize(
     "bad, match",
     [
+        ({"zoom": -1}, "zoom"),
+        ({"zoom": 2.0}, "zoom"),
         ({"shift": -1}, "shift"),
         ({"rotate": 200.0}, "rotate"),
         ({"scale": 1.0}, "scale"),

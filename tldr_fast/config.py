@@ -125,6 +125,10 @@ class InversionConfig:
         paired: draw the batch as pairs of the same label with independent latents (the second half
             repeats the first half's labels); the mode-seeking term needs it (on when its weight is).
         dropout: dropout probability in the generator's up-sampling stages (active while training).
+        zoom: Zoom (Plug-In Inversion, Ghiasi et al. 2022): the classifier sees the images at a
+            resolution that grows over the run in ``zoom`` equal stages, ``ceil(H (s + 1) / zoom)`` pixels
+            in stage ``s`` (area-averaged down, bilinearly back up: ``reference.zoom``), full resolution
+            in the last; 0 or 1: off. 4 on 28 x 28 shows 7, 14, 21, then 28 pixels.
         select: candidates drawn per kept image when sampling: each image ``Inversion.sample`` returns
             is the one of ``select`` candidates of its class that the target classifies most
             confidently under random perturbations (1: no selection; without the classifier, sampling
@@ -175,6 +179,7 @@ class InversionConfig:
     diversity: str = "batch"
     paired: bool = False
     dropout: float = 0.0
+    zoom: int = 0
     select: int = 4
     grad_norm: str = "head"
     weights: LossWeights = field(default_factory=LossWeights)
@@ -213,6 +218,7 @@ class InversionConfig:
             "seed",
             "shift",
             "select",
+            "zoom",
         ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool):
@@ -232,6 +238,8 @@ class InversionConfig:
             raise ValueError(f"eps is a fraction of the pixel range and must be in [0, 1], got {self.eps!r}")
         if self.shift < 0:
             raise ValueError(f"shift is a number of pixels >= 0, got {self.shift}")
+        if self.zoom < 0:
+            raise ValueError(f"zoom is a number of resolution stages >= 0 (0: off), got {self.zoom}")
         if not (_number(self.rotate) and 0 <= self.rotate <= 180):
             raise ValueError(f"rotate is a maximum angle in degrees in [0, 180], got {self.rotate!r}")
         if not (_number(self.scale) and 0 <= self.scale < 1):

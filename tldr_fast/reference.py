@@ -322,6 +322,30 @@ def warp(images: Tensor, theta: Tensor, fill: float, mode: str = "bilinear") -> 
     return out.to(images.dtype)
 
 
+def zoom_size(zoom: int, step: int, steps: int, size: Tuple[int, int]) -> Optional[Tuple[int, int]]:
+    """The resolution the classifier sees at ``step`` under Zoom (Plug-In Inversion, Ghiasi et al. 2022)
+    with ``zoom`` stages over ``steps``: stage ``s = floor(step * zoom / steps)`` (the last one from
+    there on) shows ``ceil(size * (s + 1) / zoom)``; None at full resolution (and for ``zoom`` <= 1).
+
+    >>> [zoom_size(4, s, 100, (28, 28)) for s in (0, 25, 50, 99)]
+    [(7, 7), (14, 14), (21, 21), None]
+    """
+    if zoom <= 1:
+        return None
+    stage = min(step * zoom // steps, zoom - 1)
+    out = tuple(math.ceil(n * (stage + 1) / zoom) for n in size)
+    return None if out == tuple(size) else out
+
+
+def zoom(images: Tensor, size: Tuple[int, int]) -> Tensor:
+    """``images`` ``[B, C, H, W]`` as seen at resolution ``size``: area-averaged down to ``size``
+    (``adaptive_avg_pool2d``), then bilinearly back up to ``[H, W]`` (``align_corners=False``). Linear,
+    so its gradient is the transpose: spread back by the bilinear weights, then over each averaged area."""
+    x = _acc(images)
+    low = F.adaptive_avg_pool2d(x, size)  # [B, C, h, w]
+    return F.interpolate(low, size=images.shape[-2:], mode="bilinear", align_corners=False).to(images.dtype)
+
+
 def mode_seek(images: Tensor, latents: Tensor) -> Tensor:
     """The mode-seeking term (MSGAN, Mao et al. 2019) of a paired batch: rows ``i`` and ``i + B/2``
     share a label and differ in their latents; ``1 / (mean_i d_x(i) / d_z(i) + 1e-5)`` with

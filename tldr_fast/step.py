@@ -48,7 +48,8 @@ class TLDRObjective:
     """``objective(step) -> (loss, terms [len(TERMS)])`` for a generator against a frozen classifier.
 
     The clean images and their perturbed copies (noise, then the random geometric transforms of
-    ``cfg.shift/rotate/scale``) go through the classifier in ONE forward of 2B, which also yields the
+    ``cfg.shift/rotate/scale``), both seen at the resolution of ``cfg.zoom``'s stage, go through the
+    classifier in ONE forward of 2B, which also yields the
     BatchNorm-statistics term of the clean rows. Terms are in ``config.TERMS`` order; an op none of whose
     terms is active (zero weight at every step, or nothing to act on: ``moments`` without a known
     normalisation, ``bn_stats`` without BatchNorm layers) is not run and its terms read 0; a fused op that
@@ -127,6 +128,9 @@ class TLDRObjective:
                 else:  # the reference's noise of the whole batch, this rank's rows
                     x_pert = distributed.perturb(*args, shard, theta, warp_mode(cfg))
                 batch = torch.cat([x, x_pert])  # one forward of 2B
+            size = reference.zoom_size(cfg.zoom, step, cfg.steps, tuple(x.shape[-2:]))
+            if size is not None:  # Zoom: the classifier sees the batch at a lower resolution
+                batch = reference.zoom(batch, size)
             logits, feats, bn = self.target.forward_bn_stats(
                 batch, b if self.bn_stats else 0, self.classifier, self.ops.bn_stats
             )
