@@ -3,6 +3,8 @@
     python benchmarks/tables.py --update BENCHMARKS.md     # regenerate every table of BENCHMARKS.md from the results file
     python benchmarks/tables.py --check BENCHMARKS.md      # exit 1 if BENCHMARKS.md is not what --update would write
     python benchmarks/tables.py --add RUN.json             # append a saved pytest-benchmark run to the results file
+    python benchmarks/tables.py --add-leakage RESULTS.json --run DATE/NAME --source "benchmarks/results/... (git C)"
+        [--targets-cache "DATE cache"] [--threads N] [--note TEXT]   # append a leakage run (tldr-fast leakage)
     python benchmarks/tables.py RUN.json [RUN2.json ...]   # a saved run as Markdown tables, on stdout
     python benchmarks/tables.py RUN.json --into <file.md>    # ... between <file.md>'s "generated tables" markers
 
@@ -13,7 +15,9 @@ measured row, the one source of BENCHMARKS.md's numbers. Every row has:
   metric that was not measured is absent), and ``unit``: ``{metric: unit}``. Op timings: ``median`` (ms),
   ``q1``/``q3`` (ms, saved runs), ``peak`` (MiB of CUDA memory above the inputs), ``gbps`` (where the
   earlier scripts stored it; otherwise derived from ``bytes``), ``host_time`` (µs); leakage runs: attack
-  accuracy, SSIMs, counts and seconds (per seed);
+  accuracy, SSIMs, counts and seconds (per seed), what the images teach (CAS, worth in real images per
+  class, distillation accuracy, precision/recall/density/coverage, the feature NN ratio; ``LEAK_METRICS``),
+  and per data set the real curve (``real_<n>``: the students' accuracy on n real images per class);
 - ``card`` (the GPU, or the CPU), ``device`` ("cuda" or "cpu"), ``threads`` (CPU rows), ``versions``
   (torch, Triton, Python, driver, as recorded; ``versions_source`` says where when the run itself did not
   record them), ``date``;
@@ -25,9 +29,10 @@ measured row, the one source of BENCHMARKS.md's numbers. Every row has:
   ``baseline`` (the impl a speed-up is over), ``bytes``/``items``/``items_unit`` (for GB/s and rates),
   ``resolution`` (``{metric: step}`` where a value was recorded to fewer digits than a float holds: a
   log's printed table, a typed number; tables print no more digits than that), or
-  for the leakage benchmark ``kind``, ``targets`` (the cache of target classifiers, named by the date it
+  for the leakage benchmark ``kind`` ("inversion", "reference", "target classifier", "evaluation
+  classifier", "real curve"), ``targets`` (the cache of target classifiers, named by the date it
   was made: the numbers move with the classifiers more than with the seeds),
-  ``target``, ``variant``, ``overrides``, ``seed``.
+  ``target``, ``variant``, ``overrides``, ``seed``, ``steps``, ``teaching`` (a real curve's recipe).
 
 Derived numbers (speed-ups, GB/s from bytes, the fraction of the copy bandwidth, rates, means and
 standard deviations over seeds) are computed here, never stored. BENCHMARKS.md's tables lie between
@@ -44,6 +49,7 @@ import os
 import re
 import statistics
 import sys
+from collections import Counter
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -144,16 +150,171 @@ def add(saved: str, results: str = RESULTS) -> List[Dict]:
     """Append the saved run ``saved`` to the results file; refuses a run that is there already."""
     with open(saved) as f:
         rows = saved_run_rows(json.load(f), saved)
+    return _append(rows, saved, results)
+
+
+def _append(rows: List[Dict], where: str, results: str) -> List[Dict]:
+    """Append the rows of one run to the results file: refused if it holds the run already or a row is incomplete."""
     have = {r["run"] for r in read_results(results)} if os.path.exists(results) else set()
     if rows and rows[0]["run"] in have:
         sys.exit(f"{results} already holds run {rows[0]['run']!r}")
     errors = check_rows(rows)
     if errors:
-        sys.exit(f"{saved}: " + "; ".join(errors))
+        sys.exit(f"{where}: " + "; ".join(errors))
     with open(results, "a") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     return rows
+
+
+# A leakage benchmark's results.json (``tldr-fast leakage``) as rows: its metric names -> (the rows' name, unit),
+# in the rows' order. ``leakage_gap`` (train control minus held-out control) is derived, so not stored.
+LEAK_METRICS = {
+    "attack_accuracy": ("attack_accuracy", "fraction"),
+    "nn_ssim_mean": ("nn_ssim", "SSIM"),
+    "train_control_ssim_mean": ("control_train_ssim", "SSIM"),
+    "held_out_ssim_mean": ("control_held_out_ssim", "SSIM"),
+    "closer_to_train": ("closer_to_train", "fraction"),
+    "matched_ssim_mean": ("matched_ssim", "SSIM"),
+    "n_train_matched": ("n_train_matched", "images"),
+    "same_class_ssim_mean": ("same_class_ssim", "SSIM"),
+    "target_accuracy": ("target_accuracy", "fraction"),
+    "target_confidence": ("target_confidence", "probability"),
+    "nn_ssim_ci_mean": ("nn_ssim_ci", "SSIM"),
+    "cas": ("cas", "fraction"),
+    "worth_real_per_class": ("worth_real_per_class", "real images per class"),
+    "distill_accuracy": ("distill_accuracy", "fraction"),
+    "precision": ("precision", "fraction"),
+    "recall": ("recall", "fraction"),
+    "density": ("density", "ratio"),
+    "coverage": ("coverage", "fraction"),
+    "feature_nn_ratio": ("feature_nn_ratio", "ratio"),
+    "seconds": ("seconds", "s"),
+}
+LEAK_DERIVED = ("leakage_gap",)
+CPU_CARD = "2-core x86-64 CPU"  # the machine every CPU row so far was measured on
+
+
+def _leak_value(metrics: Dict, where: str, skip: Sequence[str] = ()) -> Tuple[Dict, Dict]:
+    """``metrics`` (a run or a reference of a results.json) as a row's value and unit; nulls dropped."""
+    value, unit = {}, {}
+    unknown = set(metrics) - set(LEAK_METRICS) - set(LEAK_DERIVED) - set(skip)
+    if unknown:  # a new metric of the benchmark: name it in LEAK_METRICS rather than lose it
+        raise ValueError(f"{where}: unknown metric(s) {', '.join(sorted(unknown))} (add them to LEAK_METRICS)")
+    for key, (name, u) in LEAK_METRICS.items():
+        if metrics.get(key) is not None:
+            value[name], unit[name] = metrics[key], u
+    return value, unit
+
+
+def leakage_rows(
+    results: Dict,
+    run: str,
+    source: str,
+    targets: Optional[str] = None,
+    threads: Optional[int] = None,
+    card: Optional[str] = None,
+    note: Optional[str] = None,
+) -> List[Dict]:
+    """A leakage benchmark's ``results.json`` as curated rows: an "evaluation classifier" row per data set's
+    judge, a "real curve" row per data set, then per target a "target classifier" row, a "reference" row
+    per reference and an "inversion" row per variant and seed. ``targets`` names the cache of target
+    classifiers (default: "<the results' date> cache", right when the run trained them); ``threads``
+    replaces the results' ``machine.cpu_threads``; ``card``: the GPU (CPU rows: ``CPU_CARD``); ``note``: what the
+    inversion rows should say of how they were run (a patched script, a busy machine)."""
+    machine = results["machine"]
+    device = machine["device"]
+    if card is None:
+        if device != "cpu":
+            raise ValueError(f"results of device {device!r}: name the card")
+        card = CPU_CARD
+    targets = targets or f"{results['date']} cache"
+    tail = {"run": run, "card": card, "device": device}
+    if threads is not None or device == "cpu":  # CPU rows (a GPU's only when given)
+        tail["threads"] = machine.get("cpu_threads") if threads is None else threads
+    tail.update(versions=results["versions"], date=results["date"], source=source)
+    head = {"benchmark": "leakage"}
+    rows = []
+    for data, j in results.get("judges", {}).items():
+        rows.append(
+            {
+                **head,
+                "kind": "evaluation classifier",
+                "targets": targets,
+                "data": data,
+                "arch": j["arch"],
+                "n_train": j["n_train"],
+                "value": {"held_out_accuracy": j["held_out_accuracy"]},
+                "unit": {"held_out_accuracy": "fraction"},
+                **tail,
+            }
+        )
+    teaching = results.get("settings", {}).get("teaching")
+    for data, curve in results.get("real_curves", {}).items():
+        points = sorted(curve.items(), key=lambda kv: int(kv[0]))
+        rows.append(
+            {
+                **head,
+                "kind": "real curve",
+                "targets": targets,
+                "data": data,
+                **({"teaching": teaching} if teaching else {}),
+                "value": {f"real_{n}": a for n, a in points},
+                "unit": {f"real_{n}": "fraction" for n, _ in points},
+                **tail,
+            }
+        )
+    for e in results["targets"]:
+        t = {
+            **head,
+            "targets": targets,
+            "target": e["target"],
+            "data": e["data"],
+            "arch": e["arch"],
+            "n_per_class": e["n_per_class"],
+            "n_train": e["n_train"],
+        }
+        classifier = {k: e[k] for k in ("train_accuracy", "held_out_accuracy") if e.get(k) is not None}
+        rows.append(
+            {
+                **t,
+                "kind": "target classifier",
+                "value": classifier,
+                "unit": dict.fromkeys(classifier, "fraction"),
+                **tail,
+            }
+        )
+        for ref, metrics in e.get("references", {}).items():
+            value, unit = _leak_value(metrics, f"{e['target']} / {ref}")
+            rows.append({**t, "kind": "reference", "reference": ref, "value": value, "unit": unit, **tail})
+        for variant, v in e["variants"].items():
+            for r in v["runs"]:
+                value, unit = _leak_value(r, f"{e['target']} / {variant}", skip=("seed", "steps"))
+                rows.append(
+                    {
+                        **t,
+                        "kind": "inversion",
+                        "variant": variant,
+                        "overrides": v.get("overrides", {}),
+                        "seed": r["seed"],
+                        "steps": r["steps"],
+                        "value": value,
+                        "unit": unit,
+                        **tail,
+                        **({"note": note} if note else {}),
+                    }
+                )
+    return rows
+
+
+def add_leakage(path: str, run: str, source: str, results: str = RESULTS, **kw) -> List[Dict]:
+    """Append the leakage results.json ``path`` to the results file as run ``run`` (``leakage_rows``);
+    refuses a run that is there already and a source that is not a raw file under benchmarks/results/."""
+    if not source.startswith("benchmarks/results/"):
+        sys.exit(f"--source {source!r}: name the raw file as committed, 'benchmarks/results/... (git <commit>)'")
+    with open(path) as f:
+        rows = leakage_rows(json.load(f), run, source, **kw)
+    return _append(rows, path, results)
 
 
 # ---------------------------------------------------------------- op rows: flat rows, derived numbers, cells
@@ -770,11 +931,16 @@ def block_leakage_judges(rows):
         [r["targets"], r["data"], r["arch"], f"{r['n_train']:,}", _fixed(r["value"]["held_out_accuracy"], 4)]
         for r in rs
     ]
+    body = list(map(list, dict.fromkeys(map(tuple, body))))  # a later run on the same cache: the same judges
     return "\n".join(table(["targets", "data", "arch", "training images", "held-out accuracy"], body)) + "\n"
 
 
+DEFAULTS_RUN = L06 + "default"  # the run of the defaults' table (variant "defaults", the targets of ORDER)
+TEACH_RUN = "2026-12-07/default"  # the run of what the images teach (teaching_table)
+
+
 def block_leakage_defaults(rows):
-    return leak_table(rows, [(TARGETS[t], [L06 + "default"], t, "defaults") for t in ORDER])
+    return leak_table(rows, [(TARGETS[t], [DEFAULTS_RUN], t, "defaults") for t in ORDER])
 
 
 # The defaults since Act 1 (2026-12-06): per target, the runs and variant measured with it (the patched
@@ -814,11 +980,15 @@ def block_leakage_no_select(rows):
     return leak_table(rows, [(TARGETS[t], [L05 + "default"], t, "defaults") for t in ORDER])
 
 
+REFERENCE_NAMES = {"real_unseen": "real unseen images", "noise": "uniform noise", "black": "a black image"}
+DATA_NAMES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
+
+
 def block_leakage_references(rows):
     rs = [r for r in rows if r.get("benchmark") == "leakage" and r.get("kind") == "reference"]
     seen, body = set(), []
-    names = {"real_unseen": "real unseen images", "noise": "uniform noise", "black": "a black image"}
-    for r in sorted(rs, key=lambda r: (r["targets"], r["data"] != "mnist", -_n(r), list(names).index(r["reference"]))):
+    order = list(REFERENCE_NAMES)
+    for r in sorted(rs, key=lambda r: (r["targets"], r["data"] != "mnist", -_n(r), order.index(r["reference"]))):
         v = r["value"]
         cells = [
             _fixed(v["attack_accuracy"], 2),
@@ -832,20 +1002,77 @@ def block_leakage_references(rows):
         if key in seen:  # the references depend on the data and the training set, not on the classifier
             continue
         seen.add(key)
-        per = "all 60k" if r["n_per_class"] == "all" else f"{r['n_per_class']:,}/class"
-        body.append(
-            [
-                r["targets"],
-                f"{'MNIST' if r['data'] == 'mnist' else 'Fashion-MNIST'}, {per}",
-                names[r["reference"]],
-                *cells,
-            ]
-        )
+        body.append([r["targets"], _training_set(r), REFERENCE_NAMES[r["reference"]], *cells])
     return "\n".join(table(["targets", "training set", "reference", *LEAK_HEAD[:-1]], body)) + "\n"
 
 
 def _n(r: Dict) -> int:
     return 10**9 if r["n_per_class"] == "all" else r["n_per_class"]
+
+
+def _training_set(r: Dict) -> str:
+    per = "all 60k" if r["n_per_class"] == "all" else f"{r['n_per_class']:,}/class"
+    return f"{DATA_NAMES.get(r['data'], r['data'])}, {per}"
+
+
+# What the images teach (tldr_fast.utility; the leakage benchmark's second table): (header, metric, digits)
+TEACH_COLUMNS = [
+    ("NN-SSIM train", "nn_ssim", 2),
+    ("NN-SSIM contrast-inv.", "nn_ssim_ci", 2),
+    ("CAS", "cas", 2),
+    ("worth (real images/class)", "worth_real_per_class", 1),
+    ("distill acc", "distill_accuracy", 2),
+    ("precision", "precision", 2),
+    ("recall", "recall", 2),
+    ("density", "density", 2),
+    ("coverage", "coverage", 2),
+    ("feature NN ratio", "feature_nn_ratio", 2),
+]
+
+
+def _pm_present(rs: List[Dict], metric: str, digits: int) -> str:
+    """``pm`` over the seeds that have ``metric`` (named when not all do); "—" where none has it."""
+    have = [r for r in rs if r["value"].get(metric) is not None]
+    if not have:
+        return "—"
+    return pm(have, metric, digits) + (f" ({_seeds(have)})" if len(have) < len(rs) else "")
+
+
+def teaching_table(
+    rows: List[Dict], run: str = TEACH_RUN, variant: str = "defaults", targets: Sequence[str] = ORDER
+) -> str:
+    """What the images of ``run``/``variant`` teach, per target (mean ± std over seeds); the real curve of
+    each data set under it; then the references' values of the same metrics (per training set: they do not
+    depend on the target classifier)."""
+    body = [
+        [TARGETS.get(t, t), *(_pm_present(runs_of(rows, [run], t, variant), m, d) for _, m, d in TEACH_COLUMNS)]
+        for t in targets
+    ]
+    out = table(["target", *(h for h, _, _ in TEACH_COLUMNS)], body)
+    of_run = [r for r in rows if r.get("benchmark") == "leakage" and r["run"] == run]
+    data = list(dict.fromkeys(r["data"] for r in of_run if r.get("target") in targets))
+    for d in data:
+        for r in (r for r in of_run if r["kind"] == "real curve" and r["data"] == d):
+            points = sorted((int(k[len("real_") :]), v) for k, v in r["value"].items())
+            curve = ", ".join(f"{n:,}/class {_fixed(a, 2)}" for n, a in points)
+            out += [
+                "",
+                f"{DATA_NAMES.get(d, d)}: real curve (the students' recipe on n real training images per class): {curve}.",
+            ]
+    refs = [r for r in of_run if r["kind"] == "reference" and r["target"] in targets]
+    refs.sort(key=lambda r: (list(targets).index(r["target"]), list(REFERENCE_NAMES).index(r["reference"])))
+    seen, ref_body = set(), []
+    for r in refs:
+        cells = [_fixed(r["value"][m], d) if r["value"].get(m) is not None else "—" for _, m, d in TEACH_COLUMNS]
+        key = (r["data"], r["n_per_class"], r["reference"], tuple(cells))
+        if key not in seen:  # the same data and training set: the same references
+            seen.add(key)
+            ref_body.append([_training_set(r), REFERENCE_NAMES[r["reference"]], *cells])
+    if ref_body:
+        keep = [i for i in range(len(TEACH_COLUMNS)) if any(b[2 + i] != "—" for b in ref_body)]  # CAS & co: none
+        head = ["training set", "reference", *(TEACH_COLUMNS[i][0] for i in keep)]
+        out += ["", *table(head, ([*b[:2], *(b[2 + i] for i in keep)] for b in ref_body))]
+    return "\n".join(out) + "\n"
 
 
 def block_leakage_ablation(rows):
@@ -1172,6 +1399,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="append a saved pytest-benchmark run to the results file",
     )
     p.add_argument(
+        "--add-leakage",
+        metavar="RESULTS.json",
+        help="append a leakage benchmark's results.json (tldr-fast leakage) to the results file, as run --run",
+    )
+    p.add_argument("--run", help="--add-leakage: the run's name, e.g. 2026-12-07/default")
+    p.add_argument(
+        "--source",
+        help="--add-leakage: the raw file as committed, e.g. 'benchmarks/results/2026-12-07-cpu-leakage/default/"
+        "results.json (git abc1234)'",
+    )
+    p.add_argument(
+        "--targets-cache",
+        metavar="LABEL",
+        help="--add-leakage: the cache of target classifiers the run used, e.g. '2026-12-06 cache' "
+        "(default: the results' date)",
+    )
+    p.add_argument("--threads", type=int, help="--add-leakage: CPU threads (default: the results' machine.cpu_threads)")
+    p.add_argument("--card", help=f"--add-leakage: the card (default for CPU results: {CPU_CARD!r})")
+    p.add_argument("--note", help="--add-leakage: a note on every inversion row (how the run was made)")
+    p.add_argument(
         "--update",
         metavar="<file.md>",
         help="regenerate the generated blocks of this Markdown file from the results file",
@@ -1179,13 +1426,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--check", metavar="<file.md>", help="exit 1 if this Markdown file's generated blocks are stale")
     p.add_argument("--results", default=RESULTS, help="the curated results file (default: %(default)s)")
     args = p.parse_args(argv)
-    if not (args.runs or args.add or args.update or args.check):
-        p.error("nothing to do: give runs, --add, --update or --check")
+    if not (args.runs or args.add or args.add_leakage or args.update or args.check):
+        p.error("nothing to do: give runs, --add, --add-leakage, --update or --check")
+    if args.add_leakage and not (args.run and args.source):
+        p.error("--add-leakage needs --run and --source")
     for saved in args.add:
         rows = add(saved, args.results)
         print(
             f"{args.results}: {len(rows)} rows of {saved} added (run {rows[0]['run'] if rows else '-'})",
             file=sys.stderr,
+        )
+    if args.add_leakage:
+        rows = add_leakage(
+            args.add_leakage,
+            args.run,
+            args.source,
+            args.results,
+            targets=args.targets_cache,
+            threads=args.threads,
+            card=args.card,
+            note=args.note,
+        )
+        kinds = ", ".join(f"{n} {k}" for k, n in Counter(r["kind"] for r in rows).items())
+        print(
+            f"{args.results}: {len(rows)} rows of {args.add_leakage} added as run {args.run} ({kinds})", file=sys.stderr
         )
     if args.runs:
         text = "\n".join(markdown(*load(path)) for path in args.runs)
