@@ -151,6 +151,7 @@ def test_report_json_summary_and_grid(gen, digits_clf, tmp_path):
         "reconstructed_matched",
         "n_train_matched",
         "same_class_ssim_mean",
+        "nn_ssim_ci_mean",
         "attack_accuracy",
         "target_accuracy",
         "target_confidence",
@@ -159,7 +160,7 @@ def test_report_json_summary_and_grid(gen, digits_clf, tmp_path):
     assert d["overall"]["attack_accuracy"] is None and d["overall"]["target_confidence"] is not None
     assert len(d["images"]) == 30 and d["num_train"] == 300 and len(d["per_class"]) == 10
     text = r.summary()
-    assert f"{100 * d['overall']['reconstructed_nn']:.1f}%" in text and len(text.splitlines()) == 6 + 10
+    assert f"{100 * d['overall']['reconstructed_nn']:.1f}%" in text and len(text.splitlines()) == 7 + 10
     size = r.save_grid(tmp_path / "g.png", per_class=2)
     with Image.open(tmp_path / "g.png") as im:
         assert im.format == "PNG" and im.size == size == grid_size(10, 2, 8, 8)

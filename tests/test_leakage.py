@@ -73,11 +73,17 @@ def test_quick_suite_writes_well_formed_results(quick):
 def test_quick_suite_markdown_and_grids(quick):
     out, results, _ = quick
     text = (out / "results.md").read_text()
-    rows = [line for line in text.splitlines() if line.startswith("|")]
-    widths = {line.count("|") for line in rows}
-    assert len(widths) == 1, "every table row has the same number of cells"
-    assert len(rows) == 2 + 2 + len(leakage.REFERENCES)  # header, rule, two variants, references
-    assert "mnist-mlp-10 | class" in text and "↳ black" in text
+    tables = [t for t in text.split("\n\n") if t.startswith("|")]
+    assert len(tables) == 2  # the similarity metrics, then what the images teach
+    for table, columns in zip(tables, (leakage.COLUMNS, leakage.TEACH_COLUMNS)):
+        rows = table.splitlines()
+        assert {line.count("|") for line in rows} == {len(columns) + 3 + (table is tables[0])}  # + s/run
+        assert len(rows) == 2 + 2 + len(leakage.REFERENCES)  # header, rule, two variants, references
+        assert "mnist-mlp-10 | class" in table and "↳ black" in table
+    assert "Real curve of mnist" in text
+    (run,) = results["targets"][0]["variants"]["defaults"]["runs"]
+    assert 0 <= run["cas"] <= 1 and 0 <= run["distill_accuracy"] <= 1 and run["worth_real_per_class"] >= 0
+    assert set(results["real_curves"]["mnist"]) == {"1", "4"}  # the quick suite's sizes
     for variant in ("defaults", "class"):
         with Image.open(out / "grids" / f"mnist-mlp-10--{variant}.png") as im:
             assert im.format == "PNG"
