@@ -243,6 +243,14 @@ def test_train_invert_sample_evaluate(tmp_path, capsys):
     )
     m = json.loads((out / "metrics.json").read_text())
     assert m["num_generated"] == 20 and m["overall"]["target_confidence"] is not None
+    assert "cas" not in m["overall"]  # no test images, no students
+    # real images it never saw: what the generated images teach (students of 3 steps: the plumbing only)
+    teach = ["--test-data", "digits", "--teach-per-class", "3", "--student-steps", "3", "--cache-dir", str(tmp_path)]
+    assert main(["evaluate", "--inversion", str(inv), *evaluate_args, *teach, "--out", str(out)]) == 0
+    o = json.loads((out / "metrics.json").read_text())["overall"]
+    assert o["teach_images"] == 30 and set(o["real_curve"]) == {"1", "3", "10"}  # the training set has 20 per class
+    assert 0 <= o["cas"] <= 1 and 0 <= o["distill_accuracy"] <= 1 and o["precision"] is not None
+    assert len(list(tmp_path.glob("real-curve-*.json"))) == 1
 
 
 def test_demo_end_to_end(tmp_path):

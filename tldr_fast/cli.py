@@ -283,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
         "real images per class, distillation accuracy), the students tested on them",
     )
     p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where the real curve of --test-data is kept (default: $TLDR_FAST_CACHE or ~/.cache/tldr_fast)",
+    )
+    p.add_argument(
         "--backend", default="auto", choices=BACKEND_CHOICES, help="SSIM kernels (default: auto; 'cuda' = 'extension')"
     )
     p.add_argument("--out", required=True, help="folder for metrics.json, grid.png, summary.txt")
@@ -617,6 +622,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         test=test,
         teach_per_class=args.teach_per_class,
         teaching=_teaching(args),
+        cache=args.cache_dir,
         backend=args.backend,
         device=device,
         progress=not args.quiet,
@@ -794,6 +800,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         teach_per_class=args.teach_per_class,
         real_pool=load_dataset("mnist"),
         teaching=_teaching(args, draws=1),  # the real curve from one draw: a demo's budget
+        cache=cache,
         backend=args.backend or "auto",
         device=args.device,
         progress=not args.quiet,
