@@ -32,9 +32,9 @@ section 6.1):
   to [0, 1] first; a blank image scores 0 (a dark background cannot lift it).
 * What the images teach (``tldr_fast.utility``; with ``test=``, real held-out images): ``cas``, the
   test accuracy of a fresh classifier trained on ``teach_per_class`` generated images per class (a
-  sample of their own, from an ``Inversion``) with their conditioned labels, beside ``real_curve`` (the same recipe on 1, 3, 10, 100 real images per
-  class) and ``worth_real_per_class`` read off it; ``distill_accuracy``, the same student trained on the
-  target's soft outputs. With ``eval_classifier=``, in its penultimate features: ``precision``,
+  sample of their own, from an ``Inversion``) with their conditioned labels, beside ``real_curve``
+  (the same recipe on 1, 3, 10, 100 real images per class) and ``worth_real_per_class`` read off it;
+  ``distill_accuracy``, the same student trained on the target's soft outputs. With ``eval_classifier=``, in its penultimate features: ``precision``,
   ``recall``, ``density``, ``coverage`` (Naeem et al. 2020, k = 3, per class) against the training
   images, and ``feature_nn_ratio`` against real unseen images (``held_out``, else ``test``).
 
@@ -274,7 +274,7 @@ class EvaluationReport:
             curve = ", ".join(f"{n}/class {a:.3f}" for n, a in o["real_curve"].items())
             lines.append(
                 f"what they teach: a fresh classifier trained on {o['teach_images']} of them scores {num(o['cas'])} on real "
-                f"held-out images (real images: {curve}): worth {o['worth_real_per_class']:.1f} real images per class"
+                f"held-out images (real images: {curve or 'none'}): worth {num(o['worth_real_per_class'])} real images per class"
                 + (
                     f"; distilled from the target: {num(o['distill_accuracy'])}"
                     if o.get("distill_accuracy") is not None
@@ -582,7 +582,7 @@ def _utility(
         curve = real_curve(pool, test, teaching, device=dev, cache=cache_dir(cache), progress=progress)
         student = dict(class_names=names, recipe=teaching, seed=seed, device=dev, progress=progress)
         cas = student_accuracy(x_teach, y_teach, test, **student)
-        out.update(cas=cas, real_curve=curve, worth_real_per_class=worth(cas, curve, chance=1 / k))
+        out.update(cas=cas, real_curve=curve, worth_real_per_class=worth(cas, curve, 1 / k) if curve else None)
         distill = None if target is None else student_accuracy(x_teach, y_teach, test, teacher=target, **student)
         out["distill_accuracy"] = distill
     if eval_classifier is not None:
