@@ -85,6 +85,30 @@ def test_missing_package_names_the_install_command(monkeypatch):
         load_dataset("mnist")
 
 
+@pytest.mark.parametrize("name", ["colour-mnist", pytest.param("colour-fashion-mnist", marks=needs_fashion)])
+def test_colour_variants(name):
+    grey, colour = load_dataset(f"{name[len('colour-') :]}:test"), load_dataset(f"{name}:test")
+    _check(colour, 10_000, (3, 28, 28), 10)
+    assert colour.source == f"{name}:test" and torch.equal(colour.labels, grey.labels)
+    # each image is b + (f - b) g: b is its colour where the grey image is 0 (the background), f follows
+    # from its brightest pixel
+    for i in (0, 17, 9_999):
+        g, x = grey.images[i, 0].flatten(), colour.images[i].flatten(1)  # [HW], [3, HW]
+        lo, hi = int(g.argmin()), int(g.argmax())
+        assert float(g[lo]) == 0.0
+        b = x[:, lo]
+        f = b + (x[:, hi] - b) / g[hi]
+        torch.testing.assert_close(x, b[:, None] + (f - b)[:, None] * g[None], atol=1e-5, rtol=0)
+        assert float((f - b).abs().mean()) >= data.COLOUR_CONTRAST - 1e-6
+    # colours follow the source position: a subset, and its source loaded again, carry the same colours
+    part = subset(colour, 3, seed=4)
+    torch.testing.assert_close(part.images, load_dataset(part.source).select_source(part.indices).images)
+    torch.testing.assert_close(part.images, data.colourise(subset(grey, 3, seed=4), seed=1).images)
+    assert not torch.equal(colour.images[:5], data.colourise(grey, seed=0).images[:5])  # the train split's draw
+    with pytest.raises(ValueError, match="grey"):
+        data.colourise(colour, seed=0)
+
+
 def test_mnist5k_is_shuffled_reproducibly():
     a, b, c = load_mnist5k(seed=0), load_mnist5k(seed=0), load_mnist5k(seed=1)
     _check(a, 5000, (1, 28, 28), 10)

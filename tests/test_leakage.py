@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+import torch
 from PIL import Image
 
 from tldr_fast import leakage
@@ -15,6 +16,17 @@ def test_target_names_round_trip():
     for t in leakage.SUITES["full"].targets:
         assert leakage.Target.parse(t.name) == t
     assert leakage.Target.parse("fashion-mnist-plain_cnn-100") == leakage.Target("fashion-mnist", 100, "plain_cnn")
+    assert leakage.Target.parse("colour-fashion-mnist-cnn-100") == leakage.Target("colour-fashion-mnist", 100, "cnn")
+
+
+def test_colour_split_is_the_grey_split_in_colour():
+    suite = leakage.SUITES["colour"]
+    grey, colour = leakage.split("mnist", suite), leakage.split("colour-mnist", suite)
+    for g, c in zip(
+        (grey.train, grey.held_out, grey.real, grey.judge), (colour.train, colour.held_out, colour.real, colour.judge)
+    ):
+        assert torch.equal(g.indices, c.indices) and c.image_shape == [3, 28, 28]
+    assert colour.judge.source == "colour-mnist:test"
 
 
 def test_split_parts_are_disjoint_and_balanced():
@@ -35,6 +47,9 @@ def test_suites_fit_their_promises():
     full = {t.name for t in leakage.SUITES["full"].targets}
     assert {f"mnist-{a}-{n}" for a in leakage.ARCHS for n in (10, 100, 1000, "all")} <= full
     assert {f"fashion-mnist-{a}-100" for a in leakage.ARCHS} <= full
+    colour = {t.name for t in leakage.SUITES["colour"].targets}
+    assert {f"{d}-{a}-100" for d in ("colour-mnist", "colour-fashion-mnist") for a in ("cnn", "plain_cnn")} == colour
+    assert colour <= full
 
 
 @pytest.fixture(scope="module")

