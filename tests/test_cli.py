@@ -318,7 +318,8 @@ def test_demo_end_to_end(tmp_path):
         "coverage",
         "feature_nn_ratio",
     }
-    teach = ("cas", "distill_accuracy", "precision", "recall", "density", "coverage", "feature_nn_ratio")
+    teach = ("cas", "distill_accuracy", "feature_nn_ratio")
+    assert m["overall"]["precision"] is None  # 3 images per class: k = 3 needs more than 3 of each
     assert all(
         m["overall"][k] is not None
         for k in ("attack_accuracy", "same_class_ssim_mean", "leakage_gap", "held_out_ssim_mean", *teach)
