@@ -5,12 +5,22 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterable, Union
+from typing import Any, Dict, Iterable, Optional, Union
 
 import torch
 
 FORMAT = "tldr_fast.inversion/1"
 PathLike = Union[str, os.PathLike]
+
+
+def cache_dir(given: Optional[PathLike] = None) -> Path:
+    """Where trained classifiers and real curves are kept: ``given``, else ``$TLDR_FAST_CACHE``, else
+    ``$XDG_CACHE_HOME/tldr_fast`` (``~/.cache/tldr_fast``)."""
+    if given:
+        return Path(given)
+    if os.environ.get("TLDR_FAST_CACHE"):
+        return Path(os.environ["TLDR_FAST_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tldr_fast"
 
 
 def atomic_save(obj: Any, path: PathLike) -> None:

@@ -61,6 +61,7 @@ import torch.nn as nn
 from scipy.optimize import linear_sum_assignment
 
 from . import distributed
+from .checkpoint import cache_dir
 from .data import ImageDataset
 from .grid import save_pair_grid
 from .models import predict_logits
@@ -448,7 +449,7 @@ def evaluate(
         real_pool: the real images of the real curve (default: ``train``); sizes larger than its
             smallest class are left out.
         teaching: the students' recipe and the real curve's sizes (default: ``tldr_fast.utility.Teaching()``).
-        cache: folder that keeps the real curve (default: ``tldr_fast.leakage.cache_dir()``).
+        cache: folder that keeps the real curve (default: ``tldr_fast.checkpoint.cache_dir()``).
         backend, device: of the SSIM computation (``tldr_fast.ssim.classwise_ssim``).
         progress: progress bars of the SSIM computation.
     """
@@ -575,8 +576,6 @@ def _utility(
     (``y_teach`` ``[T]``), the feature metrics measure the evaluated images ``x01`` ``[N, C, H, W]``."""
     out: Dict[str, Any] = {"teach_images": len(y_teach) if test is not None else None}
     if test is not None:
-        from .leakage import cache_dir
-
         dev = str(device) if device else "auto"
         pool = real_pool if real_pool is not None else train
         curve = real_curve(pool, test, teaching, device=dev, cache=cache_dir(cache), progress=progress)

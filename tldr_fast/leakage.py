@@ -41,6 +41,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from .checkpoint import cache_dir
 from .data import DataUnavailable, ImageDataset, load_dataset, subset
 from .evaluate import EvaluationReport, evaluate
 from .models import load_classifier, save_classifier, train_classifier
@@ -155,15 +156,6 @@ SUITES: Dict[str, Suite] = {
         + _grid(COLOUR_DATA, ["plain_cnn", "cnn"], [100])
     ),
 }
-
-
-def cache_dir(given: Optional[PathLike] = None) -> Path:
-    """``given``, else ``$TLDR_FAST_CACHE``, else ``$XDG_CACHE_HOME/tldr_fast`` (``~/.cache/tldr_fast``)."""
-    if given:
-        return Path(given)
-    if os.environ.get("TLDR_FAST_CACHE"):
-        return Path(os.environ["TLDR_FAST_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tldr_fast"
 
 
 @dataclass

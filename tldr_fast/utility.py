@@ -1,4 +1,4 @@
-"""What generated images are worth as data: metrics that a dark background cannot fool (DESIGN.md §6.3).
+"""What generated images are worth as data: metrics that a dark background cannot fool (DESIGN.md §6.1).
 
 SSIM to the nearest training image rewards a black background (an all-black image scores ~0.49 on
 MNIST). These metrics ask what the images *are* for a classifier instead:
