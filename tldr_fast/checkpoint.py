@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Union
+from typing import Any, BinaryIO, Callable, Dict, Iterable, Optional, Union
 
 import torch
 
@@ -24,7 +24,12 @@ def cache_dir(given: Optional[PathLike] = None) -> Path:
 
 
 def atomic_save(obj: Any, path: PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``: a
+    """``torch.save`` of ``obj`` to ``path`` through ``atomic_write``."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """``write(f)`` into a temporary file in the same folder, fsync, then rename over ``path``: a
     reader sees the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -33,7 +38,7 @@ def atomic_save(obj: Any, path: PathLike) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)

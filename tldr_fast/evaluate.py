@@ -542,7 +542,7 @@ def evaluate(
         if test_ds is not None and test_ds.image_shape != train.image_shape:
             raise ValueError(f"test images are {test_ds.image_shape}, training images {train.image_shape}")
         x_t, y_t = x01, labels
-        if inversion is not None:  # the students' own, larger sample
+        if inversion is not None and test_ds is not None:  # the students' own, larger sample
             y_t = inversion.labels(n_per_class=teach_per_class)
             x_t = ((inversion.sample(labels=y_t).float().cpu() + 1) / 2).clamp_(0, 1)
         unseen = _as_train(held_out, k) if held_out is not None else test_ds

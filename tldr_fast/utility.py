@@ -26,13 +26,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
+from .checkpoint import atomic_write
 from .data import ImageDataset, subset
 
 Tensor = torch.Tensor
@@ -145,10 +145,8 @@ def real_curve(
             )
         curve[str(n)] = sum(accs) / len(accs)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"key": key, "curve": curve}, indent=2) + "\n")
-        os.replace(tmp, path)
+        text = json.dumps({"key": key, "curve": curve}, indent=2) + "\n"
+        atomic_write(path, lambda f: f.write(text.encode()))
     return curve
 
 
