@@ -254,6 +254,37 @@ def test_a_checkpoint_from_before_a_term_loads_and_resumes(tmp_path):
     assert Inversion.load(ckpt, classifier=mlp()).config.weights.cos == 0.0
 
 
+def test_output_norm_checkpoints_load_resume_and_sample_in_eval_mode(tmp_path):
+    """With output_norm the generator's output BatchNorm is saved with it: a loaded inversion samples the
+    same images (eval mode: running statistics, so independent of the batch size) and resumes as the
+    uninterrupted run; a checkpoint whose config predates the option is a run without it, and resuming a
+    run with the other layout is an error that names the option."""
+    cfg = dict(TINY, steps=6, output_norm=True)
+    full = invert(mlp(), 3, (1, 8, 8), **cfg)
+    ckpt = tmp_path / "run.pt"
+    first = invert(mlp(), 3, (1, 8, 8), checkpoint=ckpt, **{**cfg, "steps": 3})
+    assert "out_norm.running_mean" in torch.load(ckpt, weights_only=True)["generator"]
+    loaded = Inversion.load(ckpt, classifier=mlp())
+    assert loaded.config.output_norm and loaded.generator.output_norm
+    a = loaded.sample(n_per_class=4, batch_size=5, select=1)
+    torch.testing.assert_close(a, first.sample(n_per_class=4, batch_size=12, select=1), rtol=0, atol=1e-6)
+    resumed = invert(mlp(), 3, (1, 8, 8), resume=ckpt, steps=6)
+    for (name, p), q in zip(full.generator.state_dict().items(), resumed.generator.state_dict().values()):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7, msg=name)
+    with pytest.raises(ValueError, match="output_norm"):
+        invert(mlp(), 3, (1, 8, 8), resume=ckpt, output_norm=False)
+
+    old = tmp_path / "old.pt"
+    invert(mlp(), 3, (1, 8, 8), checkpoint=old, **{**TINY, "steps": 2})
+    state = torch.load(old, weights_only=True)
+    del state["config"]["output_norm"]
+    torch.save(state, old)
+    assert not Inversion.load(old, classifier=mlp()).config.output_norm
+    assert invert(mlp(), 3, (1, 8, 8), resume=old, steps=4).step == 4
+    with pytest.raises(ValueError, match="output_norm"):
+        invert(mlp(), 3, (1, 8, 8), resume=old, steps=4, output_norm=True)
+
+
 def test_a_checkpoint_with_the_embedding_bias_loads_and_resumes(tmp_path, monkeypatch):
     """A checkpoint written while the generator's embedding had a bias (removed: its exact gradient is 0)
     loads as the same generator (eval-mode samples) and resumes, Adam's state of the other parameters

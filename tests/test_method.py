@@ -470,11 +470,219 @@ def test_zoom_in_the_step(monkeypatch):
     assert off["ce"][0] != on["ce"][0]
 
 
+# --- ColorShift -------------------------------------------------------------------------------------
+
+
+def test_colour_shift_matches_its_definition(gen):
+    x = torch.randn(3, 2, 5, 7, generator=gen, dtype=torch.float64)
+    shifts = ref.colour_draws(3, 2, 0.5, 0.4, gen, "cpu", torch.float64)
+    want = torch.empty_like(x)
+    for i in range(3):
+        for ch in range(2):
+            want[i, ch] = math.exp(float(shifts[i, 0, ch])) * x[i, ch] + float(shifts[i, 1, ch])
+    torch.testing.assert_close(ref.colour_shift(x, shifts), want, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: ref.colour_shift(t, shifts), (x.clone().requires_grad_(True),))
+    assert ref.colour_shift(x.float(), shifts).dtype == torch.float32
+
+
+def test_colour_draws_ranges_and_seeding():
+    def draws(seed, contrast=0.5, offset=0.4):
+        return ref.colour_draws(4000, 3, contrast, offset, torch.Generator().manual_seed(seed), "cpu")
+
+    d = draws(0)
+    assert d.shape == (4000, 2, 3)
+    for row, bound in ((0, 0.5), (1, 0.4)):  # uniform on [-bound, bound]: its range and its mean
+        assert d[:, row].abs().max() <= bound and d[:, row].abs().max() > 0.99 * bound
+        assert abs(float(d[:, row].mean())) < 0.02
+    assert torch.equal(d, draws(0)) and not torch.equal(d, draws(1))
+    offsets_only = draws(0, contrast=0.0)
+    assert not offsets_only[:, 0].any() and torch.equal(offsets_only[:, 1], d[:, 1])  # the same stream either way
+
+
+@pytest.mark.parametrize("colour", [{}, {"colour_shift": 0.4, "colour_contrast": 0.5}], ids=["off", "on"])
+def test_colour_shift_in_the_step(colour):
+    """The classifier sees the clean images and, as their perturbed copies, ``ops.perturb``'s output shifted
+    by the ColorShifts the step draws from its generator after the conditions and the transforms; off,
+    the copies are ``ops.perturb``'s output unchanged."""
+    from tldr_fast.backends import resolve
+    from tldr_fast.step import TLDRObjective, step_seed
+
+    cfg = InversionConfig().with_overrides(**TINY, **colour)
+    shape = (3, 10, 12)
+    target = FrozenClassifier(with_meta(PlainCNN(list(shape), 3, width=4, feature_dim=8), 3), 3, shape, device="cpu")
+    ops = resolve("torch", "cpu", quiet=True)
+    perturbed, seen = [], []
+
+    def recorded(x, *args):
+        perturbed.append((x.detach(), ref.perturb(x, *args)))
+        return perturbed[-1][1]
+
+    ops.ops["perturb"] = recorded
+    forward = target.forward_bn_stats
+    target.forward_bn_stats = lambda batch, *args: seen.append(batch.detach()) or forward(batch, *args)
+    objective = TLDRObjective(ConditionedGenerator(3, shape, cfg.nz, cfg.ngf), target, cfg, ops, torch.device("cpu"))
+    objective(5)
+    ((x, x_pert),), (batch,) = perturbed, seen
+    gen = torch.Generator().manual_seed(step_seed(cfg.seed, 5))
+    sample_conditions(cfg.batch_size, 3, cfg.nz, cfg.conditioning, gen, "cpu", objective.paired)
+    ref.warp_theta(len(x), shape[-2:], cfg.shift, cfg.rotate, cfg.scale, gen, "cpu")
+    want = x_pert.detach()
+    if colour:
+        want = ref.colour_shift(want, ref.colour_draws(len(x), 3, 0.5, 0.4, gen, "cpu"))
+        assert want.abs().max() > 1  # not clipped
+    assert torch.equal(batch[: len(x)], x)
+    torch.testing.assert_close(batch[len(x) :], want, rtol=0, atol=0)
+
+
+# --- surrogate ReLU derivative ---------------------------------------------------------------------
+
+
+class ExplicitSurrogateReLU(nn.Module):
+    """relu(x) forward, sigmoid(alpha x) as its derivative: that of softplus(alpha x) / alpha."""
+
+    def __init__(self, alpha):
+        super().__init__()
+        self.alpha = alpha
+
+    def forward(self, x):
+        smooth = nn.functional.softplus(self.alpha * x) / self.alpha
+        return x.relu().detach() + smooth - smooth.detach()
+
+
+RELUS = {
+    "nn.ReLU": nn.ReLU(),
+    "nn.ReLU(inplace)": nn.ReLU(inplace=True),
+    "F.relu": nn.functional.relu,
+    "F.relu(inplace)": lambda t: nn.functional.relu(t, True),
+    "F.relu_": nn.functional.relu_,
+    "torch.relu": torch.relu,
+    "torch.relu_": torch.relu_,
+    "Tensor.relu": torch.Tensor.relu,
+    "Tensor.relu_": torch.Tensor.relu_,
+}
+
+
+@pytest.mark.parametrize("name", sorted(RELUS))
+def test_surrogate_relu_matches_its_definition(gen, name):
+    """A 2-layer ReLU net ``v . relu(W x + b)``: the forward is relu's; the gradients are the hand-computed
+    ones with sigmoid(alpha h) for relu'(h), w.r.t. the input and the first layer's weights."""
+    relu, alpha = RELUS[name], 3.0
+    x = torch.randn(5, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    w1 = torch.randn(11, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    b1, v = (torch.randn(11, generator=gen, dtype=torch.float64) for _ in range(2))
+    with ref.surrogate_relu(alpha):
+        h = x @ w1.T + b1  # [5, 11]
+        pre = h.detach().clone()
+        out = relu(h)
+        if name.endswith(("inplace)", "_")):  # overwritten in place, as relu_ does
+            assert out.data_ptr() == h.data_ptr() and torch.equal(h, pre.clamp(min=0))
+        y = out @ v
+    torch.testing.assert_close(y, pre.clamp(min=0) @ v, rtol=0, atol=0)
+    gx, gw = torch.autograd.grad(y.sum(), (x, w1))
+    d = v * torch.sigmoid(alpha * pre)  # [5, 11]: dy_i/dh_ij
+    torch.testing.assert_close(gx, d @ w1.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gw, d.T @ x.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_surrogate_relu_leaves_nothing_behind():
+    """Only the graph built inside the context has the surrogate; after it, also after an error inside it,
+    relu's gradient is 1[x > 0] again."""
+    x = torch.tensor([-1.0, 0.5, 2.0], dtype=torch.float64, requires_grad=True)
+    with pytest.raises(KeyError, match="inside"):
+        with ref.surrogate_relu(2.0):
+            inside = torch.relu(x)
+            raise KeyError("inside")
+    for f in (torch.relu, nn.ReLU(), nn.functional.relu):
+        (g,) = torch.autograd.grad(f(x).sum(), x)
+        assert g.tolist() == [0.0, 1.0, 1.0]
+    (g,) = torch.autograd.grad(inside.sum(), x)
+    torch.testing.assert_close(g, torch.sigmoid(2.0 * x.detach()))
+
+
+def test_surrogate_relu_tends_to_the_plain_gradient(gen):
+    clf = PlainCNN([1, 12, 12], 3, width=4, feature_dim=8).double().eval()
+    x = torch.randn(3, 1, 12, 12, generator=gen, dtype=torch.float64, requires_grad=True)
+    (plain,) = torch.autograd.grad(clf(x).square().sum(), x)
+
+    def surrogate(alpha):
+        with ref.surrogate_relu(alpha):
+            out = clf(x)
+        torch.testing.assert_close(out, clf(x), rtol=0, atol=0)
+        return torch.autograd.grad(out.square().sum(), x)[0]
+
+    errors = [float((surrogate(a) - plain).norm() / plain.norm()) for a in (1.0, 10.0, 1e3, 1e9)]
+    assert errors[0] > 0.1 and errors == sorted(errors, reverse=True) and errors[-1] < 1e-9
+
+
+def test_surrogate_relu_in_the_step():
+    """In the step the forward (loss, terms) is unchanged, and the generator's gradient is the one through
+    the same classifier with every ReLU replaced by the explicit surrogate (the head grad-norm term's
+    gradient included); with a huge alpha it is the plain gradient."""
+    import copy
+
+    from tldr_fast.backends import resolve
+    from tldr_fast.step import TLDRObjective
+
+    shape = (1, 12, 12)
+    clf = with_meta(PlainCNN(list(shape), 3, width=4, feature_dim=8))
+    explicit = copy.deepcopy(clf)
+    for parent in list(explicit.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.ReLU):
+                setattr(parent, name, ExplicitSurrogateReLU(5.0))
+
+    def step(model, **options):
+        cfg = InversionConfig().with_overrides(**TINY, **options)
+        assert cfg.active("grad_norm") and cfg.grad_norm == "head"
+        torch.manual_seed(0)
+        g = ConditionedGenerator(3, shape, cfg.nz, cfg.ngf)
+        target = FrozenClassifier(model, 3, shape, device="cpu")
+        loss, terms = TLDRObjective(g, target, cfg, resolve("torch", "cpu", quiet=True), torch.device("cpu"))(2)
+        return loss.detach(), terms, torch.autograd.grad(loss, list(g.parameters()))
+
+    plain, surrogate, want, huge = (
+        step(clf),
+        step(clf, surrogate_relu=5.0),
+        step(explicit),
+        step(clf, surrogate_relu=1e9),
+    )
+    for run in (surrogate, want, huge):
+        torch.testing.assert_close(run[:2], plain[:2], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(surrogate[2], want[2], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(huge[2], plain[2], rtol=1e-5, atol=1e-7)
+    assert any((a - b).abs().max() > 1e-3 * b.abs().max() for a, b in zip(surrogate[2], plain[2]))
+
+
+def test_levers_from_the_command_line_and_in_invert():
+    """The options as ``--set KEY=VALUE`` gives them, all on in a short run: finite terms, images in range."""
+    from tldr_fast.cli import parse_overrides
+
+    levers = parse_overrides(["output_norm=true", "colour_shift=0.4", "colour_contrast=0.5", "surrogate_relu=50"])
+    cfg = InversionConfig().with_overrides(**levers)
+    assert (cfg.output_norm, cfg.colour_shift, cfg.colour_contrast, cfg.surrogate_relu) == (True, 0.4, 0.5, 50)
+    clf = with_meta(PlainCNN([1, 12, 12], 3, width=4, feature_dim=8))
+    inv = invert(clf, 3, (1, 12, 12), **{**TINY, "select": 1}, **levers)
+    assert all(math.isfinite(v) for t in TERMS for v in inv.history[t])
+    x = inv.sample(n_per_class=2)
+    assert x.shape == (6, 1, 12, 12) and x.abs().max() < 1
+
+
 @pytest.mark.parametrize(
     "bad, match",
     [
         ({"zoom": -1}, "zoom"),
         ({"zoom": 2.0}, "zoom"),
+        ({"colour_shift": -0.1}, "colour_shift must be"),
+        ({"colour_contrast": float("inf")}, "colour_contrast must be"),
+        (
+            {"colour_contrast": 0.5, "weights": {"ce_pert": 0.0}},
+            "colour_shift and colour_contrast act on the perturbed",
+        ),
+        ({"output_norm": 1}, "output_norm must be True or False"),
+        ({"surrogate_relu": -1.0}, "surrogate_relu must be"),
+        ({"surrogate_relu": 5.0, "grad_norm": "full"}, "surrogate_relu needs"),
+        ({"surrogate_relu": 5.0, "weights": {"kkt": 1.0}}, "surrogate_relu needs"),
+        ({"surrogate_relu": 5.0, "compile": True}, "surrogate_relu needs"),
         ({"shift": -1}, "shift"),
         ({"rotate": 200.0}, "rotate"),
         ({"scale": 1.0}, "scale"),

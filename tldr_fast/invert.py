@@ -305,13 +305,14 @@ def _generator(
     weights: Optional[dict] = None,
     path: Optional[PathLike] = None,
 ) -> ConditionedGenerator:
-    g = ConditionedGenerator(num_classes, shape, cfg.nz, cfg.ngf, cfg.dropout).to(device)
+    g = ConditionedGenerator(num_classes, shape, cfg.nz, cfg.ngf, cfg.dropout, cfg.output_norm).to(device)
     if weights is not None:
         try:
             g.load_state_dict(weights)
         except RuntimeError as e:
             raise ValueError(
-                f"{path}: its generator weights do not fit a generator of nz={cfg.nz}, ngf={cfg.ngf} ({str(e).splitlines()[0]})"
+                f"{path}: its generator weights do not fit a generator of nz={cfg.nz}, ngf={cfg.ngf}, "
+                f"output_norm={cfg.output_norm} ({str(e).splitlines()[0]})"
             ) from e
         if not _finite(g):
             raise ValueError(
@@ -373,7 +374,7 @@ class _Interrupts:
 
 
 # options that fix the generator's layout: a checkpoint is only resumed with its own
-ARCHITECTURE = ("nz", "ngf")
+ARCHITECTURE = ("nz", "ngf", "output_norm")
 
 
 def _config(config: Optional[InversionConfig], state: Optional[dict], overrides: dict) -> InversionConfig:
@@ -438,11 +439,9 @@ def invert(
             raise ValueError(
                 f"checkpoint {resume} is for {state['num_classes']} classes of {tuple(state['image_shape'])}, not {num_classes} of {shape}"
             )
-        changed = [
-            f"{k} ({state['config'][k]} -> {getattr(cfg, k)})"
-            for k in ARCHITECTURE
-            if state["config"].get(k) != getattr(cfg, k)
-        ]
+        # a key an older run's config lacks had the field's default
+        saved = {k: state["config"].get(k, getattr(InversionConfig, k)) for k in ARCHITECTURE}
+        changed = [f"{k} ({saved[k]} -> {getattr(cfg, k)})" for k in ARCHITECTURE if saved[k] != getattr(cfg, k)]
         if changed:
             raise ValueError(f"cannot resume {resume} with another generator layout: {', '.join(changed)}")
     ckpt = checkpoint if checkpoint is not None else resume

@@ -22,6 +22,7 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from .ops import bn_stats as _bn_stats
 from .ops import feature_loss as _feature_loss
@@ -344,6 +345,79 @@ def zoom(images: Tensor, size: Tuple[int, int]) -> Tensor:
     x = _acc(images)
     low = F.adaptive_avg_pool2d(x, size)  # [B, C, h, w]
     return F.interpolate(low, size=images.shape[-2:], mode="bilinear", align_corners=False).to(images.dtype)
+
+
+def colour_draws(
+    n: int, channels: int, contrast: float, offset: float, generator: torch.Generator, device, dtype=torch.float32
+) -> Tensor:
+    """``[n, 2, channels]`` random ColorShifts (Plug-In Inversion, Ghiasi et al. 2022): per image and
+    channel a log-contrast ``c ~ U(-contrast, contrast)`` (row 0) and an offset ``o ~ U(-offset, offset)``
+    (row 1), drawn from ``generator`` in that order."""
+
+    def uniform(span: float) -> Tensor:  # [n, channels] in [-span, span]
+        return (torch.rand(n, channels, generator=generator, device=device, dtype=dtype) * 2 - 1) * span
+
+    log_contrast = uniform(contrast)
+    return torch.stack([log_contrast, uniform(offset)], 1)
+
+
+def colour_shift(images: Tensor, shifts: Tensor) -> Tensor:
+    """``images`` ``[B, C, H, W]`` with each image's channels shifted by ``shifts`` ``[B, 2, C]`` (from
+    ``colour_draws``): ``exp(c) * x + o``, not clipped. Affine in ``images``, so its gradient is ``exp(c)``."""
+    log_contrast, offset = (t[:, :, None, None].to(images.dtype) for t in shifts.unbind(1))  # [B, C, 1, 1]
+    return torch.exp(log_contrast) * images + offset
+
+
+class SurrogateReLU(torch.autograd.Function):
+    """``relu(x)`` whose backward is ``grad * sigmoid(alpha x)`` instead of ``grad * 1[x > 0]``; with
+    ``inplace``, ``x`` itself is overwritten (as ``torch.relu_``) and returned."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, alpha: float, inplace: bool) -> Tensor:
+        ctx.save_for_backward(torch.sigmoid(alpha * x))  # the surrogate derivative, before x is overwritten
+        if inplace:
+            ctx.mark_dirty(x)
+            return torch.relu_(x)
+        return torch.relu(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (slope,) = ctx.saved_tensors
+        return grad * slope, None, None
+
+
+class _SurrogateReLUs(TorchFunctionMode):
+    """Every ReLU called while active (``torch.relu``, ``torch.relu_``, ``F.relu`` with or without
+    ``inplace``, hence ``nn.ReLU``, and the tensor methods ``relu``, ``relu_``) runs as ``SurrogateReLU``."""
+
+    INPLACE = {torch.relu: False, torch.Tensor.relu: False, torch.relu_: True, torch.Tensor.relu_: True}
+
+    def __init__(self, alpha: float):
+        super().__init__()
+        self.alpha = alpha
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.relu:
+            inplace = kwargs.get("inplace", args[1] if len(args) > 1 else False)
+            return SurrogateReLU.apply(args[0], self.alpha, bool(inplace))
+        if func in self.INPLACE:
+            return SurrogateReLU.apply(args[0], self.alpha, self.INPLACE[func])
+        return func(*args, **kwargs)
+
+
+def surrogate_relu(alpha: float) -> TorchFunctionMode:
+    """A context in which every ReLU's backward uses the derivative ``sigmoid(alpha x)`` in place of
+    ``1[x > 0]`` (Haim et al. 2022, Buzaglo et al. 2023); forwards are unchanged. The graph built inside
+    keeps the substitution; nothing outside it is affected, also when the block raises.
+
+    >>> x = torch.tensor([-1.0, 0.0, 2.0], requires_grad=True)
+    >>> with surrogate_relu(1.0):
+    ...     y = torch.nn.ReLU()(x)
+    >>> y.sum().backward(); x.grad
+    tensor([0.2689, 0.5000, 0.8808])
+    """
+    return _SurrogateReLUs(float(alpha))
 
 
 def mode_seek(images: Tensor, latents: Tensor) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -48,8 +49,9 @@ class TLDRObjective:
     """``objective(step) -> (loss, terms [len(TERMS)])`` for a generator against a frozen classifier.
 
     The clean images and their perturbed copies (noise, then the random geometric transforms of
-    ``cfg.shift/rotate/scale``), both seen at the resolution of ``cfg.zoom``'s stage, go through the
-    classifier in ONE forward of 2B, which also yields the
+    ``cfg.shift/rotate/scale``, then ``cfg.colour_shift/colour_contrast``'s ColorShift), both seen at the
+    resolution of ``cfg.zoom``'s stage, go through the classifier in ONE forward of 2B (with
+    ``cfg.surrogate_relu``, its ReLUs' backward is the sigmoid surrogate), which also yields the
     BatchNorm-statistics term of the clean rows. Terms are in ``config.TERMS`` order; an op none of whose
     terms is active (zero weight at every step, or nothing to act on: ``moments`` without a known
     normalisation, ``bn_stats`` without BatchNorm layers) is not run and its terms read 0; a fused op that
@@ -80,6 +82,7 @@ class TLDRObjective:
         self.mode_seek = cfg.active("mode_seek")
         self.paired = cfg.paired or self.mode_seek
         self.warp = bool(cfg.shift or cfg.rotate or cfg.scale)
+        self.colour = bool(cfg.colour_shift or cfg.colour_contrast)
         self.eps = pixel_eps(cfg)
         self.shard = distributed.Shard.of(cfg.batch_size, device, self.paired)  # this rank's rows
         self.scale = self.shard.term_scale(TERMS, ("pix",), FEATURE_TERMS, device)  # [len(TERMS)]
@@ -127,13 +130,21 @@ class TLDRObjective:
                     x_pert = self.ops.perturb(*args, theta, warp_mode(cfg))
                 else:  # the reference's noise of the whole batch, this rank's rows
                     x_pert = distributed.perturb(*args, shard, theta, warp_mode(cfg))
+                if self.colour:  # drawn for the whole batch, after the warp, from the step's generator
+                    channels = x.shape[1]
+                    shifts = reference.colour_draws(
+                        shard.total, channels, cfg.colour_contrast, cfg.colour_shift, self._gen, self.device
+                    )
+                    x_pert = reference.colour_shift(x_pert, shard.take(shifts))
                 batch = torch.cat([x, x_pert])  # one forward of 2B
             size = reference.zoom_size(cfg.zoom, step, cfg.steps, tuple(x.shape[-2:]))
             if size is not None:  # Zoom: the classifier sees the batch at a lower resolution
                 batch = reference.zoom(batch, size)
-            logits, feats, bn = self.target.forward_bn_stats(
-                batch, b if self.bn_stats else 0, self.classifier, self.ops.bn_stats
-            )
+            relus = reference.surrogate_relu(cfg.surrogate_relu) if cfg.surrogate_relu else contextlib.nullcontext()
+            with relus:  # the graph of this forward keeps the surrogate ReLU derivative for loss.backward
+                logits, feats, bn = self.target.forward_bn_stats(
+                    batch, b if self.bn_stats else 0, self.classifier, self.ops.bn_stats
+                )
         feats = feats[:b]  # clean images' features: [B, D]
         loss, terms = self.loss_block(logits, feats, x, c, y, w)
         extra = {}
