@@ -69,9 +69,10 @@ def test_bad_arguments(k, shape):
 class LegacyGenerator(ConditionedGenerator):
     """The generator as it was before the embedding lost its bias (the state dict has ``embed.bias``)."""
 
-    def __init__(self, num_classes, image_shape, nz=100, ngf=64, dropout=0.0):
-        super().__init__(num_classes, image_shape, nz, ngf, dropout)
-        self.embed = nn.Linear(num_classes, nz)  # same place in the module order: embed.weight, embed.bias, ...
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # same place in the module order: embed.weight, embed.bias, ...
+        self.embed = nn.Linear(self.num_classes, self.nz)
 
 
 def _legacy(gen, k=5, shape=(1, 12, 12), nz=6, ngf=8):
