@@ -76,7 +76,12 @@ def _invert(kwargs):
     return {k: v.detach().clone() for k, v in inv.generator.state_dict().items()}, inv.history
 
 
-@pytest.mark.parametrize("options", [{}, {"diversity": "class", "paired": True}], ids=["batch", "class-paired"])
+LEVERS = {"output_norm": True, "colour_shift": 0.4, "colour_contrast": 0.5, "surrogate_relu": 5.0}
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"diversity": "class", "paired": True}, LEVERS], ids=["batch", "class-paired", "levers"]
+)
 def test_two_ranks_train_the_generator_of_one_process(tmp_path, options):
     # seed 1: with seed 0 (batch), one element of project.0.weight with a near-zero gradient ends 1.2e-4 apart
     # and two BatchNorm biases of small norm 4e-5 relative, beyond the tolerance below (seeds 1-5: within 2e-6)
