@@ -299,7 +299,7 @@ class InversionConfig:
         if self.surrogate_relu and (self.param_grads or self.compile):
             raise ValueError(
                 "surrogate_relu needs grad_norm='head' or 'off', a zero kkt weight and compile=False: 'full' and kkt "
-                "differentiate the classifier's true gradient, and torch.compile does not trace the ReLU substitution"
+                "differentiate the classifier's true gradient, and the ReLU substitution is not supported under torch.compile"
             )
         if not isinstance(self.device, str):
             raise TypeError(f"device must be a string such as 'auto', 'cpu' or 'cuda', got {self.device!r}")
