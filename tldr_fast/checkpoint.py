@@ -44,6 +44,12 @@ def atomic_write(path: PathLike, write: Callable[[BinaryIO], None], what: str = 
     atomic_write_many([(path, write)], what)
 
 
+def atomic_write_text(path: PathLike, text: str, what: str = "file") -> None:
+    """``path`` holding ``text`` (UTF-8), written through ``atomic_write``."""
+    data = text.encode()
+    atomic_write(path, lambda f: f.write(data), what)
+
+
 def atomic_write_many(files: Iterable[Tuple[PathLike, Callable[[BinaryIO], None]]], what: str = "file") -> None:
     """``atomic_write`` of many files (e.g. a batch of PNGs), cheaper: up to ``GROUP`` temporary files are
     written, then fsynced together (one journal commit instead of one per file), then renamed into place.
