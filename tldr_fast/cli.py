@@ -561,10 +561,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def _write_evaluation(
     report, out: Path, grid_per_class: int, extra: Dict[str, Any], header: Sequence[str] = ()
 ) -> None:
+    from .checkpoint import atomic_write_text
+
     report.save_json(out / "metrics.json", extra)
     report.save_grid(out / "grid.png", per_class=grid_per_class)
     summary = "\n".join([*header, report.summary()])
-    (out / "summary.txt").write_text(summary + "\n")
+    atomic_write_text(out / "summary.txt", summary + "\n")
     print(summary)
     print(f"wrote {out / 'metrics.json'}, {out / 'grid.png'}, {out / 'summary.txt'}")
 
