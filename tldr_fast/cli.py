@@ -414,9 +414,9 @@ def _say(msg: str) -> None:
 def _refuse_overwriting_inputs(
     option: str, value: str, files: Sequence[Path], inputs: Dict[str, Optional[str]]
 ) -> None:
-    """Refuse, before any work, an output ``files`` (what ``option value`` writes) that is one of the
-    command's ``inputs`` (``{option: value}``; a data set given as ``PATH:test`` is its ``PATH``): the same
-    file by its resolved path, through a symbolic or hard link included. Writing it would destroy the input."""
+    """Refuse, before any work, to write any of ``files`` (what ``option value`` writes) where it is one of
+    the command's ``inputs`` (``{option: value}``; a data set given as ``PATH:test`` is its ``PATH``): the
+    same file by its resolved path, through a symbolic or hard link included. Writing it would destroy the input."""
     for in_option, given in inputs.items():
         if not given:
             continue
@@ -581,7 +581,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if not args.out.strip():
         raise ValueError("--out is empty: give an .npz file or a folder")
-    written = [out, out.with_name(out.stem + INDEX) if args.shard_size else out / MANIFEST]
+    if out.suffix.lower() == ".npz":  # a sharded sample's shards are named after its index
+        written = [out.with_name(out.stem + INDEX)] if args.shard_size else [out]
+    else:
+        written = [out, out / MANIFEST]
     _refuse_overwriting_inputs(
         "--out", args.out, written, {"--inversion": args.inversion, "--classifier": args.classifier}
     )
