@@ -173,19 +173,27 @@ class Inversion:
         first image, images [n, C, H, W] in [-1, 1] on the CPU)``. Memory is one batch, whatever the total.
         ``offset``: the first label is image number ``offset`` of a longer sample (a resumed writer
         continues it with exactly the images an uninterrupted one would have written)."""
-        bs = self.config.batch_size if batch_size is None else batch_size
-        if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        bs = self.resolve_batch_size(batch_size)
         seed = self.sample_seed(seed)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
         select = self.resolve_select(select)
         for start, (_, x) in zip(range(0, len(labels), bs), self._batches(labels, bs, seed, select, offset)):
             yield start, x.float().cpu()
 
+    def resolve_batch_size(self, batch_size: Optional[int] = None) -> int:
+        """The images per batch that sampling with ``batch_size`` generates: ``batch_size`` itself (a
+        positive int), or the inversion's own for None."""
+        bs = self.config.batch_size if batch_size is None else batch_size
+        if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        return bs
+
     def sample_seed(self, seed: Optional[int] = None) -> int:
-        """The seed sampling with ``seed`` uses: ``seed`` itself, or the inversion's own for None."""
-        return self.config.seed + 1_000_000_007 if seed is None else seed
+        """The seed sampling with ``seed`` uses: ``seed`` itself (an int), or the inversion's own for None."""
+        if seed is None:
+            return self.config.seed + 1_000_000_007
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        return seed
 
     def resolve_select(self, select: Optional[int] = None) -> int:
         """The candidates per image that sampling with ``select`` uses: ``select`` itself (a positive

@@ -41,7 +41,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .checkpoint import cache_dir
+from .checkpoint import atomic_write_text, cache_dir
 from .data import DataUnavailable, ImageDataset, load_dataset, subset
 from .evaluate import EvaluationReport, evaluate
 from .models import load_classifier, save_classifier, train_classifier
@@ -395,10 +395,8 @@ def run(
 
 
 def _write(out: Path, results: Dict[str, Any]) -> None:
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, out / "results.json")
-    (out / "results.md").write_text(markdown(results))
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(out / "results.md", markdown(results))
 
 
 def _fmt(v: Optional[float], spread: Optional[float] = None, digits: int = 2) -> str:
