@@ -84,12 +84,15 @@ def test_compile_computes_the_same_step():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_compile_in_invert():
+@pytest.mark.parametrize("options", [{}, {"adversarial": 0.5}], ids=["defaults", "adversarial"])
+def test_compile_in_invert(options):
     """invert(compile=True) trains like the eager loop (Adam magnifies last-bit differences in the
-    parameters, so compare the recorded loss terms); the user's classifier and the returned generator
-    stay plain modules, and the option is saved with the config."""
+    parameters, so compare the recorded loss terms), the adversarial student (eager) too; the user's
+    classifier and the returned generator stay plain modules, and the option is saved with the config."""
     clf = mlp()
-    runs = [invert(clf, 3, (1, 8, 8), seed=3, compile=flag, **{**TINY, "steps": 4}) for flag in (False, True)]
+    runs = [
+        invert(clf, 3, (1, 8, 8), seed=3, compile=flag, **{**TINY, "steps": 4}, **options) for flag in (False, True)
+    ]
     for t in TERMS:
         torch.testing.assert_close(
             torch.tensor(runs[1].history[t]), torch.tensor(runs[0].history[t]), rtol=1e-3, atol=1e-6
@@ -141,10 +144,13 @@ def test_cuda_graph_computes_the_same_steps(backend):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_in_invert():
-    """invert(cuda_graph=True) trains, records its terms, and saves the option with the config."""
-    inv = invert(mlp(), 3, (1, 8, 8), **{**TINY, "device": "cuda", "cuda_graph": True})
+@pytest.mark.parametrize("options", [{}, {"adversarial": 0.5}], ids=["defaults", "adversarial"])
+def test_cuda_graph_in_invert(options):
+    """invert(cuda_graph=True) trains, records its terms (the adversarial student's, outside the captured
+    loss block, too), and saves the option with the config."""
+    inv = invert(mlp(), 3, (1, 8, 8), **{**TINY, "device": "cuda", "cuda_graph": True}, **options)
     assert inv.step == 6 and all(len(inv.history[t]) == 3 for t in TERMS)
+    assert all(v < 0 for v in inv.history["adversarial"]) == bool(options)
     assert inv.config.cuda_graph and InversionConfig.from_dict(inv.config.to_dict()).cuda_graph
 
 
