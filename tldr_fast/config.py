@@ -51,7 +51,7 @@ class LossWeights:
     negative mean absolute difference between the target's logits ``t`` and those of a small student
     ``s`` (``step.Student``) on the clean images, so the generator seeks images on which the student
     does not yet imitate the target; the student learns to imitate it on each step's images (its own
-    Adam). Off (0) by default: not yet measured on the leakage benchmark.
+    Adam; DESIGN.md §2.7). Off (0) by default: not yet measured on the leakage benchmark.
     """
 
     ce: float = 1.0
