@@ -76,7 +76,8 @@ def _invert(kwargs):
     return {k: v.detach().clone() for k, v in inv.generator.state_dict().items()}, inv.history
 
 
-LEVERS = {"output_norm": True, "colour_shift": 0.4, "colour_contrast": 0.5, "surrogate_relu": 5.0}
+# the adversarial student: the same on every rank, its gradients summed over ranks (the global batch's)
+LEVERS = {"output_norm": True, "colour_shift": 0.4, "colour_contrast": 0.5, "surrogate_relu": 5.0, "adversarial": 0.5}
 
 
 @pytest.mark.parametrize(

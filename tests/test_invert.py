@@ -84,12 +84,15 @@ def test_compile_computes_the_same_step():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_compile_in_invert():
+@pytest.mark.parametrize("options", [{}, {"adversarial": 0.5}], ids=["defaults", "adversarial"])
+def test_compile_in_invert(options):
     """invert(compile=True) trains like the eager loop (Adam magnifies last-bit differences in the
-    parameters, so compare the recorded loss terms); the user's classifier and the returned generator
-    stay plain modules, and the option is saved with the config."""
+    parameters, so compare the recorded loss terms), the adversarial student (eager) too; the user's
+    classifier and the returned generator stay plain modules, and the option is saved with the config."""
     clf = mlp()
-    runs = [invert(clf, 3, (1, 8, 8), seed=3, compile=flag, **{**TINY, "steps": 4}) for flag in (False, True)]
+    runs = [
+        invert(clf, 3, (1, 8, 8), seed=3, compile=flag, **{**TINY, "steps": 4}, **options) for flag in (False, True)
+    ]
     for t in TERMS:
         torch.testing.assert_close(
             torch.tensor(runs[1].history[t]), torch.tensor(runs[0].history[t]), rtol=1e-3, atol=1e-6
@@ -141,10 +144,13 @@ def test_cuda_graph_computes_the_same_steps(backend):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_in_invert():
-    """invert(cuda_graph=True) trains, records its terms, and saves the option with the config."""
-    inv = invert(mlp(), 3, (1, 8, 8), **{**TINY, "device": "cuda", "cuda_graph": True})
+@pytest.mark.parametrize("options", [{}, {"adversarial": 0.5}], ids=["defaults", "adversarial"])
+def test_cuda_graph_in_invert(options):
+    """invert(cuda_graph=True) trains, records its terms (the adversarial student's, outside the captured
+    loss block, too), and saves the option with the config."""
+    inv = invert(mlp(), 3, (1, 8, 8), **{**TINY, "device": "cuda", "cuda_graph": True}, **options)
     assert inv.step == 6 and all(len(inv.history[t]) == 3 for t in TERMS)
+    assert all(v < 0 for v in inv.history["adversarial"]) == bool(options)
     assert inv.config.cuda_graph and InversionConfig.from_dict(inv.config.to_dict()).cuda_graph
 
 
@@ -283,6 +289,37 @@ def test_output_norm_checkpoints_load_resume_and_sample_in_eval_mode(tmp_path):
     assert invert(mlp(), 3, (1, 8, 8), resume=old, steps=4).step == 4
     with pytest.raises(ValueError, match="output_norm"):
         invert(mlp(), 3, (1, 8, 8), resume=old, steps=4, output_norm=True)
+
+
+def test_the_adversarial_student_is_checkpointed_and_resumed(tmp_path):
+    """With the adversarial term the checkpoint holds the student and its Adam state: N/2 steps, then a
+    resume to N, end where N uninterrupted steps do (the generator and the student); a checkpoint from
+    before the term (no student, no weight in its config) is a run without it, and turning the term on
+    when resuming it starts a fresh student. Without the term the checkpoint holds no student."""
+    cfg = dict(TINY, steps=6, adversarial=0.5, select=1)
+    whole, half = tmp_path / "whole.pt", tmp_path / "half.pt"
+    full = invert(mlp(), 3, (1, 8, 8), checkpoint=whole, **cfg)
+    invert(mlp(), 3, (1, 8, 8), checkpoint=half, **{**cfg, "steps": 3})
+    resumed = invert(mlp(), 3, (1, 8, 8), resume=half, steps=6)
+    for (name, p), q in zip(full.generator.state_dict().items(), resumed.generator.state_dict().values()):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7, msg=name)
+    a, b = (torch.load(f, weights_only=True)["student"] for f in (whole, half))
+    for name, p in a["model"].items():
+        torch.testing.assert_close(b["model"][name], p, rtol=1e-6, atol=1e-7, msg=name)
+    for i, state in a["optimizer"]["state"].items():
+        for key, value in state.items():
+            torch.testing.assert_close(b["optimizer"]["state"][i][key], value, rtol=1e-6, atol=1e-9)
+    assert resumed.history["adversarial"][-1] == pytest.approx(full.history["adversarial"][-1], rel=1e-5)
+
+    old = tmp_path / "old.pt"
+    invert(mlp(), 3, (1, 8, 8), checkpoint=old, **{**TINY, "steps": 2})
+    state = torch.load(old, weights_only=True)
+    assert state["student"] is None
+    del state["student"], state["config"]["weights"]["adversarial"]
+    torch.save(state, old)
+    assert Inversion.load(old, classifier=mlp()).config.weights.adversarial == 0.0
+    assert set(invert(mlp(), 3, (1, 8, 8), resume=old, steps=4).history["adversarial"]) == {0.0}
+    assert invert(mlp(), 3, (1, 8, 8), resume=old, steps=6, adversarial=0.5).history["adversarial"][-1] < 0
 
 
 def test_a_checkpoint_with_the_embedding_bias_loads_and_resumes(tmp_path, monkeypatch):

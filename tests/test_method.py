@@ -653,13 +653,136 @@ def test_surrogate_relu_in_the_step():
     assert any((a - b).abs().max() > 1e-3 * b.abs().max() for a, b in zip(surrogate[2], plain[2]))
 
 
+# --- adversarial student (DFAD) ----------------------------------------------------------------------
+
+
+def test_disagreement_matches_its_definition(gen):
+    """(1/(B K)) sum |t - s|; gradient sign(t - s) / (B K) w.r.t. t and its negative w.r.t. s."""
+    t, s = (torch.randn(5, 4, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    td, sd = t.detach(), s.detach()
+    want = sum(abs(float(td[i, k] - sd[i, k])) for i in range(5) for k in range(4)) / 20
+    value = ref.disagreement(t, s)
+    assert value.dtype == torch.float64 and math.isclose(value.item(), want, rel_tol=1e-12)
+    gt, gs = torch.autograd.grad(value, (t, s))
+    sign = torch.sign(td - sd) / 20
+    torch.testing.assert_close(gt, sign, rtol=0, atol=0)
+    torch.testing.assert_close(gs, -sign, rtol=0, atol=0)
+    assert torch.autograd.gradcheck(ref.disagreement, (t, s))
+    assert ref.disagreement(td.bfloat16(), sd.bfloat16()).dtype == torch.float32
+
+
+def _student(seed=0, shape=(1, 12, 12), k=3, batch=8):
+    from tldr_fast.distributed import Shard
+    from tldr_fast.step import Student
+
+    return Student(k, shape, seed, torch.device("cpu"), Shard.of(batch, "cpu"))
+
+
+def test_the_student_learns_the_target_on_fixed_images(gen):
+    """Each ``learn`` is one Adam step towards the target's logits on the last ``disagreement``'s images:
+    on fixed images the disagreement falls; ``disagreement`` itself leaves the student as it is."""
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))  # the target's weights
+    clf = PlainCNN([1, 12, 12], 3, width=4, feature_dim=8).eval()
+    x = torch.rand(8, 1, 12, 12, generator=gen) * 2 - 1
+    with torch.no_grad():
+        teacher = clf(x) * 5  # logits of some size, as a trained target's
+    student = _student()
+    before = [p.detach().clone() for p in student.model.parameters()]
+    student.learn()  # no batch yet: nothing to learn from
+    values = [student.disagreement(x, teacher).item()]
+    for a, b in zip(student.model.parameters(), before):
+        assert torch.equal(a, b)
+    for _ in range(15):
+        student.learn()
+        values.append(student.disagreement(x, teacher).item())
+    assert all(v < values[0] for v in values[1:]) and values[-1] < 0.5 * values[0], values
+
+
+def test_the_student_is_a_function_of_the_seed_and_leaves_the_global_random_state():
+    state = torch.get_rng_state()
+    a, b, c = _student(0), _student(0), _student(1)
+    assert torch.equal(torch.get_rng_state(), state)
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(p, q)
+    assert any(not torch.equal(p, r) for p, r in zip(a.model.parameters(), c.model.parameters()))
+
+
+def _adversarial_objective(weight=0.5, **options):
+    from tldr_fast.backends import resolve
+    from tldr_fast.step import TLDRObjective
+
+    shape = (1, 12, 12)
+    cfg = InversionConfig().with_overrides(**TINY, **options, weights={t: 0.0 for t in TERMS} | {"adversarial": weight})
+    torch.manual_seed(0)
+    g = ConditionedGenerator(3, shape, cfg.nz, cfg.ngf)
+    target = FrozenClassifier(with_meta(PlainCNN(list(shape), 3, width=4, feature_dim=8)), 3, shape, device="cpu")
+    seen = []
+    forward = target.forward_bn_stats
+    target.forward_bn_stats = lambda batch, *args: seen.append(batch) or forward(batch, *args)
+    return g, target, TLDRObjective(g, target, cfg, resolve("torch", "cpu", quiet=True), torch.device("cpu")), seen
+
+
+def test_adversarial_in_the_step():
+    """The term is -(1/(B K)) sum |t - s| of the target's and the student's logits on the clean images as
+    the target sees them (preprocessed); the generator's gradient is that of the explicit expression, and
+    a small step along it raises the disagreement (ascent); the student gets no gradient from it."""
+    g, target, objective, seen = _adversarial_objective(0.5)
+
+    def disagreement(batch):  # explicit: the logits' mean absolute difference on the preprocessed images
+        pre = ((batch + 1) / 2 - 0.2) / 0.3  # the classifier's tldr_meta normalisation
+        t, s = target.classifier(pre), objective.student.model(pre)
+        return (t - s).abs().sum() / t.numel()
+
+    loss, terms = objective(3)
+    explicit = -disagreement(seen[0])
+    i = TERMS.index("adversarial")
+    torch.testing.assert_close(terms[i], explicit.detach(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(loss, 0.5 * explicit, rtol=1e-6, atol=1e-9)
+    params = list(g.parameters())
+    grads = torch.autograd.grad(loss, params, retain_graph=True)
+    want = torch.autograd.grad(0.5 * explicit, params)
+    for a, b in zip(grads, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+    assert all(p.grad is None for p in objective.student.model.parameters())
+    norm = torch.sqrt(sum(gr.square().sum() for gr in grads))
+    with torch.no_grad():
+        for p, gr in zip(params, grads):
+            p -= 1e-3 * gr / norm  # a small descent step of the generator's loss
+    objective(3)  # the same draws, the same student (it has not learnt)
+    assert disagreement(seen[1]) > disagreement(seen[0]), "descending the generator's loss ascends the disagreement"
+
+
+def test_adversarial_student_learns_after_each_step_and_off_changes_nothing():
+    """``learn`` moves the student on the last step's images; with the weight 0 there is no student and
+    every other term of the step is the same as with it (its initial weights leave the global random
+    state alone, so the generator's draws are unchanged)."""
+    g_on, _, on, _ = _adversarial_objective(0.5, activation=1.0, tv=1e-3, ce=1.0)
+    g_off, _, off, _ = _adversarial_objective(0.0, activation=1.0, tv=1e-3, ce=1.0)
+    assert off.student is None and on.student is not None
+    for p, q in zip(g_on.parameters(), g_off.parameters()):
+        assert torch.equal(p, q)
+    (l_on, t_on), (l_off, t_off) = on(0), off(0)
+    i = TERMS.index("adversarial")
+    assert t_off[i] == 0 and t_on[i] < 0
+    keep = [j for j in range(len(TERMS)) if j != i]
+    torch.testing.assert_close(t_on[keep], t_off[keep], rtol=0, atol=0)
+    torch.testing.assert_close(l_on, l_off + 0.5 * t_on[i], rtol=1e-6, atol=1e-7)
+    before = [p.detach().clone() for p in on.student.model.parameters()]
+    on.learn()
+    off.learn()
+    assert all(not torch.equal(p, q) for p, q in zip(on.student.model.parameters(), before))
+
+
 def test_levers_from_the_command_line_and_in_invert():
     """The options as ``--set KEY=VALUE`` gives them, all on in a short run: finite terms, images in range."""
     from tldr_fast.cli import parse_overrides
 
-    levers = parse_overrides(["output_norm=true", "colour_shift=0.4", "colour_contrast=0.5", "surrogate_relu=50"])
+    levers = parse_overrides(
+        ["output_norm=true", "colour_shift=0.4", "colour_contrast=0.5", "surrogate_relu=50", "adversarial=0.5"]
+    )
     cfg = InversionConfig().with_overrides(**levers)
     assert (cfg.output_norm, cfg.colour_shift, cfg.colour_contrast, cfg.surrogate_relu) == (True, 0.4, 0.5, 50)
+    assert cfg.weights.adversarial == 0.5
     clf = with_meta(PlainCNN([1, 12, 12], 3, width=4, feature_dim=8))
     inv = invert(clf, 3, (1, 12, 12), **{**TINY, "select": 1}, **levers)
     assert all(math.isfinite(v) for t in TERMS for v in inv.history[t])
@@ -683,6 +806,9 @@ def test_levers_from_the_command_line_and_in_invert():
         ({"surrogate_relu": 5.0, "grad_norm": "full"}, "surrogate_relu needs"),
         ({"surrogate_relu": 5.0, "weights": {"kkt": 1.0}}, "surrogate_relu needs"),
         ({"surrogate_relu": 5.0, "compile": True}, "surrogate_relu needs"),
+        ({"weights": {"adversarial": -0.5}}, "weight 'adversarial' must be"),
+        ({"weights": {"adversarial": float("inf")}}, "weight 'adversarial' must be"),
+        ({"schedules": {"adversarial": (0.5, -1.0)}}, "Ramp: end is a weight"),
         ({"shift": -1}, "shift"),
         ({"rotate": 200.0}, "rotate"),
         ({"scale": 1.0}, "scale"),

@@ -18,6 +18,7 @@ OP_TERMS = {
     "bn_stats": ("bn_stats",),
     "mode_seek": ("mode_seek",),
     "kkt": ("kkt",),
+    "adversarial": ("adversarial",),
 }
 TERMS = tuple(t for terms in OP_TERMS.values() for t in terms)
 TERM_SLICES = {op: slice(TERMS.index(t[0]), TERMS.index(t[0]) + len(t)) for op, t in OP_TERMS.items()}
@@ -46,6 +47,11 @@ class LossWeights:
     rewards images that excite the classifier's features strongly; on the leakage benchmark it makes the
     plain CNN's reconstructions more training-like and more diverse and changes nothing beyond the seeds'
     spread on the other targets (BENCHMARKS.md), hence on by default.
+    ``adversarial``: DFAD's adversarial student (Fang et al. 2019): ``-(1/(B K)) sum |t - s|``, the
+    negative mean absolute difference between the target's logits ``t`` and those of a small student
+    ``s`` (``step.Student``) on the clean images, so the generator seeks images on which the student
+    does not yet imitate the target; the student learns to imitate it on each step's images (its own
+    Adam; DESIGN.md §2.7). Off (0) by default: not yet measured on the leakage benchmark.
     """
 
     ce: float = 1.0
@@ -62,6 +68,7 @@ class LossWeights:
     bn_stats: float = 1.0
     mode_seek: float = 0.05
     kkt: float = 0.0
+    adversarial: float = 0.0
 
 
 @dataclass(frozen=True)

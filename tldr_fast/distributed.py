@@ -7,6 +7,7 @@
   whole of each term that every rank computes from all-reduced statistics.
 * ``GlobalBatchNorm``: BatchNorm over the global batch (``nn.SyncBatchNorm`` needs a GPU; this works
   with gloo on the CPU too), and ``data_parallel`` (it, then DDP) for the generator.
+* ``sum_over_ranks``: gradients summed over ranks in place (the adversarial student's).
 * ``feature_loss``: the cosine, orthogonality and activation terms of the global batch from all-reduced sums.
 * ``process_group``: the command line's process group under ``torchrun``.
 """
@@ -17,7 +18,7 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -130,6 +131,17 @@ class _AllReduceSum(torch.autograd.Function):
         grad = grad.clone()
         dist.all_reduce(grad)
         return grad
+
+
+def sum_over_ranks(tensors: Sequence[Tensor]) -> None:
+    """Replace each of ``tensors`` by its sum over ranks, in place (one all-reduce of them flattened
+    together; no autograd). Nothing to do in one process."""
+    if world()[1] == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(part.view_as(t))
 
 
 def feature_loss(

@@ -20,7 +20,7 @@ from .classifier import ClassifierError, FrozenClassifier
 from .config import TERMS, InversionConfig, Preprocess
 from .generator import ConditionedGenerator, legacy_optimizer_state
 from .progress import progress_bar
-from .step import PIXEL_RANGE, TLDRObjective, pixel_eps, step_seed, warp_mode
+from .step import PIXEL_RANGE, Student, TLDRObjective, pixel_eps, step_seed, warp_mode
 
 Tensor = torch.Tensor
 
@@ -239,10 +239,13 @@ class Inversion:
             "samples": n,
         }
 
-    def state(self, optimizer: Optional[torch.optim.Optimizer] = None) -> dict:
+    def state(self, optimizer: Optional[torch.optim.Optimizer] = None, student: Optional[Student] = None) -> dict:
+        """The checkpoint's contents: with the generator's ``optimizer`` and the adversarial ``student``
+        (its weights and Adam state) of a run in progress, None for either when not given."""
         return {
             "generator": self.generator.state_dict(),
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "student": student.state_dict() if student is not None else None,
             "step": self.step,
             "config": self.config.to_dict(),
             "num_classes": self.num_classes,
@@ -335,14 +338,19 @@ def _finite(module: nn.Module) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
-def _save(path: PathLike, inv: "Inversion", optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+def _save(
+    path: PathLike,
+    inv: "Inversion",
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    student: Optional[Student] = None,
+) -> None:
     """Save ``inv``'s state, never from a non-finite generator (that would replace a good checkpoint)."""
     if not _finite(inv.generator):
         raise FloatingPointError(
             f"the generator's weights became non-finite by step {inv.step}: not saving over {path} (a non-finite loss "
             "term, e.g. an infinite weight, or a learning rate too high?)"
         )
-    save_checkpoint(path, inv.state(optimizer))
+    save_checkpoint(path, inv.state(optimizer, student))
 
 
 def _check_converged(inv: "Inversion") -> None:
@@ -473,6 +481,9 @@ def invert(
                 group["lr"], group["betas"] = cfg.lr, cfg.betas
         inv.step, inv.history = state["step"], state["history"]
     objective = TLDRObjective(g, target, cfg, ops, device)
+    student = objective.student  # the adversarial term's, or None
+    if student is not None and state is not None and state.get("student") is not None:
+        student.load_state_dict(state["student"])  # else a fresh one: the term is new to this run
     shard, ckpt = objective.shard, ckpt if main else None  # only rank 0 saves
     params = list(g.parameters())
     bar = progress_bar(
@@ -492,6 +503,7 @@ def invert(
                 loss.backward(inputs=params)  # only the generator's parameters accumulate gradients
                 phase = "update"
                 opt.step()
+                objective.learn()  # the adversarial student's step on this step's images
                 inv.step += 1
                 phase = "between"
                 bar.update()
@@ -501,17 +513,17 @@ def invert(
                 if logged or shard.world == 1:  # every rank stops after the same step
                     stopped = shard.any(stop.requested is not None, device)
                 if ckpt is not None and cfg.checkpoint_every and inv.step % cfg.checkpoint_every == 0:
-                    _save(ckpt, inv, opt)
+                    _save(ckpt, inv, opt, student)
             if not stopped:
                 inv.metrics = inv.classifier_metrics()
                 _check_converged(inv)
             if ckpt is not None:  # the final state, or the state at the interrupt: consistent either way
-                _save(ckpt, inv, opt)
+                _save(ckpt, inv, opt, student)
         except KeyboardInterrupt:  # not a deferred signal: a second Ctrl-C, or raised by the classifier's code
             if ckpt is not None and phase != "update":  # the parameters are the last step's: save them
                 if phase == "forward":  # with the statistics from before the unfinished step
                     torch._foreach_copy_(buffers, before)
-                _save(ckpt, inv, opt)
+                _save(ckpt, inv, opt, student)
                 print(
                     f"\ntldr_fast: interrupted at step {inv.step}; saved to {ckpt}, resume with invert(..., resume={str(ckpt)!r})",
                     file=sys.stderr,

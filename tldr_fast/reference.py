@@ -368,6 +368,15 @@ def colour_shift(images: Tensor, shifts: Tensor) -> Tensor:
     return torch.exp(log_contrast) * images + offset
 
 
+def disagreement(teacher: Tensor, student: Tensor) -> Tensor:
+    """DFAD's disagreement (Fang et al. 2019) between two classifiers' logits ``[B, K]``: their mean
+    absolute difference ``(1/(B K)) sum_{i,k} |t_ik - s_ik|``. The adversarial student minimises it on
+    the generated images; the ``adversarial`` term is its negative, so the generator maximises it.
+    Gradient ``sign(t - s) / (B K)`` w.r.t. ``t`` and its negative w.r.t. ``s`` (``sign(0) = 0``, as
+    autograd's ``abs``). fp32 (fp64 for fp64 inputs)."""
+    return (_acc(teacher) - _acc(student)).abs().mean()
+
+
 class SurrogateReLU(torch.autograd.Function):
     """``relu(x)`` whose backward is ``grad * sigmoid(alpha x)`` instead of ``grad * 1[x > 0]``; with
     ``inplace``, ``x`` itself is overwritten (as ``torch.relu_``) and returned."""

@@ -12,10 +12,13 @@ from .backends import Backend
 from .classifier import FrozenClassifier
 from .config import TERM_SLICES, TERMS, InversionConfig
 from .generator import ConditionedGenerator, sample_conditions
+from .models import LeNet
 from .ops.feature_loss import TERMS as FEATURE_TERMS
 
 Tensor = torch.Tensor
 PIXEL_RANGE = (-1.0, 1.0)  # the generator's tanh output
+STUDENT_LR = 1e-3  # Adam of the adversarial student (betas 0.9, 0.999)
+STUDENT_STREAM = -1  # step_seed(seed, 0, STUDENT_STREAM) seeds the student's initial weights (no step's stream)
 
 
 def pixel_eps(cfg: InversionConfig) -> float:
@@ -45,6 +48,55 @@ def step_seed(seed: int, step: int, stream: int = 0) -> int:
     return (seed * 1_000_003 + step * 7_919 + stream * 104_729) % (2**62)
 
 
+class Student:
+    """DFAD's adversarial student (Fang et al. 2019): a half-width LeNet (``models.LeNet``: width 16,
+    128 features, no dropout) of the target's input shape and classes, with its own Adam (lr
+    ``STUDENT_LR``); its initial weights are a function of the run's seed alone.
+
+    ``disagreement(inputs, teacher)`` is ``reference.disagreement(teacher, student(inputs))`` on a step's
+    clean images as the target sees them (differentiable w.r.t. ``inputs``; the generator's loss does
+    not update the student) and keeps the batch; ``learn()`` then takes one Adam step of the student on
+    that batch, detached, towards the target's logits ``teacher``. With ``shard`` of several ranks every
+    rank holds the same student: its loss is this rank's share ``b / total`` of the global batch's
+    mean and the gradients are summed over ranks, so every rank takes the step of the global batch.
+    """
+
+    def __init__(self, num_classes: int, image_shape, seed: int, device: torch.device, shard: distributed.Shard):
+        with torch.random.fork_rng(devices=[]):  # the global random state is left as it was
+            torch.manual_seed(step_seed(seed, 0, STUDENT_STREAM))
+            model = LeNet(list(image_shape), num_classes, width=16, feature_dim=128, dropout=0.0)
+        self.model = model.to(device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=STUDENT_LR)
+        self.shard = shard
+        self._batch = None  # (inputs, teacher logits) of the last disagreement, detached
+
+    def disagreement(self, inputs: Tensor, teacher: Tensor) -> Tensor:
+        """The mean absolute difference of the student's logits on ``inputs`` ``[b, C, H, W]`` (the target's
+        input) from ``teacher`` ``[b, K]`` (the target's logits on them): a differentiable scalar."""
+        self._batch = (inputs.detach(), teacher.detach())
+        return reference.disagreement(teacher, self.model(inputs))
+
+    def learn(self) -> None:
+        """One Adam step of the student on the batch of the last ``disagreement`` (none without one)."""
+        if self._batch is None:
+            return
+        (inputs, teacher), self._batch = self._batch, None
+        params = list(self.model.parameters())
+        share = len(inputs) / self.shard.total  # of the global batch's mean
+        grads = torch.autograd.grad(reference.disagreement(teacher, self.model(inputs)) * share, params)
+        distributed.sum_over_ranks(grads)
+        for p, grad in zip(params, grads):
+            p.grad = grad
+        self.optimizer.step()
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
 class TLDRObjective:
     """``objective(step) -> (loss, terms [len(TERMS)])`` for a generator against a frozen classifier.
 
@@ -52,7 +104,9 @@ class TLDRObjective:
     ``cfg.shift/rotate/scale``, then ``cfg.colour_shift/colour_contrast``'s ColorShift), both seen at the
     resolution of ``cfg.zoom``'s stage, go through the classifier in ONE forward of 2B (with
     ``cfg.surrogate_relu``, its ReLUs' backward is the sigmoid surrogate), which also yields the
-    BatchNorm-statistics term of the clean rows. Terms are in ``config.TERMS`` order; an op none of whose
+    BatchNorm-statistics term of the clean rows. With the ``adversarial`` term, ``self.student`` (a
+    ``Student``) sees the clean rows as the target did, and ``learn()``, called after the generator's
+    update, takes its step on them. Terms are in ``config.TERMS`` order; an op none of whose
     terms is active (zero weight at every step, or nothing to act on: ``moments`` without a known
     normalisation, ``bn_stats`` without BatchNorm layers) is not run and its terms read 0; a fused op that
     runs reports every term it computes, weighted 0 or not. ``loss`` is differentiable w.r.t. the
@@ -101,6 +155,11 @@ class TLDRObjective:
         if cfg.cuda_graph and device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA device, got {device}")
         self._graphed = None  # cfg.cuda_graph: the loss block as CUDA graphs, captured on the first step
+        self.student = (
+            Student(generator.num_classes, generator.image_shape, cfg.seed, device, self.shard)
+            if cfg.active("adversarial")
+            else None
+        )
 
     def weights(self, step: int) -> Tensor:
         """The weight of each term at ``step``: a row of a table kept on the device (no per-step copy)."""
@@ -156,6 +215,9 @@ class TLDRObjective:
             extra["grad_norm"] = reference.grad_norm_full(logits[:b], c, self.params)
         if cfg.active("kkt"):
             extra["kkt"] = reference.kkt(logits[:b], y, self.params)
+        if self.student is not None:  # outside the surrogate: only the target's ReLUs have it
+            with self.autocast:  # the student sees the clean rows as the target did (zoomed, preprocessed)
+                extra["adversarial"] = -self.student.disagreement(self.target.preprocess(batch[:b]), logits[:b])
         if extra:
             terms = terms.clone()
             for name, value in extra.items():
@@ -163,6 +225,12 @@ class TLDRObjective:
                 loss = loss + w[i] * value
                 terms[i] = value.detach().float()
         return loss, terms
+
+    def learn(self) -> None:
+        """The adversarial student's step on the clean images of the last call (nothing without the term)."""
+        if self.student is not None:
+            with self.autocast:
+                self.student.learn()
 
     def global_terms(self, terms: Tensor) -> Tensor:
         """The terms of the global batch from this rank's ``terms`` (a collective: every rank calls it;
