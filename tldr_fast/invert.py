@@ -472,8 +472,23 @@ def invert(
             for group in opt.param_groups:  # the lr and betas given now apply (and are what the checkpoint records)
                 group["lr"], group["betas"] = cfg.lr, cfg.betas
         inv.step, inv.history = state["step"], state["history"]
-    objective = TLDRObjective(g, target, cfg, ops, device)
-    shard, ckpt = objective.shard, ckpt if main else None  # only rank 0 saves
+    with target.attached():  # the classifier as invert needs it, and as it was afterwards (also on errors)
+        _train(inv, opt, TLDRObjective(g, target, cfg, ops, device), ckpt if main else None, main, device)
+    return inv
+
+
+def _train(
+    inv: Inversion,
+    opt: torch.optim.Optimizer,
+    objective: TLDRObjective,
+    ckpt: Optional[PathLike],
+    main: bool,
+    device: torch.device,
+) -> None:
+    """``invert``'s loop: train ``inv`` from its step to ``config.steps``, checkpointing to ``ckpt`` (None:
+    not this rank's job), then its metrics; stops (saved) on a deferred signal."""
+    cfg, g = inv.config, inv.generator
+    shard = objective.shard
     params = list(g.parameters())
     bar = progress_bar(
         total=cfg.steps, initial=inv.step, desc="invert", unit="step", disable=not (cfg.progress and main)
@@ -529,7 +544,6 @@ def invert(
             if main:
                 print(f"\ntldr_fast: {reason} at step {inv.step}{where}", file=sys.stderr)
             raise KeyboardInterrupt(reason)
-    return inv
 
 
 def _log(inv: Inversion, terms: Tensor, bar) -> None:

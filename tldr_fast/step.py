@@ -97,7 +97,7 @@ class TLDRObjective:
         self._zeros = torch.zeros(len(TERMS), device=device)  # the terms of inactive ops (no allocation per step)
         self._gen = torch.Generator(device)  # reseeded every step: a step's draws are a function of (seed, step)
         if cfg.param_grads:
-            self.params = [p for p in target.classifier.parameters() if p.requires_grad]
+            self.params = list(target.classifier.parameters())  # all require grad while attached
         if cfg.cuda_graph and device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA device, got {device}")
         self._graphed = None  # cfg.cuda_graph: the loss block as CUDA graphs, captured on the first step
@@ -111,6 +111,12 @@ class TLDRObjective:
         return self._weights[step]
 
     def __call__(self, step: int):
+        # the classifier attached (hooks, eval mode, frozen flags) for the step, differentiated terms included;
+        # a no-op inside invert, which holds it attached for the whole run
+        with self.target.attached():
+            return self._step(step)
+
+    def _step(self, step: int):
         cfg, shard = self.cfg, self.shard
         self._gen.manual_seed(step_seed(cfg.seed, step))
         drawn = sample_conditions(
