@@ -136,7 +136,7 @@ KILLED_RANK = textwrap.dedent("""
     import torch, torch.nn as nn
     from tldr_fast import distributed, invert
 
-    class Dies(nn.Module):  # rank 1 is killed (SIGKILL) in the forward of its third step
+    class Dies(nn.Module):  # rank 1 is killed (SIGKILL) in the forward of step 3 (after the probe's 2 and steps 0-2)
         def __init__(self):
             super().__init__()
             self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 3))
@@ -144,17 +144,19 @@ KILLED_RANK = textwrap.dedent("""
 
         def forward(self, x):
             self.calls += 1
-            if self.calls == 3 and os.environ["RANK"] == "1":
+            if self.calls == 6 and os.environ["RANK"] == "1":
                 os.kill(os.getpid(), signal.SIGKILL)
             return self.net(x)
 
     with distributed.process_group("cpu"):
         invert(Dies(), 3, (1, 8, 8), steps=1000, batch_size=8, nz=8, ngf=8, device="cpu", progress=False, backend="torch",
-               grad_norm="off", select=1)
+               grad_norm="off", select=1, checkpoint=sys.argv[1])
 """)
 
 
-def test_a_killed_rank_stops_the_job_with_a_clear_error(tmp_path):
+def test_a_killed_rank_stops_the_job_with_a_clear_error_and_rank_0_saves_its_last_step(tmp_path):
+    """No periodic checkpoint is due (default checkpoint_minutes=10); rank 0, at a complete step when its
+    collective fails, saves that step (with the BatchNorm statistics of that step, not of the unfinished one)."""
     script = tmp_path / "killed.py"
     script.write_text(KILLED_RANK)
     env = {
@@ -173,11 +175,19 @@ def test_a_killed_rank_stops_the_job_with_a_clear_error(tmp_path):
         str(_free_port()),
     ]
     start = time.monotonic()
-    run = subprocess.run([*torchrun, str(script)], env=env, capture_output=True, text=True, timeout=90)
+    ckpt = tmp_path / "run.pt"
+    run = subprocess.run([*torchrun, str(script), str(ckpt)], env=env, capture_output=True, text=True, timeout=90)
     elapsed = time.monotonic() - start
     assert run.returncode != 0
     assert elapsed < 60, f"took {elapsed:.0f} s to stop"
     assert "Signal 9 (SIGKILL) received by PID" in run.stderr and "rank" in run.stderr, run.stderr[-2000:]
+    assert f"saved step 3 to {ckpt}" in run.stderr, run.stderr[-2000:]
+    from tldr_fast import Inversion
+
+    saved = Inversion.load(ckpt, device="cpu")
+    assert saved.step == 3
+    tracked = [b for name, b in saved.generator.named_buffers() if name.endswith("num_batches_tracked")]
+    assert tracked and all(int(b) == 3 for b in tracked)
 
 
 def _sample(path, out):

@@ -340,6 +340,19 @@ def test_checkpoints_are_written_periodically_and_atomically(tmp_path):
     assert set(inv.classifier_metrics(n_per_class=2)) >= {"accuracy", "confidence"}
 
 
+@pytest.mark.parametrize("minutes, saved", [(1, [2, 4, 6, 6]), (0, [6])])
+def test_checkpoints_are_written_every_checkpoint_minutes(tmp_path, monkeypatch, minutes, saved):
+    """A clock that advances 40 s at each reading: with checkpoint_minutes=1, a save whenever a minute has passed
+    since the last (then the final one); with 0, only the final one."""
+    invert_module = importlib.import_module("tldr_fast.invert")  # the module (the package exports the function)
+    seconds = iter(range(0, 10**6, 40))
+    steps = []
+    monkeypatch.setattr(invert_module, "monotonic", lambda: next(seconds))
+    monkeypatch.setattr(invert_module, "save_checkpoint", lambda path, state: steps.append(state["step"]))
+    invert(mlp(), 3, (1, 8, 8), checkpoint=tmp_path / "run.pt", checkpoint_minutes=minutes, **TINY)
+    assert steps == saved
+
+
 def test_interrupt_saves_a_resumable_checkpoint(tmp_path):
     class Stop(nn.Module):  # raises KeyboardInterrupt at its 4th training forward (after the probe)
         def __init__(self):
@@ -493,6 +506,8 @@ def test_not_a_module():
         ({"preprocess": "imagenet"}, "preprocess"),
         ({"compile": True, "grad_norm": "full"}, "double backward"),
         ({"compile": "yes"}, "compile"),
+        ({"checkpoint_minutes": -1}, "checkpoint_minutes"),
+        ({"checkpoint_minutes": float("nan")}, "checkpoint_minutes"),
     ],
 )
 def test_bad_options_are_clear(override, match):

@@ -192,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also save --out every N steps (default: only at the end and on Ctrl-C)",
     )
     p.add_argument(
+        "--checkpoint-minutes",
+        type=float,
+        default=None,
+        help="also save --out whenever this many minutes have passed since the last save (default 10; 0: off)",
+    )
+    p.add_argument(
         "--config",
         default=None,
         help="a JSON file of InversionConfig fields (e.g. as metrics or a checkpoint record them)",
@@ -510,6 +516,7 @@ def _invert_overrides(args: argparse.Namespace) -> Dict[str, Any]:
         "seed": args.seed,
         "backend": args.backend,
         "checkpoint_every": getattr(args, "checkpoint_every", None),
+        "checkpoint_minutes": getattr(args, "checkpoint_minutes", None),
     }
     overrides.update({k: v for k, v in flags.items() if v is not None})
     overrides.update(parse_overrides(getattr(args, "overrides", [])))

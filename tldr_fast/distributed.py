@@ -279,9 +279,14 @@ def rank_label() -> str:
     return f" (rank {os.environ.get('RANK', '?')} of {size})" if size > 1 else ""
 
 
+def collective_failed(err: BaseException) -> bool:
+    """Whether ``err`` is the failure of a collective (another rank died, hung or raised)."""
+    return isinstance(err, dist.DistError) or "gloo" in str(err).lower() or "nccl" in str(err).lower()
+
+
 def failure_hint(err: BaseException) -> str:
     """For an error of a collective (another rank died, hung or raised): a sentence saying so, else empty."""
-    if isinstance(err, dist.DistError) or "gloo" in str(err).lower() or "nccl" in str(err).lower():
+    if collective_failed(err):
         return " (a collective failed: another rank stopped - killed, out of memory or an error: see its log)"
     return ""
 

@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass, field
+from time import monotonic
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -486,7 +487,10 @@ def _train(
     device: torch.device,
 ) -> None:
     """``invert``'s loop: train ``inv`` from its step to ``config.steps``, checkpointing to ``ckpt`` (None:
-    not this rank's job), then its metrics; stops (saved) on a deferred signal."""
+    not this rank's job) every ``checkpoint_every`` steps and ``checkpoint_minutes`` minutes, then its
+    metrics; stops (saved) on a deferred signal. On an immediate interrupt, or when another rank dies (a
+    collective fails: this rank's generator and optimizer are still the last complete step's, as every rank
+    holds the same), the last complete step is saved before the error goes on."""
     cfg, g = inv.config, inv.generator
     shard = objective.shard
     params = list(g.parameters())
@@ -497,6 +501,7 @@ def _train(
     before = [b.clone() for b in buffers]  # their values before the current step
     phase = "between"  # of a step: "between" steps, in its "forward" (and backward), or in its "update"
     stopped = False  # a stop request (on any rank, agreed at logging steps under torch.distributed)
+    saved_at = monotonic()  # of the last save (or the start)
     with _Interrupts() as stop:
         try:
             while inv.step < cfg.steps and not stopped:
@@ -515,20 +520,29 @@ def _train(
                     _log(inv, objective.global_terms(terms), bar)
                 if logged or shard.world == 1:  # every rank stops after the same step
                     stopped = shard.any(stop.requested is not None, device)
-                if ckpt is not None and cfg.checkpoint_every and inv.step % cfg.checkpoint_every == 0:
+                if ckpt is not None and (
+                    (cfg.checkpoint_every and inv.step % cfg.checkpoint_every == 0)
+                    or (cfg.checkpoint_minutes and monotonic() - saved_at >= 60 * cfg.checkpoint_minutes)
+                ):
                     _save(ckpt, inv, opt)
+                    saved_at = monotonic()
             if not stopped:
                 inv.metrics = inv.classifier_metrics()
                 _check_converged(inv)
             if ckpt is not None:  # the final state, or the state at the interrupt: consistent either way
                 _save(ckpt, inv, opt)
-        except KeyboardInterrupt:  # not a deferred signal: a second Ctrl-C, or raised by the classifier's code
-            if ckpt is not None and phase != "update":  # the parameters are the last step's: save them
+        except BaseException as err:
+            # not a deferred signal (a second Ctrl-C, or raised by the classifier's code), or a peer rank died
+            interrupted = isinstance(err, KeyboardInterrupt)
+            peer = shard.world > 1 and isinstance(err, Exception) and distributed.collective_failed(err)
+            if (interrupted or peer) and ckpt is not None and phase != "update":  # the last step's parameters
                 if phase == "forward":  # with the statistics from before the unfinished step
                     torch._foreach_copy_(buffers, before)
                 _save(ckpt, inv, opt)
+                why = "interrupted" if interrupted else "another rank stopped (a collective failed)"
                 print(
-                    f"\ntldr_fast: interrupted at step {inv.step}; saved to {ckpt}, resume with invert(..., resume={str(ckpt)!r})",
+                    f"\ntldr_fast: {why} at step {inv.step}; saved step {inv.step} to {ckpt}, resume with "
+                    f"invert(..., resume={str(ckpt)!r}) or --resume",
                     file=sys.stderr,
                 )
             raise
