@@ -139,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     from .data import dataset_names
+    from .models import ARCHS
 
     data_help = f"data set: {', '.join(dataset_names())}, an .npz, a folder of IDX files or of class folders; NAME:test picks the test split"
 
@@ -160,7 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--test-data", default=None, help="held-out data set for the test accuracy, e.g. mnist:test (default: none)"
     )
-    p.add_argument("--arch", choices=("cnn", "mlp"), default="cnn", help="classifier architecture (default: cnn)")
+    p.add_argument(
+        "--arch",
+        choices=tuple(ARCHS),
+        default="cnn",
+        help="classifier architecture: cnn (with BatchNorm), plain_cnn (without), mlp or lenet (default: cnn)",
+    )
     p.add_argument(
         "--epochs", type=_positive_int, default=DEMO_EPOCHS, help=f"training epochs (default: {DEMO_EPOCHS})"
     )
