@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import types
 from concurrent.futures import ThreadPoolExecutor
 
@@ -185,12 +186,19 @@ def one_file_csrc(tmp_path):
     return csrc
 
 
-def test_jit_says_building_only_when_it_builds(one_file_csrc, tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def fake_torch_build(monkeypatch):
+    """torch's compile and import replaced in this process (``_fake_build``, ``_fake_import``), CPU only."""
     from torch.utils import cpp_extension
 
     monkeypatch.setattr(cpp_extension, "_write_ninja_file_and_build_library", _fake_build)
     monkeypatch.setattr(cpp_extension, "_import_module_from_library", _fake_import)
     monkeypatch.setenv("TLDR_FAST_BUILD_CUDA", "0")
+
+
+def test_jit_says_building_only_when_it_builds(one_file_csrc, tmp_path, monkeypatch, capsys, fake_torch_build):
+    from torch.utils import cpp_extension
+
     directory = tmp_path / "build"
 
     def messages():  # of a load in a fresh process (torch's record of this process's builds reset)
@@ -207,6 +215,34 @@ def test_jit_says_building_only_when_it_builds(one_file_csrc, tmp_path, monkeypa
     assert "building the C++ extension" in messages()
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")  # irrelevant without CUDA: still cached
     assert "loading the cached" in messages()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the build lock uses flock (POSIX)")
+def test_a_build_in_progress_is_waited_for_and_named(one_file_csrc, tmp_path, capsys, fake_torch_build):
+    """While a live process holds the build directory (here this test: the OS lock, and torch's lock file
+    as a build in progress has it), a load waits, naming the holder, and leaves torch's lock file alone."""
+    import fcntl
+
+    directory = tmp_path / "build"
+    directory.mkdir()
+    (directory / "lock").touch()
+    loaded = []
+    args = ("tldr_fast._no_such_module", str(one_file_csrc), True)
+    loader = threading.Thread(target=lambda: loaded.append(ext.open_library(*args, build_directory=str(directory))))
+    with open(directory / "tldr_fast.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("pid 12345 on host elsewhere\n")
+        held.flush()
+        loader.start()
+        loader.join(0.5)
+        assert loader.is_alive() and (directory / "lock").exists()
+        (directory / "lock").unlink()  # the build finishes: torch removes its lock, the OS lock is let go
+    loader.join(30)
+    assert not loader.is_alive() and loaded[0].how == "jit", loaded
+    assert (
+        f"waiting for pid 12345 on host elsewhere, which is building or loading the C++ extension in {directory}"
+        in (capsys.readouterr().err)
+    )
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="the stale-lock detection uses flock (POSIX)")

@@ -142,7 +142,7 @@ def open_library(
 def build_lock(directory: str) -> Iterator[None]:
     """Exclusive use of the build directory ``directory`` for a build or load: an OS lock (``flock``) on its
     ``tldr_fast.lock``, which records the holder (pid and host) and which the OS releases when the holder
-    dies, however it dies. While another live process holds it (a build in progress), wait, saying who.
+    dies, however it dies. While another live process holds it (a build or load in progress), wait, saying who.
     Holding it, any torch lock file there (``lock``: torch's ``FileBaton``, created by a build and removed at
     its end; a killed build leaves it, and every later load would wait on it for ever) is stale: it is
     removed, with a notice naming it. Without ``fcntl`` (Windows) nothing is locked nor removed."""
@@ -157,7 +157,8 @@ def build_lock(directory: str) -> Iterator[None]:
             f.seek(0)
             owner = f.read().strip() or "another process"
             print(
-                f"tldr_fast: waiting for {owner}, which is building the C++ extension in {directory}", file=sys.stderr
+                f"tldr_fast: waiting for {owner}, which is building or loading the C++ extension in {directory}",
+                file=sys.stderr,
             )
             fcntl.flock(f, fcntl.LOCK_EX)
         f.truncate(0)
