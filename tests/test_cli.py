@@ -384,3 +384,13 @@ def test_train_classifier_offers_every_architecture_of_the_registry():
     for arch in ARCHS:
         assert parser.parse_args(["train-classifier", "--data", "digits", "--arch", arch, "--out", "c.pt"]).arch == arch
     assert "plain_cnn" in leakage.ARCHS and set(leakage.ARCHS) <= set(ARCHS)
+
+
+def test_checkpoint_minutes_reaches_invert():
+    from tldr_fast.cli import _invert_overrides
+
+    args = build_parser().parse_args(["invert", "--classifier", "c.pt", "--out", "i.pt", "--checkpoint-minutes", "2.5"])
+    assert _invert_overrides(args)["checkpoint_minutes"] == 2.5
+    assert "checkpoint_minutes" not in _invert_overrides(
+        build_parser().parse_args(["invert", "--classifier", "c.pt", "--out", "i.pt"])
+    )

@@ -423,10 +423,11 @@ def invert(
         image_shape: ``(C, H, W)`` of the classifier's input.
         config: an ``InversionConfig``; ``overrides`` replace any of its fields (or loss weights).
         resume: a checkpoint to continue from (its config, with ``overrides`` on top, e.g. more steps).
-        checkpoint: where to save checkpoints (every ``checkpoint_every`` steps, at the end, and on
-            Ctrl-C or SIGTERM, which stop the run at the end of the current step: a second one stops
-            it at once); defaults to ``resume``. Checked for writability before training starts.
-            Never written from a generator with non-finite weights.
+        checkpoint: where to save checkpoints (every ``checkpoint_every`` steps and ``checkpoint_minutes``
+            minutes, at the end, on Ctrl-C or SIGTERM, which stop the run at the end of the current step:
+            a second one stops it at once, and under torch.distributed by rank 0 when another rank dies);
+            defaults to ``resume``. Checked for writability before training starts. Never written from a
+            generator with non-finite weights.
 
     Raises:
         InversionDiverged: the images came out degenerate (saturated pixels, the target at chance).
