@@ -1,6 +1,7 @@
 """The public API: invert, InversionConfig, Inversion, checkpoints, resume, and clear errors."""
 
 import importlib
+import io
 import pickle
 
 import pytest
@@ -376,6 +377,19 @@ def test_checkpoints_are_written_periodically_and_atomically(tmp_path):
     assert set(inv.classifier_metrics(n_per_class=2)) >= {"accuracy", "confidence"}
 
 
+@pytest.mark.parametrize("minutes, saved", [(1, [2, 4, 6, 6]), (0, [6])])
+def test_checkpoints_are_written_every_checkpoint_minutes(tmp_path, monkeypatch, minutes, saved):
+    """A clock that advances 40 s at each reading: with checkpoint_minutes=1, a save whenever a minute has passed
+    since the last (then the final one); with 0, only the final one."""
+    invert_module = importlib.import_module("tldr_fast.invert")  # the module (the package exports the function)
+    seconds = iter(range(0, 10**6, 40))
+    steps = []
+    monkeypatch.setattr(invert_module, "monotonic", lambda: next(seconds))
+    monkeypatch.setattr(invert_module, "save_checkpoint", lambda path, state: steps.append(state["step"]))
+    invert(mlp(), 3, (1, 8, 8), checkpoint=tmp_path / "run.pt", checkpoint_minutes=minutes, **TINY)
+    assert steps == saved
+
+
 def test_interrupt_saves_a_resumable_checkpoint(tmp_path):
     class Stop(nn.Module):  # raises KeyboardInterrupt at its 4th training forward (after the probe)
         def __init__(self):
@@ -393,6 +407,70 @@ def test_interrupt_saves_a_resumable_checkpoint(tmp_path):
         invert(Stop(), 3, (1, 8, 8), checkpoint=ckpt, **TINY)
     resumed = invert(mlp(), 3, (1, 8, 8), resume=ckpt)
     assert resumed.step == TINY["steps"]
+
+
+class Failing(nn.Module):
+    """A CNN with BatchNorm (in training mode, its first convolution frozen by the user) that raises
+    ``error`` at its ``fail_at``-th forward (0: never)."""
+
+    def __init__(self, fail_at=0, error=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Conv2d(4, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(256, 8),
+            nn.BatchNorm1d(8),
+            nn.ReLU(),
+            nn.Linear(8, 3),
+        )
+        self.net[0].requires_grad_(False)
+        self.fail_at, self.error, self.calls = fail_at, error, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise self.error
+        return self.net(x)
+
+
+def _user_visible(model: nn.Module) -> dict:
+    """What a library must leave as it was: each submodule's attribute names, hooks of every kind,
+    training mode, and each parameter's ``requires_grad``."""
+    return {
+        name: (
+            sorted(vars(m)),
+            {k: len(v) for k, v in vars(m).items() if "hook" in k and isinstance(v, dict)},
+            m.training,
+            [p.requires_grad for p in m.parameters(recurse=False)],
+        )
+        for name, m in model.named_modules()
+    }
+
+
+@pytest.mark.parametrize(
+    "fail_at, error, grad_norm",
+    [(0, None, "head"), (0, None, "full"), (4, RuntimeError("boom"), "head"), (4, KeyboardInterrupt(), "full")],
+)
+def test_invert_leaves_the_users_classifier_as_it_was(fail_at, error, grad_norm):
+    model = Failing(fail_at, error)
+    before, weights = _user_visible(model), {k: v.clone() for k, v in model.state_dict().items()}
+    for _ in range(2):  # repeated runs leave nothing behind either
+        model.calls = 0
+        if error is None:
+            inv = invert(model, 3, (1, 8, 8), grad_norm=grad_norm, **{**TINY, "steps": 2})
+            assert inv.sample(n_per_class=1, select=2).shape == (3, 1, 8, 8)  # selection runs the classifier
+        else:
+            with pytest.raises(type(error)):
+                invert(model, 3, (1, 8, 8), grad_norm=grad_norm, **{**TINY, "steps": 2})
+        assert _user_visible(model) == before
+        assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+        torch.save(model, io.BytesIO())  # no hook closures of the library hold on to it
 
 
 def test_checkpoint_loading_never_unpickles_code(tmp_path):
@@ -465,6 +543,8 @@ def test_not_a_module():
         ({"preprocess": "imagenet"}, "preprocess"),
         ({"compile": True, "grad_norm": "full"}, "double backward"),
         ({"compile": "yes"}, "compile"),
+        ({"checkpoint_minutes": -1}, "checkpoint_minutes"),
+        ({"checkpoint_minutes": float("nan")}, "checkpoint_minutes"),
     ],
 )
 def test_bad_options_are_clear(override, match):

@@ -139,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     from .data import dataset_names
+    from .models import ARCHS
 
     data_help = f"data set: {', '.join(dataset_names())}, an .npz, a folder of IDX files or of class folders; NAME:test picks the test split"
 
@@ -160,7 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--test-data", default=None, help="held-out data set for the test accuracy, e.g. mnist:test (default: none)"
     )
-    p.add_argument("--arch", choices=("cnn", "mlp"), default="cnn", help="classifier architecture (default: cnn)")
+    p.add_argument(
+        "--arch",
+        choices=tuple(ARCHS),
+        default="cnn",
+        help="classifier architecture: cnn (with BatchNorm), plain_cnn (without), mlp or lenet (default: cnn)",
+    )
     p.add_argument(
         "--epochs", type=_positive_int, default=DEMO_EPOCHS, help=f"training epochs (default: {DEMO_EPOCHS})"
     )
@@ -190,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="also save --out every N steps (default: only at the end and on Ctrl-C)",
+    )
+    p.add_argument(
+        "--checkpoint-minutes",
+        type=float,
+        default=None,
+        help="also save --out whenever this many minutes have passed since the last save (default 10; 0: off)",
     )
     p.add_argument(
         "--config",
@@ -510,6 +522,7 @@ def _invert_overrides(args: argparse.Namespace) -> Dict[str, Any]:
         "seed": args.seed,
         "backend": args.backend,
         "checkpoint_every": getattr(args, "checkpoint_every", None),
+        "checkpoint_minutes": getattr(args, "checkpoint_minutes", None),
     }
     overrides.update({k: v for k, v in flags.items() if v is not None})
     overrides.update(parse_overrides(getattr(args, "overrides", [])))

@@ -168,6 +168,10 @@ class InversionConfig:
             or any callable.
         head: name of the classifier's final ``nn.Linear`` (found automatically when None).
         checkpoint_every: save a checkpoint every N steps (0: only at the end).
+        checkpoint_minutes: also save a checkpoint whenever this many minutes have passed since the last
+            save (default 10; 0: off), so that a long run loses at most that much to a crash or a killed
+            machine. Both apply only with a checkpoint path (``invert``'s ``checkpoint=`` or ``resume=``,
+            the command line's ``--out``); under torch.distributed rank 0 saves.
         log_every: record the loss terms in ``history`` every N steps.
         eval_per_class: fresh samples per class for the final accuracy/confidence metrics.
         progress: show a progress bar.
@@ -215,6 +219,7 @@ class InversionConfig:
     preprocess: Preprocess = None
     head: Optional[str] = None
     checkpoint_every: int = 0
+    checkpoint_minutes: float = 10.0
     log_every: int = 10
     eval_per_class: int = 64
     progress: bool = True
@@ -256,6 +261,8 @@ class InversionConfig:
             )
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if not (_number(self.checkpoint_minutes) and 0 <= self.checkpoint_minutes < float("inf")):
+            raise ValueError(f"checkpoint_minutes must be a finite number >= 0, got {self.checkpoint_minutes!r}")
         if not (_number(self.lr) and 0 < self.lr < float("inf")):
             raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
         if len(self.betas) != 2 or not all(_number(b) and 0 <= b < 1 for b in self.betas):

@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass, field
+from time import monotonic
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -430,10 +431,11 @@ def invert(
         image_shape: ``(C, H, W)`` of the classifier's input.
         config: an ``InversionConfig``; ``overrides`` replace any of its fields (or loss weights).
         resume: a checkpoint to continue from (its config, with ``overrides`` on top, e.g. more steps).
-        checkpoint: where to save checkpoints (every ``checkpoint_every`` steps, at the end, and on
-            Ctrl-C or SIGTERM, which stop the run at the end of the current step: a second one stops
-            it at once); defaults to ``resume``. Checked for writability before training starts.
-            Never written from a generator with non-finite weights.
+        checkpoint: where to save checkpoints (every ``checkpoint_every`` steps and ``checkpoint_minutes``
+            minutes, at the end, on Ctrl-C or SIGTERM, which stop the run at the end of the current step:
+            a second one stops it at once, and under torch.distributed by rank 0 when another rank dies);
+            defaults to ``resume``. Checked for writability before training starts. Never written from a
+            generator with non-finite weights.
 
     Raises:
         InversionDiverged: the images came out degenerate (saturated pixels, the target at chance).
@@ -481,10 +483,28 @@ def invert(
                 group["lr"], group["betas"] = cfg.lr, cfg.betas
         inv.step, inv.history = state["step"], state["history"]
     objective = TLDRObjective(g, target, cfg, ops, device)
-    student = objective.student  # the adversarial term's, or None
-    if student is not None and state is not None and state.get("student") is not None:
-        student.load_state_dict(state["student"])  # else a fresh one: the term is new to this run
-    shard, ckpt = objective.shard, ckpt if main else None  # only rank 0 saves
+    if objective.student is not None and state is not None and state.get("student") is not None:
+        objective.student.load_state_dict(state["student"])  # else a fresh one: the term is new to this run
+    with target.attached():  # the classifier as invert needs it, and as it was afterwards (also on errors)
+        _train(inv, opt, objective, ckpt if main else None, main, device)
+    return inv
+
+
+def _train(
+    inv: Inversion,
+    opt: torch.optim.Optimizer,
+    objective: TLDRObjective,
+    ckpt: Optional[PathLike],
+    main: bool,
+    device: torch.device,
+) -> None:
+    """``invert``'s loop: train ``inv`` from its step to ``config.steps``, checkpointing to ``ckpt`` (None:
+    not this rank's job) every ``checkpoint_every`` steps and ``checkpoint_minutes`` minutes, then its
+    metrics; stops (saved) on a deferred signal. On an immediate interrupt, or when another rank dies (a
+    collective fails: this rank's generator and optimizer are still the last complete step's, as every rank
+    holds the same), the last complete step is saved before the error goes on."""
+    cfg, g = inv.config, inv.generator
+    shard, student = objective.shard, objective.student  # student: the adversarial term's, or None
     params = list(g.parameters())
     bar = progress_bar(
         total=cfg.steps, initial=inv.step, desc="invert", unit="step", disable=not (cfg.progress and main)
@@ -493,6 +513,7 @@ def invert(
     before = [b.clone() for b in buffers]  # their values before the current step
     phase = "between"  # of a step: "between" steps, in its "forward" (and backward), or in its "update"
     stopped = False  # a stop request (on any rank, agreed at logging steps under torch.distributed)
+    saved_at = monotonic()  # of the last save (or the start)
     with _Interrupts() as stop:
         try:
             while inv.step < cfg.steps and not stopped:
@@ -512,20 +533,29 @@ def invert(
                     _log(inv, objective.global_terms(terms), bar)
                 if logged or shard.world == 1:  # every rank stops after the same step
                     stopped = shard.any(stop.requested is not None, device)
-                if ckpt is not None and cfg.checkpoint_every and inv.step % cfg.checkpoint_every == 0:
+                if ckpt is not None and (
+                    (cfg.checkpoint_every and inv.step % cfg.checkpoint_every == 0)
+                    or (cfg.checkpoint_minutes and monotonic() - saved_at >= 60 * cfg.checkpoint_minutes)
+                ):
                     _save(ckpt, inv, opt, student)
+                    saved_at = monotonic()
             if not stopped:
                 inv.metrics = inv.classifier_metrics()
                 _check_converged(inv)
             if ckpt is not None:  # the final state, or the state at the interrupt: consistent either way
                 _save(ckpt, inv, opt, student)
-        except KeyboardInterrupt:  # not a deferred signal: a second Ctrl-C, or raised by the classifier's code
-            if ckpt is not None and phase != "update":  # the parameters are the last step's: save them
+        except BaseException as err:
+            # not a deferred signal (a second Ctrl-C, or raised by the classifier's code), or a peer rank died
+            interrupted = isinstance(err, KeyboardInterrupt)
+            peer = shard.world > 1 and isinstance(err, Exception) and distributed.collective_failed(err)
+            if (interrupted or peer) and ckpt is not None and phase != "update":  # the last step's parameters
                 if phase == "forward":  # with the statistics from before the unfinished step
                     torch._foreach_copy_(buffers, before)
                 _save(ckpt, inv, opt, student)
+                why = "interrupted" if interrupted else "another rank stopped (a collective failed)"
                 print(
-                    f"\ntldr_fast: interrupted at step {inv.step}; saved to {ckpt}, resume with invert(..., resume={str(ckpt)!r})",
+                    f"\ntldr_fast: {why} at step {inv.step}; saved step {inv.step} to {ckpt}, resume with "
+                    f"invert(..., resume={str(ckpt)!r}) or --resume",
                     file=sys.stderr,
                 )
             raise
@@ -541,7 +571,6 @@ def invert(
             if main:
                 print(f"\ntldr_fast: {reason} at step {inv.step}{where}", file=sys.stderr)
             raise KeyboardInterrupt(reason)
-    return inv
 
 
 def _log(inv: Inversion, terms: Tensor, bar) -> None:

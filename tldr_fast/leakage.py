@@ -41,6 +41,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from . import models
 from .checkpoint import atomic_write_text, cache_dir
 from .data import DataUnavailable, ImageDataset, load_dataset, subset
 from .evaluate import EvaluationReport, evaluate
@@ -122,7 +123,8 @@ def _grid(data: Sequence[str], archs: Sequence[str], sizes: Sequence[Any]) -> Tu
     return tuple(Target(d, n, a) for d in data for n in sizes for a in archs)
 
 
-ARCHS = ("plain_cnn", "cnn", "mlp")
+# the target architectures: every one of tldr_fast.models.ARCHS but the evaluation classifier's (LeNet)
+ARCHS = tuple(a for a in models.ARCHS if a != "lenet")
 COLOUR_DATA = ("colour-mnist", "colour-fashion-mnist")
 SUITES: Dict[str, Suite] = {
     # CI smoke test: one tiny target, one seed, a short inversion; checks that everything runs and

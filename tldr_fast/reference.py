@@ -436,11 +436,16 @@ def mode_seek(images: Tensor, latents: Tensor) -> Tensor:
     (an unpaired last row of an odd batch is left out). Minimising it pushes the generator to let
     different latents give different images. fp32 scalar, differentiable w.r.t. ``images``."""
     _mode_seek.check(images, latents)
+    return 1.0 / (mode_seek_ratios(images, latents).mean() + 1e-5)
+
+
+def mode_seek_ratios(images: Tensor, latents: Tensor) -> Tensor:
+    """``d_x(i) / d_z(i)`` of each pair ``(i, i + B/2)`` of ``mode_seek``: ``[B // 2]``, fp32 (fp64 for fp64)."""
     h = images.shape[0] // 2
     x, z = _acc(images), _acc(latents)
     dx = (x[:h] - x[h : 2 * h]).abs().flatten(1).mean(1)  # [h]
     dz = (z[:h] - z[h : 2 * h]).abs().flatten(1).mean(1)  # [h]
-    return 1.0 / ((dx / dz.clamp_min(1e-12)).mean() + 1e-5)
+    return dx / dz.clamp_min(1e-12)
 
 
 def pairwise_ssim(a: Tensor, b: Tensor, data_range: float = 1.0) -> Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Optional
 
 import torch
@@ -114,9 +115,11 @@ class TLDRObjective:
 
     Under ``torch.distributed`` (world size > 1; DESIGN.md section 5.1) ``cfg.batch_size`` is the global
     batch: this rank draws the whole batch's randomness and keeps its rows (``self.shard``), the
-    generator is data-parallel (global BatchNorm, DDP), ``cos``/``ortho``/``activation`` are exact
-    global-batch terms (``distributed.feature_loss``) and every other term is weighted by ``self.scale`` so
-    that the mean of the ranks' losses is the global objective (``global_terms`` gives the global values).
+    generator is data-parallel (global BatchNorm, DDP), ``cos``/``ortho``/``activation``, the head
+    ``grad_norm``, ``moments``, ``bn_stats`` and ``mode_seek`` are exact global-batch terms from all-reduced sums
+    (``distributed.feature_loss`` and the like: ``self.shared``) and every other term is weighted by
+    ``self.scale`` so that the mean of the ranks' losses is the global objective (``global_terms`` gives the
+    global values).
     """
 
     def __init__(
@@ -139,7 +142,10 @@ class TLDRObjective:
         self.colour = bool(cfg.colour_shift or cfg.colour_contrast)
         self.eps = pixel_eps(cfg)
         self.shard = distributed.Shard.of(cfg.batch_size, device, self.paired)  # this rank's rows
-        self.scale = self.shard.term_scale(TERMS, ("pix",), FEATURE_TERMS, device)  # [len(TERMS)]
+        # with several ranks, the terms every rank computes whole from all-reduced sums (section 5.1)
+        head_grad_norm = ("grad_norm",) if cfg.grad_norm == "head" else ()
+        self.shared = FEATURE_TERMS + ("moments", "bn_stats", "mode_seek") + head_grad_norm
+        self.scale = self.shard.term_scale(TERMS, ("pix",), self.shared, device)  # [len(TERMS)]
         if cfg.cuda_graph and self.shard.world > 1:
             raise ValueError("cuda_graph=True does not work under torch.distributed (collectives in the loss block)")
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
@@ -151,7 +157,7 @@ class TLDRObjective:
         self._zeros = torch.zeros(len(TERMS), device=device)  # the terms of inactive ops (no allocation per step)
         self._gen = torch.Generator(device)  # reseeded every step: a step's draws are a function of (seed, step)
         if cfg.param_grads:
-            self.params = [p for p in target.classifier.parameters() if p.requires_grad]
+            self.params = list(target.classifier.parameters())  # all require grad while attached
         if cfg.cuda_graph and device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA device, got {device}")
         self._graphed = None  # cfg.cuda_graph: the loss block as CUDA graphs, captured on the first step
@@ -170,6 +176,12 @@ class TLDRObjective:
         return self._weights[step]
 
     def __call__(self, step: int):
+        # the classifier attached (hooks, eval mode, frozen flags) for the step, differentiated terms included;
+        # a no-op inside invert, which holds it attached for the whole run
+        with self.target.attached():
+            return self._step(step)
+
+    def _step(self, step: int):
         cfg, shard = self.cfg, self.shard
         self._gen.manual_seed(step_seed(cfg.seed, step))
         drawn = sample_conditions(
@@ -199,18 +211,27 @@ class TLDRObjective:
             size = reference.zoom_size(cfg.zoom, step, cfg.steps, tuple(x.shape[-2:]))
             if size is not None:  # Zoom: the classifier sees the batch at a lower resolution
                 batch = reference.zoom(batch, size)
+            bn_op = (
+                self.ops.bn_stats if shard.world == 1 else functools.partial(distributed.bn_stats, total=shard.total)
+            )
             relus = reference.surrogate_relu(cfg.surrogate_relu) if cfg.surrogate_relu else contextlib.nullcontext()
             with relus:  # the graph of this forward keeps the surrogate ReLU derivative for loss.backward
                 logits, feats, bn = self.target.forward_bn_stats(
-                    batch, b if self.bn_stats else 0, self.classifier, self.ops.bn_stats
+                    batch, b if self.bn_stats else 0, self.classifier, bn_op
                 )
         feats = feats[:b]  # clean images' features: [B, D]
         loss, terms = self.loss_block(logits, feats, x, c, y, w)
         extra = {}
         if self.bn_stats:
             extra["bn_stats"] = bn
+        if shard.world > 1:  # the global batch's values from all-reduced sums (one process: in the fused ops)
+            if cfg.grad_norm == "head":
+                head_bias = self.target.head_bias
+                extra["grad_norm"] = distributed.head_grad_norm(logits[:b], c, feats, shard.total, head_bias)
+            if self.moments is not None:
+                extra["moments"] = distributed.moments(x, self.moments, *PIXEL_RANGE, shard.total)
         if self.mode_seek:
-            extra["mode_seek"] = self.ops.mode_seek(x, z)
+            extra["mode_seek"] = self.ops.mode_seek(x, z) if shard.world == 1 else distributed.mode_seek(x, z)
         if cfg.grad_norm == "full":
             extra["grad_norm"] = reference.grad_norm_full(logits[:b], c, self.params)
         if cfg.active("kkt"):
@@ -234,8 +255,9 @@ class TLDRObjective:
 
     def global_terms(self, terms: Tensor) -> Tensor:
         """The terms of the global batch from this rank's ``terms`` (a collective: every rank calls it;
-        ``terms`` itself in one process). Exact for ``cos``, ``ortho``, ``activation``, ``pix`` and the means of
-        per-image values; the other terms are the mean of the ranks' values weighted by their rows."""
+        ``terms`` itself in one process). Exact for ``pix``, the means of per-image values and the terms of
+        ``self.shared``; the others (the full grad-norm, ``kkt``) are the mean of the ranks' values weighted by
+        their rows."""
         return terms if self.shard.world == 1 else self.shard.mean_of_ranks(terms * self.scale)
 
     def loss_block(self, logits: Tensor, feats: Tensor, x: Tensor, c: Tensor, y: Tensor, w: Tensor):
@@ -254,15 +276,15 @@ class TLDRObjective:
         return loss, terms.clone()  # the graph's output buffer is rewritten by the next replay
 
     def _loss_block(self, logits: Tensor, feats: Tensor, x: Tensor, c: Tensor, y: Tensor, w: Tensor):
-        cfg, zeros = self.cfg, self._zeros
-        head_feats = feats if cfg.grad_norm == "head" else None
+        cfg, zeros, single = self.cfg, self._zeros, self.shard.world == 1
+        head_feats = feats if cfg.grad_norm == "head" and single else None  # several ranks: in __call__
         head = TERM_SLICES["head_loss"]
         loss, head_terms = self.ops.head_loss(logits, c, y, head_feats, w[head], self.target.head_bias)
         parts = [head_terms]
         feature, prior = TERM_SLICES["feature_loss"], TERM_SLICES["image_prior"]
         if self.feature_terms_on:
             labels = y if cfg.diversity == "class" else None
-            if self.shard.world == 1:
+            if single:
                 l_f, feat_terms = self.ops.feature_loss(feats, w[feature], labels, self.g.num_classes)
             else:  # exact over the global batch, from all-reduced sums
                 l_f, feat_terms = distributed.feature_loss(
@@ -271,7 +293,8 @@ class TLDRObjective:
             loss = loss + l_f
         parts.append(feat_terms if self.feature_terms_on else zeros[feature])
         if self.prior:
-            l_p, prior_terms = self.ops.image_prior(x, w[prior], *PIXEL_RANGE, self.moments)
+            moments = self.moments if single else None  # several ranks: in __call__
+            l_p, prior_terms = self.ops.image_prior(x, w[prior], *PIXEL_RANGE, moments)
             loss = loss + l_p
         parts.append(prior_terms if self.prior else zeros[prior])
         parts.append(zeros[prior.stop :])  # bn_stats, mode_seek, kkt: added by __call__
