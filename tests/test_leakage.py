@@ -1,13 +1,16 @@
 """The leakage benchmark: its data split, its targets, and the quick suite end to end (a smoke test that
 checks it runs and writes well-formed results; quality thresholds are for the real suites, not tests)."""
 
+import dataclasses
 import json
 import math
+import shutil
 
 import pytest
 import torch
 from PIL import Image
 
+import tldr_fast
 from tldr_fast import leakage
 from tldr_fast.cli import main, parse_overrides
 
@@ -159,3 +162,104 @@ def test_parse_overrides():
         "paired": True,
     }
     assert math.isnan(parse_overrides(["eps=NaN"])["eps"])
+
+
+# --- resuming: every finished run is stored and reused; an interrupt never shrinks results.json ---------
+
+TWO = dataclasses.replace(
+    leakage.SUITES["quick"], targets=(leakage.Target("mnist", 10, "mlp"), leakage.Target("mnist", 10, "plain_cnn"))
+)
+
+
+@pytest.fixture(scope="module")
+def two(quick, tmp_path_factory):
+    """A finished two-target suite (the quick suite's settings; its cached judge and MLP)."""
+    out = tmp_path_factory.mktemp("two")
+    return out, leakage.run(TWO, out, cache=quick[2], device="cpu", progress=False), quick[2]
+
+
+def _counting_invert(monkeypatch, fail_from=None):
+    """Count the benchmark's calls of invert; call ``fail_from`` and later ones raise KeyboardInterrupt."""
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["seed"])
+        if fail_from is not None and len(calls) >= fail_from:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    real = tldr_fast.invert
+    monkeypatch.setattr(tldr_fast, "invert", counted)
+    return calls
+
+
+def _no_data(monkeypatch):
+    """Make loading a data set's split (the first step of measuring a target again) raise KeyboardInterrupt."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(leakage, "split", interrupted)
+
+
+def test_rerun_reuses_every_stored_run(two, tmp_path, monkeypatch):
+    out, first, cache = two
+    shutil.copytree(out, tmp_path / "o")
+    calls, said = _counting_invert(monkeypatch), []
+    _no_data(monkeypatch)  # nothing is measured again: no data set is even loaded
+    again = leakage.run(TWO, tmp_path / "o", cache=cache, device="cpu", progress=False, say=said.append)
+    assert calls == [] and "reusing 2 of 2 runs" in " ".join(said)
+    assert json.loads(json.dumps(again)) == json.loads(json.dumps(first))
+    assert (tmp_path / "o" / "results.json").read_text() == (out / "results.json").read_text()
+    assert (tmp_path / "o" / "results.md").read_text() == (out / "results.md").read_text()
+
+
+def _without_seconds(results):
+    for e in results["targets"]:
+        for v in e["variants"].values():
+            for part in (*v["runs"], v["mean"], v["std"]):
+                part.pop("seconds")
+    return results
+
+
+def test_interrupt_never_shrinks_results_and_the_rerun_resumes(two, tmp_path, monkeypatch):
+    out, first, cache = two
+    shutil.copytree(out, tmp_path / "o")
+    shutil.rmtree(tmp_path / "o" / "runs", ignore_errors=True)  # results.json alone: each run is measured again
+    before = (tmp_path / "o" / "results.json").read_text()
+    assert len(json.loads(before)["targets"]) == 2
+    calls = _counting_invert(monkeypatch, fail_from=2)  # the second target's run is interrupted
+    with pytest.raises(KeyboardInterrupt):
+        leakage.run(TWO, tmp_path / "o", cache=cache, device="cpu", progress=False)
+    assert len(calls) == 2
+    assert (tmp_path / "o" / "results.json").read_text() == before  # not the first target alone
+    monkeypatch.undo()
+    calls, said = _counting_invert(monkeypatch), []
+    resumed = leakage.run(TWO, tmp_path / "o", cache=cache, device="cpu", progress=False, say=said.append)
+    assert calls == [0] and "reusing 1 of 2 runs" in " ".join(said)  # only the interrupted run again
+    assert _without_seconds(json.loads(json.dumps(resumed))) == _without_seconds(json.loads(json.dumps(first)))
+    for t in ("mnist-mlp-10", "mnist-plain_cnn-10"):
+        grid = f"grids/{t}--defaults.png"
+        assert (tmp_path / "o" / grid).read_bytes() == (out / grid).read_bytes()
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"seeds": (1,)},
+        {"variants": {"defaults": {"steps": 21}}},
+        {"suite": dataclasses.replace(TWO, teaching=dataclasses.replace(TWO.teaching, steps=11))},
+    ],
+    ids=["seed", "invert-option", "teaching"],
+)
+def test_runs_of_other_settings_are_not_reused(two, tmp_path, monkeypatch, changes):
+    out, _, cache = two
+    shutil.copytree(out, tmp_path / "o")
+    said = []
+    _no_data(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):  # the first target is measured again, not taken from the stored runs
+        leakage.run(
+            **{"suite": TWO, **changes}, out=tmp_path / "o", cache=cache, device="cpu", progress=False, say=said.append
+        )
+    assert not any("reusing" in line for line in said)
+    assert (tmp_path / "o" / "results.json").read_text() == (out / "results.json").read_text()
