@@ -247,7 +247,7 @@ def _cached(
             model = load_classifier(path, device)
             why = _mismatch(model.tldr_meta, recipe)
         except Exception as e:  # noqa: BLE001 - an unreadable cache file is retrained, whatever its fault
-            model, why = None, f"unreadable: {' '.join(str(e).split()) or type(e).__name__}"
+            model, why = None, f"it does not load ({type(e).__name__}: {' '.join(str(e).split())})"
         if why is None:
             return model
         say(f"retraining the cached classifier {path}: {why}")
