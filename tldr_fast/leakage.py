@@ -16,7 +16,8 @@ the overrides of the variant under test) and evaluates the generated images (``t
 The test split of each data set is divided, per class and seeded, into the held-out control set, the
 real reference images, and the evaluation classifier's training set. Results: ``results.json`` (every
 run, means and spreads over seeds, references, versions, settings), ``results.md`` (tables) and a grid
-per target (``grids/<target>.png``, seed 0's images beside their nearest training images).
+per target and variant (``grids/<target>--<variant>.png``, the first seed's images beside their nearest
+training images). Every finished run is kept in ``runs/`` and reused by a rerun with the same settings.
 
     tldr-fast leakage --suite quick            # CI smoke test, < 3 minutes on 2 CPU cores
     tldr-fast leakage                          # the default suite (< 45 minutes on 2 CPU cores)
