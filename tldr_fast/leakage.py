@@ -447,8 +447,7 @@ class _Store:
         key = self.target_key(t)
         return _read_record(self.path(t, key, "target"), key)
 
-    def run(self, t: Target, settings: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
-        key = self.run_key(t, settings)
+    def run(self, t: Target, key: str) -> Optional[Dict[str, Any]]:
         record = _read_record(self.path(t, key, "run"), key)
         return record if record is not None and self.path(t, key, "run", ".png").is_file() else None
 
@@ -516,22 +515,29 @@ def run(
     measurement = {k: v for k, v in asdict(s).items() if k not in ("targets", "seeds", "invert")}
     store = _Store(out / "runs", {"versions": [__version__, CACHE_VERSION], "device": device, "suite": measurement})
 
-    def settings(overrides: Mapping[str, Any], seed: int) -> Dict[str, Any]:
-        return {**dict(s.invert), **dict(overrides), "seed": seed}
+    def run_keys(t: Target) -> Dict[Tuple[str, int], str]:  # (variant, seed) -> the key of its run
+        return {
+            (v, seed): store.run_key(t, {**dict(s.invert), **dict(o), "seed": seed})
+            for v, o in variants.items()
+            for seed in seeds
+        }
 
-    runs_of = [(vname, overrides, seed) for vname, overrides in variants.items() for seed in seeds]
-    reused = sum(store.run(t, settings(o, seed)) is not None for t in chosen for _, o, seed in runs_of)
+    n_runs = len(variants) * len(seeds)
+    reused = sum(store.run(t, key) is not None for t in chosen for key in run_keys(t).values())
     if reused:
-        say(f"reusing {reused} of {len(chosen) * len(runs_of)} runs stored in {store.folder} (the same settings)")
+        say(f"reusing {reused} of {len(chosen) * n_runs} runs stored in {store.folder} (the same settings)")
     done: List[Tuple[Target, Dict[str, Any], Dict[Tuple[str, int], Dict[str, Any]]]] = []
     skipped: Dict[str, str] = {}
     splits: Dict[str, Split] = {}
     judges: Dict[str, nn.Module] = {}
-    bar = progress_bar(total=len(chosen) * len(runs_of), desc="leakage", unit="run", disable=not progress)
+    bar = progress_bar(total=len(chosen) * n_runs, desc="leakage", unit="run", disable=not progress)
     for t in chosen:
+        keys = run_keys(t)
+        records = {key: store.run(t, key) for key in keys.values()}
+        todo = [(v, seed) for (v, seed), key in keys.items() if records[key] is None]
+        bar.update(n_runs - len(todo))
         record = store.target(t)
-        stored = {(v, seed): store.run(t, settings(o, seed)) for v, o, seed in runs_of}
-        if record is None or None in stored.values():
+        if record is None or todo:
             try:
                 if t.data not in splits:
                     splits[t.data] = split(t.data, s)
@@ -539,19 +545,18 @@ def run(
             except DataUnavailable as e:
                 skipped[t.name] = str(e)
                 say(f"skipping {t.name}: {e}")
-                bar.update(len(runs_of))
+                bar.update(len(todo))
                 continue
-            parts = splits[t.data]
+            parts, judge_model = splits[t.data], judges[t.data]
             model = target(t, parts, s, cache_path, device, say)
             train_set = _training_set(model)
-            meta = model.tldr_meta
             if record is None:
                 record = {
                     "key": store.target_key(t),
                     "judge": {
-                        "arch": judges[t.data].tldr_meta["arch"],
+                        "arch": judge_model.tldr_meta["arch"],
                         "n_train": len(parts.judge),
-                        "held_out_accuracy": judges[t.data].tldr_meta["test_accuracy"],
+                        "held_out_accuracy": judge_model.tldr_meta["test_accuracy"],
                     },
                     "entry": {
                         "target": t.name,
@@ -559,62 +564,73 @@ def run(
                         "arch": t.arch,
                         "n_per_class": t.n_per_class,
                         "n_train": len(train_set),
-                        "train_accuracy": meta["train_accuracy"],
-                        "held_out_accuracy": meta["test_accuracy"],
-                        "references": references(model, judges[t.data], train_set, parts, s, device),
+                        "train_accuracy": model.tldr_meta["train_accuracy"],
+                        "held_out_accuracy": model.tldr_meta["test_accuracy"],
+                        "references": references(model, judge_model, train_set, parts, s, device),
                     },
                 }
                 _write_json(store.path(t, record["key"], "target"), record)
-            for vname, overrides, seed in runs_of:
-                if stored[vname, seed] is not None:
+            for vname, seed in todo:
+                key = keys[vname, seed]
+                if records[key] is not None:  # another variant with the same settings measured it
+                    bar.update()
                     continue
                 bar.set_postfix(target=t.name, variant=vname, seed=seed, refresh=False)
-                run_settings = settings(overrides, seed)
-                start = time.perf_counter()
-                inv = invert(
-                    model,
-                    meta["num_classes"],
-                    tuple(meta["input_shape"]),
-                    device=device,
-                    progress=False,
-                    **run_settings,
+                settings = {**dict(s.invert), **dict(variants[vname]), "seed": seed}
+                numbers, report = _measure(
+                    invert, model, train_set, parts, judge_model, s, settings, cache_path, device
                 )
-                seconds = time.perf_counter() - start
-                report = evaluate(
-                    inv,
-                    train_set,
-                    n_per_class=s.eval_per_class,
-                    classifier=model,
-                    eval_classifier=judges[t.data],
-                    held_out=parts.held_out,
-                    test=parts.held_out,
-                    teach_per_class=s.teach_per_class,
-                    real_pool=parts.train,
-                    teaching=s.teaching,
-                    cache=cache_path,
-                    device=device,
-                )
-                key = store.run_key(t, run_settings)
                 report.save_grid(store.path(t, key, "run", ".png"), per_class=8)
-                stored[vname, seed] = {
+                records[key] = {
                     "key": key,
-                    "settings": run_settings,
-                    "run": {"seed": seed, "seconds": seconds, "steps": inv.step, **_overall(report)},
+                    "settings": settings,
+                    "run": numbers,
                     "real_curve": report.utility["real_curve"],
                 }
-                _write_json(store.path(t, key, "run"), stored[vname, seed])  # last: a run is done once this exists
+                _write_json(store.path(t, key, "run"), records[key])  # last: a run is done once this exists
                 bar.update()
-        else:
-            bar.update(len(runs_of))
         for vname in variants:  # the grid of each variant's first seed
-            grid = store.path(t, stored[vname, seeds[0]]["key"], "run", ".png").read_bytes()
+            grid = store.path(t, keys[vname, seeds[0]], "run", ".png").read_bytes()
             atomic_write(out / "grids" / f"{t.name}--{vname}.png", lambda f, grid=grid: f.write(grid))
-        done.append((t, record, stored))
+        done.append((t, record, {vs: records[key] for vs, key in keys.items()}))
         _write(out, _assemble(header, done, variants, seeds, skipped), final=False)
     bar.close()
     results = _assemble(header, done, variants, seeds, skipped)
     _write(out, results, final=True)
     return results
+
+
+def _measure(
+    invert: Callable[..., Any],
+    model: nn.Module,
+    train_set: ImageDataset,
+    parts: Split,
+    judge_model: nn.Module,
+    s: Suite,
+    settings: Dict[str, Any],
+    cache: Path,
+    device: str,
+) -> Tuple[Dict[str, Any], EvaluationReport]:
+    """One run: invert ``model`` with ``settings`` and evaluate the images; its numbers and the report."""
+    meta = model.tldr_meta
+    start = time.perf_counter()
+    inv = invert(model, meta["num_classes"], tuple(meta["input_shape"]), device=device, progress=False, **settings)
+    seconds = time.perf_counter() - start
+    report = evaluate(
+        inv,
+        train_set,
+        n_per_class=s.eval_per_class,
+        classifier=model,
+        eval_classifier=judge_model,
+        held_out=parts.held_out,
+        test=parts.held_out,
+        teach_per_class=s.teach_per_class,
+        real_pool=parts.train,
+        teaching=s.teaching,
+        cache=cache,
+        device=device,
+    )
+    return {"seed": settings["seed"], "seconds": seconds, "steps": inv.step, **_overall(report)}, report
 
 
 def _assemble(
