@@ -1,15 +1,19 @@
 """The leakage benchmark: its data split, its targets, and the quick suite end to end (a smoke test that
 checks it runs and writes well-formed results; quality thresholds are for the real suites, not tests)."""
 
+import dataclasses
 import json
 import math
+import shutil
 
 import pytest
 import torch
 from PIL import Image
 
+import tldr_fast
 from tldr_fast import leakage
 from tldr_fast.cli import main, parse_overrides
+from tldr_fast.models import CHECKPOINT_FORMAT, build_classifier, load_classifier, save_classifier
 
 
 def test_target_names_round_trip():
@@ -141,6 +145,22 @@ def test_command_line(tmp_path, capsys):
         (["--variant", "x:eps=7"], "eps"),
         (["--variant", "nocolon"], "NAME:KEY=VALUE"),
         (["--set", "noequals"], "KEY=VALUE"),
+        (["--set", "seed=5"], "--set: 'seed' is set by the benchmark for every run; give it with --seeds"),
+        (["--variant", "s:seed=1"], "--variant s: 'seed' is set by the benchmark for every run; give it with --seeds"),
+        (["--set", "device=cuda"], "--set: 'device' is set by the benchmark for every run; give it with --device"),
+        (["--set", "progress=false"], "give it with --quiet"),
+        (["--seeds", "0,0"], "--seeds gives seed 0 more than once"),
+        (["--seeds", "0,-1"], "--seeds: a seed is an integer >= 0, got -1"),
+        (["--seeds", "1.5"], "--seeds: expected comma-separated integers >= 0"),
+        (["--targets", "bogus"], "--targets: target 'bogus' is not DATA-ARCH-N: DATA one of mnist, fashion-mnist"),
+        (["--targets", "mnist-lenet-10"], "ARCH one of plain_cnn, cnn, mlp"),
+        (["--targets", "mnist-cnn-7"], "--targets: target 'mnist-cnn-7': this suite trains targets of 10 images"),
+        (["--targets", "mnist-mlp-10,mnist-mlp-10"], "--targets names 'mnist-mlp-10' twice"),
+        (["--variant", "a/b:eps=0.1"], "--variant: a variant's name is letters, digits"),
+        (["--variant", "defaults:eps=0.1"], "--variant 'defaults': that name is taken by the runs of --set's options"),
+        (["--variant", "a:eps=0.1", "--variant", "a:eps=0.2"], "--variant 'a': that name is taken"),
+        (["--ablation", "--variant", "no-select:select=2"], "--variant 'no-select': that name is taken"),
+        (["--variant", "b:betas=[0.5,0.9],eps=7"], "--variant b: eps is a fraction"),  # a comma inside a value
     ],
 )
 def test_command_line_rejects_bad_options_before_any_work(tmp_path, capsys, argv, message):
@@ -159,3 +179,204 @@ def test_parse_overrides():
         "paired": True,
     }
     assert math.isnan(parse_overrides(["eps=NaN"])["eps"])
+
+
+# --- resuming: every finished run is stored and reused; an interrupt never shrinks results.json ---------
+
+TWO = dataclasses.replace(
+    leakage.SUITES["quick"], targets=(leakage.Target("mnist", 10, "mlp"), leakage.Target("mnist", 10, "plain_cnn"))
+)
+
+
+@pytest.fixture(scope="module")
+def two(quick, tmp_path_factory):
+    """A finished two-target suite (the quick suite's settings; its cached judge and MLP)."""
+    out = tmp_path_factory.mktemp("two")
+    return out, leakage.run(TWO, out, cache=quick[2], device="cpu", progress=False), quick[2]
+
+
+def _counting_invert(monkeypatch, fail_from=None):
+    """Count the benchmark's calls of invert; call ``fail_from`` and later ones raise KeyboardInterrupt."""
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["seed"])
+        if fail_from is not None and len(calls) >= fail_from:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    real = tldr_fast.invert
+    monkeypatch.setattr(tldr_fast, "invert", counted)
+    return calls
+
+
+class Measured(Exception):
+    """Raised where the benchmark starts to measure a target (loading its data set's split)."""
+
+
+def _no_data(monkeypatch):
+    def measuring(*args, **kwargs):
+        raise Measured
+
+    monkeypatch.setattr(leakage, "split", measuring)
+
+
+def test_rerun_reuses_every_stored_run(two, tmp_path, monkeypatch):
+    out, first, cache = two
+    shutil.copytree(out, tmp_path / "o")
+    calls, said = _counting_invert(monkeypatch), []
+    _no_data(monkeypatch)  # nothing is measured again: no data set is even loaded
+    again = leakage.run(TWO, tmp_path / "o", cache=cache, device="cpu", progress=False, say=said.append)
+    assert calls == [] and "reusing 2 of 2 runs" in " ".join(said)
+    assert json.loads(json.dumps(again)) == json.loads(json.dumps(first))
+    assert (tmp_path / "o" / "results.json").read_text() == (out / "results.json").read_text()
+    assert (tmp_path / "o" / "results.md").read_text() == (out / "results.md").read_text()
+
+
+def _without_seconds(results):
+    for e in results["targets"]:
+        for v in e["variants"].values():
+            for part in (*v["runs"], v["mean"], v["std"]):
+                part.pop("seconds")
+    return results
+
+
+def test_interrupt_never_shrinks_results_and_the_rerun_resumes(two, tmp_path, monkeypatch):
+    out, first, cache = two
+    shutil.copytree(out, tmp_path / "o")
+    shutil.rmtree(tmp_path / "o" / "runs", ignore_errors=True)  # results.json alone: each run is measured again
+    before = (tmp_path / "o" / "results.json").read_text()
+    assert len(json.loads(before)["targets"]) == 2
+    calls = _counting_invert(monkeypatch, fail_from=2)  # the second target's run is interrupted
+    with pytest.raises(KeyboardInterrupt):
+        leakage.run(TWO, tmp_path / "o", cache=cache, device="cpu", progress=False)
+    assert len(calls) == 2
+    assert (tmp_path / "o" / "results.json").read_text() == before  # not the first target alone
+    monkeypatch.undo()
+    calls, said = _counting_invert(monkeypatch), []
+    resumed = leakage.run(TWO, tmp_path / "o", cache=cache, device="cpu", progress=False, say=said.append)
+    assert calls == [0] and "reusing 1 of 2 runs" in " ".join(said)  # only the interrupted run again
+    assert _without_seconds(json.loads(json.dumps(resumed))) == _without_seconds(json.loads(json.dumps(first)))
+    for t in ("mnist-mlp-10", "mnist-plain_cnn-10"):
+        grid = f"grids/{t}--defaults.png"
+        assert (tmp_path / "o" / grid).read_bytes() == (out / grid).read_bytes()
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"seeds": (1,)},
+        {"variants": {"defaults": {"steps": 21}}},
+        {"suite": dataclasses.replace(TWO, teaching=dataclasses.replace(TWO.teaching, steps=11))},
+    ],
+    ids=["seed", "invert-option", "teaching"],
+)
+def test_runs_of_other_settings_are_not_reused(two, tmp_path, monkeypatch, changes):
+    out, _, cache = two
+    shutil.copytree(out, tmp_path / "o")
+    said = []
+    _no_data(monkeypatch)
+    with pytest.raises(Measured):  # the first target is measured again, not taken from the stored runs
+        leakage.run(
+            **{"suite": TWO, **changes}, out=tmp_path / "o", cache=cache, device="cpu", progress=False, say=said.append
+        )
+    assert not any("reusing" in line for line in said)
+    assert (tmp_path / "o" / "results.json").read_text() == (out / "results.json").read_text()
+
+
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_command_line_refuses_a_cache_dir_that_is_a_file(tmp_path, capsys, below):
+    (tmp_path / "f").write_text("not a folder")
+    cache = tmp_path / "f" / below if below else tmp_path / "f"
+    status = main(["leakage", "--suite", "quick", "--out", str(tmp_path / "o"), "--cache-dir", str(cache)])
+    assert status == 1
+    assert (
+        f"--cache-dir (or $TLDR_FAST_CACHE) {cache}: {tmp_path / 'f'} is a file, not a folder"
+        in capsys.readouterr().err
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"seeds": [1, 1]}, "seeds gives seed 1 more than once"),
+        ({"seeds": [True]}, "seeds: a seed is an integer >= 0"),
+        ({"seeds": []}, "seeds is empty"),
+        ({"targets": ["mnist-cnn"]}, "targets: target 'mnist-cnn' is not DATA-ARCH-N"),
+        ({"targets": "mnist-mlp-10"}, "targets is a list of target names"),
+        ({"variants": {"v": {"seed": 3}}}, "variants['v']: 'seed' is set by the benchmark for every run"),
+        ({"variants": {"v": {"nonsense": 3}}}, "variants['v']: unknown option 'nonsense'"),
+        ({"variants": {"a b": {}}}, "variants: a variant's name"),
+        ({"suite": "nonsense"}, "suite must be one of quick, default, colour, full"),
+    ],
+)
+def test_run_rejects_bad_arguments_before_any_work(tmp_path, kwargs, message):
+    with pytest.raises(ValueError) as e:
+        leakage.run(**{"suite": "quick", **kwargs}, out=tmp_path / "o", cache=tmp_path / "c", progress=False)
+    assert message in str(e.value)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "c").exists()
+
+
+# --- the classifier cache: a file is trusted only if it records the recipe that would train it ----------
+
+TINY = dataclasses.replace(
+    leakage.SUITES["quick"], judge_epochs=1, judge_max_per_class=5, held_out_per_class=5, target_epochs=((10, 2),)
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """TINY's split of MNIST and a cache holding its judge."""
+    parts, cache = leakage.split("mnist", TINY), tmp_path_factory.mktemp("tiny-cache")
+    leakage.judge("mnist", parts, TINY, cache, "cpu", print)
+    return parts, cache
+
+
+def _five_classes(judge):
+    model = build_classifier("lenet", [1, 28, 28], 5)
+    model.tldr_meta = {**judge.tldr_meta, "num_classes": 5, "class_names": list("01234")}
+    return model
+
+
+def _other_recipe(judge):
+    recipe = {**judge.tldr_meta["leakage_recipe"], "epochs": 7}
+    judge.tldr_meta = {**judge.tldr_meta, "leakage_recipe": recipe}
+    return judge
+
+
+@pytest.mark.parametrize(
+    "bad, why",
+    [
+        (_five_classes, "it has 5 classes, the data 10"),
+        (_other_recipe, "its training recipe differs in epochs (7, not 1)"),
+        (lambda judge: {"format": CHECKPOINT_FORMAT, "state_dict": {}}, "it does not load (KeyError"),
+    ],
+    ids=["five-classes", "other-recipe", "no-meta"],
+)
+def test_a_cached_judge_of_another_recipe_is_retrained(tiny, tmp_path, bad, why):
+    parts, cache = tiny
+    shutil.copytree(cache, tmp_path / "c")
+    (path,) = (tmp_path / "c").glob("*judge*.pt")
+    thing = bad(load_classifier(path))
+    save_classifier(thing, path) if isinstance(thing, torch.nn.Module) else torch.save(thing, path)
+    said = []
+    model = leakage.judge("mnist", parts, TINY, tmp_path / "c", "cpu", said.append)
+    assert said[0].startswith(f"retraining the cached classifier {path}: {why}") and len(said) == 2  # + training
+    assert model.tldr_meta["num_classes"] == 10 and model.tldr_meta["arch"] == "lenet"
+    said.clear()
+    again = leakage.judge("mnist", parts, TINY, tmp_path / "c", "cpu", said.append)
+    assert not said and again.tldr_meta["leakage_recipe"] == model.tldr_meta["leakage_recipe"]  # now trusted
+
+
+def test_a_cached_target_that_is_another_classifier_is_retrained(tiny, tmp_path):
+    parts, cache = tiny
+    (judge_file,) = cache.glob("*judge*.pt")
+    said = []
+    t = leakage.Target("mnist", 10, "mlp")
+    trained = leakage.target(t, parts, TINY, tmp_path, "cpu", said.append)  # writes the target's cache file
+    (path,) = tmp_path.glob("*mnist-mlp-10*.pt")
+    shutil.copyfile(judge_file, path)  # a 10-class classifier of the right input shape, but the judge
+    said.clear()
+    model = leakage.target(t, parts, TINY, tmp_path, "cpu", said.append)
+    assert said[0].startswith(f"retraining the cached classifier {path}: its training recipe differs in kind")
+    assert model.tldr_meta["arch"] == "mlp" and model.tldr_meta["leakage_recipe"] == trained.tldr_meta["leakage_recipe"]

@@ -16,11 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -736,11 +737,20 @@ def parse_overrides(pairs: Sequence[str]) -> Dict[str, Any]:
     return out
 
 
-def cmd_leakage(args: argparse.Namespace) -> int:
-    from . import leakage
-    from .config import InversionConfig
+def _variant_pairs(text: str) -> List[str]:
+    """``"eps=0.1,betas=[0.5,0.9]"`` -> ``["eps=0.1", "betas=[0.5,0.9]"]``: split at the commas before a ``KEY=``."""
+    return [p for p in re.split(r",(?=[^,=\[\]{}]+=)", text) if p]
 
-    common = parse_overrides(args.overrides)
+
+def _leakage_variants(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
+    """``{"defaults": --set}`` and one variant per ``--variant`` (and ``--ablation``), each checked."""
+    from . import leakage
+
+    try:
+        common = parse_overrides(args.overrides)
+    except ValueError as e:
+        raise ValueError(f"--set: {e}") from None
+    leakage.check_overrides(common, "--set")
     variants = {"defaults": common}
     specs = list(args.variants)
     if args.ablation:
@@ -752,17 +762,55 @@ def cmd_leakage(args: argparse.Namespace) -> int:
         name, sep, rest = spec.partition(":")
         if not sep or not name:
             raise ValueError(f"--variant expects NAME:KEY=VALUE[,KEY=VALUE], got {spec!r}")
-        variants[name] = {**common, **parse_overrides([p for p in rest.split(",") if p])}
-    for overrides in variants.values():  # every option checked before any work starts
-        InversionConfig().with_overrides(**{k: v for k, v in overrides.items() if k != "seed"})
+        leakage.check_variant_name(name, "--variant")
+        if name in variants:
+            taken = "the runs of --set's options" if name == "defaults" else "another variant (--variant or --ablation)"
+            raise ValueError(f"--variant {name!r}: that name is taken by {taken}; give each variant its own name")
+        try:
+            changes = parse_overrides(_variant_pairs(rest))
+        except ValueError as e:
+            raise ValueError(f"--variant {name}: {e}") from None
+        leakage.check_overrides(changes, f"--variant {name}")
+        variants[name] = {**common, **changes}
+        leakage.check_overrides(variants[name], f"--variant {name} with --set")
+    return variants
+
+
+def _leakage_seeds(text: Optional[str]) -> Optional[Tuple[int, ...]]:
+    from . import leakage
+
+    if text is None:
+        return None
+    try:
+        seeds = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--seeds: expected comma-separated integers >= 0 such as 0,1,2, got {text!r}") from None
+    return leakage.check_seeds(seeds, "--seeds")
+
+
+def cmd_leakage(args: argparse.Namespace) -> int:
+    from . import leakage
+
+    # every argument checked before any work starts
+    variants = _leakage_variants(args)
+    seeds = _leakage_seeds(args.seeds)
+    targets = None
+    if args.targets is not None:
+        targets = [
+            t.name
+            for t in leakage.choose_targets(
+                leakage.SUITES[args.suite], [n.strip() for n in args.targets.split(",")], "--targets"
+            )
+        ]
+    cache = leakage.check_folder(leakage.cache_dir(args.cache_dir), "--cache-dir (or $TLDR_FAST_CACHE)")
     _output_folder(args.out)
     results = leakage.run(
         args.suite,
         args.out,
         variants,
-        targets=args.targets.split(",") if args.targets else None,
-        seeds=[int(x) for x in args.seeds.split(",")] if args.seeds else None,
-        cache=args.cache_dir,
+        targets=targets,
+        seeds=seeds,
+        cache=cache,
         device=_device(args),
         progress=not args.quiet,
         say=_say,

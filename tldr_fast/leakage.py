@@ -16,7 +16,8 @@ the overrides of the variant under test) and evaluates the generated images (``t
 The test split of each data set is divided, per class and seeded, into the held-out control set, the
 real reference images, and the evaluation classifier's training set. Results: ``results.json`` (every
 run, means and spreads over seeds, references, versions, settings), ``results.md`` (tables) and a grid
-per target (``grids/<target>.png``, seed 0's images beside their nearest training images).
+per target and variant (``grids/<target>--<variant>.png``, the first seed's images beside their nearest
+training images). Every finished run is kept in ``runs/`` and reused by a rerun with the same settings.
 
     tldr-fast leakage --suite quick            # CI smoke test, < 3 minutes on 2 CPU cores
     tldr-fast leakage                          # the default suite (< 45 minutes on 2 CPU cores)
@@ -27,10 +28,12 @@ per target (``grids/<target>.png``, seed 0's images beside their nearest trainin
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import platform
+import re
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -42,7 +45,8 @@ import torch
 import torch.nn as nn
 
 from . import models
-from .checkpoint import atomic_write_text, cache_dir
+from .checkpoint import atomic_write, atomic_write_text, cache_dir
+from .config import InversionConfig
 from .data import DataUnavailable, ImageDataset, load_dataset, subset
 from .evaluate import EvaluationReport, evaluate
 from .models import load_classifier, save_classifier, train_classifier
@@ -77,6 +81,10 @@ METRICS = (
 )
 REFERENCES = ("real_unseen", "noise", "black")
 CACHE_VERSION = 1  # part of every cached classifier's file name: bump when a training recipe changes
+# the target architectures: every one of tldr_fast.models.ARCHS but the evaluation classifier's (LeNet)
+ARCHS = tuple(a for a in models.ARCHS if a != "lenet")
+COLOUR_DATA = ("colour-mnist", "colour-fashion-mnist")
+DATA = ("mnist", "fashion-mnist") + COLOUR_DATA  # the data sets with a train and a test split
 
 
 @dataclass(frozen=True)
@@ -93,9 +101,17 @@ class Target:
 
     @classmethod
     def parse(cls, name: str) -> "Target":
-        """``"mnist-plain_cnn-1000"`` -> ``Target("mnist", 1000, "plain_cnn")``."""
-        data, arch, n = name.rsplit("-", 2)
-        return cls(data, n if n == "all" else int(n), arch)
+        """``"mnist-plain_cnn-1000"`` -> ``Target("mnist", 1000, "plain_cnn")``; a ``ValueError`` that lists
+        the valid data sets and architectures for a name of another form."""
+        parts = name.rsplit("-", 2)
+        if len(parts) == 3 and parts[0] in DATA and parts[1] in ARCHS:
+            data, arch, n = parts
+            if n == "all" or (n.isdigit() and int(n) > 0):
+                return cls(data, n if n == "all" else int(n), arch)
+        raise ValueError(
+            f"target {name!r} is not DATA-ARCH-N: DATA one of {', '.join(DATA)}; ARCH one of {', '.join(ARCHS)}; "
+            "N images per class (a positive integer) or 'all'; e.g. mnist-cnn-1000"
+        )
 
 
 @dataclass(frozen=True)
@@ -123,9 +139,6 @@ def _grid(data: Sequence[str], archs: Sequence[str], sizes: Sequence[Any]) -> Tu
     return tuple(Target(d, n, a) for d in data for n in sizes for a in archs)
 
 
-# the target architectures: every one of tldr_fast.models.ARCHS but the evaluation classifier's (LeNet)
-ARCHS = tuple(a for a in models.ARCHS if a != "lenet")
-COLOUR_DATA = ("colour-mnist", "colour-fashion-mnist")
 SUITES: Dict[str, Suite] = {
     # CI smoke test: one tiny target, one seed, a short inversion; checks that everything runs and
     # writes well-formed results (no quality threshold is meaningful at this size)
@@ -187,13 +200,62 @@ def _without(ds: ImageDataset, part: ImageDataset) -> ImageDataset:
     return ds.select(torch.nonzero(keep).view(-1))
 
 
-def _cached(path: Path, train: Callable[[], nn.Module], device: str, say: Callable[[str], None]) -> nn.Module:
+def _digest(obj: Any) -> str:
+    """A SHA-256 of ``obj`` as canonical JSON (values JSON cannot hold by their ``repr``)."""
+    text = json.dumps(obj, sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _recipe(kind: str, data: str, arch: str, train_set: ImageDataset, epochs: int, **more: Any) -> Dict[str, Any]:
+    """What a cached classifier was trained from: stored in its file and checked when it is loaded."""
+    return {
+        "kind": kind,
+        "cache_version": CACHE_VERSION,
+        "data": data,
+        "arch": arch,
+        "n_train": len(train_set),
+        "train_indices": _digest(train_set.indices.tolist()),
+        "epochs": epochs,
+        "seed": 0,
+        "num_classes": train_set.num_classes,
+        "input_shape": list(train_set.image_shape),
+        **more,
+    }
+
+
+def _mismatch(meta: Dict[str, Any], recipe: Dict[str, Any]) -> Optional[str]:
+    """Why a loaded classifier is not the one ``recipe`` trains (``None``: it is)."""
+    if meta.get("num_classes") != recipe["num_classes"]:
+        return f"it has {meta.get('num_classes')} classes, the data {recipe['num_classes']}"
+    if list(meta.get("input_shape") or []) != recipe["input_shape"]:
+        return f"it takes images of shape {meta.get('input_shape')}, the data's are {recipe['input_shape']}"
+    stored = meta.get("leakage_recipe")
+    if not isinstance(stored, dict):
+        return "it records no training recipe"
+    differ = [k for k in recipe if stored.get(k) != recipe[k]]
+    if differ:
+        return "its training recipe differs in " + ", ".join(
+            f"{k} ({stored.get(k)!r}, not {recipe[k]!r})" for k in differ
+        )
+    return None
+
+
+def _cached(
+    path: Path, recipe: Dict[str, Any], train: Callable[[], nn.Module], device: str, say: Callable[[str], None]
+) -> nn.Module:
+    """The classifier cached at ``path`` if it was trained by ``recipe`` for this data, else ``train()``'s
+    (saved there with its recipe)."""
     if path.is_file():
         try:
-            return load_classifier(path, device)
-        except ValueError as e:  # saved by another version: train again
-            say(f"retraining {path.name} ({e})")
+            model = load_classifier(path, device)
+            why = _mismatch(model.tldr_meta, recipe)
+        except Exception as e:  # noqa: BLE001 - an unreadable cache file is retrained, whatever its fault
+            model, why = None, f"it does not load ({type(e).__name__}: {' '.join(str(e).split())})"
+        if why is None:
+            return model
+        say(f"retraining the cached classifier {path}: {why}")
     model = train()
+    model.tldr_meta["leakage_recipe"] = recipe
     save_classifier(model, path)
     return model
 
@@ -202,6 +264,7 @@ def judge(data: str, parts: Split, suite: Suite, cache: Path, device: str, say: 
     """The evaluation classifier of ``data`` (trained once, then loaded from ``cache``)."""
     n = len(parts.judge)
     path = cache / f"leakage-v{CACHE_VERSION}-judge-{data}-lenet-{n}-e{suite.judge_epochs}.pt"
+    recipe = _recipe("judge", data, "lenet", parts.judge, suite.judge_epochs, augment=2)
 
     def train() -> nn.Module:
         say(f"training the evaluation classifier (lenet) on {n} {data} test-split images")
@@ -209,21 +272,22 @@ def judge(data: str, parts: Split, suite: Suite, cache: Path, device: str, say: 
             parts.judge, "lenet", epochs=suite.judge_epochs, augment=2, device=device, test=parts.held_out
         )
 
-    return _cached(path, train, device, say)
+    return _cached(path, recipe, train, device, say)
 
 
 def target(t: Target, parts: Split, suite: Suite, cache: Path, device: str, say: Callable[[str], None]) -> nn.Module:
     """The classifier of target ``t`` (trained once, then loaded from ``cache``)."""
     epochs = dict(suite.target_epochs)[t.n_per_class]
     path = cache / f"leakage-v{CACHE_VERSION}-{t.name}-e{epochs}.pt"
+    train_set = subset(parts.train, t.n_per_class, seed=0)
+    batch = 64 if len(train_set) <= 20_000 else 128
+    recipe = _recipe("target", t.data, t.arch, train_set, epochs, batch_size=batch)
 
     def train() -> nn.Module:
-        train_set = subset(parts.train, t.n_per_class, seed=0)
         say(f"training target {t.name} on {len(train_set)} images ({epochs} epochs)")
-        batch = 64 if len(train_set) <= 20_000 else 128
         return train_classifier(train_set, t.arch, epochs=epochs, batch_size=batch, device=device, test=parts.held_out)
 
-    return _cached(path, train, device, say)
+    return _cached(path, recipe, train, device, say)
 
 
 def _training_set(model: nn.Module) -> ImageDataset:
@@ -272,6 +336,124 @@ def _summary(runs: List[Dict[str, Any]]) -> Tuple[Dict[str, Any], Dict[str, Any]
     return mean, spread
 
 
+# the invert keywords every run gets from the benchmark itself, and where each is given instead
+RESERVED = {"seed": "--seeds (seeds=)", "device": "--device (device=)", "progress": "--quiet (progress=)"}
+VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a variant's name is part of its grid's file name
+
+
+def check_overrides(overrides: Mapping[str, Any], what: str = "variants") -> None:
+    """A ``ValueError`` naming ``what`` unless ``overrides`` are ``invert`` options a run may take (not one
+    of ``RESERVED``, each known and valid for ``InversionConfig``)."""
+    for key, instead in RESERVED.items():
+        if key in overrides:
+            raise ValueError(f"{what}: {key!r} is set by the benchmark for every run; give it with {instead}")
+    try:
+        InversionConfig().with_overrides(**overrides)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what}: {e}") from e
+
+
+def check_variant_name(name: Any, what: str = "variants") -> None:
+    """A ``ValueError`` naming ``what`` unless ``name`` can name a variant (and its grid file)."""
+    if not isinstance(name, str) or not VARIANT_NAME.fullmatch(name):
+        raise ValueError(
+            f"{what}: a variant's name is letters, digits, '.', '_' and '-' (it names its grid file), got {name!r}"
+        )
+
+
+def check_seeds(seeds: Sequence[Any], what: str = "seeds") -> Tuple[int, ...]:
+    """``seeds`` as a tuple if they are distinct integers >= 0 (one run each), else a ``ValueError`` naming ``what``."""
+    seeds = tuple(seeds)
+    if not seeds:
+        raise ValueError(f"{what} is empty: give at least one seed, e.g. 0,1,2")
+    for x in seeds:
+        if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+            raise ValueError(f"{what}: a seed is an integer >= 0, got {x!r}")
+    twice = [x for i, x in enumerate(seeds) if x in seeds[:i]]
+    if twice:
+        raise ValueError(f"{what} gives seed {twice[0]} more than once; each seed is one run, give it once")
+    return seeds
+
+
+def choose_targets(suite: Suite, names: Optional[Sequence[str]] = None, what: str = "targets") -> List[Target]:
+    """The targets ``names`` (``Target.name``s; ``None``: the suite's), checked before any work: each of the
+    form DATA-ARCH-N, N one of the suite's sizes (it sets the epochs), none twice. Errors name ``what``."""
+    if names is None:
+        return list(suite.targets)
+    if isinstance(names, str):
+        raise ValueError(f"{what} is a list of target names, got the string {names!r}")
+    known = {t.name: t for t in suite.targets}
+    sizes = [n for n, _ in suite.target_epochs]
+    chosen: List[Target] = []
+    for name in names:
+        try:
+            t = known.get(name) or Target.parse(name)
+        except ValueError as e:
+            raise ValueError(f"{what}: {e}") from None
+        if t.n_per_class not in sizes:
+            raise ValueError(
+                f"{what}: target {name!r}: this suite trains targets of {', '.join(map(str, sizes))} images per "
+                f"class (the N of DATA-ARCH-N; it sets the epochs), not {t.n_per_class}"
+            )
+        if t in chosen:
+            raise ValueError(f"{what} names {name!r} twice")
+        chosen.append(t)
+    if not chosen:
+        raise ValueError(f"{what} is empty: give at least one target, e.g. mnist-cnn-1000")
+    return chosen
+
+
+def check_folder(path: Path, what: str) -> Path:
+    """``path`` if it is, or can be created as, a folder; a ``NotADirectoryError`` naming ``what`` if it or a
+    folder above it is a file. Nothing is created."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise NotADirectoryError(f"{what} {path}: {p} is a file, not a folder; give a folder")
+            break
+    return path
+
+
+def _read_record(path: Path, key: str) -> Optional[Dict[str, Any]]:
+    """The stored record at ``path`` if it is readable and was stored under ``key``, else ``None``."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("key") == key else None
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+class _Store:
+    """The finished parts of a suite, one JSON file each under ``out/runs/<target>/``, keyed by a digest of
+    everything that decides their numbers: a target's record (its classifiers' numbers, the references,
+    the judge's) and each run's (its numbers, the real curve, and its grid beside it as a PNG)."""
+
+    def __init__(self, folder: Path, common: Dict[str, Any]):
+        self.folder = folder
+        self.common = common  # what every key holds: versions, device, the suite's measurement settings
+
+    def target_key(self, t: Target) -> str:
+        return _digest({"target": t.name, **self.common})
+
+    def run_key(self, t: Target, settings: Mapping[str, Any]) -> str:
+        return _digest({"target": self.target_key(t), "invert": dict(settings)})
+
+    def path(self, t: Target, key: str, kind: str, suffix: str = ".json") -> Path:
+        return self.folder / t.name / f"{kind}-{key[:24]}{suffix}"
+
+    def target(self, t: Target) -> Optional[Dict[str, Any]]:
+        key = self.target_key(t)
+        return _read_record(self.path(t, key, "target"), key)
+
+    def run(self, t: Target, key: str) -> Optional[Dict[str, Any]]:
+        record = _read_record(self.path(t, key, "run"), key)
+        return record if record is not None and self.path(t, key, "run", ".png").is_file() else None
+
+
 def run(
     suite: Union[str, Suite] = "default",
     out: PathLike = "leakage_out",
@@ -285,30 +467,42 @@ def run(
 ) -> Dict[str, Any]:
     """Run the benchmark; write ``results.json``, ``results.md`` and ``grids/`` into ``out``; return the results.
 
+    Every finished run is stored under ``out/runs/`` as it finishes, keyed by a digest of all that decides
+    its numbers (target, seed, invert options, the suite's measurement and teaching settings, tldr_fast's
+    version, device); a rerun reuses what is stored and says how many runs it reused, and its results
+    equal an uninterrupted run's. ``results.json`` holds the targets finished so far, rewritten after each;
+    before the suite ends it is never replaced by one that lacks a target it holds.
+
     Args:
-        suite: "quick", "default", "full" or a ``Suite``.
+        suite: "quick", "default", "colour", "full" or a ``Suite``.
         variants: ``{name: invert overrides}``, each measured on every target (default: ``{"defaults": {}}``,
-            the library's defaults). Overrides are ``invert`` keywords, e.g. ``{"diversity": "class"}``.
-        targets: target names (``Target.name``) to keep from the suite, e.g. ``["mnist-cnn-1000"]``.
-        seeds: replace the suite's seeds.
+            the library's defaults). Overrides are ``invert`` keywords, e.g. ``{"diversity": "class"}``;
+            not ``seed``, ``device`` or ``progress``, which the benchmark sets itself.
+        targets: target names (``Target.name``) to run instead of the suite's, e.g. ``["mnist-cnn-1000"]``.
+        seeds: replace the suite's seeds (distinct integers >= 0).
         cache: where trained classifiers are kept (``cache_dir``).
         device: where everything runs.
+
+    Raises:
+        ValueError, NotADirectoryError: a bad argument (named), before any work.
     """
     from . import __version__, invert
 
+    if isinstance(suite, str) and suite not in SUITES:
+        raise ValueError(f"suite must be one of {', '.join(SUITES)} or a Suite, got {suite!r}")
     s = SUITES[suite] if isinstance(suite, str) else suite
     suite_name = suite if isinstance(suite, str) else "custom"
-    chosen = list(s.targets)
-    if targets is not None:
-        known = {t.name: t for t in s.targets}
-        chosen = [known[n] if n in known else Target.parse(n) for n in targets]
-    seeds = tuple(s.seeds if seeds is None else seeds)
+    chosen = choose_targets(s, targets)
+    seeds = check_seeds(s.seeds if seeds is None else seeds)
     variants = dict(variants or {"defaults": {}})
-    out = Path(out)
+    for vname, overrides in variants.items():
+        check_variant_name(vname)
+        check_overrides(overrides, f"variants[{vname!r}]")
+    out = check_folder(Path(out), "out")
+    cache_path = check_folder(cache_dir(cache), "cache")
     (out / "grids").mkdir(parents=True, exist_ok=True)
-    cache_path = cache_dir(cache)
     cache_path.mkdir(parents=True, exist_ok=True)
-    results: Dict[str, Any] = {
+    header: Dict[str, Any] = {
         "suite": suite_name,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "versions": {"tldr_fast": __version__, "torch": torch.__version__, "python": platform.python_version()},
@@ -319,85 +513,162 @@ def run(
         },
         "settings": {**{k: v for k, v in asdict(s).items() if k != "targets"}, "seeds": list(seeds), "tau": 0.4},
         "variants": {k: dict(v) for k, v in variants.items()},
-        "judges": {},
-        "targets": [],
-        "skipped": {},
     }
+    measurement = {k: v for k, v in asdict(s).items() if k not in ("targets", "seeds", "invert")}
+    store = _Store(out / "runs", {"versions": [__version__, CACHE_VERSION], "device": device, "suite": measurement})
+
+    def run_keys(t: Target) -> Dict[Tuple[str, int], str]:  # (variant, seed) -> the key of its run
+        return {
+            (v, seed): store.run_key(t, {**dict(s.invert), **dict(o), "seed": seed})
+            for v, o in variants.items()
+            for seed in seeds
+        }
+
+    n_runs = len(variants) * len(seeds)
+    reused = sum(store.run(t, key) is not None for t in chosen for key in run_keys(t).values())
+    if reused:
+        say(f"reusing {reused} of {len(chosen) * n_runs} runs stored in {store.folder} (the same settings)")
+    done: List[Tuple[Target, Dict[str, Any], Dict[Tuple[str, int], Dict[str, Any]]]] = []
+    skipped: Dict[str, str] = {}
     splits: Dict[str, Split] = {}
     judges: Dict[str, nn.Module] = {}
-    real_curves: Dict[str, Dict[str, float]] = results.setdefault("real_curves", {})
-    bar = progress_bar(total=len(chosen) * len(seeds) * len(variants), desc="leakage", unit="run", disable=not progress)
+    bar = progress_bar(total=len(chosen) * n_runs, desc="leakage", unit="run", disable=not progress)
     for t in chosen:
-        try:
-            if t.data not in splits:
-                splits[t.data] = split(t.data, s)
-                judges[t.data] = judge(t.data, splits[t.data], s, cache_path, device, say)
-                meta = judges[t.data].tldr_meta
-                results["judges"][t.data] = {
-                    "arch": meta["arch"],
-                    "n_train": len(splits[t.data].judge),
-                    "held_out_accuracy": meta["test_accuracy"],
+        keys = run_keys(t)
+        records = {key: store.run(t, key) for key in keys.values()}
+        todo = [(v, seed) for (v, seed), key in keys.items() if records[key] is None]
+        bar.update(n_runs - len(todo))
+        record = store.target(t)
+        if record is None or todo:
+            try:
+                if t.data not in splits:
+                    splits[t.data] = split(t.data, s)
+                    judges[t.data] = judge(t.data, splits[t.data], s, cache_path, device, say)
+            except DataUnavailable as e:
+                skipped[t.name] = str(e)
+                say(f"skipping {t.name}: {e}")
+                bar.update(len(todo))
+                continue
+            parts, judge_model = splits[t.data], judges[t.data]
+            model = target(t, parts, s, cache_path, device, say)
+            train_set = _training_set(model)
+            if record is None:
+                record = {
+                    "key": store.target_key(t),
+                    "judge": {
+                        "arch": judge_model.tldr_meta["arch"],
+                        "n_train": len(parts.judge),
+                        "held_out_accuracy": judge_model.tldr_meta["test_accuracy"],
+                    },
+                    "entry": {
+                        "target": t.name,
+                        "data": t.data,
+                        "arch": t.arch,
+                        "n_per_class": t.n_per_class,
+                        "n_train": len(train_set),
+                        "train_accuracy": model.tldr_meta["train_accuracy"],
+                        "held_out_accuracy": model.tldr_meta["test_accuracy"],
+                        "references": references(model, judge_model, train_set, parts, s, device),
+                    },
                 }
-        except DataUnavailable as e:
-            results["skipped"][t.name] = str(e)
-            say(f"skipping {t.name}: {e}")
-            bar.update(len(seeds) * len(variants))
-            continue
-        parts = splits[t.data]
-        model = target(t, parts, s, cache_path, device, say)
-        train_set = _training_set(model)
-        meta = model.tldr_meta
-        entry = {
-            "target": t.name,
-            "data": t.data,
-            "arch": t.arch,
-            "n_per_class": t.n_per_class,
-            "n_train": len(train_set),
-            "train_accuracy": meta["train_accuracy"],
-            "held_out_accuracy": meta["test_accuracy"],
-            "references": references(model, judges[t.data], train_set, parts, s, device),
-            "variants": {},
-        }
-        for vname, overrides in variants.items():
-            runs = []
-            for seed in seeds:
+                _write_json(store.path(t, record["key"], "target"), record)
+            for vname, seed in todo:
+                key = keys[vname, seed]
+                if records[key] is not None:  # another variant with the same settings measured it
+                    bar.update()
+                    continue
                 bar.set_postfix(target=t.name, variant=vname, seed=seed, refresh=False)
-                settings = {**dict(s.invert), **dict(overrides), "seed": seed}
-                start = time.perf_counter()
-                inv = invert(
-                    model, meta["num_classes"], tuple(meta["input_shape"]), device=device, progress=False, **settings
+                settings = {**dict(s.invert), **dict(variants[vname]), "seed": seed}
+                numbers, report = _measure(
+                    invert, model, train_set, parts, judge_model, s, settings, cache_path, device
                 )
-                seconds = time.perf_counter() - start
-                report = evaluate(
-                    inv,
-                    train_set,
-                    n_per_class=s.eval_per_class,
-                    classifier=model,
-                    eval_classifier=judges[t.data],
-                    held_out=parts.held_out,
-                    test=parts.held_out,
-                    teach_per_class=s.teach_per_class,
-                    real_pool=parts.train,
-                    teaching=s.teaching,
-                    cache=cache_path,
-                    device=device,
-                )
-                real_curves[t.data] = report.utility["real_curve"]
-                runs.append({"seed": seed, "seconds": seconds, "steps": inv.step, **_overall(report)})
-                if seed == seeds[0]:
-                    report.save_grid(out / "grids" / f"{t.name}--{vname}.png", per_class=8)
+                report.save_grid(store.path(t, key, "run", ".png"), per_class=8)
+                records[key] = {
+                    "key": key,
+                    "settings": settings,
+                    "run": numbers,
+                    "real_curve": report.utility["real_curve"],
+                }
+                _write_json(store.path(t, key, "run"), records[key])  # last: a run is done once this exists
                 bar.update()
-            mean, spread = _summary(runs)
-            entry["variants"][vname] = {"overrides": dict(overrides), "runs": runs, "mean": mean, "std": spread}
-        results["targets"].append(entry)
-        _write(out, results)  # after every target: an interrupted suite keeps what it measured
+        for vname in variants:  # the grid of each variant's first seed
+            grid = store.path(t, keys[vname, seeds[0]], "run", ".png").read_bytes()
+            atomic_write(out / "grids" / f"{t.name}--{vname}.png", lambda f, grid=grid: f.write(grid))
+        done.append((t, record, {vs: records[key] for vs, key in keys.items()}))
+        _write(out, _assemble(header, done, variants, seeds, skipped), final=False)
     bar.close()
-    _write(out, results)
+    results = _assemble(header, done, variants, seeds, skipped)
+    _write(out, results, final=True)
     return results
 
 
-def _write(out: Path, results: Dict[str, Any]) -> None:
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
+def _measure(
+    invert: Callable[..., Any],
+    model: nn.Module,
+    train_set: ImageDataset,
+    parts: Split,
+    judge_model: nn.Module,
+    s: Suite,
+    settings: Dict[str, Any],
+    cache: Path,
+    device: str,
+) -> Tuple[Dict[str, Any], EvaluationReport]:
+    """One run: invert ``model`` with ``settings`` and evaluate the images; its numbers and the report."""
+    meta = model.tldr_meta
+    start = time.perf_counter()
+    inv = invert(model, meta["num_classes"], tuple(meta["input_shape"]), device=device, progress=False, **settings)
+    seconds = time.perf_counter() - start
+    report = evaluate(
+        inv,
+        train_set,
+        n_per_class=s.eval_per_class,
+        classifier=model,
+        eval_classifier=judge_model,
+        held_out=parts.held_out,
+        test=parts.held_out,
+        teach_per_class=s.teach_per_class,
+        real_pool=parts.train,
+        teaching=s.teaching,
+        cache=cache,
+        device=device,
+    )
+    return {"seed": settings["seed"], "seconds": seconds, "steps": inv.step, **_overall(report)}, report
+
+
+def _assemble(
+    header: Dict[str, Any],
+    done: Sequence[Tuple[Target, Dict[str, Any], Dict[Tuple[str, int], Dict[str, Any]]]],
+    variants: Mapping[str, Mapping[str, Any]],
+    seeds: Sequence[int],
+    skipped: Mapping[str, str],
+) -> Dict[str, Any]:
+    """The results of the finished targets ``done`` (their stored records), in the suite's order."""
+    results: Dict[str, Any] = {**header, "judges": {}, "targets": [], "skipped": dict(skipped), "real_curves": {}}
+    for t, record, stored in done:
+        results["judges"].setdefault(t.data, record["judge"])
+        entry = {**record["entry"], "variants": {}}
+        for vname, overrides in variants.items():
+            runs = [stored[vname, seed]["run"] for seed in seeds]
+            for seed in seeds:
+                results["real_curves"][t.data] = stored[vname, seed]["real_curve"]
+            mean, spread = _summary(runs)
+            entry["variants"][vname] = {"overrides": dict(overrides), "runs": runs, "mean": mean, "std": spread}
+        results["targets"].append(entry)
+    return results
+
+
+def _write(out: Path, results: Dict[str, Any], final: bool) -> None:
+    """``results.json`` and ``results.md``, atomically. Before the suite ends (``final`` false) a results
+    file that holds a target these results lack is kept as it is: an interrupt never shrinks it."""
+    path = out / "results.json"
+    if not final:
+        try:
+            held = {e["target"] for e in json.loads(path.read_text())["targets"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            held = set()
+        if held - {e["target"] for e in results["targets"]}:
+            return
+    _write_json(path, results)
     atomic_write_text(out / "results.md", markdown(results))
 
 
