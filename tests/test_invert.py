@@ -352,7 +352,7 @@ def test_wrong_image_shape():
 
 
 def test_num_classes_mismatch():
-    with pytest.raises(ClassifierError, match=r"the classifier has 3 classes .* but num_classes=5") as e:
+    with pytest.raises(ClassifierError, match=r"the classifier has 3 classes .*, not num_classes=5") as e:
         invert(mlp(k=3), 5, (1, 8, 8), **TINY)
     assert "head=" not in str(e.value)  # naming a layer would not help: the class counts differ
     with pytest.raises(ValueError, match="num_classes"):

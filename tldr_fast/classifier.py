@@ -117,8 +117,8 @@ def _class_count_mismatch(logits: Tensor, num_classes: int) -> str:
     if logits.dim() != 2:
         return f"the classifier returns logits of shape {tuple(logits.shape)}; expected [B, K] with K = num_classes = {num_classes}"
     return (
-        f"the classifier has {logits.shape[1]} classes (its logits are [B, {logits.shape[1]}]) but num_classes={num_classes}: "
-        "invert it with its own number of classes, or give the classifier that was trained on these classes"
+        f"the classifier has {logits.shape[1]} classes (its logits are [B, {logits.shape[1]}]), not num_classes={num_classes}: "
+        f"give the classifier of these {num_classes} classes"
     )
 
 

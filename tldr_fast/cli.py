@@ -185,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue from this inversion checkpoint (options not given again are the run's own)",
     )
     p.add_argument(
+        "--allow-other-classifier",
+        action="store_true",
+        help="with --resume: continue a run that was trained against another classifier than --classifier",
+    )
+    p.add_argument(
         "--checkpoint-every",
         type=int,
         default=None,
@@ -264,8 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--inversion", help="inversion checkpoint (sampled --n-per-class per class)")
     src.add_argument(
         "--images",
-        help="generated images: an .npz with images (uint8, or floats in [0, 1]) and labels, or a sharded "
-        "sample's -index.json, as `sample` writes",
+        help="generated images: an .npz with images (uint8, or floats in [0, 1]) and labels, a sharded "
+        "sample's -index.json, or a folder of PNGs, as `sample` writes them",
     )
     p.add_argument(
         "--classifier", default=None, help="the target classifier checkpoint (its training subset, confidence)"
@@ -495,6 +500,7 @@ def _invert(args: argparse.Namespace, classifier: torch.nn.Module, out: Path, re
         tuple(meta["input_shape"]),
         resume=resume,
         checkpoint=out,
+        allow_other_classifier=getattr(args, "allow_other_classifier", False),
         device=args.device,
         progress=not args.quiet,
         **_invert_overrides(args),
@@ -532,10 +538,15 @@ def cmd_invert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_inversion(path: str, device: str, classifier: Optional[torch.nn.Module] = None):
+def _load_inversion(args: argparse.Namespace, device: str, classifier: Optional[torch.nn.Module] = None):
+    """``--inversion``, with ``--classifier`` (loaded as ``classifier``) as its target when given."""
     from . import Inversion
+    from .classifier import ClassifierError
 
-    return Inversion.load(path, classifier=classifier, device=device)
+    try:
+        return Inversion.load(args.inversion, classifier=classifier, device=device)
+    except ClassifierError as e:  # the classifier does not fit the inversion: name the option
+        raise ClassifierError(f"--classifier {args.classifier} does not fit --inversion {args.inversion}: {e}") from e
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -546,9 +557,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if not args.out.strip():
         raise ValueError("--out is empty: give an .npz file or a folder")
+    if args.select is not None and args.select > 1 and not args.classifier:
+        raise ValueError(f"--select {args.select} needs --classifier (the target classifier scores the candidates)")
     device = _device(args)
     classifier = load_classifier(args.classifier, device) if args.classifier else None
-    inv = _load_inversion(args.inversion, device, classifier)
+    inv = _load_inversion(args, device, classifier)
     labels = inv.labels(n_per_class=args.n_per_class)
     written = write_samples(
         inv, out, labels, args.batch_size, args.seed, args.select, progress=not args.quiet, shard_size=args.shard_size
@@ -603,10 +616,18 @@ def _teaching(args: argparse.Namespace, **changes: Any):
     return Teaching(**{**steps, **changes})
 
 
+def _check_judge(args: argparse.Namespace, judge: Optional[torch.nn.Module], classes: int, shape) -> None:
+    """``--eval-classifier`` against the evaluated images' class count and shape (before any work)."""
+    from .models import check_classifier
+
+    if judge is not None:
+        check_classifier(judge, classes, shape, f"--eval-classifier {args.eval_classifier}")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data import load_dataset, load_npz
     from .evaluate import evaluate
-    from .models import load_classifier
+    from .models import check_classifier, load_classifier
 
     out = _output_folder(args.out)
     device = _device(args)
@@ -628,18 +649,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     if args.inversion:
-        inv = _load_inversion(args.inversion, device, target)
+        inv = _load_inversion(args, device, target)
+        _check_judge(args, judge, inv.num_classes, inv.image_shape)
         report = evaluate(inv, train, n_per_class=args.n_per_class, **common)
         source = {"inversion": args.inversion}
     else:
-        if args.images.endswith(".json"):  # a sharded sample's index (sample --shard-size)
+        if Path(args.images).suffix.lower() == ".npz":
+            gen = load_npz(args.images)  # [N, C, H, W] in [0, 1]
+            images, labels = gen.images, gen.labels
+        else:  # a sharded sample's index or a PNG sample folder, as `sample` writes them
             from .samples import load_sample
 
             x, y = load_sample(args.images)  # uint8 [N, C, H, W], int64 [N]
             images, labels = torch.from_numpy(x).float() / 255, torch.from_numpy(y)
-        else:
-            gen = load_npz(args.images)  # [N, C, H, W] in [0, 1]
-            images, labels = gen.images, gen.labels
+        if target is not None:
+            check_classifier(target, train.num_classes, images.shape[1:], f"--classifier {args.classifier}")
+        _check_judge(args, judge, train.num_classes, images.shape[1:])
         report = evaluate(images, train, labels, value_range=(0.0, 1.0), **common)
         source = {"images": args.images}
     if report is not None:  # under torchrun: rank 0's

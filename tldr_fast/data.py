@@ -102,6 +102,7 @@ class ImageDataset:
                 f"labels and indices must be [{n}], got {tuple(self.labels.shape)} and {tuple(self.indices.shape)}"
             )
         self.labels, self.indices = self.labels.long(), self.indices.long()
+        check_finite(self.images, self.source)
         if n and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
             raise ValueError(
                 f"labels must be in [0, {len(self.class_names)}), got [{self.labels.min()}, {self.labels.max()}]"
@@ -142,6 +143,21 @@ class ImageDataset:
         if len(self) == 0 or not torch.equal(self.indices[found], want):
             raise ValueError(f"some of the requested indices are not in {self.source!r}")
         return self.select(found)
+
+
+def check_finite(images: Union[Tensor, np.ndarray], what: str) -> None:
+    """A ``ValueError`` naming ``what`` (a file, an argument), the first image of ``images`` ``[N, ...]``
+    that holds NaN or Inf, which of the two, and how many images do."""
+    x = torch.as_tensor(images)
+    if not x.is_floating_point() or len(x) == 0:
+        return
+    bad = ~torch.isfinite(x.reshape(len(x), -1)).all(1)  # [N]
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        kind = "NaN" if bool(x[i].isnan().any()) else "Inf"
+        others = int(bad.sum()) - 1
+        more = f" ({others} more image(s) hold NaN or Inf)" if others else ""
+        raise ValueError(f"{what}: image {i} holds {kind} pixel values{more}; images must be finite")
 
 
 def subset(ds: ImageDataset, n_per_class: Union[int, str, None], seed: int = 0) -> ImageDataset:
@@ -376,6 +392,7 @@ def _as_nchw(x: np.ndarray, what: str) -> Tensor:
             raise ValueError(f"{what}: integer pixels must be in [0, 255]")
         return _from_uint8(x.astype(np.uint8))
     t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    check_finite(t, what)
     if t.numel() and (t.min() < 0 or t.max() > 1):
         raise ValueError(f"{what}: float pixels must be in [0, 1], got [{t.min():.3g}, {t.max():.3g}]")
     return t
