@@ -91,7 +91,7 @@ def load_checkpoint(path: PathLike, fmt: str = FORMAT, kind: str = "inversion") 
     ``weights_only=True``: tensors and plain containers, never code; anything else is a ``ValueError``."""
     path = Path(path)
     if path.is_dir():
-        raise IsADirectoryError(f"{path} is a directory, not a {kind} checkpoint file")
+        raise IsADirectoryError(f"{path} is a directory, not a checkpoint file ({kind})")
     if not path.is_file():
         raise FileNotFoundError(f"no such {kind} checkpoint: {path}")
     try:

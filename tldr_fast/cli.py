@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -48,6 +48,13 @@ def _positive_int(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return n
+
+
+def _int_list(text: str) -> List[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _n_per_class(text: str) -> Union[int, str]:
@@ -321,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="comma-separated target names to run instead of the suite's, e.g. mnist-cnn-1000,mnist-plain_cnn-10",
     )
-    p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the suite's, 0,1,2)")
+    p.add_argument("--seeds", type=_int_list, default=None, help="comma-separated seeds (default: the suite's, 0,1,2)")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -467,7 +474,10 @@ def _invert_overrides(args: argparse.Namespace) -> Dict[str, Any]:
     not given stay the defaults, or the resumed run's own)."""
     overrides: Dict[str, Any] = {}
     if getattr(args, "config", None):
-        data = json.loads(Path(args.config).read_text())
+        try:
+            data = json.loads(Path(args.config).read_text())
+        except ValueError as e:  # not UTF-8, not JSON
+            raise ValueError(f"--config {args.config} is not a JSON file ({e})") from e
         if not isinstance(data, dict):
             raise ValueError(f"{args.config} must hold a JSON object of InversionConfig fields")
         overrides.update(data)
@@ -680,13 +690,14 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def parse_overrides(pairs: Sequence[str]) -> Dict[str, Any]:
-    """``["tv=1e-3", "diversity=class"]`` -> ``{"tv": 0.001, "diversity": "class"}`` (validated by invert)."""
+def parse_overrides(pairs: Sequence[str], option: str = "--set") -> Dict[str, Any]:
+    """``["tv=1e-3", "diversity=class"]`` -> ``{"tv": 0.001, "diversity": "class"}`` (validated by invert);
+    ``option``: the command-line option they came from, named in the error."""
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"expected KEY=VALUE, got {pair!r}")
+            raise ValueError(f"{option} expects KEY=VALUE, got {pair!r}")
         out[key.strip()] = parse_value(value.strip())
     return out
 
@@ -707,7 +718,7 @@ def cmd_leakage(args: argparse.Namespace) -> int:
         name, sep, rest = spec.partition(":")
         if not sep or not name:
             raise ValueError(f"--variant expects NAME:KEY=VALUE[,KEY=VALUE], got {spec!r}")
-        variants[name] = {**common, **parse_overrides([p for p in rest.split(",") if p])}
+        variants[name] = {**common, **parse_overrides([p for p in rest.split(",") if p], "--variant")}
     for overrides in variants.values():  # every option checked before any work starts
         InversionConfig().with_overrides(**{k: v for k, v in overrides.items() if k != "seed"})
     _output_folder(args.out)
@@ -716,7 +727,7 @@ def cmd_leakage(args: argparse.Namespace) -> int:
         args.out,
         variants,
         targets=args.targets.split(",") if args.targets else None,
-        seeds=[int(x) for x in args.seeds.split(",")] if args.seeds else None,
+        seeds=args.seeds,
         cache=args.cache_dir,
         device=_device(args),
         progress=not args.quiet,

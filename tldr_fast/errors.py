@@ -2,4 +2,4 @@
 
 
 class BackendUnavailable(RuntimeError):
-    """The requested backend cannot run here; the message says why and what to do."""
+    """The requested backend or device cannot run here; the message says why and what to do."""

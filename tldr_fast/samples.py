@@ -37,7 +37,7 @@ from PIL import Image
 
 from . import distributed
 from .checkpoint import check_parent
-from .data import _pil_to_array
+from .data import _pil_to_array, read_npz
 from .grid import to_pil
 from .progress import progress_bar
 
@@ -201,8 +201,20 @@ def iter_sample(path: PathLike) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
     if not path.is_file():
         raise FileNotFoundError(f"no such file or folder: {path}")
     if path.suffix.lower() == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            images, labels = z["images"], z["labels"]
+        arrays = read_npz(path)
+        images, labels = arrays.get("images"), arrays.get("labels")
+        if (
+            images is None
+            or labels is None
+            or images.dtype != np.uint8
+            or images.ndim != 4
+            or labels.shape != images.shape[:1]
+            or not np.issubdtype(labels.dtype, np.integer)
+        ):
+            found = {k: f"{v.dtype} {list(v.shape)}" for k, v in arrays.items()}
+            raise ValueError(
+                f"{path}: not a sample as write_samples writes it (images uint8 [N, C, H, W], labels [N]); found {found}"
+            )
         yield images, labels
         return
     index = _read(path)
