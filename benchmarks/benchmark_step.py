@@ -12,6 +12,7 @@ The baseline of ``x_eager`` is "eager-head" (the reference losses, ``InversionCo
 every row gives ``images_per_s``.
 """
 
+import contextlib
 import sys
 
 import pytest
@@ -62,6 +63,8 @@ def step_fn(shape, b, backend, grad_norm, dtype, compile_modules, cuda_graph, de
     target = FrozenClassifier(cnn(shape[0]), 10, shape, "unit", None, grad_norm == "full", quiet=True, device=dev)
     g = ConditionedGenerator(10, shape, cfg.nz, cfg.ngf).to(dev)
     objective = TLDRObjective(g, target, cfg, backend_or_skip(backend, device, timed, fallback=True), dev)
+    attached = contextlib.ExitStack()  # the classifier attached for the closure's life, as for invert's run
+    attached.enter_context(target.attached())
     opt = torch.optim.Adam(g.parameters(), lr=cfg.lr, betas=cfg.betas)
     params = list(g.parameters())
     counter = [0]
@@ -73,6 +76,7 @@ def step_fn(shape, b, backend, grad_norm, dtype, compile_modules, cuda_graph, de
         opt.step()
         counter[0] += 1
 
+    step.attached = attached  # the classifier stays attached while the closure lives
     return step
 
 

@@ -502,3 +502,25 @@ def test_progress_bars_are_throttled_in_logs():
     assert redraws(progress_bar) <= 2  # throttled: the first line and the final one
     assert progress_bar(total=1, file=Terminal()).mininterval < 1
     assert LOG_INTERVAL_S >= 10
+
+
+def test_train_classifier_offers_every_architecture_of_the_registry():
+    """One list of architectures (tldr_fast.models.ARCHS): the command line trains each, and the leakage
+    benchmark's targets are among them (plain_cnn included)."""
+    from tldr_fast import leakage
+    from tldr_fast.models import ARCHS
+
+    parser = build_parser()
+    for arch in ARCHS:
+        assert parser.parse_args(["train-classifier", "--data", "digits", "--arch", arch, "--out", "c.pt"]).arch == arch
+    assert "plain_cnn" in leakage.ARCHS and set(leakage.ARCHS) <= set(ARCHS)
+
+
+def test_checkpoint_minutes_reaches_invert():
+    from tldr_fast.cli import _invert_overrides
+
+    args = build_parser().parse_args(["invert", "--classifier", "c.pt", "--out", "i.pt", "--checkpoint-minutes", "2.5"])
+    assert _invert_overrides(args)["checkpoint_minutes"] == 2.5
+    assert "checkpoint_minutes" not in _invert_overrides(
+        build_parser().parse_args(["invert", "--classifier", "c.pt", "--out", "i.pt"])
+    )

@@ -22,9 +22,9 @@ from tldr_fast.samples import load_sample
 
 pytestmark = pytest.mark.timeout(120)
 
-# every term exact over the global batch (DESIGN.md 5.1): no BatchNorm in the classifier (bn_stats),
-# no per-rank grad-norm, moments or mode-seeking; the activation term on; the reference backend (its
-# perturbation noise)
+# a small objective for whole runs (the head grad-norm, moments, bn_stats and mode-seeking, exact too, are
+# checked on one step by test_two_ranks_compute_the_objective_of_one_process_with_the_default_terms); the
+# activation term on; the torch backend (the reference's perturbation noise)
 TINY = dict(
     steps=4,
     batch_size=8,
@@ -76,7 +76,13 @@ def _invert(kwargs):
     return {k: v.detach().clone() for k, v in inv.generator.state_dict().items()}, inv.history
 
 
-@pytest.mark.parametrize("options", [{}, {"diversity": "class", "paired": True}], ids=["batch", "class-paired"])
+# the adversarial student: the same on every rank, its gradients summed over ranks (the global batch's)
+LEVERS = {"output_norm": True, "colour_shift": 0.4, "colour_contrast": 0.5, "surrogate_relu": 5.0, "adversarial": 0.5}
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"diversity": "class", "paired": True}, LEVERS], ids=["batch", "class-paired", "levers"]
+)
 def test_two_ranks_train_the_generator_of_one_process(tmp_path, options):
     # seed 1: with seed 0 (batch), one element of project.0.weight with a near-zero gradient ends 1.2e-4 apart
     # and two BatchNorm biases of small norm 4e-5 relative, beyond the tolerance below (seeds 1-5: within 2e-6)
@@ -97,6 +103,65 @@ def test_two_ranks_train_the_generator_of_one_process(tmp_path, options):
         torch.testing.assert_close(
             torch.tensor(h0[term]), torch.tensor(values), rtol=1e-5, atol=1e-6, msg=f"history of {term}"
         )
+
+
+def bn_classifier(k=3, seed=0):
+    """With BatchNorm layers (running statistics away from 0 and 1) and a normalisation (``tldr_meta``): the
+    bn_stats and moments terms act."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+        nn.Linear(4 * 8 * 8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, k),
+    )  # fmt: skip
+    for m in net:
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    net.tldr_meta = {"mean": [0.4], "std": [0.3]}
+    return net
+
+
+def _objective(batch_sizes):
+    """For each batch size, one step of the objective with the default weights (head grad-norm, moments,
+    bn_stats, mode-seeking on) and the reference ops: the loss (this rank's), the global terms and the
+    generator's gradients (DDP's average over ranks)."""
+    from tldr_fast.backends import resolve
+    from tldr_fast.classifier import FrozenClassifier
+    from tldr_fast.config import InversionConfig
+    from tldr_fast.generator import ConditionedGenerator
+    from tldr_fast.step import TLDRObjective
+
+    out = []
+    for batch_size in batch_sizes:
+        cfg = InversionConfig(batch_size=batch_size, nz=8, ngf=8, device="cpu", backend="reference", select=1)
+        target = FrozenClassifier(bn_classifier(), 3, (1, 8, 8), device="cpu", quiet=True)
+        torch.manual_seed(0)
+        g = ConditionedGenerator(3, (1, 8, 8), cfg.nz, cfg.ngf)
+        objective = TLDRObjective(g, target, cfg, resolve("reference", "cpu", quiet=True), torch.device("cpu"))
+        loss, terms = objective(3)
+        loss.backward()
+        out.append((loss.detach(), objective.global_terms(terms), [p.grad.clone() for p in g.parameters()]))
+    return out
+
+
+def test_two_ranks_compute_the_objective_of_one_process_with_the_default_terms(tmp_path):
+    """The head grad-norm, moments, bn_stats and mode-seeking of the global batch (from all-reduced sums): the
+    mean of the ranks' losses, the logged terms and the generator's gradients are one process's, to fp32
+    rounding; with an even batch and an odd one (the ranks hold 4 and 5 rows, the last one unpaired)."""
+    from tldr_fast.config import TERMS
+
+    torch.set_num_threads(1)
+    sizes = (8, 9)
+    ranks = run_ranks(_objective, 2, tmp_path, sizes)
+    for i, (loss, terms, grads) in enumerate(_objective(sizes)):
+        for name in ("grad_norm", "moments", "bn_stats", "mode_seek"):
+            assert terms[TERMS.index(name)] > 0, f"{name} is part of the objective"
+        torch.testing.assert_close(torch.stack([r[i][0] for r in ranks]).mean(), loss, rtol=1e-5, atol=1e-6)
+        for _, r_terms, r_grads in (r[i] for r in ranks):
+            for name, a, b in zip(TERMS, r_terms, terms):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"B={sizes[i]}: term {name}")
+            for j, (a, b) in enumerate(zip(r_grads, grads)):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=f"B={sizes[i]}: generator gradient {j}")
 
 
 def _feature_terms(phi, w, labels, k):
@@ -131,7 +196,7 @@ KILLED_RANK = textwrap.dedent("""
     import torch, torch.nn as nn
     from tldr_fast import distributed, invert
 
-    class Dies(nn.Module):  # rank 1 is killed (SIGKILL) in the forward of its third step
+    class Dies(nn.Module):  # rank 1 is killed (SIGKILL) in the forward of step 3 (after the probe's 2 and steps 0-2)
         def __init__(self):
             super().__init__()
             self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 3))
@@ -139,17 +204,19 @@ KILLED_RANK = textwrap.dedent("""
 
         def forward(self, x):
             self.calls += 1
-            if self.calls == 3 and os.environ["RANK"] == "1":
+            if self.calls == 6 and os.environ["RANK"] == "1":
                 os.kill(os.getpid(), signal.SIGKILL)
             return self.net(x)
 
     with distributed.process_group("cpu"):
         invert(Dies(), 3, (1, 8, 8), steps=1000, batch_size=8, nz=8, ngf=8, device="cpu", progress=False, backend="torch",
-               grad_norm="off", select=1)
+               grad_norm="off", select=1, checkpoint=sys.argv[1])
 """)
 
 
-def test_a_killed_rank_stops_the_job_with_a_clear_error(tmp_path):
+def test_a_killed_rank_stops_the_job_with_a_clear_error_and_rank_0_saves_its_last_step(tmp_path):
+    """No periodic checkpoint is due (default checkpoint_minutes=10); rank 0, at a complete step when its
+    collective fails, saves that step (with the BatchNorm statistics of that step, not of the unfinished one)."""
     script = tmp_path / "killed.py"
     script.write_text(KILLED_RANK)
     env = {
@@ -168,11 +235,19 @@ def test_a_killed_rank_stops_the_job_with_a_clear_error(tmp_path):
         str(_free_port()),
     ]
     start = time.monotonic()
-    run = subprocess.run([*torchrun, str(script)], env=env, capture_output=True, text=True, timeout=90)
+    ckpt = tmp_path / "run.pt"
+    run = subprocess.run([*torchrun, str(script), str(ckpt)], env=env, capture_output=True, text=True, timeout=90)
     elapsed = time.monotonic() - start
     assert run.returncode != 0
     assert elapsed < 60, f"took {elapsed:.0f} s to stop"
     assert "Signal 9 (SIGKILL) received by PID" in run.stderr and "rank" in run.stderr, run.stderr[-2000:]
+    assert f"saved step 3 to {ckpt}" in run.stderr, run.stderr[-2000:]
+    from tldr_fast import Inversion
+
+    saved = Inversion.load(ckpt, device="cpu")
+    assert saved.step == 3
+    tracked = [b for name, b in saved.generator.named_buffers() if name.endswith("num_batches_tracked")]
+    assert tracked and all(int(b) == 3 for b in tracked)
 
 
 def _sample(path, out):

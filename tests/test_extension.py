@@ -7,9 +7,12 @@ the CPU, non-contiguous inputs.
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import types
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -144,6 +147,125 @@ def test_import_never_builds_or_fails():
     env = dict(os.environ, TLDR_FAST_JIT="0")
     code = "import tldr_fast, tldr_fast.extension as e, tldr_fast.backends; assert e._library is None"
     subprocess.run([sys.executable, "-c", code], env=env, check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+# --- the just-in-time build's cache: its lock and its messages, with torch's compile and import replaced ---------
+
+
+def _fake_build(name, sources, extra_cflags, extra_cuda_cflags, extra_sycl_cflags, extra_ldflags, extra_include_paths,
+                build_directory, verbose, with_cuda, with_sycl, is_standalone=False):  # fmt: skip
+    """Stands in for torch's compile and link: writes torch's real ``build.ninja`` and an empty library."""
+    from torch.utils import cpp_extension
+
+    ninja = os.path.join(build_directory, "build.ninja")
+    cpp_extension._write_ninja_file_to_build_library(
+        ninja, name, sources, extra_cflags, extra_cuda_cflags or [], [], [], [], with_cuda, False, False
+    )
+    open(os.path.join(build_directory, name + ".so"), "w").close()
+
+
+def _fake_import(name, path, is_python_module):
+    """Stands in for torch's import of the built library."""
+    return types.ModuleType(name)
+
+
+FAKE_JIT = (
+    "import sys, tests.test_extension as t, tldr_fast.extension as e\n"
+    "from torch.utils import cpp_extension as ce\n"
+    "ce._write_ninja_file_and_build_library, ce._import_module_from_library = t._fake_build, t._fake_import\n"
+    "lib = e.open_library(prebuilt='tldr_fast._no_such_module', csrc=sys.argv[1], jit=True, build_directory=sys.argv[2])\n"
+    "assert lib.how == 'jit', lib.error\n"
+)
+
+
+@pytest.fixture
+def one_file_csrc(tmp_path):
+    csrc = tmp_path / "csrc"
+    csrc.mkdir()
+    (csrc / "op.cpp").write_text("// never compiled\n")
+    return csrc
+
+
+@pytest.fixture
+def fake_torch_build(monkeypatch):
+    """torch's compile and import replaced in this process (``_fake_build``, ``_fake_import``), CPU only."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "_write_ninja_file_and_build_library", _fake_build)
+    monkeypatch.setattr(cpp_extension, "_import_module_from_library", _fake_import)
+    monkeypatch.setenv("TLDR_FAST_BUILD_CUDA", "0")
+
+
+def test_jit_says_building_only_when_it_builds(one_file_csrc, tmp_path, monkeypatch, capsys, fake_torch_build):
+    from torch.utils import cpp_extension
+
+    directory = tmp_path / "build"
+
+    def messages():  # of a load in a fresh process (torch's record of this process's builds reset)
+        monkeypatch.setattr(cpp_extension, "JIT_EXTENSION_VERSIONER", type(cpp_extension.JIT_EXTENSION_VERSIONER)())
+        lib = ext.open_library("tldr_fast._no_such_module", str(one_file_csrc), True, build_directory=str(directory))
+        assert lib.how == "jit", lib.error
+        return capsys.readouterr().err
+
+    assert "building the C++ extension just in time" in messages()
+    assert messages().strip() == f"tldr_fast: loading the cached C++ extension from {directory}"
+    library = directory / "tldr_fast_C.so"
+    earlier = os.path.getmtime(one_file_csrc / "op.cpp") - 10
+    os.utime(library, (earlier, earlier))  # a source edited since the build: built again
+    assert "building the C++ extension" in messages()
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")  # irrelevant without CUDA: still cached
+    assert "loading the cached" in messages()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the build lock uses flock (POSIX)")
+def test_a_build_in_progress_is_waited_for_and_named(one_file_csrc, tmp_path, capsys, fake_torch_build):
+    """While a live process holds the build directory (here this test: the OS lock, and torch's lock file
+    as a build in progress has it), a load waits, naming the holder, and leaves torch's lock file alone."""
+    import fcntl
+
+    directory = tmp_path / "build"
+    directory.mkdir()
+    (directory / "lock").touch()
+    loaded = []
+    args = ("tldr_fast._no_such_module", str(one_file_csrc), True)
+    loader = threading.Thread(target=lambda: loaded.append(ext.open_library(*args, build_directory=str(directory))))
+    with open(directory / "tldr_fast.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("pid 12345 on host elsewhere\n")
+        held.flush()
+        loader.start()
+        loader.join(0.5)
+        assert loader.is_alive() and (directory / "lock").exists()
+        (directory / "lock").unlink()  # the build finishes: torch removes its lock, the OS lock is let go
+    loader.join(30)
+    assert not loader.is_alive() and loaded[0].how == "jit", loaded
+    assert (
+        f"waiting for pid 12345 on host elsewhere, which is building or loading the C++ extension in {directory}"
+        in (capsys.readouterr().err)
+    )
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the stale-lock detection uses flock (POSIX)")
+def test_a_lock_left_by_a_killed_build_does_not_hang_later_loads(one_file_csrc, tmp_path):
+    """A build killed while it held torch's lock file leaves the file behind; the next load removes it (no live
+    process holds the OS lock) instead of waiting for ever."""
+    directory = tmp_path / "build"
+    directory.mkdir()
+    (directory / "lock").touch()  # what torch's FileBaton leaves when its build is killed
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (directory / "tldr_fast.lock").write_text(f"pid {dead.stdout.strip()} on host {socket.gethostname()}\n")
+    env = dict(os.environ, TLDR_FAST_BUILD_CUDA="0")
+    root = os.path.dirname(os.path.dirname(__file__))
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", FAKE_JIT, str(one_file_csrc), str(directory)],
+            capture_output=True, text=True, env=env, cwd=root, timeout=60,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the load waited on the stale lock {directory / 'lock'} for 60 s")
+    assert done.returncode == 0, done.stderr
+    assert f"removed the stale lock {directory / 'lock'}" in done.stderr
+    assert not (directory / "lock").exists()
 
 
 CPU_ONLY_CHECK = pytest.mark.skipif(

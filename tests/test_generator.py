@@ -69,9 +69,10 @@ def test_bad_arguments(k, shape):
 class LegacyGenerator(ConditionedGenerator):
     """The generator as it was before the embedding lost its bias (the state dict has ``embed.bias``)."""
 
-    def __init__(self, num_classes, image_shape, nz=100, ngf=64, dropout=0.0):
-        super().__init__(num_classes, image_shape, nz, ngf, dropout)
-        self.embed = nn.Linear(num_classes, nz)  # same place in the module order: embed.weight, embed.bias, ...
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # same place in the module order: embed.weight, embed.bias, ...
+        self.embed = nn.Linear(self.num_classes, self.nz)
 
 
 def _legacy(gen, k=5, shape=(1, 12, 12), nz=6, ngf=8):
@@ -140,3 +141,66 @@ def test_the_optimizer_state_of_the_embedding_bias_is_dropped(gen):
             assert torch.equal(new.state[p][key], moments[name][key]), f"{name}: {key}"
     current = new.state_dict()
     assert legacy_optimizer_state(g, g.state_dict(), current) is current
+
+
+# --- output standardisation ----------------------------------------------------------------------
+
+
+def _output_norm_generator(gen, shape=(2, 9, 11), k=3):
+    """A float64 generator with output standardisation, its BatchNorm's affine and running statistics
+    drawn at random (not the initial 1, 0) so that the test sees each of them."""
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))  # the initial weights
+    g = ConditionedGenerator(k, shape, nz=5, ngf=4, output_norm=True).double()
+    n = g.out_norm
+    for t in (n.weight, n.bias, n.running_mean):
+        t.data = torch.randn(t.shape, generator=gen, dtype=torch.float64)
+    n.running_var.data = torch.rand(n.running_var.shape, generator=gen, dtype=torch.float64) + 0.5
+    return g
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_output_norm_matches_its_definition(gen, training):
+    """tanh(gamma (t - m) / sqrt(v + 1e-5) + beta) of the tanh output t, per channel: (m, v) the batch's
+    mean and population variance in training mode, the running statistics in eval mode (``sample``)."""
+    g = _output_norm_generator(gen).train(training)
+    z, c, y = sample_conditions(6, 3, 5, "hot", gen, "cpu")
+    seen = []
+    g.out.register_forward_hook(lambda m, i, o: seen.append(o))
+    x = g(z.double(), c.double(), y)
+    t = torch.tanh(seen[0])  # [6, 2, 9, 11]
+    n = g.out_norm
+    if training:
+        m, v = t.mean((0, 2, 3)), t.var((0, 2, 3), unbiased=False)
+    else:
+        m, v = n.running_mean, n.running_var
+    per_channel = lambda a: a.view(1, -1, 1, 1)  # noqa: E731
+    want = torch.tanh(per_channel(n.weight) * (t - per_channel(m)) / per_channel(v + 1e-5).sqrt() + per_channel(n.bias))
+    torch.testing.assert_close(x, want, rtol=1e-12, atol=1e-12)
+    assert x.abs().max() < 1
+    if training:  # the ink budget: each channel's pre-squash batch mean and spread are the affine's
+        pre = torch.atanh(x)
+        spread = n.weight.detach().abs() * (v / (v + 1e-5)).sqrt()  # |gamma| but for BatchNorm's eps
+        torch.testing.assert_close(pre.mean((0, 2, 3)), n.bias.detach(), rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(pre.std((0, 2, 3), unbiased=False), spread, rtol=1e-9, atol=1e-9)
+
+
+def test_output_norm_gradient(gen):
+    g = _output_norm_generator(gen)
+    _, c, y = sample_conditions(4, 3, 5, "hot", gen, "cpu")
+    z = torch.randn(4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: g(t, c.double(), y), (z,))
+
+
+def test_output_norm_is_part_of_the_layout_only_when_on():
+    """Off, the generator and its weights are those of before (weights saved without it load); on, its
+    BatchNorm's parameters and statistics are in the state dict and another layout's weights do not load."""
+    torch.manual_seed(0)
+    off = ConditionedGenerator(3, (1, 12, 12), nz=8, ngf=8)
+    torch.manual_seed(0)
+    on = ConditionedGenerator(3, (1, 12, 12), nz=8, ngf=8, output_norm=True)
+    extra = set(on.state_dict()) - set(off.state_dict())
+    assert extra == {f"out_norm.{k}" for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
+    assert not any("out_norm" in k for k in off.state_dict())
+    on.load_state_dict({**off.state_dict(), **{k: on.state_dict()[k] for k in extra}})
+    with pytest.raises(RuntimeError, match="out_norm"):
+        on.load_state_dict(off.state_dict())

@@ -1,6 +1,7 @@
 """The public API: invert, InversionConfig, Inversion, checkpoints, resume, and clear errors."""
 
 import importlib
+import io
 import pickle
 
 import pytest
@@ -84,12 +85,15 @@ def test_compile_computes_the_same_step():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_compile_in_invert():
+@pytest.mark.parametrize("options", [{}, {"adversarial": 0.5}], ids=["defaults", "adversarial"])
+def test_compile_in_invert(options):
     """invert(compile=True) trains like the eager loop (Adam magnifies last-bit differences in the
-    parameters, so compare the recorded loss terms); the user's classifier and the returned generator
-    stay plain modules, and the option is saved with the config."""
+    parameters, so compare the recorded loss terms), the adversarial student (eager) too; the user's
+    classifier and the returned generator stay plain modules, and the option is saved with the config."""
     clf = mlp()
-    runs = [invert(clf, 3, (1, 8, 8), seed=3, compile=flag, **{**TINY, "steps": 4}) for flag in (False, True)]
+    runs = [
+        invert(clf, 3, (1, 8, 8), seed=3, compile=flag, **{**TINY, "steps": 4}, **options) for flag in (False, True)
+    ]
     for t in TERMS:
         torch.testing.assert_close(
             torch.tensor(runs[1].history[t]), torch.tensor(runs[0].history[t]), rtol=1e-3, atol=1e-6
@@ -141,10 +145,13 @@ def test_cuda_graph_computes_the_same_steps(backend):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_in_invert():
-    """invert(cuda_graph=True) trains, records its terms, and saves the option with the config."""
-    inv = invert(mlp(), 3, (1, 8, 8), **{**TINY, "device": "cuda", "cuda_graph": True})
+@pytest.mark.parametrize("options", [{}, {"adversarial": 0.5}], ids=["defaults", "adversarial"])
+def test_cuda_graph_in_invert(options):
+    """invert(cuda_graph=True) trains, records its terms (the adversarial student's, outside the captured
+    loss block, too), and saves the option with the config."""
+    inv = invert(mlp(), 3, (1, 8, 8), **{**TINY, "device": "cuda", "cuda_graph": True}, **options)
     assert inv.step == 6 and all(len(inv.history[t]) == 3 for t in TERMS)
+    assert all(v < 0 for v in inv.history["adversarial"]) == bool(options)
     assert inv.config.cuda_graph and InversionConfig.from_dict(inv.config.to_dict()).cuda_graph
 
 
@@ -254,6 +261,68 @@ def test_a_checkpoint_from_before_a_term_loads_and_resumes(tmp_path):
     assert Inversion.load(ckpt, classifier=mlp()).config.weights.cos == 0.0
 
 
+def test_output_norm_checkpoints_load_resume_and_sample_in_eval_mode(tmp_path):
+    """With output_norm the generator's output BatchNorm is saved with it: a loaded inversion samples the
+    same images (eval mode: running statistics, so independent of the batch size) and resumes as the
+    uninterrupted run; a checkpoint whose config predates the option is a run without it, and resuming a
+    run with the other layout is an error that names the option."""
+    cfg = dict(TINY, steps=6, output_norm=True)
+    full = invert(mlp(), 3, (1, 8, 8), **cfg)
+    ckpt = tmp_path / "run.pt"
+    first = invert(mlp(), 3, (1, 8, 8), checkpoint=ckpt, **{**cfg, "steps": 3})
+    assert "out_norm.running_mean" in torch.load(ckpt, weights_only=True)["generator"]
+    loaded = Inversion.load(ckpt, classifier=mlp())
+    assert loaded.config.output_norm and loaded.generator.output_norm
+    a = loaded.sample(n_per_class=4, batch_size=5, select=1)
+    torch.testing.assert_close(a, first.sample(n_per_class=4, batch_size=12, select=1), rtol=0, atol=1e-6)
+    resumed = invert(mlp(), 3, (1, 8, 8), resume=ckpt, steps=6)
+    for (name, p), q in zip(full.generator.state_dict().items(), resumed.generator.state_dict().values()):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7, msg=name)
+    with pytest.raises(ValueError, match="output_norm"):
+        invert(mlp(), 3, (1, 8, 8), resume=ckpt, output_norm=False)
+
+    old = tmp_path / "old.pt"
+    invert(mlp(), 3, (1, 8, 8), checkpoint=old, **{**TINY, "steps": 2})
+    state = torch.load(old, weights_only=True)
+    del state["config"]["output_norm"]
+    torch.save(state, old)
+    assert not Inversion.load(old, classifier=mlp()).config.output_norm
+    assert invert(mlp(), 3, (1, 8, 8), resume=old, steps=4).step == 4
+    with pytest.raises(ValueError, match="output_norm"):
+        invert(mlp(), 3, (1, 8, 8), resume=old, steps=4, output_norm=True)
+
+
+def test_the_adversarial_student_is_checkpointed_and_resumed(tmp_path):
+    """With the adversarial term the checkpoint holds the student and its Adam state: N/2 steps, then a
+    resume to N, end where N uninterrupted steps do (the generator and the student); a checkpoint from
+    before the term (no student, no weight in its config) is a run without it, and turning the term on
+    when resuming it starts a fresh student. Without the term the checkpoint holds no student."""
+    cfg = dict(TINY, steps=6, adversarial=0.5, select=1)
+    whole, half = tmp_path / "whole.pt", tmp_path / "half.pt"
+    full = invert(mlp(), 3, (1, 8, 8), checkpoint=whole, **cfg)
+    invert(mlp(), 3, (1, 8, 8), checkpoint=half, **{**cfg, "steps": 3})
+    resumed = invert(mlp(), 3, (1, 8, 8), resume=half, steps=6)
+    for (name, p), q in zip(full.generator.state_dict().items(), resumed.generator.state_dict().values()):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7, msg=name)
+    a, b = (torch.load(f, weights_only=True)["student"] for f in (whole, half))
+    for name, p in a["model"].items():
+        torch.testing.assert_close(b["model"][name], p, rtol=1e-6, atol=1e-7, msg=name)
+    for i, state in a["optimizer"]["state"].items():
+        for key, value in state.items():
+            torch.testing.assert_close(b["optimizer"]["state"][i][key], value, rtol=1e-6, atol=1e-9)
+    assert resumed.history["adversarial"][-1] == pytest.approx(full.history["adversarial"][-1], rel=1e-5)
+
+    old = tmp_path / "old.pt"
+    invert(mlp(), 3, (1, 8, 8), checkpoint=old, **{**TINY, "steps": 2})
+    state = torch.load(old, weights_only=True)
+    assert state["student"] is None
+    del state["student"], state["config"]["weights"]["adversarial"]
+    torch.save(state, old)
+    assert Inversion.load(old, classifier=mlp()).config.weights.adversarial == 0.0
+    assert set(invert(mlp(), 3, (1, 8, 8), resume=old, steps=4).history["adversarial"]) == {0.0}
+    assert invert(mlp(), 3, (1, 8, 8), resume=old, steps=6, adversarial=0.5).history["adversarial"][-1] < 0
+
+
 def test_a_checkpoint_with_the_embedding_bias_loads_and_resumes(tmp_path, monkeypatch):
     """A checkpoint written while the generator's embedding had a bias (removed: its exact gradient is 0)
     loads as the same generator (eval-mode samples) and resumes, Adam's state of the other parameters
@@ -308,6 +377,19 @@ def test_checkpoints_are_written_periodically_and_atomically(tmp_path):
     assert set(inv.classifier_metrics(n_per_class=2)) >= {"accuracy", "confidence"}
 
 
+@pytest.mark.parametrize("minutes, saved", [(1, [2, 4, 6, 6]), (0, [6])])
+def test_checkpoints_are_written_every_checkpoint_minutes(tmp_path, monkeypatch, minutes, saved):
+    """A clock that advances 40 s at each reading: with checkpoint_minutes=1, a save whenever a minute has passed
+    since the last (then the final one); with 0, only the final one."""
+    invert_module = importlib.import_module("tldr_fast.invert")  # the module (the package exports the function)
+    seconds = iter(range(0, 10**6, 40))
+    steps = []
+    monkeypatch.setattr(invert_module, "monotonic", lambda: next(seconds))
+    monkeypatch.setattr(invert_module, "save_checkpoint", lambda path, state: steps.append(state["step"]))
+    invert(mlp(), 3, (1, 8, 8), checkpoint=tmp_path / "run.pt", checkpoint_minutes=minutes, **TINY)
+    assert steps == saved
+
+
 def test_interrupt_saves_a_resumable_checkpoint(tmp_path):
     class Stop(nn.Module):  # raises KeyboardInterrupt at its 4th training forward (after the probe)
         def __init__(self):
@@ -325,6 +407,70 @@ def test_interrupt_saves_a_resumable_checkpoint(tmp_path):
         invert(Stop(), 3, (1, 8, 8), checkpoint=ckpt, **TINY)
     resumed = invert(mlp(), 3, (1, 8, 8), resume=ckpt)
     assert resumed.step == TINY["steps"]
+
+
+class Failing(nn.Module):
+    """A CNN with BatchNorm (in training mode, its first convolution frozen by the user) that raises
+    ``error`` at its ``fail_at``-th forward (0: never)."""
+
+    def __init__(self, fail_at=0, error=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Conv2d(4, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(256, 8),
+            nn.BatchNorm1d(8),
+            nn.ReLU(),
+            nn.Linear(8, 3),
+        )
+        self.net[0].requires_grad_(False)
+        self.fail_at, self.error, self.calls = fail_at, error, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise self.error
+        return self.net(x)
+
+
+def _user_visible(model: nn.Module) -> dict:
+    """What a library must leave as it was: each submodule's attribute names, hooks of every kind,
+    training mode, and each parameter's ``requires_grad``."""
+    return {
+        name: (
+            sorted(vars(m)),
+            {k: len(v) for k, v in vars(m).items() if "hook" in k and isinstance(v, dict)},
+            m.training,
+            [p.requires_grad for p in m.parameters(recurse=False)],
+        )
+        for name, m in model.named_modules()
+    }
+
+
+@pytest.mark.parametrize(
+    "fail_at, error, grad_norm",
+    [(0, None, "head"), (0, None, "full"), (4, RuntimeError("boom"), "head"), (4, KeyboardInterrupt(), "full")],
+)
+def test_invert_leaves_the_users_classifier_as_it_was(fail_at, error, grad_norm):
+    model = Failing(fail_at, error)
+    before, weights = _user_visible(model), {k: v.clone() for k, v in model.state_dict().items()}
+    for _ in range(2):  # repeated runs leave nothing behind either
+        model.calls = 0
+        if error is None:
+            inv = invert(model, 3, (1, 8, 8), grad_norm=grad_norm, **{**TINY, "steps": 2})
+            assert inv.sample(n_per_class=1, select=2).shape == (3, 1, 8, 8)  # selection runs the classifier
+        else:
+            with pytest.raises(type(error)):
+                invert(model, 3, (1, 8, 8), grad_norm=grad_norm, **{**TINY, "steps": 2})
+        assert _user_visible(model) == before
+        assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+        torch.save(model, io.BytesIO())  # no hook closures of the library hold on to it
 
 
 def test_checkpoint_loading_never_unpickles_code(tmp_path):
@@ -414,6 +560,8 @@ def test_not_a_module():
         ({"preprocess": "imagenet"}, "preprocess"),
         ({"compile": True, "grad_norm": "full"}, "double backward"),
         ({"compile": "yes"}, "compile"),
+        ({"checkpoint_minutes": -1}, "checkpoint_minutes"),
+        ({"checkpoint_minutes": float("nan")}, "checkpoint_minutes"),
     ],
 )
 def test_bad_options_are_clear(override, match):

@@ -470,11 +470,345 @@ def test_zoom_in_the_step(monkeypatch):
     assert off["ce"][0] != on["ce"][0]
 
 
+# --- ColorShift -------------------------------------------------------------------------------------
+
+
+def test_colour_shift_matches_its_definition(gen):
+    x = torch.randn(3, 2, 5, 7, generator=gen, dtype=torch.float64)
+    shifts = ref.colour_draws(3, 2, 0.5, 0.4, gen, "cpu", torch.float64)
+    want = torch.empty_like(x)
+    for i in range(3):
+        for ch in range(2):
+            want[i, ch] = math.exp(float(shifts[i, 0, ch])) * x[i, ch] + float(shifts[i, 1, ch])
+    torch.testing.assert_close(ref.colour_shift(x, shifts), want, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: ref.colour_shift(t, shifts), (x.clone().requires_grad_(True),))
+    assert ref.colour_shift(x.float(), shifts).dtype == torch.float32
+
+
+def test_colour_draws_ranges_and_seeding():
+    def draws(seed, contrast=0.5, offset=0.4):
+        return ref.colour_draws(4000, 3, contrast, offset, torch.Generator().manual_seed(seed), "cpu")
+
+    d = draws(0)
+    assert d.shape == (4000, 2, 3)
+    for row, bound in ((0, 0.5), (1, 0.4)):  # uniform on [-bound, bound]: its range and its mean
+        assert d[:, row].abs().max() <= bound and d[:, row].abs().max() > 0.99 * bound
+        assert abs(float(d[:, row].mean())) < 0.02
+    assert torch.equal(d, draws(0)) and not torch.equal(d, draws(1))
+    offsets_only = draws(0, contrast=0.0)
+    assert not offsets_only[:, 0].any() and torch.equal(offsets_only[:, 1], d[:, 1])  # the same stream either way
+
+
+@pytest.mark.parametrize("colour", [{}, {"colour_shift": 0.4, "colour_contrast": 0.5}], ids=["off", "on"])
+def test_colour_shift_in_the_step(colour):
+    """The classifier sees the clean images and, as their perturbed copies, ``ops.perturb``'s output shifted
+    by the ColorShifts the step draws from its generator after the conditions and the transforms; off,
+    the copies are ``ops.perturb``'s output unchanged."""
+    from tldr_fast.backends import resolve
+    from tldr_fast.step import TLDRObjective, step_seed
+
+    cfg = InversionConfig().with_overrides(**TINY, **colour)
+    shape = (3, 10, 12)
+    target = FrozenClassifier(with_meta(PlainCNN(list(shape), 3, width=4, feature_dim=8), 3), 3, shape, device="cpu")
+    ops = resolve("torch", "cpu", quiet=True)
+    perturbed, seen = [], []
+
+    def recorded(x, *args):
+        perturbed.append((x.detach(), ref.perturb(x, *args)))
+        return perturbed[-1][1]
+
+    ops.ops["perturb"] = recorded
+    forward = target.forward_bn_stats
+    target.forward_bn_stats = lambda batch, *args: seen.append(batch.detach()) or forward(batch, *args)
+    objective = TLDRObjective(ConditionedGenerator(3, shape, cfg.nz, cfg.ngf), target, cfg, ops, torch.device("cpu"))
+    objective(5)
+    ((x, x_pert),), (batch,) = perturbed, seen
+    gen = torch.Generator().manual_seed(step_seed(cfg.seed, 5))
+    sample_conditions(cfg.batch_size, 3, cfg.nz, cfg.conditioning, gen, "cpu", objective.paired)
+    ref.warp_theta(len(x), shape[-2:], cfg.shift, cfg.rotate, cfg.scale, gen, "cpu")
+    want = x_pert.detach()
+    if colour:
+        want = ref.colour_shift(want, ref.colour_draws(len(x), 3, 0.5, 0.4, gen, "cpu"))
+        assert want.abs().max() > 1  # not clipped
+    assert torch.equal(batch[: len(x)], x)
+    torch.testing.assert_close(batch[len(x) :], want, rtol=0, atol=0)
+
+
+# --- surrogate ReLU derivative ---------------------------------------------------------------------
+
+
+class ExplicitSurrogateReLU(nn.Module):
+    """relu(x) forward, sigmoid(alpha x) as its derivative: that of softplus(alpha x) / alpha."""
+
+    def __init__(self, alpha):
+        super().__init__()
+        self.alpha = alpha
+
+    def forward(self, x):
+        smooth = nn.functional.softplus(self.alpha * x) / self.alpha
+        return x.relu().detach() + smooth - smooth.detach()
+
+
+RELUS = {
+    "nn.ReLU": nn.ReLU(),
+    "nn.ReLU(inplace)": nn.ReLU(inplace=True),
+    "F.relu": nn.functional.relu,
+    "F.relu(inplace)": lambda t: nn.functional.relu(t, True),
+    "F.relu_": nn.functional.relu_,
+    "torch.relu": torch.relu,
+    "torch.relu_": torch.relu_,
+    "Tensor.relu": torch.Tensor.relu,
+    "Tensor.relu_": torch.Tensor.relu_,
+}
+
+
+@pytest.mark.parametrize("name", sorted(RELUS))
+def test_surrogate_relu_matches_its_definition(gen, name):
+    """A 2-layer ReLU net ``v . relu(W x + b)``: the forward is relu's; the gradients are the hand-computed
+    ones with sigmoid(alpha h) for relu'(h), w.r.t. the input and the first layer's weights."""
+    relu, alpha = RELUS[name], 3.0
+    x = torch.randn(5, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    w1 = torch.randn(11, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    b1, v = (torch.randn(11, generator=gen, dtype=torch.float64) for _ in range(2))
+    with ref.surrogate_relu(alpha):
+        h = x @ w1.T + b1  # [5, 11]
+        pre = h.detach().clone()
+        out = relu(h)
+        if name.endswith(("inplace)", "_")):  # overwritten in place, as relu_ does
+            assert out.data_ptr() == h.data_ptr() and torch.equal(h, pre.clamp(min=0))
+        y = out @ v
+    torch.testing.assert_close(y, pre.clamp(min=0) @ v, rtol=0, atol=0)
+    gx, gw = torch.autograd.grad(y.sum(), (x, w1))
+    d = v * torch.sigmoid(alpha * pre)  # [5, 11]: dy_i/dh_ij
+    torch.testing.assert_close(gx, d @ w1.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gw, d.T @ x.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_surrogate_relu_leaves_nothing_behind():
+    """Only the graph built inside the context has the surrogate; after it, also after an error inside it,
+    relu's gradient is 1[x > 0] again."""
+    x = torch.tensor([-1.0, 0.5, 2.0], dtype=torch.float64, requires_grad=True)
+    with pytest.raises(KeyError, match="inside"):
+        with ref.surrogate_relu(2.0):
+            inside = torch.relu(x)
+            raise KeyError("inside")
+    for f in (torch.relu, nn.ReLU(), nn.functional.relu):
+        (g,) = torch.autograd.grad(f(x).sum(), x)
+        assert g.tolist() == [0.0, 1.0, 1.0]
+    (g,) = torch.autograd.grad(inside.sum(), x)
+    torch.testing.assert_close(g, torch.sigmoid(2.0 * x.detach()))
+
+
+def test_surrogate_relu_tends_to_the_plain_gradient(gen):
+    clf = PlainCNN([1, 12, 12], 3, width=4, feature_dim=8).double().eval()
+    x = torch.randn(3, 1, 12, 12, generator=gen, dtype=torch.float64, requires_grad=True)
+    (plain,) = torch.autograd.grad(clf(x).square().sum(), x)
+
+    def surrogate(alpha):
+        with ref.surrogate_relu(alpha):
+            out = clf(x)
+        torch.testing.assert_close(out, clf(x), rtol=0, atol=0)
+        return torch.autograd.grad(out.square().sum(), x)[0]
+
+    errors = [float((surrogate(a) - plain).norm() / plain.norm()) for a in (1.0, 10.0, 1e3, 1e9)]
+    assert errors[0] > 0.1 and errors == sorted(errors, reverse=True) and errors[-1] < 1e-9
+
+
+def test_surrogate_relu_in_the_step():
+    """In the step the forward (loss, terms) is unchanged, and the generator's gradient is the one through
+    the same classifier with every ReLU replaced by the explicit surrogate (the head grad-norm term's
+    gradient included); with a huge alpha it is the plain gradient."""
+    import copy
+
+    from tldr_fast.backends import resolve
+    from tldr_fast.step import TLDRObjective
+
+    shape = (1, 12, 12)
+    clf = with_meta(PlainCNN(list(shape), 3, width=4, feature_dim=8))
+    explicit = copy.deepcopy(clf)
+    for parent in list(explicit.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.ReLU):
+                setattr(parent, name, ExplicitSurrogateReLU(5.0))
+
+    def step(model, **options):
+        cfg = InversionConfig().with_overrides(**TINY, **options)
+        assert cfg.active("grad_norm") and cfg.grad_norm == "head"
+        torch.manual_seed(0)
+        g = ConditionedGenerator(3, shape, cfg.nz, cfg.ngf)
+        target = FrozenClassifier(model, 3, shape, device="cpu")
+        loss, terms = TLDRObjective(g, target, cfg, resolve("torch", "cpu", quiet=True), torch.device("cpu"))(2)
+        return loss.detach(), terms, torch.autograd.grad(loss, list(g.parameters()))
+
+    plain, surrogate, want, huge = (
+        step(clf),
+        step(clf, surrogate_relu=5.0),
+        step(explicit),
+        step(clf, surrogate_relu=1e9),
+    )
+    for run in (surrogate, want, huge):
+        torch.testing.assert_close(run[:2], plain[:2], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(surrogate[2], want[2], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(huge[2], plain[2], rtol=1e-5, atol=1e-7)
+    assert any((a - b).abs().max() > 1e-3 * b.abs().max() for a, b in zip(surrogate[2], plain[2]))
+
+
+# --- adversarial student (DFAD) ----------------------------------------------------------------------
+
+
+def test_disagreement_matches_its_definition(gen):
+    """(1/(B K)) sum |t - s|; gradient sign(t - s) / (B K) w.r.t. t and its negative w.r.t. s."""
+    t, s = (torch.randn(5, 4, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    td, sd = t.detach(), s.detach()
+    want = sum(abs(float(td[i, k] - sd[i, k])) for i in range(5) for k in range(4)) / 20
+    value = ref.disagreement(t, s)
+    assert value.dtype == torch.float64 and math.isclose(value.item(), want, rel_tol=1e-12)
+    gt, gs = torch.autograd.grad(value, (t, s))
+    sign = torch.sign(td - sd) / 20
+    torch.testing.assert_close(gt, sign, rtol=0, atol=0)
+    torch.testing.assert_close(gs, -sign, rtol=0, atol=0)
+    assert torch.autograd.gradcheck(ref.disagreement, (t, s))
+    assert ref.disagreement(td.bfloat16(), sd.bfloat16()).dtype == torch.float32
+
+
+def _student(seed=0, shape=(1, 12, 12), k=3, batch=8):
+    from tldr_fast.distributed import Shard
+    from tldr_fast.step import Student
+
+    return Student(k, shape, seed, torch.device("cpu"), Shard.of(batch, "cpu"))
+
+
+def test_the_student_learns_the_target_on_fixed_images(gen):
+    """Each ``learn`` is one Adam step towards the target's logits on the last ``disagreement``'s images:
+    on fixed images the disagreement falls; ``disagreement`` itself leaves the student as it is."""
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))  # the target's weights
+    clf = PlainCNN([1, 12, 12], 3, width=4, feature_dim=8).eval()
+    x = torch.rand(8, 1, 12, 12, generator=gen) * 2 - 1
+    with torch.no_grad():
+        teacher = clf(x) * 5  # logits of some size, as a trained target's
+    student = _student()
+    before = [p.detach().clone() for p in student.model.parameters()]
+    student.learn()  # no batch yet: nothing to learn from
+    values = [student.disagreement(x, teacher).item()]
+    for a, b in zip(student.model.parameters(), before):
+        assert torch.equal(a, b)
+    for _ in range(15):
+        student.learn()
+        values.append(student.disagreement(x, teacher).item())
+    assert all(v < values[0] for v in values[1:]) and values[-1] < 0.5 * values[0], values
+
+
+def test_the_student_is_a_function_of_the_seed_and_leaves_the_global_random_state():
+    state = torch.get_rng_state()
+    a, b, c = _student(0), _student(0), _student(1)
+    assert torch.equal(torch.get_rng_state(), state)
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(p, q)
+    assert any(not torch.equal(p, r) for p, r in zip(a.model.parameters(), c.model.parameters()))
+
+
+def _adversarial_objective(weight=0.5, **options):
+    from tldr_fast.backends import resolve
+    from tldr_fast.step import TLDRObjective
+
+    shape = (1, 12, 12)
+    cfg = InversionConfig().with_overrides(**TINY, **options, weights={t: 0.0 for t in TERMS} | {"adversarial": weight})
+    torch.manual_seed(0)
+    g = ConditionedGenerator(3, shape, cfg.nz, cfg.ngf)
+    target = FrozenClassifier(with_meta(PlainCNN(list(shape), 3, width=4, feature_dim=8)), 3, shape, device="cpu")
+    seen = []
+    forward = target.forward_bn_stats
+    target.forward_bn_stats = lambda batch, *args: seen.append(batch) or forward(batch, *args)
+    return g, target, TLDRObjective(g, target, cfg, resolve("torch", "cpu", quiet=True), torch.device("cpu")), seen
+
+
+def test_adversarial_in_the_step():
+    """The term is -(1/(B K)) sum |t - s| of the target's and the student's logits on the clean images as
+    the target sees them (preprocessed); the generator's gradient is that of the explicit expression, and
+    a small step along it raises the disagreement (ascent); the student gets no gradient from it."""
+    g, target, objective, seen = _adversarial_objective(0.5)
+
+    def disagreement(batch):  # explicit: the logits' mean absolute difference on the preprocessed images
+        pre = ((batch + 1) / 2 - 0.2) / 0.3  # the classifier's tldr_meta normalisation
+        t, s = target.classifier(pre), objective.student.model(pre)
+        return (t - s).abs().sum() / t.numel()
+
+    loss, terms = objective(3)
+    explicit = -disagreement(seen[0])
+    i = TERMS.index("adversarial")
+    torch.testing.assert_close(terms[i], explicit.detach(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(loss, 0.5 * explicit, rtol=1e-6, atol=1e-9)
+    params = list(g.parameters())
+    grads = torch.autograd.grad(loss, params, retain_graph=True)
+    want = torch.autograd.grad(0.5 * explicit, params)
+    for a, b in zip(grads, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+    assert all(p.grad is None for p in objective.student.model.parameters())
+    norm = torch.sqrt(sum(gr.square().sum() for gr in grads))
+    with torch.no_grad():
+        for p, gr in zip(params, grads):
+            p -= 1e-3 * gr / norm  # a small descent step of the generator's loss
+    objective(3)  # the same draws, the same student (it has not learnt)
+    assert disagreement(seen[1]) > disagreement(seen[0]), "descending the generator's loss ascends the disagreement"
+
+
+def test_adversarial_student_learns_after_each_step_and_off_changes_nothing():
+    """``learn`` moves the student on the last step's images; with the weight 0 there is no student and
+    every other term of the step is the same as with it (its initial weights leave the global random
+    state alone, so the generator's draws are unchanged)."""
+    g_on, _, on, _ = _adversarial_objective(0.5, activation=1.0, tv=1e-3, ce=1.0)
+    g_off, _, off, _ = _adversarial_objective(0.0, activation=1.0, tv=1e-3, ce=1.0)
+    assert off.student is None and on.student is not None
+    for p, q in zip(g_on.parameters(), g_off.parameters()):
+        assert torch.equal(p, q)
+    (l_on, t_on), (l_off, t_off) = on(0), off(0)
+    i = TERMS.index("adversarial")
+    assert t_off[i] == 0 and t_on[i] < 0
+    keep = [j for j in range(len(TERMS)) if j != i]
+    torch.testing.assert_close(t_on[keep], t_off[keep], rtol=0, atol=0)
+    torch.testing.assert_close(l_on, l_off + 0.5 * t_on[i], rtol=1e-6, atol=1e-7)
+    before = [p.detach().clone() for p in on.student.model.parameters()]
+    on.learn()
+    off.learn()
+    assert all(not torch.equal(p, q) for p, q in zip(on.student.model.parameters(), before))
+
+
+def test_levers_from_the_command_line_and_in_invert():
+    """The options as ``--set KEY=VALUE`` gives them, all on in a short run: finite terms, images in range."""
+    from tldr_fast.cli import parse_overrides
+
+    levers = parse_overrides(
+        ["output_norm=true", "colour_shift=0.4", "colour_contrast=0.5", "surrogate_relu=50", "adversarial=0.5"]
+    )
+    cfg = InversionConfig().with_overrides(**levers)
+    assert (cfg.output_norm, cfg.colour_shift, cfg.colour_contrast, cfg.surrogate_relu) == (True, 0.4, 0.5, 50)
+    assert cfg.weights.adversarial == 0.5
+    clf = with_meta(PlainCNN([1, 12, 12], 3, width=4, feature_dim=8))
+    inv = invert(clf, 3, (1, 12, 12), **{**TINY, "select": 1}, **levers)
+    assert all(math.isfinite(v) for t in TERMS for v in inv.history[t])
+    x = inv.sample(n_per_class=2)
+    assert x.shape == (6, 1, 12, 12) and x.abs().max() < 1
+
+
 @pytest.mark.parametrize(
     "bad, match",
     [
         ({"zoom": -1}, "zoom"),
         ({"zoom": 2.0}, "zoom"),
+        ({"colour_shift": -0.1}, "colour_shift must be"),
+        ({"colour_contrast": float("inf")}, "colour_contrast must be"),
+        (
+            {"colour_contrast": 0.5, "weights": {"ce_pert": 0.0}},
+            "colour_shift and colour_contrast act on the perturbed",
+        ),
+        ({"output_norm": 1}, "output_norm must be True or False"),
+        ({"surrogate_relu": -1.0}, "surrogate_relu must be"),
+        ({"surrogate_relu": 5.0, "grad_norm": "full"}, "surrogate_relu needs"),
+        ({"surrogate_relu": 5.0, "weights": {"kkt": 1.0}}, "surrogate_relu needs"),
+        ({"surrogate_relu": 5.0, "compile": True}, "surrogate_relu needs"),
+        ({"weights": {"adversarial": -0.5}}, "weight 'adversarial' must be"),
+        ({"weights": {"adversarial": float("inf")}}, "weight 'adversarial' must be"),
+        ({"schedules": {"adversarial": (0.5, -1.0)}}, "Ramp: end is a weight"),
         ({"shift": -1}, "shift"),
         ({"rotate": 200.0}, "rotate"),
         ({"scale": 1.0}, "scale"),

@@ -3,11 +3,14 @@ resume that applies or refuses changed options, interrupts (Ctrl-C, SIGTERM) at 
 paths checked before the work, streamed samples, and clear errors for bad input. Each test reproduces a
 reported failure."""
 
+import contextlib
+import errno
 import json
 import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +20,8 @@ import torch.nn as nn
 from tldr_fast import Inversion, evaluate, invert
 from tldr_fast.checkpoint import atomic_save, load_checkpoint
 from tldr_fast.classifier import ClassifierError, fingerprint
+from tldr_fast.cli import main as cli_main
+from tldr_fast.errors import NoSpaceLeft
 from tldr_fast.invert import InversionDiverged
 from tldr_fast.models import PlainCNN, save_classifier
 from tldr_fast.samples import iter_sample, load_sample, write_samples
@@ -534,3 +539,285 @@ def test_cli_sample_outputs(clf_file, tmp_path):
         "--quiet",
     )
     assert r.returncode == 0 and len(list((tmp_path / "p").glob("*/*.png"))) == 20, r.stderr
+
+
+# --- writes: outputs that are inputs, arguments before files, atomic files, checked shards, full disks ---------
+
+
+def _files(folder):
+    """``{relative path: bytes}`` of every file under ``folder`` (hidden temporary files included)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _temps(folder):
+    return sorted(p.name for p in folder.rglob("*.tmp"))
+
+
+def _refused(capsys, argv, kept, options):
+    before = kept.read_bytes()
+    assert cli_main(argv) == 1
+    err = capsys.readouterr().err
+    assert all(o in err for o in options) and "destroy that input" in err, err
+    assert kept.read_bytes() == before
+
+
+def test_cli_refuses_an_output_that_is_one_of_its_inputs(tmp_path, capsys):
+    clf = tmp_path / "clf.pt"
+    clf.write_bytes(b"a trained classifier")  # refused before anything is read
+    (tmp_path / "link.pt").symlink_to(clf)
+    cfg = tmp_path / "run.json"
+    cfg.write_text("{}")
+    data = tmp_path / "data.npz"
+    data.write_bytes(b"a data set")
+    index = tmp_path / "s-index.json"
+    index.write_text("{}")
+    (tmp_path / "eval").mkdir()
+    images = tmp_path / "eval" / "metrics.json"
+    images.write_text("{}")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cached = cache / "demo-cnn-mnist-100pc-10ep-seed0.pt"
+    cached.write_bytes(b"the demo's cached classifier")
+    (tmp_path / "demo").mkdir()
+    os.link(cached, tmp_path / "demo" / "classifier.pt")
+    cases = [
+        (["invert", "--classifier", clf, "--out", clf], clf, ["--out", "--classifier"]),
+        (["invert", "--classifier", clf, "--out", tmp_path / "link.pt"], clf, ["--out", "--classifier"]),
+        (["invert", "--classifier", clf, "--config", cfg, "--out", cfg], cfg, ["--out", "--config"]),
+        (["train-classifier", "--data", data, "--out", data], data, ["--out", "--data"]),
+        (["train-classifier", "--data", f"{data}:test", "--out", data], data, ["--out", "--data"]),
+        (["sample", "--inversion", clf, "--out", clf], clf, ["--out", "--inversion"]),
+        (["sample", "--inversion", index, "--out", tmp_path / "s.npz", "--shard-size", "2"], index, ["--inversion"]),
+        (["evaluate", "--images", images, "--out", tmp_path / "eval"], images, ["--out", "--images"]),
+        (
+            [
+                "evaluate",
+                "--inversion",
+                clf,
+                "--eval-classifier",
+                tmp_path / "x" / ".." / "eval" / "metrics.json",
+                "--out",
+                tmp_path / "eval",
+            ],
+            images,
+            ["--out", "--eval-classifier"],
+        ),
+        (["demo", "--cache-dir", cache, "--out", tmp_path / "demo"], cached, ["--out", "--cache-dir"]),
+    ]
+    for argv, kept, options in cases:
+        _refused(capsys, [str(a) for a in argv], kept, options)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"batch_size": -4}, "batch_size"),
+        ({"batch_size": 2.5}, "batch_size"),
+        ({"seed": "7"}, "seed"),
+        ({"labels": [7]}, r"\[0, 2\]"),
+    ],
+)
+def test_write_samples_checks_every_argument_before_touching_a_file(inv, tmp_path, kwargs, match):
+    labels = inv.labels(n_per_class=2)
+    write_samples(inv, tmp_path / "pngs", labels, batch_size=4)
+    write_samples(inv, tmp_path / "s.npz", labels, batch_size=4, shard_size=4)
+    write_samples(inv, tmp_path / "one.npz", labels, batch_size=4)
+    before = _files(tmp_path)
+    other = inv.labels(n_per_class=3)  # another sample: a valid call would replace the files
+    for out, shards in ((tmp_path / "pngs", None), (tmp_path / "s.npz", 4), (tmp_path / "one.npz", None)):
+        with pytest.raises(ValueError, match=match):
+            write_samples(inv, out, **{"labels": other, "shard_size": shards, **kwargs})
+    assert _files(tmp_path) == before
+
+
+def _sharded(inv, folder, n_per_class=3):
+    """A sample of ``n_per_class`` x 3 images in shards of 4 (3 shards); returns its index."""
+    return write_samples(inv, folder / "s.npz", inv.labels(n_per_class=n_per_class), batch_size=4, shard_size=4)
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (
+            lambda shards: shards[:1] + shards[2:],
+            r"shard entry 1 \(s-00002-of-00003.npz\) starts at image 8.* end at 4",
+        ),
+        (lambda shards: shards[:1] + shards, r"shard entry 1 \(s-00000-of-00003.npz\) starts at image 0.* end at 4"),
+        (lambda shards: shards[:2], "the shard entries hold 8 images, but the index's count is 9"),
+        (lambda shards: shards[:1] + [{**shards[1], "start": "4"}] + shards[2:], "shard entry 1 .* needs"),
+    ],
+)
+def test_load_sample_checks_the_index_entries(inv, tmp_path, edit, match):
+    index = _sharded(inv, tmp_path)
+    data = json.loads(index.read_text())
+    index.write_text(json.dumps({**data, "shards": edit(data["shards"])}))
+    with pytest.raises(ValueError, match=rf"s-index.json: {match}"):
+        load_sample(index)
+
+
+def _flip(path, at=0.5):
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * at)] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_shard_is_named_on_load_and_written_again_on_resume(inv, tmp_path, capsys):
+    index = _sharded(inv, tmp_path)
+    assert all(len(s["sha256"]) == 64 for s in json.loads(index.read_text())["shards"])
+    good = _files(tmp_path)
+    damaged = tmp_path / "s-00001-of-00003.npz"
+    _flip(damaged)
+    with pytest.raises(ValueError, match="s-00001-of-00003.npz does not match the sha256 in the index"):
+        load_sample(index)
+    kept = {p: (tmp_path / p).stat().st_mtime_ns for p in ("s-00000-of-00003.npz", "s-00002-of-00003.npz")}
+    capsys.readouterr()
+    _sharded(inv, tmp_path)  # the same sample again: the damaged shard is written again, and said so
+    assert "s-00001-of-00003.npz does not match the sha256 in the index" in capsys.readouterr().err
+    assert _files(tmp_path) == good
+    assert {p: (tmp_path / p).stat().st_mtime_ns for p in kept} == kept  # the intact shards were kept
+    load_sample(index)
+
+    one = write_samples(inv, tmp_path / "one.npz", inv.labels(n_per_class=3), batch_size=4)
+    _flip(one)
+    with pytest.raises(ValueError, match="one.npz is not a readable sample .npz"):
+        load_sample(one)
+
+
+def test_a_damaged_shard_of_an_unfinished_index_is_found_by_its_crc(inv, tmp_path, capsys):
+    index = _sharded(inv, tmp_path)
+    good = _files(tmp_path)
+    data = json.loads(index.read_text())  # as the index is before the last shard is written: no checksums
+    index.write_text(
+        json.dumps({**data, "shards": [{k: v for k, v in s.items() if k != "sha256"} for s in data["shards"]]})
+    )
+    _flip(tmp_path / "s-00000-of-00003.npz", at=0.3)
+    _sharded(inv, tmp_path)
+    assert "s-00000-of-00003.npz" in capsys.readouterr().err
+    assert _files(tmp_path) == good
+
+
+def test_temporary_files_of_a_killed_write_are_removed_and_nothing_else(inv, tmp_path):
+    labels = inv.labels(n_per_class=2)
+    ours = [".one.npz.12345.tmp", ".one.npz.k2x_9q1a.tmp", ".s-00001-of-00002.npz.77.tmp", ".s-index.json.5.tmp"]
+    ours += ["pngs/1/.00001.png.tmp", "pngs/1/.00000.png.ab12cd34.tmp", "pngs/.samples.json.4242.tmp"]
+    theirs = [".one.npz.backup", "one.npz.tmp", ".one.npz.my copy.tmp", ".other.npz.123.tmp", "pngs/1/.notes.tmp"]
+    for name in ours + theirs:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"half a file")
+    write_samples(inv, tmp_path / "one.npz", labels, batch_size=4)
+    write_samples(inv, tmp_path / "s.npz", labels, batch_size=4, shard_size=4)
+    write_samples(inv, tmp_path / "pngs", labels, batch_size=4)
+    assert _temps(tmp_path) == sorted(Path(n).name for n in theirs if n.endswith(".tmp"))
+    assert all((tmp_path / n).exists() for n in theirs)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs mounted for the test, unmounted after it whatever happens (mounting needs root:
+    skipped where it is not allowed)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    try:
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True, text=True
+        )
+    except FileNotFoundError:
+        pytest.skip("no mount command: the full-disk cases need a small tmpfs")
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs for the full-disk cases (needs root): {r.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)], check=False)
+
+
+def fill(disk, leave_pages=0):
+    """Fill ``disk`` up with 4 KiB files, then free ``leave_pages`` of them."""
+    fillers = []
+    try:
+        while True:
+            fillers.append(disk / f"filler-{len(fillers)}")
+            with open(fillers[-1], "wb", buffering=0) as f:
+                f.write(b"\0" * 4096)
+    except OSError as e:
+        assert e.errno == errno.ENOSPC, e
+    for f in fillers[:leave_pages]:
+        f.unlink()
+
+
+def test_a_full_disk_leaves_the_previous_evaluation_files(small_disk):
+    from tldr_fast.data import load_digits, subset
+
+    report = evaluate(torch.rand(6, 1, 8, 8), subset(load_digits(), 2, seed=0), torch.tensor([0, 0, 1, 1, 2, 2]))
+    report.save_json(small_disk / "metrics.json", {"run": 1})
+    report.save_grid(small_disk / "grid.png")
+    good = _files(small_disk)
+    fill(small_disk)
+    with pytest.raises(NoSpaceLeft, match="no space left on device while writing .*metrics.json; the previous file"):
+        report.save_json(small_disk / "metrics.json", {"run": 2, "padding": "x" * 10_000})
+    with pytest.raises(NoSpaceLeft, match="grid.png; the previous grid is intact"):
+        report.save_grid(small_disk / "grid.png")
+    assert {k: v for k, v in _files(small_disk).items() if not k.startswith("filler")} == good
+    assert json.loads((small_disk / "metrics.json").read_text())["run"] == 1
+
+
+def test_a_full_disk_during_a_checkpoint_save_is_named_and_keeps_the_checkpoint(inv, small_disk):
+    ckpt = small_disk / "run.pt"
+    inv.save(ckpt)
+    good = ckpt.read_bytes()
+    fill(small_disk, leave_pages=1)  # room for part of the checkpoint only
+    with pytest.raises(
+        NoSpaceLeft, match=f"no space left on device while writing {ckpt}; the previous checkpoint is intact"
+    ):
+        inv.save(ckpt)
+    assert ckpt.read_bytes() == good and not _temps(small_disk)
+
+
+def test_a_full_disk_mid_checkpoint_is_named_where_it_cannot_be_mounted(inv, tmp_path, monkeypatch):
+    """The same, by a file that refuses writes beyond 2 KiB as a full disk does (always runs)."""
+    from tldr_fast import checkpoint
+
+    class Full:
+        def __init__(self, f):
+            self.f, self.written = f, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 2048:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    ckpt = tmp_path / "run.pt"
+    inv.save(ckpt)
+    good = ckpt.read_bytes()
+    fdopen = os.fdopen
+    monkeypatch.setattr(checkpoint.os, "fdopen", lambda *a, **k: Full(fdopen(*a, **k)))
+    with pytest.raises(NoSpaceLeft, match=f"while writing {ckpt}; the previous checkpoint is intact") as e:
+        inv.save(ckpt)
+    assert "unexpected pos" in str(e.value.__cause__) and e.value.errno == errno.ENOSPC  # torch's zip writer's error
+    assert ckpt.read_bytes() == good and not _temps(tmp_path)
+
+
+def test_a_full_disk_leaves_no_temporary_png_files(inv, small_disk):
+    fill(small_disk, leave_pages=3)  # the manifest and two images
+    with pytest.raises(NoSpaceLeft, match=r"while writing .*\.png"):
+        write_samples(inv, small_disk / "pngs", inv.labels(n_per_class=8), batch_size=4)
+    assert not _temps(small_disk)
+
+
+def test_a_failed_png_write_leaves_no_temporary_file(inv, tmp_path, monkeypatch):
+    """The same, by PNG writes that fail half-way as on a full disk (always runs)."""
+    from PIL import Image
+
+    def save(self, fp, *args, **kwargs):
+        with open(fp, "wb") if isinstance(fp, (str, os.PathLike)) else contextlib.nullcontext(fp) as f:
+            f.write(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    with pytest.raises(NoSpaceLeft, match=r"while writing .*00000\.png; no partial file was left"):
+        write_samples(inv, tmp_path / "pngs", inv.labels(n_per_class=2), batch_size=4)
+    assert not _temps(tmp_path) and not list(tmp_path.rglob("*.png"))

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Dict, Iterable, Mapping, Optional, Union
+from typing import Any, BinaryIO, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
+
+from .errors import NoSpaceLeft
 
 FORMAT = "tldr_fast.inversion/1"
 PathLike = Union[str, os.PathLike]
@@ -24,32 +29,97 @@ def cache_dir(given: Optional[PathLike] = None) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tldr_fast"
 
 
-def atomic_save(obj: Any, path: PathLike) -> None:
+def atomic_save(obj: Any, path: PathLike, what: str = "file") -> None:
     """``torch.save`` of ``obj`` to ``path`` through ``atomic_write``."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f), what)
 
 
-def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> None:
+def atomic_write(path: PathLike, write: Callable[[BinaryIO], None], what: str = "file") -> None:
     """``write(f)`` into a temporary file in the same folder, fsync, then rename over ``path``: a
-    reader sees the old file or the new one, never half of one."""
+    reader sees the old file or the new one, never half of one. Temporary files that a process killed
+    while writing ``path`` left are removed first. A full disk is a ``NoSpaceLeft`` naming ``path``
+    (``what`` it is: "checkpoint", ...), with the previous file intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed while writing
-        stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temps(path.parent, re.escape(path.name))
+    atomic_write_many([(path, write)], what)
+
+
+def atomic_write_text(path: PathLike, text: str, what: str = "file") -> None:
+    """``path`` holding ``text`` (UTF-8), written through ``atomic_write``."""
+    data = text.encode()
+    atomic_write(path, lambda f: f.write(data), what)
+
+
+def atomic_write_many(files: Iterable[Tuple[PathLike, Callable[[BinaryIO], None]]], what: str = "file") -> None:
+    """``atomic_write`` of many files (e.g. a batch of PNGs), cheaper: up to ``GROUP`` temporary files are
+    written, then fsynced together (one journal commit instead of one per file), then renamed into place.
+    On any error every temporary file of the group is removed (earlier groups are in place); stale
+    temporary files are not looked for (``remove_stale_temps``, once per folder, does that)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    files = list(files)
+    for start in range(0, len(files), GROUP):
+        _write_group([(Path(p), w) for p, w in files[start : start + GROUP]], 0o666 & ~umask, what)
+
+
+GROUP = 64  # files open at once in atomic_write_many: far below any limit on open files
+
+
+def _write_group(files: List[Tuple[Path, Callable[[BinaryIO], None]]], mode: int, what: str) -> None:
+    temps: List[Tuple[Path, str, BinaryIO]] = []  # (destination, temporary file, its handle)
+    current = files[0][0]  # the file being written, named by a full-disk error
     try:
-        with os.fdopen(fd, "wb") as f:
+        for current, write in files:
+            current.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{current.name}.", suffix=".tmp", dir=current.parent)
+            f = os.fdopen(fd, "wb")
+            temps.append((current, tmp, f))
             write(f)
             f.flush()
+        for current, _, f in temps:  # noqa: B007 - `current` is named if the fsync fails
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions open() would
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+            f.close()
+        for current, tmp, _ in temps:
+            os.chmod(tmp, mode)  # mkstemp makes 0600; give the file the permissions open() would
+            os.replace(tmp, current)
+    except BaseException as e:
+        for _, tmp, f in temps:
+            with contextlib.suppress(OSError):  # flushing what a full disk refused fails again
+                f.close()
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        if _no_space(e):
+            kept = f"the previous {what} is intact" if current.exists() else "no partial file was left"
+            message = f"no space left on device while writing {current}; {kept} (free some space and run again)"
+            raise NoSpaceLeft(errno.ENOSPC, message, str(current)) from e
         raise
+
+
+def _no_space(e: Optional[BaseException]) -> bool:
+    """Whether ``e`` or an error it arose from is a full disk or quota (torch's zip writer reports one
+    as ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``, from the OSError)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def remove_stale_temps(folder: PathLike, names: str) -> None:
+    """Remove the temporary files that a process killed while writing into ``folder`` left behind: those
+    of the library's own pattern, ``.<name>.<random or pid>.tmp`` (or ``.<name>.tmp``), for a file name
+    matching the regular expression ``names``. Nothing else is touched."""
+    pattern = re.compile(rf"\.(?:{names})(?:\.[A-Za-z0-9_]+)?\.tmp")
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            Path(entry.path).unlink(missing_ok=True)
 
 
 def check_writable(path: PathLike, what: str = "output") -> Path:
@@ -83,7 +153,7 @@ def check_parent(path: PathLike, what: str = "output") -> None:
 
 def save_checkpoint(path: PathLike, state: Dict[str, Any]) -> None:
     """Save an inversion state (plain data and tensors only) atomically."""
-    atomic_save({"format": FORMAT, **state}, path)
+    atomic_save({"format": FORMAT, **state}, path, "checkpoint")
 
 
 def load_checkpoint(path: PathLike, fmt: str = FORMAT, kind: str = "inversion") -> Dict[str, Any]:

@@ -3,9 +3,10 @@ and the mapping from the generator's [-1, 1] images to the classifier's input.""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sys
-from typing import Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -133,9 +134,12 @@ class FrozenClassifier(nn.Module):
 
     Features are (a) the second output of a classifier returning ``(logits, features)``, or (b) the
     input of its final ``nn.Linear`` head (named by ``head`` or found as the last ``nn.Linear`` with
-    ``num_classes`` outputs), captured with a forward hook. The classifier is put in eval mode and its
-    parameters are frozen (``requires_grad`` stays on only for the terms that differentiate through
-    them, ``grad_norm="full"`` and ``kkt``; they are never updated).
+    ``num_classes`` outputs), captured with a forward hook. While this wrapper uses the classifier
+    (``attached``: every forward, and ``invert``'s whole run) it is in eval mode, its parameters are frozen
+    (``requires_grad`` on only for the terms that differentiate through them, ``grad_norm="full"`` and
+    ``kkt``; never updated) and the wrapper's hooks are registered on it; afterwards, also after an error
+    or an interrupt, the hooks are gone and its modes and flags are what they were. It is moved to
+    ``device`` (and stays there).
 
     A probe forward on random images of ``image_shape`` checks, with clear errors, the input shape,
     the number of classes, finite logits and that the head's output is the classifier's output.
@@ -155,16 +159,15 @@ class FrozenClassifier(nn.Module):
         super().__init__()
         if not isinstance(classifier, nn.Module):
             raise ClassifierError(f"classifier must be a torch.nn.Module, got {type(classifier).__name__}")
-        self.classifier = classifier.to(device).eval()
-        for p in classifier.parameters():
-            p.requires_grad_(need_param_grads)
+        self.classifier = classifier.to(device)
+        self.need_param_grads = need_param_grads
+        self._attached = 0  # the depth of nested attached() blocks
         self.num_classes = num_classes
         self.preprocess = make_preprocess(preprocess, classifier, quiet)
         self.head_name, self.head = _find_head(classifier, num_classes, head)
         self._captured: List[Tensor] = []
         self._capturing = False  # the hook records only during our own forward
         self._tuple_output = False
-        self._hook = None
         meta = getattr(classifier, "tldr_meta", None)
         if (
             isinstance(meta, Mapping)
@@ -182,13 +185,48 @@ class FrozenClassifier(nn.Module):
         self._bn_rows = 0  # > 0 while forward_bn_stats runs: the rows whose statistics are matched
         self._bn_terms: List[Tensor] = []
         self._bn_op: Callable = reference.bn_stats  # the bn_stats of forward_bn_stats's backend
-        for m in self.batchnorms:
-            m.register_forward_pre_hook(self._bn_capture)
-        self._probe(image_shape)
+        with self.attached():
+            self._probe(image_shape)
 
     @property
     def head_bias(self) -> bool:
         return self.head is not None and self.head.bias is not None
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[None]:
+        """The classifier prepared for this wrapper for the duration of the block: eval mode, parameters'
+        ``requires_grad`` set to ``need_param_grads``, the head's feature hook and the BatchNorm pre-hooks
+        registered. On leaving the block (an error and ``KeyboardInterrupt`` included) the hooks are removed
+        and every module's mode and parameter's flag restored, so the user's classifier is left as it was
+        (``torch.save`` of it works). Nested blocks attach once (``invert`` holds one for its whole run, so
+        the hooks a compiled classifier traced stay the same)."""
+        if self._attached:
+            self._attached += 1
+            try:
+                yield
+            finally:
+                self._attached -= 1
+            return
+        modes = [(m, m.training) for m in self.classifier.modules()]
+        flags = [(p, p.requires_grad) for p in self.classifier.parameters()]
+        handles = []
+        self._attached = 1
+        try:
+            self.classifier.eval()
+            for p, _ in flags:
+                p.requires_grad_(self.need_param_grads)
+            if self.head is not None:
+                handles.append(self.head.register_forward_hook(self._capture))
+            handles += [m.register_forward_pre_hook(self._bn_capture) for m in self.batchnorms]
+            yield
+        finally:
+            self._attached = 0
+            for h in handles:
+                h.remove()
+            for m, training in modes:
+                m.training = training
+            for p, flag in flags:
+                p.requires_grad_(flag)
 
     def _probe(self, image_shape: Tuple[int, int, int]) -> None:
         device = next(self.classifier.parameters(), torch.empty(0)).device
@@ -229,7 +267,6 @@ class FrozenClassifier(nn.Module):
                     f"out_features={self.num_classes} (its linear layers: {_linears(self.classifier) or 'none'}). "
                     "Name the final linear layer with head='...', or return (logits, features) from forward()"
                 )
-            self._hook = self.head.register_forward_hook(self._capture)
             logits, feats = self._run(x, no_grad=True)
         if logits.dim() != 2 or logits.shape[1] != self.num_classes:
             raise ClassifierError(_class_count_mismatch(logits, self.num_classes))
@@ -275,7 +312,7 @@ class FrozenClassifier(nn.Module):
         self._captured.clear()
         self._capturing = True
         try:
-            with torch.set_grad_enabled(not no_grad and torch.is_grad_enabled()):
+            with self.attached(), torch.set_grad_enabled(not no_grad and torch.is_grad_enabled()):
                 out = (self.classifier if module is None else module)(self.preprocess(x))
         finally:
             self._capturing = False

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import replace
@@ -145,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     from .data import dataset_names
+    from .models import ARCHS
 
     data_help = f"data set: {', '.join(dataset_names())}, an .npz, a folder of IDX files or of class folders; NAME:test picks the test split"
 
@@ -166,7 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--test-data", default=None, help="held-out data set for the test accuracy, e.g. mnist:test (default: none)"
     )
-    p.add_argument("--arch", choices=("cnn", "mlp"), default="cnn", help="classifier architecture (default: cnn)")
+    p.add_argument(
+        "--arch",
+        choices=tuple(ARCHS),
+        default="cnn",
+        help="classifier architecture: cnn (with BatchNorm), plain_cnn (without), mlp or lenet (default: cnn)",
+    )
     p.add_argument(
         "--epochs", type=_positive_int, default=DEMO_EPOCHS, help=f"training epochs (default: {DEMO_EPOCHS})"
     )
@@ -201,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="also save --out every N steps (default: only at the end and on Ctrl-C)",
+    )
+    p.add_argument(
+        "--checkpoint-minutes",
+        type=float,
+        default=None,
+        help="also save --out whenever this many minutes have passed since the last save (default 10; 0: off)",
     )
     p.add_argument(
         "--config",
@@ -422,6 +435,35 @@ def _say(msg: str) -> None:
     print(f"{PROG}: {msg}", file=sys.stderr)
 
 
+def _refuse_overwriting_inputs(
+    option: str, value: str, files: Sequence[Path], inputs: Dict[str, Optional[str]]
+) -> None:
+    """Refuse, before any work, to write any of ``files`` (what ``option value`` writes) where it is one of
+    the command's ``inputs`` (``{option: value}``; a data set given as ``PATH:test`` is its ``PATH``): the
+    same file by its resolved path, through a symbolic or hard link included. Writing it would destroy the input."""
+    for in_option, given in inputs.items():
+        if not given:
+            continue
+        source = Path(given.rsplit(":", 1)[0] if given.endswith((":train", ":test")) else given)
+        for file in files:
+            if _same_file(file, source):
+                what = "is" if file == Path(value) else f"would write {file}, which is"
+                raise ValueError(
+                    f"{option} {value} {what} the same file as {in_option} {given}: writing it would destroy that "
+                    f"input; give another {option}"
+                )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether paths ``a`` and ``b`` name one file (resolved, so also through links; existing or not)."""
+    try:
+        if os.path.samefile(a, b):
+            return True
+    except OSError:  # one of them does not exist (yet)
+        pass
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
 def _device(args: argparse.Namespace) -> str:
     """``--device`` made concrete once per command ("auto": the GPU when there is one, quietly)."""
     from .backends import resolve_device
@@ -458,6 +500,9 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     from .data import load_dataset, subset
     from .models import save_classifier
 
+    _refuse_overwriting_inputs(
+        "--out", args.out, [Path(args.out)], {"--data": args.data, "--test-data": args.test_data}
+    )
     check_writable(args.out, "--out")
     args.device = _device(args)
     args.seed = args.seed if args.seed is not None else 0
@@ -492,6 +537,7 @@ def _invert_overrides(args: argparse.Namespace) -> Dict[str, Any]:
         "seed": args.seed,
         "backend": args.backend,
         "checkpoint_every": getattr(args, "checkpoint_every", None),
+        "checkpoint_minutes": getattr(args, "checkpoint_minutes", None),
     }
     overrides.update({k: v for k, v in flags.items() if v is not None})
     overrides.update(parse_overrides(getattr(args, "overrides", [])))
@@ -529,6 +575,8 @@ def cmd_invert(args: argparse.Namespace) -> int:
     from .distributed import is_main
     from .models import load_classifier
 
+    inputs = {"--classifier": args.classifier, "--config": args.config}  # --resume may be --out: the run goes on
+    _refuse_overwriting_inputs("--out", args.out, [Path(args.out)], inputs)
     check_writable(args.out, "--out")
     if not args.resume:  # every option checked before any work (a resumed run checks them against its own)
         InversionConfig().with_overrides(**_invert_overrides(args))
@@ -562,13 +610,20 @@ def _load_inversion(args: argparse.Namespace, device: str, classifier: Optional[
 def cmd_sample(args: argparse.Namespace) -> int:
     from .distributed import is_main
     from .models import load_classifier
-    from .samples import write_samples
+    from .samples import INDEX, MANIFEST, write_samples
 
     out = Path(args.out)
     if not args.out.strip():
         raise ValueError("--out is empty: give an .npz file or a folder")
     if args.select is not None and args.select > 1 and not args.classifier:
         raise ValueError(f"--select {args.select} needs --classifier (the target classifier scores the candidates)")
+    if out.suffix.lower() == ".npz":  # a sharded sample's shards are named after its index
+        written = [out.with_name(out.stem + INDEX)] if args.shard_size else [out]
+    else:
+        written = [out, out / MANIFEST]
+    _refuse_overwriting_inputs(
+        "--out", args.out, written, {"--inversion": args.inversion, "--classifier": args.classifier}
+    )
     device = _device(args)
     classifier = load_classifier(args.classifier, device) if args.classifier else None
     inv = _load_inversion(args, device, classifier)
@@ -584,10 +639,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def _write_evaluation(
     report, out: Path, grid_per_class: int, extra: Dict[str, Any], header: Sequence[str] = ()
 ) -> None:
+    from .checkpoint import atomic_write_text
+
     report.save_json(out / "metrics.json", extra)
     report.save_grid(out / "grid.png", per_class=grid_per_class)
     summary = "\n".join([*header, report.summary()])
-    (out / "summary.txt").write_text(summary + "\n")
+    atomic_write_text(out / "summary.txt", summary + "\n")
     print(summary)
     print(f"wrote {out / 'metrics.json'}, {out / 'grid.png'}, {out / 'summary.txt'}")
 
@@ -605,13 +662,18 @@ def _training_set(classifier: Optional[torch.nn.Module], data: Optional[str]):
     return load_dataset(meta["train_source"]).select_source(meta["train_indices"])
 
 
-def _output_folder(path: str) -> Path:
-    """``path`` as a folder for a command's outputs, created and checked for writability now."""
+EVALUATION_FILES = ("metrics.json", "grid.png", "summary.txt")  # what evaluate and demo write into --out
+
+
+def _output_folder(path: str, files: Sequence[str] = (), inputs: Optional[Dict[str, Optional[str]]] = None) -> Path:
+    """``path`` as a folder for a command's outputs, created and checked for writability now; none of the
+    ``files`` it will hold may be one of the command's ``inputs``."""
     from .checkpoint import check_writable
 
     if not path.strip():
         raise ValueError("--out is empty: give a folder")
     out = Path(path)
+    _refuse_overwriting_inputs("--out", path, [out / f for f in files], inputs or {})
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file; give a folder")
     check_writable(out / "metrics.json", "--out folder")
@@ -639,7 +701,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
     from .models import check_classifier, load_classifier
 
-    out = _output_folder(args.out)
+    inputs = {
+        "--inversion": args.inversion,
+        "--images": args.images,
+        "--classifier": args.classifier,
+        "--eval-classifier": args.eval_classifier,
+        "--data": args.data,
+        "--test-data": args.test_data,
+    }
+    out = _output_folder(args.out, EVALUATION_FILES, inputs)
     device = _device(args)
     args.seed = args.seed if args.seed is not None else 0
     target = load_classifier(args.classifier, device) if args.classifier else None
@@ -790,11 +860,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .models import load_classifier, save_classifier
 
     start = time.perf_counter()
-    out = _output_folder(args.out)
-    args.device = _device(args)
     args.seed = args.seed if args.seed is not None else 0
     cache = leakage.cache_dir(args.cache_dir)
     cached = cache / f"demo-cnn-mnist-{args.train_per_class}pc-{args.epochs}ep-seed{args.seed}.pt"
+    files = (*EVALUATION_FILES, "classifier.pt", "inversion.pt")
+    out = _output_folder(args.out, files, {"--cache-dir (its cached classifier)": str(cached)})
+    args.device = _device(args)
     classifier = None
     if cached.is_file():
         try:

@@ -19,6 +19,7 @@ OP_TERMS = {
     "bn_stats": ("bn_stats",),
     "mode_seek": ("mode_seek",),
     "kkt": ("kkt",),
+    "adversarial": ("adversarial",),
 }
 TERMS = tuple(t for terms in OP_TERMS.values() for t in terms)
 TERM_SLICES = {op: slice(TERMS.index(t[0]), TERMS.index(t[0]) + len(t)) for op, t in OP_TERMS.items()}
@@ -47,6 +48,11 @@ class LossWeights:
     rewards images that excite the classifier's features strongly; on the leakage benchmark it makes the
     plain CNN's reconstructions more training-like and more diverse and changes nothing beyond the seeds'
     spread on the other targets (BENCHMARKS.md), hence on by default.
+    ``adversarial``: DFAD's adversarial student (Fang et al. 2019): ``-(1/(B K)) sum |t - s|``, the
+    negative mean absolute difference between the target's logits ``t`` and those of a small student
+    ``s`` (``step.Student``) on the clean images, so the generator seeks images on which the student
+    does not yet imitate the target; the student learns to imitate it on each step's images (its own
+    Adam; DESIGN.md §2.7). Off (0) by default: not yet measured on the leakage benchmark.
     """
 
     ce: float = 1.0
@@ -63,6 +69,7 @@ class LossWeights:
     bn_stats: float = 1.0
     mode_seek: float = 0.05
     kkt: float = 0.0
+    adversarial: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -130,6 +137,21 @@ class InversionConfig:
             resolution that grows over the run in ``zoom`` equal stages, ``ceil(H (s + 1) / zoom)`` pixels
             in stage ``s`` (area-averaged down, bilinearly back up: ``reference.zoom``), full resolution
             in the last; 0 or 1: off. 4 on 28 x 28 shows 7, 14, 21, then 28 pixels.
+        colour_shift, colour_contrast: ColorShift (Plug-In Inversion, Ghiasi et al. 2022) on the
+            perturbed copies, after the noise and the geometric transforms: per image and channel
+            ``x' = exp(c) x + o`` with ``c ~ U(-colour_contrast, colour_contrast)`` and
+            ``o ~ U(-colour_shift, colour_shift)``, in the generator's [-1, 1] pixel units, not clipped
+            (``reference.colour_shift``); 0 and 0: off. Needs a perturbed term (``ce_pert`` or ``kl_pert``).
+            Plug-In Inversion's quick trial on MNIST: ``colour_shift=0.4, colour_contrast=0.5``.
+        output_norm: DAFL's and DFAD's output standardisation: the generator's tanh output goes through a
+            per-channel BatchNorm (affine) and a second tanh, so each batch has the same per-channel ink
+            (mean and spread) before the squash. Part of the generator's layout (a run is resumed with
+            its own).
+        surrogate_relu: ``alpha > 0``: in the backward through the classifier, every ReLU's derivative
+            ``1[x > 0]`` becomes ``sigmoid(alpha x)`` (Haim et al. 2022, Buzaglo et al. 2023): units that
+            faint images leave off still pass gradient; the forward is unchanged (``reference.surrogate_relu``;
+            ``torch.relu``, ``F.relu`` and ``nn.ReLU``, in place or not). 0: off. Not with
+            ``grad_norm="full"``, ``kkt`` (they differentiate the classifier's true gradient) or ``compile``.
         select: candidates drawn per kept image when sampling: each image ``Inversion.sample`` returns
             is the one of ``select`` candidates of its class that the target classifies most
             confidently under random perturbations (1: no selection; without the classifier, sampling
@@ -147,6 +169,10 @@ class InversionConfig:
             or any callable.
         head: name of the classifier's final ``nn.Linear`` (found automatically when None).
         checkpoint_every: save a checkpoint every N steps (0: only at the end).
+        checkpoint_minutes: also save a checkpoint whenever this many minutes have passed since the last
+            save (default 10; 0: off), so that a long run loses at most that much to a crash or a killed
+            machine. Both apply only with a checkpoint path (``invert``'s ``checkpoint=`` or ``resume=``,
+            the command line's ``--out``); under torch.distributed rank 0 saves.
         log_every: record the loss terms in ``history`` every N steps.
         eval_per_class: fresh samples per class for the final accuracy/confidence metrics.
         progress: show a progress bar.
@@ -181,6 +207,10 @@ class InversionConfig:
     paired: bool = False
     dropout: float = 0.0
     zoom: int = 0
+    colour_shift: float = 0.0
+    colour_contrast: float = 0.0
+    output_norm: bool = False
+    surrogate_relu: float = 0.0
     select: int = 4
     grad_norm: str = "head"
     weights: LossWeights = field(default_factory=LossWeights)
@@ -190,6 +220,7 @@ class InversionConfig:
     preprocess: Preprocess = None
     head: Optional[str] = None
     checkpoint_every: int = 0
+    checkpoint_minutes: float = 10.0
     log_every: int = 10
     eval_per_class: int = 64
     progress: bool = True
@@ -231,6 +262,8 @@ class InversionConfig:
             )
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if not (_number(self.checkpoint_minutes) and 0 <= self.checkpoint_minutes < float("inf")):
+            raise ValueError(f"checkpoint_minutes must be a finite number >= 0, got {self.checkpoint_minutes!r}")
         if not (_number(self.lr) and 0 < self.lr < float("inf")):
             raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
         if len(self.betas) != 2 or not all(_number(b) and 0 <= b < 1 for b in self.betas):
@@ -247,13 +280,23 @@ class InversionConfig:
             raise ValueError(f"scale is a maximum relative change in [0, 1), got {self.scale!r}")
         if not (_number(self.dropout) and 0 <= self.dropout < 1):
             raise ValueError(f"dropout is a probability in [0, 1), got {self.dropout!r}")
+        for name in ("colour_shift", "colour_contrast", "surrogate_relu"):
+            v = getattr(self, name)
+            if not (_number(v) and 0 <= v < float("inf")):
+                raise ValueError(f"{name} must be a finite number >= 0 (0: off), got {v!r}")
+        if self.colour_shift or self.colour_contrast:
+            if not (self.active("ce_pert") or self.active("kl_pert")):
+                raise ValueError(
+                    "colour_shift and colour_contrast act on the perturbed copies: give ce_pert or kl_pert a weight, "
+                    "or set both to 0"
+                )
         _choice("diversity", self.diversity, DIVERSITIES)
         _choice("dtype", self.dtype, DTYPES)
         _choice("backend", self.backend, BACKEND_NAMES)
         _choice("conditioning", self.conditioning, CONDITIONINGS)
         _choice("perturbation", self.perturbation, PERTURBATIONS)
         _choice("grad_norm", self.grad_norm, GRAD_NORMS)
-        for name in ("progress", "compile", "cuda_graph", "paired"):
+        for name in ("progress", "compile", "cuda_graph", "paired", "output_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.compile and self.grad_norm == "full":
@@ -267,6 +310,11 @@ class InversionConfig:
         if (self.compile or self.cuda_graph) and self.active("kkt"):
             raise ValueError(
                 "the kkt term needs compile=False and cuda_graph=False: it differentiates through the classifier (double backward)"
+            )
+        if self.surrogate_relu and (self.param_grads or self.compile):
+            raise ValueError(
+                "surrogate_relu needs grad_norm='head' or 'off', a zero kkt weight and compile=False: 'full' and kkt "
+                "differentiate the classifier's true gradient, and the ReLU substitution is not supported under torch.compile"
             )
         if not isinstance(self.device, str):
             raise TypeError(f"device must be a string such as 'auto', 'cpu' or 'cuda', got {self.device!r}")

@@ -7,7 +7,9 @@
   whole of each term that every rank computes from all-reduced statistics.
 * ``GlobalBatchNorm``: BatchNorm over the global batch (``nn.SyncBatchNorm`` needs a GPU; this works
   with gloo on the CPU too), and ``data_parallel`` (it, then DDP) for the generator.
-* ``feature_loss``: the cosine, orthogonality and activation terms of the global batch from all-reduced sums.
+* ``sum_over_ranks``: gradients summed over ranks in place (the adversarial student's).
+* ``feature_loss``: the cosine, orthogonality and activation terms of the global batch from all-reduced sums;
+  ``head_grad_norm``, ``moments``, ``bn_stats`` and ``mode_seek`` the same for those terms.
 * ``process_group``: the command line's process group under ``torchrun``.
 """
 
@@ -17,7 +19,7 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -25,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import reference
+from .ops.image_prior import MOMENT_VAR_EPS
 
 Tensor = torch.Tensor
 TIMEOUT_S = 300  # default bound on a collective (TLDR_FAST_DIST_TIMEOUT): a hung rank stops the others
@@ -132,6 +135,17 @@ class _AllReduceSum(torch.autograd.Function):
         return grad
 
 
+def sum_over_ranks(tensors: Sequence[Tensor]) -> None:
+    """Replace each of ``tensors`` by its sum over ranks, in place (one all-reduce of them flattened
+    together; no autograd). Nothing to do in one process."""
+    if world()[1] == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(part.view_as(t))
+
+
 def feature_loss(
     features: Tensor, weights: Tensor, total: int, labels: Optional[Tensor] = None, num_classes: int = 0
 ) -> Tuple[Tensor, Tensor]:
@@ -167,6 +181,58 @@ def feature_loss(
     act = -l1 / (n * d)
     terms = torch.stack([cos, ortho, act])
     return (weights.to(terms.dtype) * terms).sum(), terms.detach()
+
+
+def head_grad_norm(logits: Tensor, condition: Tensor, features: Tensor, total: int, head_bias: bool) -> Tensor:
+    """The head grad-norm term of ``reference.head_loss`` for the global batch (``total`` rows over all
+    ranks), from this rank's clean ``logits`` ``[b, K]``, ``condition`` ``[b, K]`` and ``features`` ``[b, D]``:
+    ``sqrt(||E^T Phi||^2 + ||sum_i e_i||^2) / total`` (the bias part with ``head_bias``), ``E = P - C``, from one
+    all-reduce of ``E^T Phi`` and ``sum_i e_i`` (``K*D + K`` numbers). Exact and the same on every rank;
+    differentiable (through the all-reduce, as ``feature_loss``)."""
+    logp = F.log_softmax(reference._acc(logits), dim=1)
+    e = logp.exp() - condition.to(logp.dtype)  # [b, K]
+    parts = [(e.t() @ features.to(logp.dtype)).flatten()] + ([e.sum(0)] if head_bias else [])  # [K*D], [K]
+    return all_reduce_sum(torch.cat(parts)).square().sum().sqrt() / total
+
+
+def _channel_moments(x: Tensor, shift: Tensor, count: int) -> Tuple[Tensor, Tensor]:
+    """``(mean - shift, population variance)`` ``[C]`` of each channel of ``x`` ``[b, C, ...]`` over every
+    rank's rows and every other dimension (``count`` values per channel in all), from one all-reduce of the
+    per-channel sums of ``x - shift`` and of their squares (``2C`` numbers). The shift (a value near the
+    mean: the statistics the term compares with) keeps the variance's ``E[d^2] - E[d]^2`` from cancelling."""
+    dims = [0, *range(2, x.dim())]
+    d = x - shift.to(x.dtype).view(1, -1, *[1] * (x.dim() - 2))
+    s1, s2 = (all_reduce_sum(torch.cat([d.sum(dims), d.square().sum(dims)])) / count).chunk(2)
+    return s1, s2 - s1.square()
+
+
+def moments(images: Tensor, moments: Tensor, lo: float, hi: float, total: int) -> Tensor:
+    """The ``moments`` term of ``reference.image_prior`` for the global batch (``total`` images over all
+    ranks) from this rank's ``images`` ``[b, C, H, W]`` and the classifier's ``moments`` ``[2, C]`` (mean,
+    std): one all-reduce of ``2C`` numbers. Exact up to rounding, the same on every rank; differentiable."""
+    x01 = (reference._acc(images) - lo) / (hi - lo)
+    mu, sigma = moments.to(x01.dtype)
+    offset, var = _channel_moments(x01, mu, total * x01[0, 0].numel())  # offset = mean - mu
+    std = var.clamp_min(MOMENT_VAR_EPS).sqrt()
+    return ((offset.square() + (std - sigma).square()) / sigma.square()).mean()
+
+
+def bn_stats(activations: Tensor, running_mean: Tensor, running_var: Tensor, total: int) -> Tensor:
+    """``reference.bn_stats`` of one BatchNorm layer's input for the global batch (``total`` rows over all
+    ranks) from this rank's ``activations`` ``[b, C, ...]``: one all-reduce of ``2C`` numbers per layer. Exact
+    up to rounding, the same on every rank; differentiable."""
+    x = reference._acc(activations)
+    offset, var = _channel_moments(x, running_mean, total * x[0, 0].numel())  # offset = mean - running_mean
+    return offset.norm() + (var - running_var.to(x.dtype)).norm()
+
+
+def mode_seek(images: Tensor, latents: Tensor) -> Tensor:
+    """``reference.mode_seek`` of the global batch from this rank's rows of a paired batch (``Shard`` with
+    ``paired``: its first-half rows, then their partners, then perhaps the unpaired last row): the sum of its
+    pairs' ratios ``d_x / d_z`` and their number, all-reduced (2 numbers). Exact, the same on every rank."""
+    ratios = reference.mode_seek_ratios(images, latents)  # [b // 2]
+    total, pairs = all_reduce_sum(torch.stack([ratios.sum(), ratios.new_tensor(float(len(ratios)))]))
+    return 1.0 / (total / pairs + 1e-5)
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -279,9 +345,14 @@ def rank_label() -> str:
     return f" (rank {os.environ.get('RANK', '?')} of {size})" if size > 1 else ""
 
 
+def collective_failed(err: BaseException) -> bool:
+    """Whether ``err`` is the failure of a collective (another rank died, hung or raised)."""
+    return isinstance(err, dist.DistError) or "gloo" in str(err).lower() or "nccl" in str(err).lower()
+
+
 def failure_hint(err: BaseException) -> str:
     """For an error of a collective (another rank died, hung or raised): a sentence saying so, else empty."""
-    if isinstance(err, dist.DistError) or "gloo" in str(err).lower() or "nccl" in str(err).lower():
+    if collective_failed(err):
         return " (a collective failed: another rank stopped - killed, out of memory or an error: see its log)"
     return ""
 

@@ -52,7 +52,6 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -61,7 +60,7 @@ import torch.nn as nn
 from scipy.optimize import linear_sum_assignment
 
 from . import distributed
-from .checkpoint import cache_dir
+from .checkpoint import atomic_write_text, cache_dir
 from .data import ImageDataset, check_finite
 from .grid import save_pair_grid
 from .models import check_classifier, predict_logits
@@ -238,9 +237,9 @@ class EvaluationReport:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
     def save_json(self, path: PathLike, extra: Optional[Dict[str, Any]] = None) -> None:
-        """Write ``to_dict()`` (with the entries of ``extra`` added, e.g. run settings) as JSON to ``path``."""
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps({**self.to_dict(), **(extra or {})}, indent=2, allow_nan=False) + "\n")
+        """Write ``to_dict()`` (with the entries of ``extra`` added, e.g. run settings) as JSON to ``path``,
+        atomically (``tldr_fast.checkpoint.atomic_write``: a failed write leaves the previous file)."""
+        atomic_write_text(path, json.dumps({**self.to_dict(), **(extra or {})}, indent=2, allow_nan=False) + "\n")
 
     def save_grid(self, path: PathLike, per_class: int = 8) -> Tuple[int, int]:
         """A PNG of each class's ``per_class`` most similar generated images beside their nearest

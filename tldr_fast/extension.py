@@ -12,18 +12,27 @@ Where the library comes from: the prebuilt module ``tldr_fast._C`` (built by ``p
 --no-build-isolation -e .`` or ``python setup.py build_ext --inplace``), else a just-in-time build of
 ``csrc/`` with ``torch.utils.cpp_extension.load`` (cached under ``$TORCH_EXTENSIONS_DIR``; disable with
 ``TLDR_FAST_JIT=0``). Any failure becomes a reason string (``unavailable``), which the backend registry
-turns into one ``BackendUnavailable`` with the fix; importing this module never builds nor fails.
+turns into one ``BackendUnavailable`` with the fix; importing this module never builds nor fails. A build
+or load of the cache holds an OS lock on its directory (``build_lock``), so torch's own lock file that a
+killed build leaves there is recognised as stale and removed instead of waited on for ever.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import socket
 import sys
 import threading
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Dict, Optional
+from typing import Dict, Iterator, List, Optional
+
+try:
+    import fcntl
+except ImportError:  # Windows: no OS lock, so no stale-lock detection
+    fcntl = None
 
 import torch
 
@@ -33,6 +42,8 @@ from .ops import LOSS_OPS, SPECS
 PREBUILT = "tldr_fast._C"
 JIT_NAME = "tldr_fast_C"
 NAMESPACE = "tldr_fast"
+OWNER_FILE = "tldr_fast.lock"  # in the build directory: our OS lock, holding its owner's "pid PID on host HOST"
+TORCH_LOCK_FILE = "lock"  # torch.utils.file_baton.FileBaton's, in the build directory
 
 FIX_BUILD = (
     "build it with `pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`) "
@@ -99,24 +110,80 @@ def open_library(
         from torch.utils import cpp_extension
 
         with_cuda = build.build_with_cuda()
-        print(
-            f"tldr_fast: building the C++{'/CUDA' if with_cuda else ''} extension just in time "
-            "(first use; takes a few minutes, then cached)",
-            file=sys.stderr,
-        )
-        module = cpp_extension.load(
-            name=name,
-            sources=build.sources(with_cuda, csrc),
-            extra_cflags=build.cxx_flags(with_cuda),
-            extra_cuda_cflags=build.nvcc_flags() if with_cuda else None,
-            build_directory=build_directory,
-            with_cuda=with_cuda,
-            is_python_module=True,
-            verbose=False,
-        )
+        sources = build.sources(with_cuda, csrc)
+        cflags, nvcc = build.cxx_flags(with_cuda), build.nvcc_flags() if with_cuda else None
+        directory = build_directory or cpp_extension._get_build_directory(name, verbose=False)
+        os.makedirs(directory, exist_ok=True)
+        with build_lock(directory):
+            if is_cached(directory, name, csrc, sources, cflags + (nvcc or [])):
+                print(f"tldr_fast: loading the cached C++ extension from {directory}", file=sys.stderr)
+            else:
+                print(
+                    f"tldr_fast: building the C++{'/CUDA' if with_cuda else ''} extension just in time in {directory} "
+                    "(first use; takes a few minutes, then cached)",
+                    file=sys.stderr,
+                )
+            module = cpp_extension.load(
+                name=name,
+                sources=sources,
+                extra_cflags=cflags,
+                extra_cuda_cflags=nvcc,
+                build_directory=directory,
+                with_cuda=with_cuda,
+                is_python_module=True,
+                verbose=False,
+            )
         return Library("jit", module)
     except Exception as e:  # a failed build is reported by unavailable(), not raised here
         return Library("missing", error=f"{prebuilt_error}; the just-in-time build failed: {_short(e)}")
+
+
+@contextlib.contextmanager
+def build_lock(directory: str) -> Iterator[None]:
+    """Exclusive use of the build directory ``directory`` for a build or load: an OS lock (``flock``) on its
+    ``tldr_fast.lock``, which records the holder (pid and host) and which the OS releases when the holder
+    dies, however it dies. While another live process holds it (a build or load in progress), wait, saying who.
+    Holding it, any torch lock file there (``lock``: torch's ``FileBaton``, created by a build and removed at
+    its end; a killed build leaves it, and every later load would wait on it for ever) is stale: it is
+    removed, with a notice naming it. Without ``fcntl`` (Windows) nothing is locked nor removed."""
+    if fcntl is None:
+        yield
+        return
+    path = os.path.join(directory, OWNER_FILE)
+    with open(path, "a+") as f:  # closing it releases the lock
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            owner = f.read().strip() or "another process"
+            print(
+                f"tldr_fast: waiting for {owner}, which is building or loading the C++ extension in {directory}",
+                file=sys.stderr,
+            )
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+        f.flush()
+        stale = os.path.join(directory, TORCH_LOCK_FILE)
+        if os.path.exists(stale):
+            os.remove(stale)
+            print(f"tldr_fast: removed the stale lock {stale} (left by a build that was stopped)", file=sys.stderr)
+        yield
+
+
+def is_cached(directory: str, name: str, csrc: str, sources: List[str], flags: List[str]) -> bool:
+    """Whether the build of ``name`` in ``directory`` is up to date, so that torch's just-in-time build only
+    loads it: its library is newer than every file under ``csrc`` and its ``build.ninja`` names these
+    ``sources`` and compiler ``flags``."""
+    library = os.path.join(directory, name + (".pyd" if sys.platform == "win32" else ".so"))
+    try:
+        built = os.path.getmtime(library)
+        with open(os.path.join(directory, "build.ninja")) as f:
+            words = set(f.read().split())
+        newest = max(os.path.getmtime(os.path.join(root, n)) for root, _, names in os.walk(csrc) for n in names)
+    except (OSError, ValueError):  # no library or build file yet, or no sources
+        return False
+    return built >= newest and all(os.path.abspath(w) in words for w in sources) and all(w in words for w in flags)
 
 
 def _register_fakes() -> None:

@@ -57,7 +57,10 @@ class ConditionedGenerator(nn.Module):
     The condition ``c`` is embedded (Linear K -> nz, no bias) and concatenated with ``z``; a projection and two
     nearest-upsample + 3x3 conv stages reach ``(H, W)`` exactly, with the label's hot matrix
     concatenated as an extra channel at the intermediate (half-resolution) stage; ``dropout`` (channel
-    dropout, active in training mode) after each up-sampling stage. Output: tanh, in [-1, 1]. Any
+    dropout, active in training mode) after each up-sampling stage. Output: tanh, in [-1, 1]; with
+    ``output_norm``, DAFL's and DFAD's output standardisation: a per-channel BatchNorm (affine) after the
+    tanh, then tanh again into (-1, 1), so that in training mode each channel's pre-squash mean and std over
+    the batch are exactly the BatchNorm's learned shift and scale (a fixed ink budget per batch). Any
     ``(C, H, W)`` with H, W >= 8 and any K >= 2.
 
     >>> g = ConditionedGenerator(10, (1, 28, 28))
@@ -67,7 +70,13 @@ class ConditionedGenerator(nn.Module):
     """
 
     def __init__(
-        self, num_classes: int, image_shape: Tuple[int, int, int], nz: int = 100, ngf: int = 64, dropout: float = 0.0
+        self,
+        num_classes: int,
+        image_shape: Tuple[int, int, int],
+        nz: int = 100,
+        ngf: int = 64,
+        dropout: float = 0.0,
+        output_norm: bool = False,
     ):
         super().__init__()
         c, h, w = image_shape
@@ -102,6 +111,9 @@ class ConditionedGenerator(nn.Module):
             nn.Dropout2d(dropout),
         )
         self.out = nn.Conv2d(ngf // 2, c, 3, padding=1)
+        self.output_norm = output_norm
+        if output_norm:  # absent otherwise: weights saved without it load unchanged
+            self.out_norm = nn.BatchNorm2d(c)
 
     def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
         """Weights saved with the embedding's former bias ``b`` load as the same function: ``b`` added
@@ -125,7 +137,8 @@ class ConditionedGenerator(nn.Module):
         x = self.project(v).view(z.shape[0], 2 * self.ngf, *self.start)
         x = self.up1(x)  # [B, ngf, H/2, W/2]
         x = torch.cat([x, hot_matrix(labels, self.num_classes, self.mid).to(x.dtype)], dim=1)
-        return torch.tanh(self.out(self.up2(x)))
+        x = torch.tanh(self.out(self.up2(x)))
+        return torch.tanh(self.out_norm(x)) if self.output_norm else x
 
 
 def legacy_optimizer_state(

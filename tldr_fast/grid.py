@@ -10,11 +10,13 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import List, Sequence, Tuple, Union
+from typing import BinaryIO, Callable, List, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from .checkpoint import atomic_write, atomic_write_many
 
 Tensor = torch.Tensor
 PathLike = Union[str, os.PathLike]
@@ -105,24 +107,25 @@ def pair_grid(
 
 
 def save_pair_grid(path: PathLike, *args, **kwargs) -> Tuple[int, int]:
-    """``pair_grid(*args, **kwargs)`` written as a PNG; returns its ``(width, height)``."""
+    """``pair_grid(*args, **kwargs)`` written as a PNG, atomically; returns its ``(width, height)``."""
     img = pair_grid(*args, **kwargs)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, format="PNG")
+    atomic_write(path, lambda f: img.save(f, format="PNG"), "grid")
     return img.size
 
 
 def save_image_folder(folder: PathLike, images: Tensor, labels: Tensor, num_classes: int) -> List[Path]:
     """Each image ``[N, C, H, W]`` in [0, 1] as ``folder/<class>/<n>.png``, class folders zero-padded
     (``00``, ``01``, ...) so that sorted names are the class order (``tldr_fast.data.load_image_folder``
-    reads it back). Returns the files written."""
+    reads it back). Each file is written atomically. Returns the files written."""
     digits = len(str(num_classes - 1))
     counts = [0] * num_classes
     written = []
-    for img, c in zip(images, labels.tolist()):
-        path = Path(folder) / f"{c:0{digits}d}" / f"{counts[c]:05d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        to_pil(img).save(path, format="PNG")
+    for c in labels.tolist():
+        written.append(Path(folder) / f"{c:0{digits}d}" / f"{counts[c]:05d}.png")
         counts[c] += 1
-        written.append(path)
+    atomic_write_many([(path, _png(to_pil(img))) for path, img in zip(written, images)], "image")
     return written
+
+
+def _png(img: Image.Image) -> Callable[[BinaryIO], None]:
+    return lambda f: img.save(f, format="PNG")

@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass, field
+from time import monotonic
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -28,7 +29,7 @@ from .classifier import ClassifierError, FrozenClassifier, fingerprint
 from .config import TERMS, InversionConfig, Preprocess
 from .generator import ConditionedGenerator, legacy_optimizer_state
 from .progress import progress_bar
-from .step import PIXEL_RANGE, TLDRObjective, pixel_eps, step_seed, warp_mode
+from .step import PIXEL_RANGE, Student, TLDRObjective, pixel_eps, step_seed, warp_mode
 
 Tensor = torch.Tensor
 
@@ -187,19 +188,27 @@ class Inversion:
         first image, images [n, C, H, W] in [-1, 1] on the CPU)``. Memory is one batch, whatever the total.
         ``offset``: the first label is image number ``offset`` of a longer sample (a resumed writer
         continues it with exactly the images an uninterrupted one would have written)."""
-        bs = self.config.batch_size if batch_size is None else batch_size
-        if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        bs = self.resolve_batch_size(batch_size)
         seed = self.sample_seed(seed)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
         select = self.resolve_select(select)
         for start, (_, x) in zip(range(0, len(labels), bs), self._batches(labels, bs, seed, select, offset)):
             yield start, x.float().cpu()
 
+    def resolve_batch_size(self, batch_size: Optional[int] = None) -> int:
+        """The images per batch that sampling with ``batch_size`` generates: ``batch_size`` itself (a
+        positive int), or the inversion's own for None."""
+        bs = self.config.batch_size if batch_size is None else batch_size
+        if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        return bs
+
     def sample_seed(self, seed: Optional[int] = None) -> int:
-        """The seed sampling with ``seed`` uses: ``seed`` itself, or the inversion's own for None."""
-        return self.config.seed + 1_000_000_007 if seed is None else seed
+        """The seed sampling with ``seed`` uses: ``seed`` itself (an int), or the inversion's own for None."""
+        if seed is None:
+            return self.config.seed + 1_000_000_007
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        return seed
 
     def resolve_select(self, select: Optional[int] = None) -> int:
         """The candidates per image that sampling with ``select`` uses: ``select`` itself (a positive
@@ -245,10 +254,13 @@ class Inversion:
             "samples": n,
         }
 
-    def state(self, optimizer: Optional[torch.optim.Optimizer] = None) -> dict:
+    def state(self, optimizer: Optional[torch.optim.Optimizer] = None, student: Optional[Student] = None) -> dict:
+        """The checkpoint's contents: with the generator's ``optimizer`` and the adversarial ``student``
+        (its weights and Adam state) of a run in progress, None for either when not given."""
         return {
             "generator": self.generator.state_dict(),
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "student": student.state_dict() if student is not None else None,
             "step": self.step,
             "config": self.config.to_dict(),
             "num_classes": self.num_classes,
@@ -303,7 +315,7 @@ def indexed_draws(seed: int, stream: int, start: int, stop: int, draw, device) -
 # |x| at or above this is a saturated tanh output (counted in metrics["saturated"])
 SATURATED = 0.999
 STATE_KEYS = ("generator", "optimizer", "step", "config", "num_classes", "image_shape", "history", "metrics")
-OPTIONAL_STATE_KEYS = ("format", "classifier")  # "classifier": not in checkpoints of older versions
+OPTIONAL_STATE_KEYS = ("format", "student", "classifier")  # not in checkpoints of older versions
 
 
 class InversionDiverged(RuntimeError):
@@ -337,6 +349,7 @@ def _load_state(path: PathLike) -> dict:
             "a dict of lists",
         ),
         "metrics": (state["metrics"] is None or isinstance(state["metrics"], dict), "None or a dict"),
+        "student": (state.get("student") is None or isinstance(state["student"], dict), "None or a dict"),
         "classifier": (state.get("classifier") is None or isinstance(state["classifier"], str), "None or a string"),
     }
     for key, (ok, expected) in checks.items():
@@ -353,13 +366,14 @@ def _generator(
     weights: Optional[dict] = None,
     path: Optional[PathLike] = None,
 ) -> ConditionedGenerator:
-    g = ConditionedGenerator(num_classes, shape, cfg.nz, cfg.ngf, cfg.dropout).to(device)
+    g = ConditionedGenerator(num_classes, shape, cfg.nz, cfg.ngf, cfg.dropout, cfg.output_norm).to(device)
     if weights is not None:
         try:
             g.load_state_dict(weights)
         except RuntimeError as e:
             raise ValueError(
-                f"{path}: its generator weights do not fit a generator of nz={cfg.nz}, ngf={cfg.ngf} ({str(e).splitlines()[0]})"
+                f"{path}: its generator weights do not fit a generator of nz={cfg.nz}, ngf={cfg.ngf}, "
+                f"output_norm={cfg.output_norm} ({str(e).splitlines()[0]})"
             ) from e
         if not _finite(g):
             raise ValueError(
@@ -374,14 +388,19 @@ def _finite(module: nn.Module) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
-def _save(path: PathLike, inv: "Inversion", optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+def _save(
+    path: PathLike,
+    inv: "Inversion",
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    student: Optional[Student] = None,
+) -> None:
     """Save ``inv``'s state, never from a non-finite generator (that would replace a good checkpoint)."""
     if not _finite(inv.generator):
         raise FloatingPointError(
             f"the generator's weights became non-finite by step {inv.step}: not saving over {path} (a non-finite loss "
             "term, e.g. an infinite weight, or a learning rate too high?)"
         )
-    save_checkpoint(path, inv.state(optimizer))
+    save_checkpoint(path, inv.state(optimizer, student))
 
 
 def _check_converged(inv: "Inversion") -> None:
@@ -421,7 +440,7 @@ class _Interrupts:
 
 
 # options that fix the generator's layout: a checkpoint is only resumed with its own
-ARCHITECTURE = ("nz", "ngf")
+ARCHITECTURE = ("nz", "ngf", "output_norm")
 
 
 def _config(
@@ -467,10 +486,11 @@ def invert(
             It must have been trained against this classifier (same weights: its recorded fingerprint,
             ``tldr_fast.classifier.fingerprint``), unless ``allow_other_classifier``; a checkpoint that
             records none (an older version's) resumes with a warning.
-        checkpoint: where to save checkpoints (every ``checkpoint_every`` steps, at the end, and on
-            Ctrl-C or SIGTERM, which stop the run at the end of the current step: a second one stops
-            it at once); defaults to ``resume``. Checked for writability before training starts.
-            Never written from a generator with non-finite weights.
+        checkpoint: where to save checkpoints (every ``checkpoint_every`` steps and ``checkpoint_minutes``
+            minutes, at the end, on Ctrl-C or SIGTERM, which stop the run at the end of the current step:
+            a second one stops it at once, and under torch.distributed by rank 0 when another rank dies);
+            defaults to ``resume``. Checked for writability before training starts. Never written from a
+            generator with non-finite weights.
 
     Raises:
         InversionDiverged: the images came out degenerate (saturated pixels, the target at chance).
@@ -494,11 +514,9 @@ def invert(
             raise ValueError(
                 f"checkpoint {resume} is for {state['num_classes']} classes of {tuple(state['image_shape'])}, not {num_classes} of {shape}"
             )
-        changed = [
-            f"{k} ({state['config'][k]} -> {getattr(cfg, k)})"
-            for k in ARCHITECTURE
-            if state["config"].get(k) != getattr(cfg, k)
-        ]
+        # a key an older run's config lacks had the field's default
+        saved = {k: state["config"].get(k, getattr(InversionConfig, k)) for k in ARCHITECTURE}
+        changed = [f"{k} ({saved[k]} -> {getattr(cfg, k)})" for k in ARCHITECTURE if saved[k] != getattr(cfg, k)]
         if changed:
             raise ValueError(f"cannot resume {resume} with another generator layout: {', '.join(changed)}")
     classifier_id = fingerprint(classifier) if isinstance(classifier, nn.Module) else None  # else refused below
@@ -525,7 +543,28 @@ def invert(
                 group["lr"], group["betas"] = cfg.lr, cfg.betas
         inv.step, inv.history = state["step"], state["history"]
     objective = TLDRObjective(g, target, cfg, ops, device)
-    shard, ckpt = objective.shard, ckpt if main else None  # only rank 0 saves
+    if objective.student is not None and state is not None and state.get("student") is not None:
+        objective.student.load_state_dict(state["student"])  # else a fresh one: the term is new to this run
+    with target.attached():  # the classifier as invert needs it, and as it was afterwards (also on errors)
+        _train(inv, opt, objective, ckpt if main else None, main, device)
+    return inv
+
+
+def _train(
+    inv: Inversion,
+    opt: torch.optim.Optimizer,
+    objective: TLDRObjective,
+    ckpt: Optional[PathLike],
+    main: bool,
+    device: torch.device,
+) -> None:
+    """``invert``'s loop: train ``inv`` from its step to ``config.steps``, checkpointing to ``ckpt`` (None:
+    not this rank's job) every ``checkpoint_every`` steps and ``checkpoint_minutes`` minutes, then its
+    metrics; stops (saved) on a deferred signal. On an immediate interrupt, or when another rank dies (a
+    collective fails: this rank's generator and optimizer are still the last complete step's, as every rank
+    holds the same), the last complete step is saved before the error goes on."""
+    cfg, g = inv.config, inv.generator
+    shard, student = objective.shard, objective.student  # student: the adversarial term's, or None
     params = list(g.parameters())
     bar = progress_bar(
         total=cfg.steps, initial=inv.step, desc="invert", unit="step", disable=not (cfg.progress and main)
@@ -534,6 +573,7 @@ def invert(
     before = [b.clone() for b in buffers]  # their values before the current step
     phase = "between"  # of a step: "between" steps, in its "forward" (and backward), or in its "update"
     stopped = False  # a stop request (on any rank, agreed at logging steps under torch.distributed)
+    saved_at = monotonic()  # of the last save (or the start)
     with _Interrupts() as stop:
         try:
             while inv.step < cfg.steps and not stopped:
@@ -544,6 +584,7 @@ def invert(
                 loss.backward(inputs=params)  # only the generator's parameters accumulate gradients
                 phase = "update"
                 opt.step()
+                objective.learn()  # the adversarial student's step on this step's images
                 inv.step += 1
                 phase = "between"
                 bar.update()
@@ -552,20 +593,29 @@ def invert(
                     _log(inv, objective.global_terms(terms), bar)
                 if logged or shard.world == 1:  # every rank stops after the same step
                     stopped = shard.any(stop.requested is not None, device)
-                if ckpt is not None and cfg.checkpoint_every and inv.step % cfg.checkpoint_every == 0:
-                    _save(ckpt, inv, opt)
+                if ckpt is not None and (
+                    (cfg.checkpoint_every and inv.step % cfg.checkpoint_every == 0)
+                    or (cfg.checkpoint_minutes and monotonic() - saved_at >= 60 * cfg.checkpoint_minutes)
+                ):
+                    _save(ckpt, inv, opt, student)
+                    saved_at = monotonic()
             if not stopped:
                 inv.metrics = inv.classifier_metrics()
                 _check_converged(inv)
             if ckpt is not None:  # the final state, or the state at the interrupt: consistent either way
-                _save(ckpt, inv, opt)
-        except KeyboardInterrupt:  # not a deferred signal: a second Ctrl-C, or raised by the classifier's code
-            if ckpt is not None and phase != "update":  # the parameters are the last step's: save them
+                _save(ckpt, inv, opt, student)
+        except BaseException as err:
+            # not a deferred signal (a second Ctrl-C, or raised by the classifier's code), or a peer rank died
+            interrupted = isinstance(err, KeyboardInterrupt)
+            peer = shard.world > 1 and isinstance(err, Exception) and distributed.collective_failed(err)
+            if (interrupted or peer) and ckpt is not None and phase != "update":  # the last step's parameters
                 if phase == "forward":  # with the statistics from before the unfinished step
                     torch._foreach_copy_(buffers, before)
-                _save(ckpt, inv, opt)
+                _save(ckpt, inv, opt, student)
+                why = "interrupted" if interrupted else "another rank stopped (a collective failed)"
                 print(
-                    f"\ntldr_fast: interrupted at step {inv.step}; saved to {ckpt}, resume with invert(..., resume={str(ckpt)!r})",
+                    f"\ntldr_fast: {why} at step {inv.step}; saved step {inv.step} to {ckpt}, resume with "
+                    f"invert(..., resume={str(ckpt)!r}) or --resume",
                     file=sys.stderr,
                 )
             raise
@@ -581,7 +631,6 @@ def invert(
             if main:
                 print(f"\ntldr_fast: {reason} at step {inv.step}{where}", file=sys.stderr)
             raise KeyboardInterrupt(reason)
-    return inv
 
 
 def _check_resumed_classifier(

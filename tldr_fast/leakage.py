@@ -41,7 +41,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .checkpoint import cache_dir
+from . import models
+from .checkpoint import atomic_write_text, cache_dir
 from .data import DataUnavailable, ImageDataset, load_dataset, subset
 from .evaluate import EvaluationReport, evaluate
 from .models import load_classifier, save_classifier, train_classifier
@@ -122,7 +123,8 @@ def _grid(data: Sequence[str], archs: Sequence[str], sizes: Sequence[Any]) -> Tu
     return tuple(Target(d, n, a) for d in data for n in sizes for a in archs)
 
 
-ARCHS = ("plain_cnn", "cnn", "mlp")
+# the target architectures: every one of tldr_fast.models.ARCHS but the evaluation classifier's (LeNet)
+ARCHS = tuple(a for a in models.ARCHS if a != "lenet")
 COLOUR_DATA = ("colour-mnist", "colour-fashion-mnist")
 SUITES: Dict[str, Suite] = {
     # CI smoke test: one tiny target, one seed, a short inversion; checks that everything runs and
@@ -395,10 +397,8 @@ def run(
 
 
 def _write(out: Path, results: Dict[str, Any]) -> None:
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, out / "results.json")
-    (out / "results.md").write_text(markdown(results))
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(out / "results.md", markdown(results))
 
 
 def _fmt(v: Optional[float], spread: Optional[float] = None, digits: int = 2) -> str:

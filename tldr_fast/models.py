@@ -403,7 +403,7 @@ def save_classifier(model: nn.Module, path: PathLike) -> None:
             "save_classifier saves the classifiers of tldr_fast.models (built with a tldr_meta); save others with torch.save"
         )
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_save({"format": CHECKPOINT_FORMAT, "meta": json.dumps(meta), "state_dict": state}, path)
+    atomic_save({"format": CHECKPOINT_FORMAT, "meta": json.dumps(meta), "state_dict": state}, path, "classifier")
 
 
 def load_classifier(path: PathLike, device: str = "cpu") -> nn.Module:

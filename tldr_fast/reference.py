@@ -22,6 +22,7 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from .ops import bn_stats as _bn_stats
 from .ops import feature_loss as _feature_loss
@@ -346,6 +347,88 @@ def zoom(images: Tensor, size: Tuple[int, int]) -> Tensor:
     return F.interpolate(low, size=images.shape[-2:], mode="bilinear", align_corners=False).to(images.dtype)
 
 
+def colour_draws(
+    n: int, channels: int, contrast: float, offset: float, generator: torch.Generator, device, dtype=torch.float32
+) -> Tensor:
+    """``[n, 2, channels]`` random ColorShifts (Plug-In Inversion, Ghiasi et al. 2022): per image and
+    channel a log-contrast ``c ~ U(-contrast, contrast)`` (row 0) and an offset ``o ~ U(-offset, offset)``
+    (row 1), drawn from ``generator`` in that order."""
+
+    def uniform(span: float) -> Tensor:  # [n, channels] in [-span, span]
+        return (torch.rand(n, channels, generator=generator, device=device, dtype=dtype) * 2 - 1) * span
+
+    log_contrast = uniform(contrast)
+    return torch.stack([log_contrast, uniform(offset)], 1)
+
+
+def colour_shift(images: Tensor, shifts: Tensor) -> Tensor:
+    """``images`` ``[B, C, H, W]`` with each image's channels shifted by ``shifts`` ``[B, 2, C]`` (from
+    ``colour_draws``): ``exp(c) * x + o``, not clipped. Affine in ``images``, so its gradient is ``exp(c)``."""
+    log_contrast, offset = (t[:, :, None, None].to(images.dtype) for t in shifts.unbind(1))  # [B, C, 1, 1]
+    return torch.exp(log_contrast) * images + offset
+
+
+def disagreement(teacher: Tensor, student: Tensor) -> Tensor:
+    """DFAD's disagreement (Fang et al. 2019) between two classifiers' logits ``[B, K]``: their mean
+    absolute difference ``(1/(B K)) sum_{i,k} |t_ik - s_ik|``. The adversarial student minimises it on
+    the generated images; the ``adversarial`` term is its negative, so the generator maximises it.
+    Gradient ``sign(t - s) / (B K)`` w.r.t. ``t`` and its negative w.r.t. ``s`` (``sign(0) = 0``, as
+    autograd's ``abs``). fp32 (fp64 for fp64 inputs)."""
+    return (_acc(teacher) - _acc(student)).abs().mean()
+
+
+class SurrogateReLU(torch.autograd.Function):
+    """``relu(x)`` whose backward is ``grad * sigmoid(alpha x)`` instead of ``grad * 1[x > 0]``; with
+    ``inplace``, ``x`` itself is overwritten (as ``torch.relu_``) and returned."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, alpha: float, inplace: bool) -> Tensor:
+        ctx.save_for_backward(torch.sigmoid(alpha * x))  # the surrogate derivative, before x is overwritten
+        if inplace:
+            ctx.mark_dirty(x)
+            return torch.relu_(x)
+        return torch.relu(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (slope,) = ctx.saved_tensors
+        return grad * slope, None, None
+
+
+class _SurrogateReLUs(TorchFunctionMode):
+    """Every ReLU called while active (``torch.relu``, ``torch.relu_``, ``F.relu`` with or without
+    ``inplace``, hence ``nn.ReLU``, and the tensor methods ``relu``, ``relu_``) runs as ``SurrogateReLU``."""
+
+    INPLACE = {torch.relu: False, torch.Tensor.relu: False, torch.relu_: True, torch.Tensor.relu_: True}
+
+    def __init__(self, alpha: float):
+        super().__init__()
+        self.alpha = alpha
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.relu:
+            inplace = kwargs.get("inplace", args[1] if len(args) > 1 else False)
+            return SurrogateReLU.apply(args[0], self.alpha, bool(inplace))
+        if func in self.INPLACE:
+            return SurrogateReLU.apply(args[0], self.alpha, self.INPLACE[func])
+        return func(*args, **kwargs)
+
+
+def surrogate_relu(alpha: float) -> TorchFunctionMode:
+    """A context in which every ReLU's backward uses the derivative ``sigmoid(alpha x)`` in place of
+    ``1[x > 0]`` (Haim et al. 2022, Buzaglo et al. 2023); forwards are unchanged. The graph built inside
+    keeps the substitution; nothing outside it is affected, also when the block raises.
+
+    >>> x = torch.tensor([-1.0, 0.0, 2.0], requires_grad=True)
+    >>> with surrogate_relu(1.0):
+    ...     y = torch.nn.ReLU()(x)
+    >>> y.sum().backward(); x.grad
+    tensor([0.2689, 0.5000, 0.8808])
+    """
+    return _SurrogateReLUs(float(alpha))
+
+
 def mode_seek(images: Tensor, latents: Tensor) -> Tensor:
     """The mode-seeking term (MSGAN, Mao et al. 2019) of a paired batch: rows ``i`` and ``i + B/2``
     share a label and differ in their latents; ``1 / (mean_i d_x(i) / d_z(i) + 1e-5)`` with
@@ -353,11 +436,16 @@ def mode_seek(images: Tensor, latents: Tensor) -> Tensor:
     (an unpaired last row of an odd batch is left out). Minimising it pushes the generator to let
     different latents give different images. fp32 scalar, differentiable w.r.t. ``images``."""
     _mode_seek.check(images, latents)
+    return 1.0 / (mode_seek_ratios(images, latents).mean() + 1e-5)
+
+
+def mode_seek_ratios(images: Tensor, latents: Tensor) -> Tensor:
+    """``d_x(i) / d_z(i)`` of each pair ``(i, i + B/2)`` of ``mode_seek``: ``[B // 2]``, fp32 (fp64 for fp64)."""
     h = images.shape[0] // 2
     x, z = _acc(images), _acc(latents)
     dx = (x[:h] - x[h : 2 * h]).abs().flatten(1).mean(1)  # [h]
     dz = (z[:h] - z[h : 2 * h]).abs().flatten(1).mean(1)  # [h]
-    return 1.0 / ((dx / dz.clamp_min(1e-12)).mean() + 1e-5)
+    return dx / dz.clamp_min(1e-12)
 
 
 def pairwise_ssim(a: Tensor, b: Tensor, data_range: float = 1.0) -> Tensor:

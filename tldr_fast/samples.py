@@ -4,12 +4,13 @@
   zip member by member and renamed into place when complete (an interrupted write leaves no file).
 * ``.npz`` with ``shard_size=S``: the same, in shards of S images (the last may be smaller) beside it,
   ``<stem>-00000-of-000NN.npz`` (each also holding ``sample``, the id of the sample it belongs to), and
-  ``<stem>-index.json`` recording the sample and its shards in order. Each shard is written atomically;
-  writing the same sample again resumes it (complete shards are kept); a different sample (another
+  ``<stem>-index.json`` recording the sample and its shards in order, with each shard's sha256 once the
+  sample is complete. Each shard is written atomically; writing the same sample again resumes it
+  (intact shards are kept, a damaged one is written again and said so); a different sample (another
   inversion, seed, selection, count or shard size) replaces the previous shards. ``load_sample`` and
-  ``iter_sample`` read either form back.
+  ``iter_sample`` read either form back, checking the index's entries and each shard's checksum.
 * any other path: a folder with one sub-folder of PNGs per class (``tldr_fast.grid.save_image_folder``'s
-  layout), each file written atomically, and ``samples.json`` recording what the folder holds. Writing
+  layout), written atomically a batch at a time, and ``samples.json`` recording what the folder holds. Writing
   the same sample again resumes it: images already on disk are kept and not regenerated. A different
   sample (another inversion, seed, selection or count) replaces the folder's previous PNGs. ``load_sample``
   reads it back, class by class.
@@ -19,6 +20,10 @@ Under ``torch.distributed`` (``torchrun ... -m tldr_fast sample``) a folder is w
 first. Shards likewise: shard ``j`` by rank ``j mod world``, the index by rank 0 first. Either way the
 files are those a single process writes (byte for byte), and resume the same way with any number of
 ranks. A single ``.npz`` is one file, written by a single process only.
+
+Every argument is checked before any file is touched. Temporary files that a killed writer left beside
+the output (the library's own ``.<name>.<id>.tmp`` only) are removed by the next write; on any error,
+a full disk included, the write's own temporary files are removed.
 """
 
 from __future__ import annotations
@@ -27,17 +32,19 @@ import hashlib
 import json
 import os
 import re
+import sys
 import zipfile
+import zlib
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image
 
 from . import distributed
-from .checkpoint import check_parent
-from .data import _pil_to_array, read_npz
+from .checkpoint import atomic_write, atomic_write_many, atomic_write_text, check_parent, remove_stale_temps
+from .data import _pil_to_array
 from .grid import to_pil
 from .progress import progress_bar
 
@@ -91,6 +98,12 @@ def write_samples(
             f"{out}: a single .npz is written by one process; under torchrun give a shard size "
             "(--shard-size N: each rank writes its shards) or a folder (each rank writes its PNGs)"
         )
+    labels = inv.labels(labels)  # every argument checked before any file is touched
+    batch_size, seed, select = inv.resolve_batch_size(batch_size), inv.sample_seed(seed), inv.resolve_select(select)
+    if npz and shard_size is None and out.is_dir():
+        raise IsADirectoryError(f"{out} is a folder; an .npz output must be a file name")
+    if not npz and out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} is a file; a PNG sample is written into a folder")
     bar = progress_bar(total=len(labels), desc="sample", unit="img", disable=not (progress and rank == 0))
     try:
         if shard_size is not None:
@@ -108,38 +121,35 @@ def _write_npz(
     inv,
     out: Path,
     labels: Tensor,
-    batch_size,
-    seed,
-    select,
+    batch_size: int,
+    seed: int,
+    select: int,
     bar,
     offset: int = 0,
     extra: Optional[Dict[str, np.ndarray]] = None,
 ) -> None:
     """One ``.npz`` of ``labels``' images (image ``offset`` of the sample first) and ``extra`` arrays,
-    written to a temp file and renamed into place (reproducible bytes: the zip entries carry no time)."""
-    if out.is_dir():
-        raise IsADirectoryError(f"{out} is a folder; an .npz output must be a file name")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            with zf.open("images.npy", "w", force_zip64=True) as f:
+    written through ``atomic_write`` (reproducible bytes: the zip entries carry no time)."""
+
+    def write(f: BinaryIO) -> None:
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            with zf.open("images.npy", "w", force_zip64=True) as member:
                 header = {"descr": "|u1", "fortran_order": False, "shape": (len(labels), *inv.image_shape)}
-                np.lib.format.write_array_header_2_0(f, header)
+                np.lib.format.write_array_header_2_0(member, header)
                 for _, x in inv.sample_batches(labels, batch_size, seed, select, offset=offset):
-                    f.write(np.ascontiguousarray(_uint8(x)).tobytes())
+                    member.write(np.ascontiguousarray(_uint8(x)).tobytes())
                     bar.update(len(x))
             arrays = {"labels": labels.numpy().astype(np.int64), **(extra or {})}
             for key, value in arrays.items():
-                with zf.open(f"{key}.npy", "w", force_zip64=True) as f:
-                    np.lib.format.write_array(f, value)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+                with zf.open(f"{key}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, value)
+
+    atomic_write(out, write, "sample")
 
 
-def _write_shards(inv, out: Path, labels: Tensor, batch_size, seed, select, shard_size: int, bar) -> Path:
+def _write_shards(
+    inv, out: Path, labels: Tensor, batch_size: int, seed: int, select: int, shard_size: int, bar
+) -> Path:
     """Shards of ``shard_size`` images beside ``out`` and their index (returned); this rank's shards only."""
     n = len(labels)
     manifest = {**_manifest(inv, labels, seed, select), "shard_size": shard_size, "image_shape": list(inv.image_shape)}
@@ -157,43 +167,54 @@ def _write_shards(inv, out: Path, labels: Tensor, batch_size, seed, select, shar
     index = {**manifest, "sample": sample, "shards": shards}
     path = out.with_name(out.stem + INDEX)
     rank, world = distributed.world()
+    name = re.escape(out.stem) + r"-\d{5,}-of-\d{5,}" + re.escape(out.suffix)
     if rank == 0:  # before any rank writes: stale temp files go, and another sample's shards (ours only)
         out.parent.mkdir(parents=True, exist_ok=True)
-        same = _read(path) == index
-        name = re.escape(out.stem) + r"-\d{5,}-of-\d{5,}" + re.escape(out.suffix)
-        temp, shard = re.compile(rf"\.(?:{name}|{re.escape(path.name)})\.\d+\.tmp"), re.compile(name)
-        for old in out.parent.iterdir():
-            if temp.fullmatch(old.name) or (not same and shard.fullmatch(old.name)):
-                old.unlink()
-        if not same:
-            _write_text(path, json.dumps(index, indent=2) + "\n")
+        remove_stale_temps(out.parent, f"{name}|{re.escape(path.name)}")
+        if _without_checksums(_read(path)) != index:
+            shard = re.compile(name)
+            for old in out.parent.iterdir():
+                if shard.fullmatch(old.name):
+                    old.unlink()
+            _write_json(path, index)
+    distributed.barrier()  # the index is this sample's before any rank writes
+    recorded = _checksums(_read(path))  # of the shards of a completed run of this sample
     mine = shards[rank::world]  # shard j by rank j mod world
     bar.total = sum(s["count"] for s in mine)
-    distributed.barrier()  # the index is this sample's before any rank writes
     for s in mine:
         file, start, stop = out.parent / s["file"], s["start"], s["start"] + s["count"]
-        if _sample_of(file) == sample:  # written by an earlier, interrupted run of this sample
-            bar.update(s["count"])
-            continue
+        if file.exists():  # written by an earlier, interrupted run of this sample: kept when intact
+            problem = _shard_problem(file, sample, recorded.get(s["file"]))
+            if problem is None:
+                bar.update(s["count"])
+                continue
+            print(f"tldr_fast: {file} {problem}: writing it again", file=sys.stderr)
         _write_npz(
             inv,
             file,
             labels[start:stop],
             batch_size,
-            manifest["seed"],
-            manifest["select"],
+            seed,
+            select,
             bar,
             offset=start,
             extra={"sample": np.array(sample)},
         )
-    distributed.barrier()  # the whole sample is on disk when any rank returns
+    distributed.barrier()  # every shard is on disk before rank 0 records their checksums
+    if rank == 0:
+        complete = {**index, "shards": [{**s, "sha256": _sha256(out.parent / s["file"])} for s in shards]}
+        if _read(path) != complete:
+            _write_json(path, complete)
+    distributed.barrier()  # the whole sample and its index are on disk when any rank returns
     return path
 
 
 def iter_sample(path: PathLike) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
     """``(images uint8 [n, C, H, W], labels int64 [n])`` of a sample that ``write_samples`` wrote: an
     ``.npz`` (one pair), a sharded sample's index (one pair per shard, in order: memory one shard), or a
-    folder of PNGs (one pair, class by class: class 0's images in order, then class 1's, ...)."""
+    folder of PNGs (one pair, class by class: class 0's images in order, then class 1's, ...). A sharded
+    sample's index entries must be contiguous and add up to its count, and each shard must be of this sample
+    with the checksum the index records; anything else is an error naming the file."""
     path = Path(path)
     if path.is_dir():
         yield _read_folder(path)
@@ -201,40 +222,26 @@ def iter_sample(path: PathLike) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
     if not path.is_file():
         raise FileNotFoundError(f"no such file or folder: {path}")
     if path.suffix.lower() == ".npz":
-        arrays = read_npz(path)
-        images, labels = arrays.get("images"), arrays.get("labels")
-        if (
-            images is None
-            or labels is None
-            or images.dtype != np.uint8
-            or images.ndim != 4
-            or labels.shape != images.shape[:1]
-            or not np.issubdtype(labels.dtype, np.integer)
-        ):
-            found = {k: f"{v.dtype} {list(v.shape)}" for k, v in arrays.items()}
-            raise ValueError(
-                f"{path}: not a sample as write_samples writes it (images uint8 [N, C, H, W], labels [N]); found {found}"
-            )
-        yield images, labels
+        yield _load_npz(path)
         return
     index = _read(path)
     if not isinstance(index, dict) or not isinstance(index.get("shards"), list) or "sample" not in index:
         raise ValueError(
             f"{path}: neither an .npz nor the index of a sharded sample (<stem>{INDEX}, from write_samples with shard_size)"
         )
+    _check_entries(path, index)
     for s in index["shards"]:
         file = path.parent / s["file"]
-        found = _sample_of(file)
-        if found is None:
+        if not file.exists():
             raise FileNotFoundError(
-                f"{file} is missing or unreadable: the sample is incomplete (write the same sample again to complete it)"
+                f"{file} is missing: the sample is incomplete (write the same sample again to complete it)"
             )
-        if found != index["sample"]:
-            raise ValueError(
-                f"{file} is a shard of another sample than {path} (another inversion, seed, selection, count or shard size)"
-            )
-        with np.load(file, allow_pickle=False) as z:
-            images, labels = z["images"], z["labels"]
+        problem = _shard_problem(file, index["sample"], s.get("sha256"))
+        if problem is not None:
+            raise ValueError(f"{file} {problem} (a shard of {path}; write the same sample again to rewrite it)")
+        images, labels = _load_npz(file)
+        if len(images) != s["count"] or len(labels) != s["count"]:
+            raise ValueError(f"{file} holds {len(labels)} images, but {path} records {s['count']} for it")
         yield images, labels
 
 
@@ -283,36 +290,125 @@ def _read_folder(folder: Path) -> Tuple[np.ndarray, np.ndarray]:
     return np.stack(images) if images else np.zeros((0, *shape), np.uint8), np.array([c for c, _ in files], np.int64)
 
 
+def _check_entries(path: Path, index: Dict[str, Any]) -> None:
+    """The shard entries of the index ``path`` cover images 0 to its ``count`` in order, once each."""
+    expected = 0
+    for i, s in enumerate(index["shards"]):
+        fields = isinstance(s, dict) and isinstance(s.get("file"), str)
+        fields = fields and all(isinstance(s.get(k), int) and not isinstance(s[k], bool) for k in ("start", "count"))
+        if not fields or s["count"] < 0:
+            raise ValueError(f"{path}: shard entry {i} ({s!r}) needs a file name, a start and a count")
+        if s["start"] != expected:
+            raise ValueError(
+                f"{path}: shard entry {i} ({s['file']}) starts at image {s['start']}, but the entries before it end "
+                f"at {expected}: an entry is missing, repeated or out of order (write the sample again)"
+            )
+        expected += s["count"]
+    if expected != index.get("count"):
+        raise ValueError(
+            f"{path}: the shard entries hold {expected} images, but the index's count is {index.get('count')!r}: "
+            "an entry is missing or repeated (write the sample again)"
+        )
+
+
+UNREADABLE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error)  # what a damaged .npz raises
+
+
+def _load_npz(file: Path) -> Tuple[np.ndarray, np.ndarray]:
+    """``(images, labels)`` of a sample ``.npz``; a damaged, foreign or misshapen file is an error naming it."""
+    try:
+        with np.load(file, allow_pickle=False) as z:
+            images, labels = z["images"], z["labels"]
+    except UNREADABLE as e:
+        raise ValueError(f"{file} is not a readable sample .npz ({type(e).__name__}: {e}); write it again") from e
+    if (
+        images.dtype != np.uint8
+        or images.ndim != 4
+        or labels.shape != images.shape[:1]
+        or labels.dtype.kind not in "iu"
+    ):
+        raise ValueError(
+            f"{file}: not a sample as write_samples writes it (images uint8 [N, C, H, W], labels [N]); found images "
+            f"{images.dtype} {list(images.shape)}, labels {labels.dtype} {list(labels.shape)}"
+        )
+    return images, labels
+
+
+def _shard_problem(file: Path, sample: str, digest: Optional[str]) -> Optional[str]:
+    """What is wrong with the existing shard ``file`` of ``sample`` whose index records the sha256
+    ``digest`` (None: not recorded, so every member's CRC is checked instead); None when nothing."""
+    found = _sample_of(file)
+    if found is None:
+        return "is not a readable shard .npz (damaged, or not written by write_samples)"
+    if found != sample:
+        return "is a shard of another sample (another inversion, seed, selection, count or shard size)"
+    if digest is not None:
+        return None if _sha256(file) == digest else "does not match the sha256 in the index (damaged or changed)"
+    try:
+        with zipfile.ZipFile(file) as zf:
+            bad = zf.testzip()
+    except UNREADABLE:
+        bad = "?"
+    return None if bad is None else "fails its CRC check (damaged)"
+
+
+def _sha256(file: Path) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _sample_of(shard: Path) -> Optional[str]:
     """The id of the sample that the shard file ``shard`` belongs to; None for a missing or unreadable one."""
     try:
         with np.load(shard, allow_pickle=False) as z:
             return str(z["sample"].item())
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+    except UNREADABLE:
         return None
 
 
-def _manifest(inv: Any, labels: Tensor, seed: Optional[int], select: Optional[int]) -> Dict[str, Any]:
-    """What identifies a sample on disk: the inversion, the seed and selection (defaults resolved), the labels."""
+def _without_checksums(index: Any) -> Any:
+    """A sharded sample's index without the shards' checksums: what identifies the sample and its shards."""
+    if not isinstance(index, dict) or not isinstance(index.get("shards"), list):
+        return index
+    shards = [{k: v for k, v in s.items() if k != "sha256"} if isinstance(s, dict) else s for s in index["shards"]]
+    return {**index, "shards": shards}
+
+
+def _checksums(index: Any) -> Dict[str, str]:
+    """``{shard file: sha256}`` recorded in a sharded sample's index."""
+    shards = index.get("shards") if isinstance(index, dict) else None
+    return {
+        s["file"]: s["sha256"]
+        for s in shards or []
+        if isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("sha256"), str)
+    }
+
+
+def _manifest(inv: Any, labels: Tensor, seed: int, select: int) -> Dict[str, Any]:
+    """What identifies a sample on disk: the inversion, the seed and selection (resolved), the labels."""
     return {
         "inversion": fingerprint(inv),
-        "seed": inv.sample_seed(seed),
-        "select": inv.resolve_select(select),
+        "seed": seed,
+        "select": select,
         "labels": hashlib.sha256(labels.numpy().astype(np.int64).tobytes()).hexdigest()[:16],
         "count": len(labels),
     }
 
 
-def _write_text(path: Path, text: str) -> None:
-    """``path`` holding ``text``, replaced atomically (a temp file renamed into place)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
-def _write_folder(inv, out: Path, labels: Tensor, batch_size, seed, select, bar) -> None:
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"{out} is a file; a PNG sample is written into a folder")
+def _png(img: Tensor) -> Callable[[BinaryIO], None]:
+    """A writer of ``img`` (``[C, H, W]`` in [-1, 1]) as a PNG, for ``atomic_write_many``."""
+    pil = to_pil(((img + 1) / 2).clamp(0, 1))
+    return lambda f: pil.save(f, format="PNG")
+
+
+def _write_folder(inv, out: Path, labels: Tensor, batch_size: int, seed: int, select: int, bar) -> None:
     out.mkdir(parents=True, exist_ok=True)
     k = inv.num_classes
     digits = len(str(k - 1))
@@ -322,18 +418,18 @@ def _write_folder(inv, out: Path, labels: Tensor, batch_size, seed, select, bar)
         paths.append(out / f"{c:0{digits}d}" / f"{counts[c]:05d}.png")
         counts[c] += 1
     manifest = _manifest(inv, labels, seed, select)
-    seed, select = manifest["seed"], manifest["select"]
     mf = out / MANIFEST
     rank, world = distributed.world()
-    same = mf.is_file() and _read(mf) == manifest
-    if not same and rank == 0:  # another sample was here: remove its images (ours only), then record this one
-        for old in out.glob("*/*.png"):
-            if old.parent.name.isdigit() and old.stem.isdigit():
-                old.unlink()
-        _write_text(mf, json.dumps(manifest, indent=2) + "\n")
-    bs = inv.config.batch_size if batch_size is None else batch_size
-    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if rank == 0:  # before any rank writes: stale temp files go, and another sample's images (ours only)
+        for folder in out.iterdir():
+            if folder.is_dir() and folder.name.isdigit():
+                remove_stale_temps(folder, r"\d+\.png")
+        if _read(mf) != manifest:
+            for old in out.glob("*/*.png"):
+                if old.parent.name.isdigit() and old.stem.isdigit():
+                    old.unlink()
+            _write_json(mf, manifest)
+    bs = batch_size
     bar.total = sum(len(paths[s : s + bs]) for s in range(rank * bs, len(labels), world * bs))  # this rank's images
     distributed.barrier()  # the folder is ready for this sample before any rank writes
     for start in range(rank * bs, len(labels), world * bs):  # this rank's batches
@@ -342,11 +438,7 @@ def _write_folder(inv, out: Path, labels: Tensor, batch_size, seed, select, bar)
             bar.update(len(todo))
             continue
         for _, x in inv.sample_batches(labels[start : start + bs], len(todo), seed, select, offset=start):
-            for p, img in zip(todo, x):
-                p.parent.mkdir(exist_ok=True)
-                tmp = p.with_name(f".{p.name}.tmp")
-                to_pil(((img + 1) / 2).clamp(0, 1)).save(tmp, format="PNG")
-                os.replace(tmp, p)
+            atomic_write_many([(p, _png(img)) for p, img in zip(todo, x)], "image")
             bar.update(len(todo))
     distributed.barrier()  # the whole sample is on disk when any rank returns
 

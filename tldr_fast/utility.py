@@ -32,7 +32,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write_text
 from .data import ImageDataset, subset
 
 Tensor = torch.Tensor
@@ -145,8 +145,7 @@ def real_curve(
             )
         curve[str(n)] = sum(accs) / len(accs)
     if path is not None:
-        text = json.dumps({"key": key, "curve": curve}, indent=2) + "\n"
-        atomic_write(path, lambda f: f.write(text.encode()))
+        atomic_write_text(path, json.dumps({"key": key, "curve": curve}, indent=2) + "\n")
     return curve
 
 
