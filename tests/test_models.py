@@ -221,3 +221,13 @@ def test_train_and_load_on_the_gpu(mnist_1k, tmp_path):
     back = load_classifier(tmp_path / "clf.pt", device="cuda")
     x = mnist_1k.images[:64]
     torch.testing.assert_close(predict_logits(back, x), predict_logits(model, x))
+
+
+def test_a_field_of_a_newer_version_is_a_warning(digits_mlp, tmp_path, capsys):
+    path = tmp_path / "newer.pt"
+    save_classifier(digits_mlp, path)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["calibration"] = torch.ones(3)
+    torch.save(ckpt, path)
+    assert load_classifier(path).tldr_meta == digits_mlp.tldr_meta
+    assert f"warning: {path}: ignoring field(s) this version does not know: calibration" in capsys.readouterr().err

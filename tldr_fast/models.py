@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backends import resolve_device
-from .checkpoint import PathLike, atomic_save, field_error, load_checkpoint, require_keys
+from .checkpoint import PathLike, atomic_save, drop_unknown, field_error, load_checkpoint, require_keys
 from .classifier import ClassifierError
 from .data import ImageDataset
 from .progress import progress_bar
@@ -415,6 +415,7 @@ def load_classifier(path: PathLike, device: str = "cpu") -> nn.Module:
     """
     ckpt = load_checkpoint(path, CHECKPOINT_FORMAT, "classifier")
     require_keys(ckpt, ("meta", "state_dict"), path, "classifier")
+    ckpt = drop_unknown(ckpt, ("format", "meta", "state_dict"), path)
     try:
         meta: Dict[str, Any] = json.loads(ckpt["meta"])
     except (TypeError, ValueError):
