@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -688,18 +688,22 @@ def _teaching(args: argparse.Namespace, **changes: Any):
     return Teaching(**{**steps, **changes})
 
 
-def _check_judge(args: argparse.Namespace, judge: Optional[torch.nn.Module], classes: int, shape) -> None:
-    """``--eval-classifier`` against the evaluated images' class count and shape (before any work)."""
+def _check_classifiers(
+    given: Sequence[Tuple[str, Optional[str], Optional[torch.nn.Module]]], classes: int, shape
+) -> None:
+    """Each classifier of ``given`` (``(option, file, model or None)``) against the evaluated images' class
+    count and shape ``[C, H, W]``, before any work; an error names the option and the file."""
     from .models import check_classifier
 
-    if judge is not None:
-        check_classifier(judge, classes, shape, f"--eval-classifier {args.eval_classifier}")
+    for option, path, model in given:
+        if model is not None:
+            check_classifier(model, classes, shape, f"{option} {path}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data import load_dataset, load_npz
     from .evaluate import evaluate
-    from .models import check_classifier, load_classifier
+    from .models import load_classifier
 
     inputs = {
         "--inversion": args.inversion,
@@ -730,7 +734,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     if args.inversion:
         inv = _load_inversion(args, device, target)
-        _check_judge(args, judge, inv.num_classes, inv.image_shape)
+        _check_classifiers([("--eval-classifier", args.eval_classifier, judge)], inv.num_classes, inv.image_shape)
         report = evaluate(inv, train, n_per_class=args.n_per_class, **common)
         source = {"inversion": args.inversion}
     else:
@@ -742,9 +746,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
             x, y = load_sample(args.images)  # uint8 [N, C, H, W], int64 [N]
             images, labels = torch.from_numpy(x).float() / 255, torch.from_numpy(y)
-        if target is not None:
-            check_classifier(target, train.num_classes, images.shape[1:], f"--classifier {args.classifier}")
-        _check_judge(args, judge, train.num_classes, images.shape[1:])
+        given = [("--classifier", args.classifier, target), ("--eval-classifier", args.eval_classifier, judge)]
+        _check_classifiers(given, train.num_classes, images.shape[1:])
         report = evaluate(images, train, labels, value_range=(0.0, 1.0), **common)
         source = {"images": args.images}
     if report is not None:  # under torchrun: rank 0's
