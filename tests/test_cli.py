@@ -11,6 +11,7 @@ from PIL import Image
 
 from tldr_fast.cli import build_parser, main
 from tldr_fast.grid import grid_size
+from tldr_fast.models import load_classifier
 from tldr_fast.samples import load_sample
 
 COMMANDS = ("train-classifier", "invert", "sample", "evaluate", "leakage", "info", "demo")
@@ -251,6 +252,135 @@ def test_train_invert_sample_evaluate(tmp_path, capsys):
     assert o["teach_images"] == 30 and set(o["real_curve"]) == {"1", "3", "10"}  # the training set has 20 per class
     assert 0 <= o["cas"] <= 1 and 0 <= o["distill_accuracy"] <= 1 and o["precision"] is not None
     assert len(list(tmp_path.glob("real-curve-*.json"))) == 1
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Digits as an .npz, 10-class classifiers (two seeds), a 5-class and a colour one, and an inversion."""
+    import torch
+
+    from tldr_fast import invert
+    from tldr_fast.data import colourise, load_digits, subset
+    from tldr_fast.models import save_classifier, train_classifier
+
+    root = tmp_path_factory.mktemp("files")
+    ds = subset(load_digits(), 10, seed=0)
+    np.savez(root / "digits.npz", images=np.rint(ds.images.numpy() * 255).astype(np.uint8), labels=ds.labels.numpy())
+    five = ds.select(torch.nonzero(ds.labels < 5).view(-1))
+    five.class_names = five.class_names[:5]
+    f = {"data": str(root / "digits.npz")}
+    for name, data, seed in (("c10", ds, 0), ("other", ds, 1), ("c5", five, 0), ("colour", colourise(ds, 0), 0)):
+        f[name] = str(root / f"{name}.pt")
+        save_classifier(train_classifier(data, "mlp", epochs=1, batch_size=32, seed=seed, device="cpu"), f[name])
+    f["inv"] = str(root / "inv.pt")
+    clf = load_classifier(f["c10"])
+    tiny = dict(steps=2, batch_size=8, nz=8, ngf=8, device="cpu", progress=False, backend="torch", eval_per_class=1)
+    invert(clf, 10, (1, 8, 8), checkpoint=f["inv"], select=1, **tiny)
+    return f
+
+
+def _run(capsys, *argv):
+    """``main(argv)``: the exit status and stderr."""
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+EVAL = ["--backend", "torch", "--device", "cpu", "--quiet", "--n-per-class", "2"]
+
+
+def test_evaluate_refuses_classifiers_that_do_not_fit(files, tmp_path, capsys):
+    f, out = files, tmp_path / "e"
+    cases = [
+        (
+            ["--inversion", f["inv"], "--eval-classifier", f["c5"]],
+            f"--eval-classifier {f['c5']} has 5 classes, the data have 10",
+        ),
+        (["--images", f["data"], "--classifier", f["c5"]], f"--classifier {f['c5']} has 5 classes, the data have 10"),
+        (
+            ["--images", f["data"], "--eval-classifier", f["colour"]],
+            f"--eval-classifier {f['colour']} takes images of shape [3, 8, 8] (3 channel(s)), the data are [1, 8, 8] (1 channel(s))",
+        ),
+        (
+            ["--inversion", f["inv"], "--classifier", f["c5"]],
+            f"--classifier {f['c5']} does not fit --inversion {f['inv']}: the classifier has 5 classes",
+        ),
+    ]
+    for args, reason in cases:
+        code, err = _run(capsys, "evaluate", *args, "--data", f["data"], "--out", out, *EVAL)
+        assert code == 1 and reason in err and "out of bounds" not in err, err
+
+
+def test_evaluate_reads_a_png_sample_folder(files, tmp_path, capsys):
+    sample = ["sample", "--inversion", files["inv"], "--n-per-class", "2", "--device", "cpu", "--quiet", "--out"]
+    assert _run(capsys, *sample, tmp_path / "pngs")[0] == 0
+    assert _run(capsys, *sample, tmp_path / "s.npz")[0] == 0
+    for got, want in zip(load_sample(tmp_path / "pngs"), load_sample(tmp_path / "s.npz")):
+        np.testing.assert_array_equal(got, want)  # class by class: the order of --n-per-class
+    code, err = _run(
+        capsys, "evaluate", "--images", tmp_path / "pngs", "--data", files["data"], "--out", tmp_path / "e", *EVAL
+    )
+    assert code == 0, err
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["num_generated"] == 20
+    code, err = _run(capsys, "evaluate", "--images", tmp_path, "--data", files["data"], "--out", tmp_path / "e", *EVAL)
+    assert code == 1 and f"{tmp_path} is a folder without a readable samples.json" in err
+
+
+def test_files_that_are_not_checkpoints_are_named(files, tmp_path, capsys):
+    for name, content in (("random.pt", bytes(range(256)) * 3), ("pickle.pt", b"\x80\x02" + bytes(200))):
+        bad = tmp_path / name
+        bad.write_bytes(content)
+        for argv in (
+            ["evaluate", "--images", files["data"], "--classifier", bad, "--out", tmp_path / "e", *EVAL],
+            ["sample", "--inversion", bad, "--out", tmp_path / "s.npz"],
+            ["invert", "--classifier", files["c10"], "--resume", bad, "--out", tmp_path / "i.pt", *TINY],
+        ):
+            code, err = _run(capsys, *argv)
+            assert code == 1 and f"{bad} is not a valid tldr_fast" in err, err
+            assert "weights_only" not in err and "False" not in err  # never the advice to unpickle anything
+
+
+def test_cli_options_are_named(files, tmp_path, capsys):
+    code, err = _run(capsys, "sample", "--inversion", files["inv"], "--select", "4", "--out", tmp_path / "s.npz")
+    assert code == 1 and "--select 4 needs --classifier" in err and "Inversion.load" not in err, err
+    blocker = tmp_path / "notes.py"
+    blocker.write_text("")
+    for argv in (
+        ["sample", "--inversion", files["inv"], "--out", blocker / "s.npz"],
+        ["sample", "--inversion", files["inv"], "--out", blocker / "pngs"],
+        ["evaluate", "--images", files["data"], "--data", files["data"], "--out", blocker / "e", *EVAL],
+        ["invert", "--classifier", files["c10"], "--out", blocker / "x.pt", *TINY],
+    ):
+        code, err = _run(capsys, *argv)
+        assert code == 1 and f"{blocker} is a file, not a folder" in err and "File exists" not in err, err
+
+
+def test_cli_resume_against_another_classifier(files, tmp_path, capsys):
+    run = tmp_path / "run.pt"
+    invert = [
+        "invert",
+        "--out",
+        run,
+        "--steps",
+        "2",
+        "--set",
+        "ngf=8",
+        "--set",
+        "nz=8",
+        "--set",
+        "eval_per_class=1",
+        *TINY,
+    ]
+    assert _run(capsys, *invert, "--classifier", files["c10"])[0] == 0
+    code, err = _run(capsys, *invert, "--classifier", files["other"], "--resume", run, "--steps", "3")
+    assert code == 1 and f"{run} was trained against another classifier" in err and "--allow-other-classifier" in err
+    code, err = _run(
+        capsys, *invert, "--classifier", files["other"], "--resume", run, "--steps", "3", "--allow-other-classifier"
+    )
+    assert code == 0, err
 
 
 def test_demo_end_to_end(tmp_path):

@@ -216,6 +216,20 @@ def test_npz_layouts(tmp_path):
         load_npz(tmp_path / "d.npz")
 
 
+def test_non_finite_pixels_name_the_file_and_the_image(tmp_path):
+    x = np.random.default_rng(0).random((5, 1, 8, 8)).astype(np.float32)
+    x[3, 0, 2, 2] = np.nan
+    np.savez(tmp_path / "nan.npz", images=x, labels=np.arange(5))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 'nan.npz'))}: image 3 holds NaN pixel values"):
+        load_dataset(tmp_path / "nan.npz")
+    x[3, 0, 2, 2], x[1, 0, 0, 0] = 0.5, np.inf
+    np.savez(tmp_path / "inf.npz", images=x, labels=np.arange(5))
+    with pytest.raises(ValueError, match="inf.npz: image 1 holds Inf pixel values"):  # not "must be in [0, 1]"
+        load_npz(tmp_path / "inf.npz")
+    with pytest.raises(ValueError, match="^mine: image 1 holds Inf"):
+        ImageDataset(torch.from_numpy(x), torch.arange(5), list("abcde"), torch.arange(5), "mine")
+
+
 def test_image_folder_roundtrip(tmp_path):
     ds = subset(load_digits(), 2, seed=0)
     save_image_folder(tmp_path, ds.images, ds.labels, ds.num_classes)

@@ -8,10 +8,12 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 from PIL import Image
 
 from tldr_fast import invert
-from tldr_fast.data import load_dataset, load_digits, subset
+from tldr_fast.classifier import ClassifierError
+from tldr_fast.data import colourise, load_dataset, load_digits, subset
 from tldr_fast.evaluate import DEFINITIONS, evaluate, match_one_to_one
 from tldr_fast.grid import grid_size
 from tldr_fast.models import predict_logits, train_classifier
@@ -205,6 +207,42 @@ def test_bad_input(train):
         evaluate([1, 2], train, **SSIM)
     tensors = evaluate(x, (train.images, train.labels), torch.zeros(4), **SSIM)  # (images, labels) works too
     assert math.isfinite(tensors.nn_ssim[0].item())
+
+
+def _subset_classifier(ds, classes=None, colour=False):
+    """A tiny MLP on ``ds`` (its first ``classes`` classes only; in colour with ``colour``)."""
+    if classes is not None:
+        ds = ds.select(torch.nonzero(ds.labels < classes).view(-1))
+        ds.class_names = ds.class_names[:classes]
+    return train_classifier(colourise(ds, 0) if colour else ds, "mlp", epochs=1, batch_size=32, device="cpu")
+
+
+def test_every_classifier_must_fit_the_data(digits_clf):
+    ds, clf = digits_clf  # 10 classes of 1 x 8 x 8 digits
+    images, labels = ds.images[:20], ds.labels[:20]
+    five, colour = _subset_classifier(ds, classes=5), _subset_classifier(ds, colour=True)
+    for name in ("classifier", "eval_classifier"):
+        with pytest.raises(ClassifierError, match=f"^{name} has 5 classes, the data have 10 classes"):
+            evaluate(images, ds, labels, value_range=(0, 1), **{name: five}, **SSIM)
+        with pytest.raises(ClassifierError, match=rf"^{name} takes images of shape \[3, 8, 8\] \(3 channel"):
+            evaluate(images, ds, labels, value_range=(0, 1), **{name: colour}, **SSIM)
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(192, 10))  # no tldr_meta: found by a probe
+    with pytest.raises(ClassifierError, match=r"^eval_classifier fails on images of the data's shape \[1, 8, 8\]"):
+        evaluate(images, ds, labels, value_range=(0, 1), eval_classifier=plain, **SSIM)
+    # the normalisation never broadcasts grey images to a colour classifier's three channels
+    with pytest.raises(ClassifierError, match=r"takes 3-channel images .* these images have 1 channel"):
+        predict_logits(colour, images)
+
+
+def test_non_finite_images_are_named(train):
+    x = torch.zeros(4, 1, 28, 28)
+    x[2, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="^generated images: image 2 holds NaN"):
+        evaluate(x, train, torch.zeros(4), **SSIM)
+    bad = train.images.clone()
+    bad[5, 0, 0, 0], bad[7, 0, 1, 1] = float("inf"), float("nan")
+    with pytest.raises(ValueError, match=r"^held_out: image 5 holds Inf pixel values \(1 more image"):
+        evaluate(x.nan_to_num(), train, torch.zeros(4), held_out=(bad, train.labels), **SSIM)
 
 
 def test_same_class_ssim_is_the_nearest_other_image(gen, train):

@@ -498,8 +498,9 @@ def test_wrong_image_shape():
 
 
 def test_num_classes_mismatch():
-    with pytest.raises(ClassifierError, match="out_features=5"):
+    with pytest.raises(ClassifierError, match=r"the classifier has 3 classes .*, not num_classes=5") as e:
         invert(mlp(k=3), 5, (1, 8, 8), **TINY)
+    assert "head=" not in str(e.value)  # naming a layer would not help: the class counts differ
     with pytest.raises(ValueError, match="num_classes"):
         invert(mlp(), 1, (1, 8, 8), **TINY)
 
@@ -521,6 +522,22 @@ def test_softmax_after_the_head_is_refused():
     clf = nn.Sequential(nn.Flatten(), nn.Linear(64, 3), nn.Softmax(dim=1))
     with pytest.raises(ClassifierError, match="softmax"):
         invert(clf, 3, (1, 8, 8), **TINY)
+
+
+def test_a_forward_that_changes_a_buffer_is_refused():
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 3)
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x):
+            self.calls += 1
+            return self.fc(x.flatten(1)) + self.calls  # the same images give other logits on every call
+
+    with pytest.raises(ClassifierError, match="forward changed its buffer 'calls'") as e:
+        invert(Counting(), 3, (1, 8, 8), **TINY)
+    assert "softmax" not in str(e.value)
 
 
 def test_not_a_module():

@@ -1,5 +1,6 @@
 """The reference classifiers: shapes, the tldr_meta contract with invert, training, weights-only checkpoints."""
 
+import json
 import os
 import pickle
 
@@ -174,6 +175,44 @@ def test_load_refuses_a_checkpoint_of_another_layout(cnn, tmp_path):
         load_classifier(path)
 
 
+@pytest.fixture(scope="module")
+def digits_mlp():
+    return train_classifier(subset(load_digits(), 3, seed=0), "mlp", epochs=1, device="cpu")
+
+
+def _edited(meta, **changes):
+    """The JSON of ``meta`` with ``changes`` (a value of None removes the key)."""
+    d = {**json.loads(meta), **changes}
+    return json.dumps({k: v for k, v in d.items() if v is not None})
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda c: c.pop("meta"), r"incomplete classifier checkpoint: it lacks meta"),
+        (lambda c: c.update(meta="{not json"), r"field 'meta' must be a JSON object"),
+        (
+            lambda c: c.update(meta=_edited(c["meta"], num_classes=None)),
+            r"\(its meta\) is an incomplete .* lacks num_classes",
+        ),
+        (
+            lambda c: c.update(meta=_edited(c["meta"], arch="resnet")),
+            r"its meta does not describe .*: arch must be one of",
+        ),
+        (lambda c: c.update(state_dict=[1]), r"field 'state_dict' must be a dict of tensors"),
+    ],
+)
+def test_a_hand_edited_classifier_names_the_file_and_the_field(digits_mlp, tmp_path, edit, match):
+    path = tmp_path / "edited.pt"
+    save_classifier(digits_mlp, path)
+    ckpt = torch.load(path, weights_only=True)
+    edit(ckpt)
+    torch.save(ckpt, path)
+    with pytest.raises(ValueError, match=match) as e:
+        load_classifier(path)
+    assert str(path) in str(e.value)
+
+
 @pytest.mark.gpu
 def test_train_and_load_on_the_gpu(mnist_1k, tmp_path):
     model = train_classifier(mnist_1k, "cnn", epochs=10, seed=0, device="cuda")
@@ -182,3 +221,13 @@ def test_train_and_load_on_the_gpu(mnist_1k, tmp_path):
     back = load_classifier(tmp_path / "clf.pt", device="cuda")
     x = mnist_1k.images[:64]
     torch.testing.assert_close(predict_logits(back, x), predict_logits(model, x))
+
+
+def test_a_field_of_a_newer_version_is_a_warning(digits_mlp, tmp_path, capsys):
+    path = tmp_path / "newer.pt"
+    save_classifier(digits_mlp, path)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["calibration"] = torch.ones(3)
+    torch.save(ckpt, path)
+    assert load_classifier(path).tldr_meta == digits_mlp.tldr_meta
+    assert f"warning: {path}: ignoring field(s) this version does not know: calibration" in capsys.readouterr().err

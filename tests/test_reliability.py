@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from tldr_fast import Inversion, evaluate, invert
 from tldr_fast.checkpoint import atomic_save, load_checkpoint
-from tldr_fast.classifier import ClassifierError
+from tldr_fast.classifier import ClassifierError, fingerprint
 from tldr_fast.cli import main as cli_main
 from tldr_fast.errors import NoSpaceLeft
 from tldr_fast.invert import InversionDiverged
@@ -105,6 +105,64 @@ def test_resume_refuses_another_generator_layout(tmp_path):
         invert(plain(), 3, SHAPE, resume=ckpt, steps=8, ngf=16)
 
 
+def test_resume_refuses_another_classifier(tmp_path, capsys):
+    ckpt = tmp_path / "run.pt"
+    invert(plain(), 3, SHAPE, checkpoint=ckpt, **TINY)
+    with pytest.raises(ValueError, match=f"{ckpt} was trained against another classifier.*--allow-other-classifier"):
+        invert(plain(seed=1), 3, SHAPE, resume=ckpt, steps=8)
+    assert load_checkpoint(ckpt)["step"] == 6  # nothing was trained or saved
+    resumed = invert(plain(seed=1), 3, SHAPE, resume=ckpt, steps=8, allow_other_classifier=True)  # asked for
+    assert resumed.step == 8 and load_checkpoint(ckpt)["classifier"] == fingerprint(plain(seed=1))
+    state = load_checkpoint(ckpt)
+    del state["classifier"]  # as a checkpoint of an older version
+    atomic_save(state, ckpt)
+    capsys.readouterr()
+    assert invert(plain(), 3, SHAPE, resume=ckpt, steps=10).step == 10
+    assert f"{ckpt} does not record which classifier" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda s: s["config"].update(batch_size="16"), r"config: batch_size must be an int, got '16'"),
+        (lambda s: s["config"].pop("weights"), r"config field 'weights' must be a dict"),
+        (lambda s: s["config"]["weights"].update(tv="x"), r"config: weight 'tv' must be a finite number"),
+        (lambda s: s.update(step="3"), r"field 'step' must be an int >= 0, got '3'"),
+        (lambda s: s.update(image_shape=[1, 16]), r"field 'image_shape' must be \[C, H, W\]"),
+        (lambda s: s.update(history=[1]), r"field 'history' must be a dict of lists"),
+    ],
+)
+def test_a_hand_edited_checkpoint_names_the_file_and_the_field(inv, tmp_path, edit, match):
+    path = tmp_path / "edited.pt"
+    state = {"format": "tldr_fast.inversion/1", **inv.state()}
+    edit(state)
+    atomic_save(state, path)
+    for load in (lambda: Inversion.load(path), lambda: invert(plain(), 3, SHAPE, resume=path)):
+        with pytest.raises(ValueError, match=match) as e:
+            load()
+        assert str(path) in str(e.value)
+
+
+def test_fields_of_a_newer_version_are_a_warning(inv, tmp_path, capsys):
+    path = tmp_path / "newer.pt"
+    state = {"format": "tldr_fast.inversion/1", **inv.state(), "bogus": 1}
+    state["config"]["bogus"] = 2
+    state["config"]["weights"]["new_term"] = 1.0
+    state["config"]["schedules"] = {"new_term": {"start": 0.0, "end": 1.0}}
+    atomic_save(state, path)
+    loaded = Inversion.load(path)
+    assert loaded.config == inv.config and loaded.step == inv.step
+    err = capsys.readouterr().err
+    for where, name in (
+        ("", "bogus"),
+        ("config ", "bogus"),
+        ("config.weights ", "new_term"),
+        ("config.schedules ", "new_term"),
+    ):
+        assert f"warning: {path}: ignoring {where}field(s) this version does not know: {name}" in err, err
+    assert invert(plain(), 3, SHAPE, resume=path, steps=8).step == 8
+
+
 def test_unwritable_checkpoint_fails_before_training(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -120,7 +178,7 @@ def test_unwritable_checkpoint_fails_before_training(tmp_path):
             calls.append(1)
             return self.net(x)
 
-    with pytest.raises(PermissionError, match="cannot write"):
+    with pytest.raises(NotADirectoryError, match=f"cannot write .*: {blocker} is a file, not a folder"):
         invert(Counting(), 3, SHAPE, checkpoint=blocker / "run.pt", **TINY)
     assert not calls  # not even the probe ran
     with pytest.raises(IsADirectoryError):

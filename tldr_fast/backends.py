@@ -87,7 +87,7 @@ _cpu_noticed = False
 
 def resolve_device(name: str, quiet: bool = False) -> torch.device:
     """``"auto"`` is the GPU when there is one, else the CPU (with a one-line notice, once, unless
-    ``quiet``); a named CUDA device without a GPU is a clear error."""
+    ``quiet``); a named CUDA device that is not there is a ``BackendUnavailable`` error."""
     global _cpu_noticed
     if name == "auto":
         if torch.cuda.is_available():
@@ -105,7 +105,11 @@ def resolve_device(name: str, quiet: bool = False) -> torch.device:
             f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r} (tldr_fast runs on CPUs and CUDA GPUs)"
         )
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name!r} but torch sees no CUDA GPU; use device='cpu' or 'auto'")
+        raise BackendUnavailable(f"device={name!r} but torch sees no CUDA GPU; use device='cpu' or 'auto'")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise BackendUnavailable(
+            f"device={name!r} but torch sees {torch.cuda.device_count()} CUDA GPU(s), numbered from 0; use 'cuda' or 'auto'"
+        )
     return device
 
 

@@ -4,6 +4,7 @@ and the mapping from the generator's [-1, 1] images to the classifier's input.""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import sys
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
@@ -18,6 +19,18 @@ Tensor = torch.Tensor
 
 class ClassifierError(ValueError):
     """The classifier does not fit what ``invert`` needs; the message says what was expected."""
+
+
+def fingerprint(classifier: nn.Module) -> str:
+    """A hash of what the classifier computes with: the shape, dtype and values of each of its parameters
+    and buffers, in registration order (shared tensors once). Names and the module's class do not enter,
+    so a wrapper around the same network has the same fingerprint; other weights or layer shapes do not."""
+    h = hashlib.sha256()
+    for t in [*classifier.parameters(), *classifier.buffers()]:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def make_preprocess(spec: Preprocess, classifier: nn.Module, quiet: bool = False) -> Callable[[Tensor], Tensor]:
@@ -99,6 +112,15 @@ def _find_head(classifier: nn.Module, num_classes: int, name: Optional[str]) -> 
         return name, modules[name]
     found = [(n, m) for n, m in modules.items() if isinstance(m, nn.Linear) and m.out_features == num_classes]
     return found[-1] if found else ("", None)
+
+
+def _class_count_mismatch(logits: Tensor, num_classes: int) -> str:
+    if logits.dim() != 2:
+        return f"the classifier returns logits of shape {tuple(logits.shape)}; expected [B, K] with K = num_classes = {num_classes}"
+    return (
+        f"the classifier has {logits.shape[1]} classes (its logits are [B, {logits.shape[1]}]), not num_classes={num_classes}: "
+        f"give the classifier of these {num_classes} classes"
+    )
 
 
 def _linears(classifier: nn.Module) -> List[str]:
@@ -209,6 +231,7 @@ class FrozenClassifier(nn.Module):
     def _probe(self, image_shape: Tuple[int, int, int]) -> None:
         device = next(self.classifier.parameters(), torch.empty(0)).device
         x = torch.rand(2, *image_shape, device=device) * 2 - 1  # in [-1, 1], like the generator's output
+        buffers = {name: b.clone() for name, b in self.classifier.named_buffers()}
         try:
             with torch.no_grad():
                 out = self.classifier(self.preprocess(x))
@@ -216,6 +239,17 @@ class FrozenClassifier(nn.Module):
             raise ClassifierError(
                 f"the classifier failed on a batch of shape {tuple(x.shape)} (image_shape={tuple(image_shape)}): {e}"
             ) from e
+        changed = [
+            name for name, b in self.classifier.named_buffers() if name in buffers and not torch.equal(b, buffers[name])
+        ]
+        if changed:
+            raise ClassifierError(
+                f"the classifier's forward changed its buffer {changed[0]!r} in eval mode: invert needs a forward that "
+                "leaves the classifier's state alone (the same images give the same logits); keep such updates out of "
+                "eval mode, or freeze the buffer"
+            )
+        if isinstance(out, Tensor) and (out.dim() != 2 or out.shape[1] != self.num_classes):
+            raise ClassifierError(_class_count_mismatch(out, self.num_classes))
         if isinstance(out, Mapping):
             raise ClassifierError(
                 f"the classifier returns a {type(out).__name__} (keys {list(out)[:5]}); invert needs logits [B, K], or "
@@ -235,9 +269,7 @@ class FrozenClassifier(nn.Module):
                 )
             logits, feats = self._run(x, no_grad=True)
         if logits.dim() != 2 or logits.shape[1] != self.num_classes:
-            raise ClassifierError(
-                f"the classifier returns logits of shape {tuple(logits.shape)}, expected [B, {self.num_classes}] (num_classes={self.num_classes})"
-            )
+            raise ClassifierError(_class_count_mismatch(logits, self.num_classes))
         if feats.dim() != 2 or feats.shape[0] != logits.shape[0]:
             raise ClassifierError(f"penultimate features must be [B, D], got {tuple(feats.shape)}")
         if not torch.isfinite(logits).all():

@@ -52,6 +52,13 @@ def _positive_int(text: str) -> int:
     return n
 
 
+def _int_list(text: str) -> List[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def _n_per_class(text: str) -> Union[int, str]:
     if text == "all":
         return text
@@ -193,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue from this inversion checkpoint (options not given again are the run's own)",
     )
     p.add_argument(
+        "--allow-other-classifier",
+        action="store_true",
+        help="with --resume: continue a run that was trained against another classifier than --classifier",
+    )
+    p.add_argument(
         "--checkpoint-every",
         type=int,
         default=None,
@@ -278,8 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--inversion", help="inversion checkpoint (sampled --n-per-class per class)")
     src.add_argument(
         "--images",
-        help="generated images: an .npz with images (uint8, or floats in [0, 1]) and labels, or a sharded "
-        "sample's -index.json, as `sample` writes",
+        help="generated images: an .npz with images (uint8, or floats in [0, 1]) and labels, a sharded "
+        "sample's -index.json, or a folder of PNGs, as `sample` writes them",
     )
     p.add_argument(
         "--classifier", default=None, help="the target classifier checkpoint (its training subset, confidence)"
@@ -330,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="comma-separated target names to run instead of the suite's, e.g. mnist-cnn-1000,mnist-plain_cnn-10",
     )
-    p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the suite's, 0,1,2)")
+    p.add_argument("--seeds", type=_int_list, default=None, help="comma-separated seeds (default: the suite's, 0,1,2)")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -508,7 +520,10 @@ def _invert_overrides(args: argparse.Namespace) -> Dict[str, Any]:
     not given stay the defaults, or the resumed run's own)."""
     overrides: Dict[str, Any] = {}
     if getattr(args, "config", None):
-        data = json.loads(Path(args.config).read_text())
+        try:
+            data = json.loads(Path(args.config).read_text())
+        except ValueError as e:  # not UTF-8, not JSON
+            raise ValueError(f"--config {args.config} is not a JSON file ({e})") from e
         if not isinstance(data, dict):
             raise ValueError(f"{args.config} must hold a JSON object of InversionConfig fields")
         overrides.update(data)
@@ -542,6 +557,7 @@ def _invert(args: argparse.Namespace, classifier: torch.nn.Module, out: Path, re
         tuple(meta["input_shape"]),
         resume=resume,
         checkpoint=out,
+        allow_other_classifier=getattr(args, "allow_other_classifier", False),
         device=args.device,
         progress=not args.quiet,
         **_invert_overrides(args),
@@ -581,10 +597,15 @@ def cmd_invert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_inversion(path: str, device: str, classifier: Optional[torch.nn.Module] = None):
+def _load_inversion(args: argparse.Namespace, device: str, classifier: Optional[torch.nn.Module] = None):
+    """``--inversion``, with ``--classifier`` (loaded as ``classifier``) as its target when given."""
     from . import Inversion
+    from .classifier import ClassifierError
 
-    return Inversion.load(path, classifier=classifier, device=device)
+    try:
+        return Inversion.load(args.inversion, classifier=classifier, device=device)
+    except ClassifierError as e:  # the classifier does not fit the inversion: name the option
+        raise ClassifierError(f"--classifier {args.classifier} does not fit --inversion {args.inversion}: {e}") from e
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -595,6 +616,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if not args.out.strip():
         raise ValueError("--out is empty: give an .npz file or a folder")
+    if args.select is not None and args.select > 1 and not args.classifier:
+        raise ValueError(f"--select {args.select} needs --classifier (the target classifier scores the candidates)")
     if out.suffix.lower() == ".npz":  # a sharded sample's shards are named after its index
         written = [out.with_name(out.stem + INDEX)] if args.shard_size else [out]
     else:
@@ -604,7 +627,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     )
     device = _device(args)
     classifier = load_classifier(args.classifier, device) if args.classifier else None
-    inv = _load_inversion(args.inversion, device, classifier)
+    inv = _load_inversion(args, device, classifier)
     labels = inv.labels(n_per_class=args.n_per_class)
     written = write_samples(
         inv, out, labels, args.batch_size, args.seed, args.select, progress=not args.quiet, shard_size=args.shard_size
@@ -666,6 +689,18 @@ def _teaching(args: argparse.Namespace, **changes: Any):
     return Teaching(**{**steps, **changes})
 
 
+def _check_classifiers(
+    given: Sequence[Tuple[str, Optional[str], Optional[torch.nn.Module]]], classes: int, shape
+) -> None:
+    """Each classifier of ``given`` (``(option, file, model or None)``) against the evaluated images' class
+    count and shape ``[C, H, W]``, before any work; an error names the option and the file."""
+    from .models import check_classifier
+
+    for option, path, model in given:
+        if model is not None:
+            check_classifier(model, classes, shape, f"{option} {path}")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data import load_dataset, load_npz
     from .evaluate import evaluate
@@ -699,18 +734,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     if args.inversion:
-        inv = _load_inversion(args.inversion, device, target)
+        inv = _load_inversion(args, device, target)
+        _check_classifiers([("--eval-classifier", args.eval_classifier, judge)], inv.num_classes, inv.image_shape)
         report = evaluate(inv, train, n_per_class=args.n_per_class, **common)
         source = {"inversion": args.inversion}
     else:
-        if args.images.endswith(".json"):  # a sharded sample's index (sample --shard-size)
+        if Path(args.images).suffix.lower() == ".npz":
+            gen = load_npz(args.images)  # [N, C, H, W] in [0, 1]
+            images, labels = gen.images, gen.labels
+        else:  # a sharded sample's index or a PNG sample folder, as `sample` writes them
             from .samples import load_sample
 
             x, y = load_sample(args.images)  # uint8 [N, C, H, W], int64 [N]
             images, labels = torch.from_numpy(x).float() / 255, torch.from_numpy(y)
-        else:
-            gen = load_npz(args.images)  # [N, C, H, W] in [0, 1]
-            images, labels = gen.images, gen.labels
+        given = [("--classifier", args.classifier, target), ("--eval-classifier", args.eval_classifier, judge)]
+        _check_classifiers(given, train.num_classes, images.shape[1:])
         report = evaluate(images, train, labels, value_range=(0.0, 1.0), **common)
         source = {"images": args.images}
     if report is not None:  # under torchrun: rank 0's
@@ -726,13 +764,14 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def parse_overrides(pairs: Sequence[str]) -> Dict[str, Any]:
-    """``["tv=1e-3", "diversity=class"]`` -> ``{"tv": 0.001, "diversity": "class"}`` (validated by invert)."""
+def parse_overrides(pairs: Sequence[str], option: str = "--set") -> Dict[str, Any]:
+    """``["tv=1e-3", "diversity=class"]`` -> ``{"tv": 0.001, "diversity": "class"}`` (validated by invert);
+    ``option``: the command-line option they came from, named in the error."""
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"expected KEY=VALUE, got {pair!r}")
+            raise ValueError(f"{option} expects KEY=VALUE, got {pair!r}")
         out[key.strip()] = parse_value(value.strip())
     return out
 
@@ -776,16 +815,11 @@ def _leakage_variants(args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
     return variants
 
 
-def _leakage_seeds(text: Optional[str]) -> Optional[Tuple[int, ...]]:
+def _leakage_seeds(seeds: Optional[Sequence[int]]) -> Optional[Tuple[int, ...]]:
+    """``--seeds`` (integers already: argparse's ``_int_list``) checked: distinct, >= 0, not empty."""
     from . import leakage
 
-    if text is None:
-        return None
-    try:
-        seeds = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--seeds: expected comma-separated integers >= 0 such as 0,1,2, got {text!r}") from None
-    return leakage.check_seeds(seeds, "--seeds")
+    return None if seeds is None else leakage.check_seeds(seeds, "--seeds")
 
 
 def cmd_leakage(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 from .backends import NAMES as BACKEND_NAMES
+from .checkpoint import drop_unknown
 from .ops import LOSS_OPS, SPECS
 from .ops.perturb import PERTURBATIONS
 
@@ -370,18 +371,32 @@ class InversionConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], preprocess: Preprocess = None) -> "InversionConfig":
-        """Inverse of ``to_dict``; a callable preprocess must be given again."""
-        d = dict(d)
+    def from_dict(cls, d: Mapping[str, Any], preprocess: Preprocess = None, source: Any = None) -> "InversionConfig":
+        """Inverse of ``to_dict``; a callable preprocess must be given again. Fields, loss weights and
+        schedules this version does not know (a newer version's) are dropped with a warning; a value of
+        the wrong kind is an error naming ``source`` (the checkpoint file it came from) and the field."""
+        source = source if source is not None else "the saved config"
+        if not isinstance(d, Mapping):
+            raise ValueError(f"{source}: the config must be a dict of InversionConfig fields, got a {type(d).__name__}")
+        d = drop_unknown(d, [f.name for f in fields(cls)], source, "config ")
         pre = d.get("preprocess")
         if isinstance(pre, str) and pre.startswith("callable:"):
             if preprocess is None:
                 raise ValueError(f"this run used a custom preprocess ({pre[9:]}): pass preprocess= again")
             d["preprocess"] = preprocess
-        # a weight the saved run does not name was no part of its objective (a term added since): 0, not today's default
-        d["weights"] = LossWeights(**{**{f.name: 0.0 for f in fields(LossWeights)}, **d["weights"]})
-        d["schedules"] = {k: Ramp(**v) for k, v in d.get("schedules", {}).items()}
-        return cls(**d)
+        weights, schedules = d.get("weights"), d.get("schedules", {})
+        for name, value in (("weights", weights), ("schedules", schedules)):
+            if not isinstance(value, Mapping):
+                raise ValueError(f"{source}: config field {name!r} must be a dict, got {value!r}")
+        weights = drop_unknown(weights, [f.name for f in fields(LossWeights)], source, "config.weights ")
+        schedules = drop_unknown(schedules, TERMS, source, "config.schedules ")
+        try:
+            # a weight the saved run does not name was no part of its objective (a term added since): 0, not today's default
+            d["weights"] = LossWeights(**{**{f.name: 0.0 for f in fields(LossWeights)}, **weights})
+            d["schedules"] = {k: _ramp(k, v) for k, v in schedules.items()}
+            return cls(**d)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: config: {e}") from e
 
 
 def _with_weights(base: LossWeights, changes: Mapping[str, float]) -> LossWeights:

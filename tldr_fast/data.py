@@ -31,7 +31,7 @@ import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -94,17 +94,22 @@ class ImageDataset:
     source: str
 
     def __post_init__(self):
-        n = self.images.shape[0]
         if self.images.dim() != 4 or self.images.dtype != torch.float32:
-            raise ValueError(f"images must be float32 [N, C, H, W], got {self.images.dtype} {tuple(self.images.shape)}")
+            raise ValueError(
+                f"{self.source}: images must be float32 [N, C, H, W], got {self.images.dtype} {tuple(self.images.shape)}"
+            )
+        n = self.images.shape[0]
         if self.labels.shape != (n,) or self.indices.shape != (n,):
             raise ValueError(
-                f"labels and indices must be [{n}], got {tuple(self.labels.shape)} and {tuple(self.indices.shape)}"
+                f"{self.source}: labels and indices must be [{n}], got {tuple(self.labels.shape)} and "
+                f"{tuple(self.indices.shape)}"
             )
         self.labels, self.indices = self.labels.long(), self.indices.long()
+        check_finite(self.images, self.source)
         if n and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
             raise ValueError(
-                f"labels must be in [0, {len(self.class_names)}), got [{self.labels.min()}, {self.labels.max()}]"
+                f"{self.source}: labels must be in [0, {len(self.class_names)}), got [{self.labels.min()}, "
+                f"{self.labels.max()}]"
             )
 
     def __len__(self) -> int:
@@ -142,6 +147,21 @@ class ImageDataset:
         if len(self) == 0 or not torch.equal(self.indices[found], want):
             raise ValueError(f"some of the requested indices are not in {self.source!r}")
         return self.select(found)
+
+
+def check_finite(images: Union[Tensor, np.ndarray], what: str) -> None:
+    """A ``ValueError`` naming ``what`` (a file, an argument), the first image of ``images`` ``[N, ...]``
+    that holds NaN or Inf, which of the two, and how many images do."""
+    x = torch.as_tensor(images)
+    if not x.is_floating_point() or len(x) == 0:
+        return
+    bad = ~torch.isfinite(x.reshape(len(x), -1)).all(1)  # [N]
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        kind = "NaN" if bool(x[i].isnan().any()) else "Inf"
+        others = int(bad.sum()) - 1
+        more = f" ({others} more image(s) hold NaN or Inf)" if others else ""
+        raise ValueError(f"{what}: image {i} holds {kind} pixel values{more}; images must be finite")
 
 
 def subset(ds: ImageDataset, n_per_class: Union[int, str, None], seed: int = 0) -> ImageDataset:
@@ -365,6 +385,8 @@ def load_foolbox_samples(name: str = "mnist") -> ImageDataset:
 def _as_nchw(x: np.ndarray, what: str) -> Tensor:
     """Images ``[N, H, W]``, ``[N, C, H, W]`` or ``[N, H, W, C]`` (C in 1, 3, 4) as float32 ``[N, C, H, W]``
     in [0, 1]: integer pixels are divided by 255, floats must already lie in [0, 1]."""
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_) or np.issubdtype(x.dtype, np.complexfloating):
+        raise ValueError(f"{what}: images must be numbers, got an array of {x.dtype}")
     if x.ndim == 3:
         x = x[:, None]
     if x.ndim != 4:
@@ -376,32 +398,51 @@ def _as_nchw(x: np.ndarray, what: str) -> Tensor:
             raise ValueError(f"{what}: integer pixels must be in [0, 255]")
         return _from_uint8(x.astype(np.uint8))
     t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    check_finite(t, what)
     if t.numel() and (t.min() < 0 or t.max() > 1):
         raise ValueError(f"{what}: float pixels must be in [0, 1], got [{t.min():.3g}, {t.max():.3g}]")
     return t
 
 
-def load_npz(path: PathLike, images_key: Optional[str] = None, labels_key: Optional[str] = None) -> ImageDataset:
-    """Images and labels from an ``.npz``: keys ``images``/``x``/``X``/``data`` and ``labels``/``y``/``Y``/
-    ``targets`` unless named; optional ``class_names``. Layout and range as ``_as_nchw`` accepts."""
+def read_npz(path: PathLike) -> Dict[str, np.ndarray]:
+    """Every array of the ``.npz`` at ``path`` (no pickled objects); a ``ValueError`` naming the file when
+    it is not a readable ``.npz`` (damaged, truncated, or another kind of file)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
-    with np.load(path, allow_pickle=False) as z:
-        keys = list(z.keys())
+    try:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ValueError("it holds a single array (.npy), not an .npz archive of named arrays")
+        with z:
+            return {key: z[key] for key in z.keys()}
+    except Exception as e:  # any failure to read it (zip, zlib, npy header, pickles refused): the file is bad
+        detail = " ".join(str(e).split())[:200] or type(e).__name__
+        raise ValueError(f"{path} is not a readable .npz file of arrays ({type(e).__name__}: {detail})") from e
 
-        def pick(given: Optional[str], options: Sequence[str], what: str) -> np.ndarray:
-            key = given or next((k for k in options if k in keys), None)
-            if key is None or key not in keys:
-                raise ValueError(f"{path}: no {what} array (looked for {given or '/'.join(options)}; found {keys})")
-            return z[key]
 
-        x = pick(images_key, ("images", "x", "X", "data"), "images")
-        y = pick(labels_key, ("labels", "y", "Y", "targets"), "labels")
-        names = [str(n) for n in z["class_names"]] if "class_names" in keys else None
-    if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
-        raise ValueError(f"{path}: labels must be {len(x)} integers, got {y.dtype} {y.shape}")
-    names = names or [str(i) for i in range(int(y.max(initial=-1)) + 1)]
+def load_npz(path: PathLike, images_key: Optional[str] = None, labels_key: Optional[str] = None) -> ImageDataset:
+    """Images and labels from an ``.npz``: keys ``images``/``x``/``X``/``data`` and ``labels``/``y``/``Y``/
+    ``targets`` unless named; optional ``class_names``. Layout and range as ``_as_nchw`` accepts."""
+    arrays = read_npz(path)
+    keys = list(arrays)
+
+    def pick(given: Optional[str], options: Sequence[str], what: str) -> np.ndarray:
+        key = given or next((k for k in options if k in keys), None)
+        if key is None or key not in keys:
+            raise ValueError(f"{path}: no {what} array (looked for {given or '/'.join(options)}; found {keys})")
+        return arrays[key]
+
+    x = pick(images_key, ("images", "x", "X", "data"), "images")
+    y = pick(labels_key, ("labels", "y", "Y", "targets"), "labels")
+    if x.ndim == 0 or y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(
+            f"{path}: expected images [N, ...] and N integer labels, got {x.shape} and {y.dtype} {y.shape}"
+        )
+    names = arrays.get("class_names")
+    if names is not None and (names.ndim != 1 or len(names) <= int(y.max(initial=-1))):
+        raise ValueError(f"{path}: class_names must hold one name per class, got shape {names.shape}")
+    names = [str(n) for n in names] if names is not None else [str(i) for i in range(int(y.max(initial=-1)) + 1)]
     return _dataset(_as_nchw(x, str(path)), y, names, str(path))
 
 

@@ -2,7 +2,7 @@
 
 
 class BackendUnavailable(RuntimeError):
-    """The requested backend cannot run here; the message says why and what to do."""
+    """The requested backend or device cannot run here; the message says why and what to do."""
 
 
 class NoSpaceLeft(OSError):

@@ -61,9 +61,9 @@ from scipy.optimize import linear_sum_assignment
 
 from . import distributed
 from .checkpoint import atomic_write_text, cache_dir
-from .data import ImageDataset
+from .data import ImageDataset, check_finite
 from .grid import save_pair_grid
-from .models import predict_logits
+from .models import check_classifier, predict_logits
 from .ssim import classwise_ssim, pairwise_ssim
 from .utility import Teaching, classwise_prdc, minmax_rescale, nn_feature_distance, real_curve, student_accuracy, worth
 
@@ -366,12 +366,14 @@ def _num(v: Tensor) -> Optional[float]:
     return None if math.isnan(x) else x
 
 
-def _as_train(train: Union[ImageDataset, Tuple[Any, Any]], num_classes: int) -> ImageDataset:
+def _as_train(train: Union[ImageDataset, Tuple[Any, Any]], num_classes: int, name: str) -> ImageDataset:
+    """``train`` (the argument ``name``) as an ``ImageDataset``."""
     if isinstance(train, ImageDataset):
         return train
     if not (isinstance(train, (tuple, list)) and len(train) == 2):
-        raise TypeError("train must be an ImageDataset or a tuple (images [M, C, H, W] in [0, 1], labels [M])")
+        raise TypeError(f"{name} must be an ImageDataset or a tuple (images [M, C, H, W] in [0, 1], labels [M])")
     images, labels = torch.as_tensor(train[0]), torch.as_tensor(train[1]).long()
+    check_finite(images, name)
     images = images.float() / 255 if images.dtype == torch.uint8 else images.float()
     k = max(num_classes, int(labels.max()) + 1 if len(labels) else 0)
     return ImageDataset(images, labels, [str(i) for i in range(k)], torch.arange(len(labels)), "tensors")
@@ -480,15 +482,18 @@ def evaluate(
         raise ValueError(f"tau must be an SSIM threshold in [0, 1], got {tau}")
     if isinstance(teach_per_class, bool) or not isinstance(teach_per_class, int) or teach_per_class < 1:
         raise ValueError(f"teach_per_class must be a positive int, got {teach_per_class!r}")
+    check_finite(images.detach(), "generated images")
     x01 = ((images.detach().float().cpu() - lo) / (hi - lo)).clamp_(0, 1)
-    if not torch.isfinite(x01).all():
-        raise ValueError("generated images hold NaN: nothing to evaluate")
     k = getattr(inversion, "num_classes", None) or int(labels.max()) + 1
-    train = _as_train(train, k)
+    train = _as_train(train, k, "train")
     if list(x01.shape[1:]) != train.image_shape:
         raise ValueError(f"generated images are {list(x01.shape[1:])}, training images {train.image_shape}")
     if int(labels.max()) >= train.num_classes:
         raise ValueError(f"labels go up to {int(labels.max())} but the training set has {train.num_classes} classes")
+    data_classes = inversion.num_classes if inversion is not None else train.num_classes
+    for name, model in (("classifier", classifier), ("eval_classifier", eval_classifier)):
+        if model is not None:
+            check_classifier(model, data_classes, x01.shape[1:], name)
     names = list(class_names) if class_names is not None else list(train.class_names)
 
     n = len(labels)
@@ -520,7 +525,7 @@ def evaluate(
     same = same_class_ssim(x01, labels, **ssim)
     control = {}
     if held_out is not None:
-        held = _as_train(held_out, k)
+        held = _as_train(held_out, k, "held_out")
         if held.image_shape != train.image_shape:
             raise ValueError(f"held-out images are {held.image_shape}, training images {train.image_shape}")
         control = dict(
@@ -537,14 +542,14 @@ def evaluate(
     if eval_classifier is not None:
         report.eval_pred = predict_logits(eval_classifier, x01).argmax(1)
     if test is not None or eval_classifier is not None:
-        test_ds = None if test is None else _as_train(test, k)
+        test_ds = None if test is None else _as_train(test, k, "test")
         if test_ds is not None and test_ds.image_shape != train.image_shape:
             raise ValueError(f"test images are {test_ds.image_shape}, training images {train.image_shape}")
         x_t, y_t = x01, labels
         if inversion is not None and test_ds is not None:  # the students' own, larger sample
             y_t = inversion.labels(n_per_class=teach_per_class)
             x_t = ((inversion.sample(labels=y_t).float().cpu() + 1) / 2).clamp_(0, 1)
-        unseen = _as_train(held_out, k) if held_out is not None else test_ds
+        unseen = _as_train(held_out, k, "held_out") if held_out is not None else test_ds
         report.utility = _utility(
             x01, labels, x_t, y_t.long().cpu(), k, names, train, test_ds, unseen, target, eval_classifier,
             real_pool, teaching or Teaching(), cache, control_seed, device, progress,

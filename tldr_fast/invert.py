@@ -16,8 +16,16 @@ import torch.nn as nn
 
 from . import distributed, reference
 from .backends import resolve, resolve_device
-from .checkpoint import PathLike, check_writable, load_checkpoint, require_keys, save_checkpoint
-from .classifier import ClassifierError, FrozenClassifier
+from .checkpoint import (
+    PathLike,
+    check_writable,
+    drop_unknown,
+    field_error,
+    load_checkpoint,
+    require_keys,
+    save_checkpoint,
+)
+from .classifier import ClassifierError, FrozenClassifier, fingerprint
 from .config import TERMS, InversionConfig, Preprocess
 from .generator import ConditionedGenerator, legacy_optimizer_state
 from .progress import progress_bar
@@ -34,6 +42,8 @@ class Inversion:
     target classifier assigns to the conditioned class; ``confidence`` - its mean probability of
     that class; ``perturbed_accuracy`` - accuracy on perturbed copies (the robustness the TLDR terms
     ask for). Computed by ``invert``; ``None`` for an inversion loaded without its classifier.
+    ``classifier``: the fingerprint (``tldr_fast.classifier.fingerprint``) of the classifier it was trained
+    against (None for a checkpoint that does not record it); a resumed run checks it.
     """
 
     generator: ConditionedGenerator
@@ -44,6 +54,7 @@ class Inversion:
     history: Dict[str, List[float]] = field(default_factory=dict)
     metrics: Optional[Dict[str, float]] = None
     target: Optional[FrozenClassifier] = field(default=None, repr=False)
+    classifier: Optional[str] = None
 
     @property
     def device(self) -> torch.device:
@@ -86,7 +97,10 @@ class Inversion:
         each image (the noise and geometric transforms of training): ``[N]``. Image ``i``'s perturbations
         are a function of ``(seed, first + i)``. Needs the classifier."""
         if self.target is None:
-            raise ValueError("selecting samples needs the target classifier; pass classifier= to Inversion.load")
+            raise ValueError(
+                "selecting samples needs the target classifier: pass classifier= to Inversion.load (on the command "
+                "line: --classifier), or select=1"
+            )
         cfg, eps, dev = self.config, pixel_eps(self.config), images.device
         n, shape = len(labels), images.shape[1:]
         score = torch.zeros(n, device=dev)
@@ -253,6 +267,7 @@ class Inversion:
             "image_shape": list(self.image_shape),
             "history": self.history,
             "metrics": self.metrics,
+            "classifier": self.classifier,
         }
 
     def save(self, path: PathLike) -> None:
@@ -266,7 +281,7 @@ class Inversion:
     ) -> "Inversion":
         """Load a saved inversion (or checkpoint). With ``classifier``, ``classifier_metrics`` works again."""
         state = _load_state(path)
-        cfg = InversionConfig.from_dict(state["config"], preprocess)
+        cfg = InversionConfig.from_dict(state["config"], preprocess, path)
         dev = resolve_device(device)
         shape = tuple(state["image_shape"])
         g = _generator(state["num_classes"], shape, cfg, dev, state["generator"], path)
@@ -275,7 +290,10 @@ class Inversion:
             target = FrozenClassifier(
                 classifier, state["num_classes"], shape, cfg.preprocess, cfg.head, quiet=True, device=dev
             )
-        return cls(g, cfg, state["num_classes"], shape, state["step"], state["history"], state["metrics"], target)
+        return cls(
+            g, cfg, state["num_classes"], shape, state["step"], state["history"], state["metrics"], target,
+            state.get("classifier"),
+        )  # fmt: skip
 
 
 SAMPLE_BLOCK = 64  # sampling draws its randomness in blocks of this many consecutive indices
@@ -297,6 +315,7 @@ def indexed_draws(seed: int, stream: int, start: int, stop: int, draw, device) -
 # |x| at or above this is a saturated tanh output (counted in metrics["saturated"])
 SATURATED = 0.999
 STATE_KEYS = ("generator", "optimizer", "step", "config", "num_classes", "image_shape", "history", "metrics")
+OPTIONAL_STATE_KEYS = ("format", "student", "classifier")  # not in checkpoints of older versions
 
 
 class InversionDiverged(RuntimeError):
@@ -304,8 +323,38 @@ class InversionDiverged(RuntimeError):
 
 
 def _load_state(path: PathLike) -> dict:
+    """An inversion checkpoint's state, each field checked (errors name the file and the field); fields of a
+    newer version are dropped with a warning."""
     state = load_checkpoint(path)
     require_keys(state, STATE_KEYS, path)
+    state = drop_unknown(state, STATE_KEYS + OPTIONAL_STATE_KEYS, path)
+    positive = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0  # noqa: E731
+    checks = {
+        "generator": (isinstance(state["generator"], dict), "a dict of tensors (the generator's state_dict)"),
+        "optimizer": (state["optimizer"] is None or isinstance(state["optimizer"], dict), "None or a dict"),
+        "step": (
+            isinstance(state["step"], int) and not isinstance(state["step"], bool) and state["step"] >= 0,
+            "an int >= 0",
+        ),
+        "config": (isinstance(state["config"], dict), "a dict of InversionConfig fields"),
+        "num_classes": (positive(state["num_classes"]) and state["num_classes"] >= 2, "an int >= 2"),
+        "image_shape": (
+            isinstance(state["image_shape"], (list, tuple))
+            and len(state["image_shape"]) == 3
+            and all(positive(v) for v in state["image_shape"]),
+            "[C, H, W] (three positive ints)",
+        ),
+        "history": (
+            isinstance(state["history"], dict) and all(isinstance(v, list) for v in state["history"].values()),
+            "a dict of lists",
+        ),
+        "metrics": (state["metrics"] is None or isinstance(state["metrics"], dict), "None or a dict"),
+        "student": (state.get("student") is None or isinstance(state["student"], dict), "None or a dict"),
+        "classifier": (state.get("classifier") is None or isinstance(state["classifier"], str), "None or a string"),
+    }
+    for key, (ok, expected) in checks.items():
+        if not ok:
+            raise field_error(path, key, expected, state.get(key))
     return state
 
 
@@ -394,11 +443,13 @@ class _Interrupts:
 ARCHITECTURE = ("nz", "ngf", "output_norm")
 
 
-def _config(config: Optional[InversionConfig], state: Optional[dict], overrides: dict) -> InversionConfig:
+def _config(
+    config: Optional[InversionConfig], state: Optional[dict], overrides: dict, resume: Optional[PathLike]
+) -> InversionConfig:
     if config is not None and not isinstance(config, InversionConfig):
         raise TypeError(f"config must be an InversionConfig, got {type(config).__name__}")
     if state is not None and config is None:
-        config = InversionConfig.from_dict(state["config"], overrides.get("preprocess"))
+        config = InversionConfig.from_dict(state["config"], overrides.get("preprocess"), resume)
     return (config or InversionConfig()).with_overrides(**overrides)
 
 
@@ -419,6 +470,7 @@ def invert(
     *,
     resume: Optional[PathLike] = None,
     checkpoint: Optional[PathLike] = None,
+    allow_other_classifier: bool = False,
     **overrides,
 ) -> Inversion:
     """Train a generator that produces training-like images of each class of ``classifier``.
@@ -431,6 +483,9 @@ def invert(
         image_shape: ``(C, H, W)`` of the classifier's input.
         config: an ``InversionConfig``; ``overrides`` replace any of its fields (or loss weights).
         resume: a checkpoint to continue from (its config, with ``overrides`` on top, e.g. more steps).
+            It must have been trained against this classifier (same weights: its recorded fingerprint,
+            ``tldr_fast.classifier.fingerprint``), unless ``allow_other_classifier``; a checkpoint that
+            records none (an older version's) resumes with a warning.
         checkpoint: where to save checkpoints (every ``checkpoint_every`` steps and ``checkpoint_minutes``
             minutes, at the end, on Ctrl-C or SIGTERM, which stop the run at the end of the current step:
             a second one stops it at once, and under torch.distributed by rank 0 when another rank dies);
@@ -450,8 +505,10 @@ def invert(
     """
     main = distributed.is_main()  # under torch.distributed: rank 0 reads, writes and reports
     state = distributed.broadcast_object(_load_state(resume) if resume is not None and main else None)
-    cfg = _config(config, state, overrides)
+    cfg = _config(config, state, overrides, resume)
     shape = _check_problem(num_classes, image_shape)
+    if not isinstance(allow_other_classifier, bool):
+        raise TypeError(f"allow_other_classifier must be True or False, got {allow_other_classifier!r}")
     if state is not None:
         if (state["num_classes"], tuple(state["image_shape"])) != (num_classes, shape):
             raise ValueError(
@@ -462,6 +519,9 @@ def invert(
         changed = [f"{k} ({saved[k]} -> {getattr(cfg, k)})" for k in ARCHITECTURE if saved[k] != getattr(cfg, k)]
         if changed:
             raise ValueError(f"cannot resume {resume} with another generator layout: {', '.join(changed)}")
+    classifier_id = fingerprint(classifier) if isinstance(classifier, nn.Module) else None  # else refused below
+    if state is not None and classifier_id is not None:
+        _check_resumed_classifier(resume, state.get("classifier"), classifier_id, allow_other_classifier, main)
     ckpt = checkpoint if checkpoint is not None else resume
     if ckpt is not None and main:
         check_writable(ckpt, "checkpoint")  # now, not after the training
@@ -475,7 +535,7 @@ def invert(
     torch.manual_seed(cfg.seed)  # the generator's initial weights
     g = _generator(num_classes, shape, cfg, device, state["generator"] if state else None, resume)
     opt = torch.optim.Adam(g.parameters(), lr=cfg.lr, betas=cfg.betas)
-    inv = Inversion(g, cfg, num_classes, shape, 0, {t: [] for t in ("step",) + TERMS}, None, target)
+    inv = Inversion(g, cfg, num_classes, shape, 0, {t: [] for t in ("step",) + TERMS}, None, target, classifier_id)
     if state is not None:
         if state["optimizer"] is not None:
             opt.load_state_dict(legacy_optimizer_state(g, state["generator"], state["optimizer"]))
@@ -571,6 +631,25 @@ def _train(
             if main:
                 print(f"\ntldr_fast: {reason} at step {inv.step}{where}", file=sys.stderr)
             raise KeyboardInterrupt(reason)
+
+
+def _check_resumed_classifier(
+    resume: PathLike, recorded: Optional[str], given: str, allow_other: bool, say: bool
+) -> None:
+    """Refuse to resume a run against another classifier than the one it was trained against (every rank
+    decides alike); ``say``: print the warning about a checkpoint that records none."""
+    if recorded is None and say:
+        print(
+            f"tldr_fast: warning: {resume} does not record which classifier it was trained against (written by an "
+            "older tldr_fast): resuming without checking that it is this one",
+            file=sys.stderr,
+        )
+    elif recorded is not None and recorded != given and not allow_other:
+        raise ValueError(
+            f"{resume} was trained against another classifier (fingerprint {recorded}; this one's is {given}): resume "
+            "it with the classifier it was trained against, or pass allow_other_classifier=True "
+            "(--allow-other-classifier) to continue against this one"
+        )
 
 
 def _log(inv: Inversion, terms: Tensor, bar) -> None:

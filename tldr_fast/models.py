@@ -21,7 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backends import resolve_device
-from .checkpoint import PathLike, atomic_save, load_checkpoint
+from .checkpoint import PathLike, atomic_save, drop_unknown, field_error, load_checkpoint, require_keys
+from .classifier import ClassifierError
 from .data import ImageDataset
 from .progress import progress_bar
 
@@ -216,7 +217,37 @@ def normalize(model: nn.Module, x01: Tensor) -> Tensor:
         return x01
     mean = torch.tensor(meta["mean"], dtype=x01.dtype, device=x01.device).view(1, -1, 1, 1)
     std = torch.tensor(meta["std"], dtype=x01.dtype, device=x01.device).view(1, -1, 1, 1)
+    if mean.shape[1] not in (1, x01.shape[1]):  # never broadcast grey images to a colour classifier's channels
+        raise ClassifierError(
+            f"the classifier takes {mean.shape[1]}-channel images (its normalisation, tldr_meta), these images have "
+            f"{x01.shape[1]} channel(s)"
+        )
     return (x01 - mean) / std
+
+
+def check_classifier(model: nn.Module, num_classes: int, image_shape: Sequence[int], name: str = "classifier") -> None:
+    """Refuse a classifier that does not fit the data, before it is used: a ``ClassifierError`` naming
+    it (``name``: the argument or file it came from) when its recorded input shape (``tldr_meta``) is
+    not ``image_shape`` ``[C, H, W]``, when it fails on two images of that shape, or when its logits
+    have another number of classes than ``num_classes`` (the data's)."""
+    meta = getattr(model, "tldr_meta", None) or {}
+    shape, want = meta.get("input_shape"), list(image_shape)
+    if shape is not None and list(shape) != want:
+        raise ClassifierError(
+            f"{name} takes images of shape {list(shape)} ({shape[0]} channel(s)), the data are {want} ({want[0]} "
+            "channel(s)): give a classifier of this data"
+        )
+    try:
+        logits = predict_logits(model, torch.rand(2, *want))
+    except ClassifierError as e:
+        raise ClassifierError(f"{name}: {e}") from e
+    except Exception as e:
+        raise ClassifierError(f"{name} fails on images of the data's shape {want}: {' '.join(str(e).split())}") from e
+    if logits.shape != (2, num_classes):
+        got = f"{logits.shape[1]} classes" if logits.dim() == 2 else f"logits of shape {list(logits.shape)}"
+        raise ClassifierError(
+            f"{name} has {got}, the data have {num_classes} classes: give a classifier of these classes"
+        )
 
 
 @torch.no_grad()
@@ -383,8 +414,21 @@ def load_classifier(path: PathLike, device: str = "cpu") -> nn.Module:
     one whose parameters do not fit this version's model of its architecture.
     """
     ckpt = load_checkpoint(path, CHECKPOINT_FORMAT, "classifier")
-    meta: Dict[str, Any] = json.loads(ckpt["meta"])
-    model = build_classifier(meta["arch"], meta["input_shape"], meta["num_classes"], **meta.get("arch_kwargs", {}))
+    require_keys(ckpt, ("meta", "state_dict"), path, "classifier")
+    ckpt = drop_unknown(ckpt, ("format", "meta", "state_dict"), path)
+    try:
+        meta: Dict[str, Any] = json.loads(ckpt["meta"])
+    except (TypeError, ValueError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise field_error(path, "meta", "a JSON object (the classifier's tldr_meta)", ckpt["meta"], "classifier")
+    require_keys(meta, ("arch", "input_shape", "num_classes", "mean", "std"), f"{path} (its meta)", "classifier")
+    if not isinstance(ckpt["state_dict"], dict):
+        raise field_error(path, "state_dict", "a dict of tensors", ckpt["state_dict"], "classifier")
+    try:
+        model = build_classifier(meta["arch"], meta["input_shape"], meta["num_classes"], **meta.get("arch_kwargs", {}))
+    except Exception as e:
+        raise ValueError(f"{path}: its meta does not describe a classifier this tldr_fast builds: {e}") from e
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:  # parameters of another layout: saved by an older tldr_fast's model code

@@ -12,7 +12,8 @@
 * any other path: a folder with one sub-folder of PNGs per class (``tldr_fast.grid.save_image_folder``'s
   layout), written atomically a batch at a time, and ``samples.json`` recording what the folder holds. Writing
   the same sample again resumes it: images already on disk are kept and not regenerated. A different
-  sample (another inversion, seed, selection or count) replaces the folder's previous PNGs.
+  sample (another inversion, seed, selection or count) replaces the folder's previous PNGs. ``load_sample``
+  reads it back, class by class.
 
 Under ``torch.distributed`` (``torchrun ... -m tldr_fast sample``) a folder is written by all ranks: batch
 ``j`` by rank ``j mod world``, each writing its own PNGs (disjoint files); rank 0 writes the manifest
@@ -39,9 +40,11 @@ from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Tupl
 
 import numpy as np
 import torch
+from PIL import Image
 
 from . import distributed
-from .checkpoint import atomic_write, atomic_write_many, atomic_write_text, remove_stale_temps
+from .checkpoint import atomic_write, atomic_write_many, atomic_write_text, check_parent, remove_stale_temps
+from .data import _pil_to_array
 from .grid import to_pil
 from .progress import progress_bar
 
@@ -80,6 +83,7 @@ def write_samples(
     out = Path(out)
     if str(out) in ("", "."):
         raise ValueError("the output path is empty: give an .npz file or a folder")
+    check_parent(out)
     npz = out.suffix.lower() == ".npz"
     if shard_size is not None:
         if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
@@ -207,12 +211,16 @@ def _write_shards(
 
 def iter_sample(path: PathLike) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
     """``(images uint8 [n, C, H, W], labels int64 [n])`` of a sample that ``write_samples`` wrote: an
-    ``.npz`` (one pair), or a sharded sample's index (one pair per shard, in order: memory one shard).
-    A sharded sample's index entries must be contiguous and add up to its count, and each shard must be
-    of this sample with the checksum the index records; anything else is an error naming the file."""
+    ``.npz`` (one pair), a sharded sample's index (one pair per shard, in order: memory one shard), or a
+    folder of PNGs (one pair, class by class: class 0's images in order, then class 1's, ...). A sharded
+    sample's index entries must be contiguous and add up to its count, and each shard must be of this sample
+    with the checksum the index records; anything else is an error naming the file."""
     path = Path(path)
+    if path.is_dir():
+        yield _read_folder(path)
+        return
     if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
+        raise FileNotFoundError(f"no such file or folder: {path}")
     if path.suffix.lower() == ".npz":
         yield _load_npz(path)
         return
@@ -238,12 +246,48 @@ def iter_sample(path: PathLike) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
 
 
 def load_sample(path: PathLike) -> Tuple[np.ndarray, np.ndarray]:
-    """All of a sample's ``(images uint8 [N, C, H, W], labels int64 [N])``: an ``.npz`` or a sharded
-    sample's index (its shards concatenated in order), as ``write_samples`` returns its path."""
+    """All of a sample's ``(images uint8 [N, C, H, W], labels int64 [N])``: an ``.npz``, a sharded
+    sample's index (its shards concatenated in order), as ``write_samples`` returns its path, or a PNG
+    sample folder (class by class)."""
     parts = list(iter_sample(path))
     if not parts:  # a sharded sample of no images
         return np.zeros((0, *_read(Path(path))["image_shape"]), np.uint8), np.zeros(0, np.int64)
     return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
+
+
+def _read_folder(folder: Path) -> Tuple[np.ndarray, np.ndarray]:
+    """The images and labels of a PNG sample folder (``_write_folder``'s layout), checked against its manifest."""
+    manifest = _read(folder / MANIFEST)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("count"), int):
+        raise ValueError(
+            f"{folder} is a folder without a readable {MANIFEST}: not a sample folder that write_samples (tldr-fast "
+            "sample) wrote; give an .npz, a sharded sample's index or such a folder"
+        )
+    files = sorted(
+        (int(d.name), f)
+        for d in folder.iterdir()
+        if d.is_dir() and d.name.isdigit()
+        for f in d.glob("*.png")
+        if f.stem.isdigit()
+    )
+    if len(files) != manifest["count"]:
+        raise ValueError(
+            f"{folder} holds {len(files)} of the {manifest['count']} images its {MANIFEST} records: the sample is "
+            "incomplete (write the same sample again to complete it)"
+        )
+    images = []
+    for _, f in files:
+        try:
+            with Image.open(f) as im:
+                images.append(_pil_to_array(im))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{f} is not a readable PNG ({e}): write the same sample again to replace it") from e
+    if len({a.shape for a in images}) > 1:
+        raise ValueError(
+            f"{folder}: its images are not all of one shape, found {sorted({a.shape for a in images})[:2]}"
+        )
+    shape = images[0].shape if images else (0, 0, 0)
+    return np.stack(images) if images else np.zeros((0, *shape), np.uint8), np.array([c for c, _ in files], np.int64)
 
 
 def _check_entries(path: Path, index: Dict[str, Any]) -> None:
@@ -271,12 +315,23 @@ UNREADABLE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.
 
 
 def _load_npz(file: Path) -> Tuple[np.ndarray, np.ndarray]:
-    """``(images, labels)`` of a sample ``.npz``; a damaged or foreign file is an error naming it."""
+    """``(images, labels)`` of a sample ``.npz``; a damaged, foreign or misshapen file is an error naming it."""
     try:
         with np.load(file, allow_pickle=False) as z:
-            return z["images"], z["labels"]
+            images, labels = z["images"], z["labels"]
     except UNREADABLE as e:
         raise ValueError(f"{file} is not a readable sample .npz ({type(e).__name__}: {e}); write it again") from e
+    if (
+        images.dtype != np.uint8
+        or images.ndim != 4
+        or labels.shape != images.shape[:1]
+        or labels.dtype.kind not in "iu"
+    ):
+        raise ValueError(
+            f"{file}: not a sample as write_samples writes it (images uint8 [N, C, H, W], labels [N]); found images "
+            f"{images.dtype} {list(images.shape)}, labels {labels.dtype} {list(labels.shape)}"
+        )
+    return images, labels
 
 
 def _shard_problem(file: Path, sample: str, digest: Optional[str]) -> Optional[str]:
