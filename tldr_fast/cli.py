@@ -56,7 +56,9 @@ def _int_list(text: str) -> List[int]:
     try:
         return [int(x) for x in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers >= 0 such as 0,1,2, got {text!r}"
+        ) from None
 
 
 def _n_per_class(text: str) -> Union[int, str]:
