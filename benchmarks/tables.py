@@ -937,6 +937,18 @@ def block_leakage_judges(rows):
 
 DEFAULTS_RUN = L06 + "default"  # the run of the defaults' table (variant "defaults", the targets of ORDER)
 TEACH_RUN = "2026-12-07/default"  # the run of what the images teach (teaching_table)
+# the runs of the levers on the plain CNN (one process each, five at once, one thread each)
+LEVER_RUNS = {
+    lever: f"2026-12-07/{lever.replace('_', '-')}"
+    for lever in ("noise", "output_norm", "colour_shift", "surrogate_relu", "adversarial")
+}
+LEVER_LABELS = {
+    "noise": "noise ensemble",
+    "output_norm": "output standardisation",
+    "colour_shift": "ColorShift",
+    "surrogate_relu": "surrogate ReLU",
+    "adversarial": "adversarial student",
+}
 
 
 def block_leakage_defaults(rows):
@@ -1373,7 +1385,8 @@ GOALS_TEACHING = [
             ("attack_accuracy", ">= 0.95"),
             ("same_class_ssim", "<= 0.70"),
         ],
-        [("Zoom 4", ["2026-12-07/zoom"], "defaults")],
+        [("Zoom 4", ["2026-12-07/zoom"], "defaults")]
+        + [(LEVER_LABELS[k], [run], "defaults") for k, run in LEVER_RUNS.items()],
     ),
     ("mnist-cnn-1000", [("worth_real_per_class", ">= 30"), ("distill_accuracy", ">= 0.97")], []),
     ("mnist-plain_cnn-10", [("closer_to_train", ">= 0.75")], []),
@@ -1392,6 +1405,11 @@ def block_leakage_levers(rows):
     spec = [
         ("the defaults", [TEACH_RUN], "mnist-plain_cnn-1000", "defaults"),
         ("Zoom 4 (7, 14, 21, 28 px)", ["2026-12-07/zoom"], "mnist-plain_cnn-1000", "defaults"),
+        ("noise ensemble (Gaussian, eps 0.3)", [LEVER_RUNS["noise"]], "mnist-plain_cnn-1000", "defaults"),
+        ("output standardisation", [LEVER_RUNS["output_norm"]], "mnist-plain_cnn-1000", "defaults"),
+        ("ColorShift (offset 0.4, log-contrast 0.5)", [LEVER_RUNS["colour_shift"]], "mnist-plain_cnn-1000", "defaults"),
+        ("surrogate ReLU (alpha 50)", [LEVER_RUNS["surrogate_relu"]], "mnist-plain_cnn-1000", "defaults"),
+        ("adversarial student (weight 0.3)", [LEVER_RUNS["adversarial"]], "mnist-plain_cnn-1000", "defaults"),
     ]
     metrics = [
         ("attack acc", "attack_accuracy", 2),
