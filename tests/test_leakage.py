@@ -355,7 +355,7 @@ def _other_recipe(judge):
     [
         (_five_classes, "it has 5 classes, the data 10"),
         (_other_recipe, "its training recipe differs in epochs (7, not 1)"),
-        (lambda judge: {"format": CHECKPOINT_FORMAT, "state_dict": {}}, "it does not load (KeyError"),
+        (lambda judge: {"format": CHECKPOINT_FORMAT, "state_dict": {}}, "it does not load (ValueError"),
     ],
     ids=["five-classes", "other-recipe", "no-meta"],
 )
