@@ -373,10 +373,9 @@ def _as_train(train: Union[ImageDataset, Tuple[Any, Any]], num_classes: int, nam
     if not (isinstance(train, (tuple, list)) and len(train) == 2):
         raise TypeError(f"{name} must be an ImageDataset or a tuple (images [M, C, H, W] in [0, 1], labels [M])")
     images, labels = torch.as_tensor(train[0]), torch.as_tensor(train[1]).long()
-    check_finite(images, name)
     images = images.float() / 255 if images.dtype == torch.uint8 else images.float()
     k = max(num_classes, int(labels.max()) + 1 if len(labels) else 0)
-    return ImageDataset(images, labels, [str(i) for i in range(k)], torch.arange(len(labels)), "tensors")
+    return ImageDataset(images, labels, [str(i) for i in range(k)], torch.arange(len(labels)), name)  # checks finite
 
 
 def _logits_fn(classifier: Optional[nn.Module], inversion: Any) -> Optional[Callable[[Tensor], Tensor]]:
