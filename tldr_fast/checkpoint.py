@@ -141,14 +141,30 @@ def check_writable(path: PathLike, what: str = "output") -> Path:
     return path
 
 
+def _file_in_the_way(folders: Iterable[Path]) -> Optional[Path]:
+    """The first of ``folders`` (the nearest first) that exists, if it is not a folder."""
+    for folder in folders:
+        if folder.exists():
+            return None if folder.is_dir() else folder
+    return None
+
+
 def check_parent(path: PathLike, what: str = "output") -> None:
     """A ``NotADirectoryError`` when a file stands where a folder above ``path`` should be (writing
     ``notes.txt/x.pt``); nothing is created."""
-    for parent in Path(path).parents:  # the nearest first
-        if parent.exists():
-            if not parent.is_dir():
-                raise NotADirectoryError(f"cannot write the {what} {path}: {parent} is a file, not a folder")
-            return
+    blocker = _file_in_the_way(Path(path).parents)
+    if blocker is not None:
+        raise NotADirectoryError(f"cannot write the {what} {path}: {blocker} is a file, not a folder")
+
+
+def check_folder(path: PathLike, what: str) -> Path:
+    """``path`` as a ``Path`` if it is, or can be created as, a folder; a ``NotADirectoryError`` naming
+    ``what`` if it or a folder above it is a file. Nothing is created."""
+    path = Path(path)
+    blocker = _file_in_the_way((path, *path.parents))
+    if blocker is not None:
+        raise NotADirectoryError(f"{what} {path}: {blocker} is a file, not a folder; give a folder")
+    return path
 
 
 def save_checkpoint(path: PathLike, state: Dict[str, Any]) -> None:

@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 
 from . import models
-from .checkpoint import atomic_write, atomic_write_text, cache_dir
+from .checkpoint import atomic_write, atomic_write_text, cache_dir, check_folder
 from .config import InversionConfig
 from .data import DataUnavailable, ImageDataset, load_dataset, subset
 from .evaluate import EvaluationReport, evaluate
@@ -401,17 +401,6 @@ def choose_targets(suite: Suite, names: Optional[Sequence[str]] = None, what: st
     if not chosen:
         raise ValueError(f"{what} is empty: give at least one target, e.g. mnist-cnn-1000")
     return chosen
-
-
-def check_folder(path: Path, what: str) -> Path:
-    """``path`` if it is, or can be created as, a folder; a ``NotADirectoryError`` naming ``what`` if it or a
-    folder above it is a file. Nothing is created."""
-    for p in (path, *path.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise NotADirectoryError(f"{what} {path}: {p} is a file, not a folder; give a folder")
-            break
-    return path
 
 
 def _read_record(path: Path, key: str) -> Optional[Dict[str, Any]]:
