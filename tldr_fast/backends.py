@@ -6,8 +6,8 @@
 ``triton``    - ``tldr_fast.kernels`` (the folder ``kernels/``): fused Triton kernels, CUDA tensors (or
                 any tensor under ``TRITON_INTERPRET=1``, which is how CI tests them).
 ``extension`` - ``tldr_fast.extension_ops``: the C++/CUDA extension built from ``csrc/``, with C++ kernels
-                for CPU tensors and, when built with CUDA, CUDA kernels. ``"cuda"`` is its former name,
-                still accepted.
+                for CPU tensors and, when built with CUDA, CUDA kernels. ``"cuda"`` is accepted as
+                another name for it (older configs and checkpoints use it).
 ``auto``      - per op, the first available of the op's declared order (``tldr_fast.ops``: ``spec.auto``),
                 announced once per device type on stderr.
 
@@ -48,7 +48,7 @@ REGISTRY: Dict[str, Implementation] = {
     "extension": Implementation("tldr_fast.extension_ops", "the C++/CUDA extension", "triton"),
 }
 BACKENDS: Tuple[str, ...] = tuple(REGISTRY)
-ALIASES = {"cuda": "extension"}  # a former name -> the backend's name
+ALIASES = {"cuda": "extension"}  # another accepted name (in older configs) -> the backend's name
 NAMES: Tuple[str, ...] = ("auto", *BACKENDS, *ALIASES)  # what backend= accepts
 __all__ = [
     "ALIASES",

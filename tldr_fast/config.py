@@ -45,14 +45,13 @@ class LossWeights:
     the parameters (``reference.kkt``: the KKT stationarity of a converged classifier, Haim et al. 2022,
     Buzaglo et al. 2023; a double backward, so not with ``compile`` or ``cuda_graph``);
     ``activation``: DAFL's activation loss (Chen et al. 2019), -mean |phi| of the penultimate features:
-    rewards images that excite the classifier's features strongly; on the leakage benchmark it makes the
-    plain CNN's reconstructions more training-like and more diverse and changes nothing beyond the seeds'
-    spread on the other targets (BENCHMARKS.md), hence on by default.
+    rewards images that excite the classifier's features strongly; on by default (its effect on the
+    leakage benchmark: BENCHMARKS.md).
     ``adversarial``: DFAD's adversarial student (Fang et al. 2019): ``-(1/(B K)) sum |t - s|``, the
     negative mean absolute difference between the target's logits ``t`` and those of a small student
     ``s`` (``step.Student``) on the clean images, so the generator seeks images on which the student
     does not yet imitate the target; the student learns to imitate it on each step's images (its own
-    Adam; DESIGN.md §2.7). Off (0) by default: not yet measured on the leakage benchmark.
+    Adam; DESIGN.md §2.7). Off (0) by default.
     """
 
     ce: float = 1.0
@@ -120,7 +119,7 @@ class InversionConfig:
         device: "auto" (the GPU when there is one), "cpu", "cuda", "cuda:1", ...
         dtype: "float32", or "bfloat16" autocast for the generator and classifier (losses in fp32).
         backend: "auto" (per op, the fastest available), "reference", "torch" (plain PyTorch), "triton" or
-            "extension" (the C++/CUDA extension; "cuda" is its former name); ``tldr_fast.backends``.
+            "extension" (the C++/CUDA extension; "cuda" is another name for it); ``tldr_fast.backends``.
         conditioning: "hot" (one-hot, TLDR) or "soft" (softmax of Gaussian logits).
         perturbation: "rademacher", "uniform" or "gaussian" noise for the robustness terms.
         eps: perturbation size as a fraction of the pixel range (the generator's [-1, 1]).
@@ -391,7 +390,7 @@ class InversionConfig:
         weights = drop_unknown(weights, [f.name for f in fields(LossWeights)], source, "config.weights ")
         schedules = drop_unknown(schedules, TERMS, source, "config.schedules ")
         try:
-            # a weight the saved run does not name was no part of its objective (a term added since): 0, not today's default
+            # a weight the saved config does not name (a term its version lacked) was no part of its objective: 0
             d["weights"] = LossWeights(**{**{f.name: 0.0 for f in fields(LossWeights)}, **weights})
             d["schedules"] = {k: _ramp(k, v) for k, v in schedules.items()}
             return cls(**d)

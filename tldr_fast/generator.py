@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 Tensor = torch.Tensor
-LEGACY_EMBED_BIAS = "embed.bias"  # in generator weights saved before the embedding lost its bias
+LEGACY_EMBED_BIAS = "embed.bias"  # an embedding bias, held by older generator weights; folded away when they load
 # Olah et al. 2017 (Feature Visualization, "decorrelated space"): the square root of ImageNet's RGB colour
 # correlation from its SVD, as Lucid ships it; columns scaled so that the largest has norm 1 in `colour_basis`
 COLOUR_CORRELATION_SQRT = ((0.26, 0.09, 0.02), (0.27, 0.00, -0.05), (0.27, -0.09, 0.03))
@@ -152,7 +152,7 @@ class ConditionedGenerator(nn.Module):
         self.register_buffer("colour", colour_basis() if decorrelated_colour else None, persistent=False)
 
     def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
-        """Weights saved with the embedding's former bias ``b`` load as the same function: ``b`` added
+        """Weights with an embedding bias ``b`` (``LEGACY_EMBED_BIAS``) load as the same function: ``b`` added
         ``P_e b`` (``P_e = project[0].weight[:, nz:]``) to the BatchNorm's input, which the batch statistics
         cancel and the running mean absorbed; so ``b`` is dropped and ``P_e b`` taken off the running mean."""
         bias = state_dict.get(prefix + LEGACY_EMBED_BIAS)
@@ -194,7 +194,7 @@ def legacy_optimizer_state(
     saved = sorted(i for group in state["param_groups"] for i in group["params"])
     if LEGACY_EMBED_BIAS not in weights or LEGACY_EMBED_BIAS in names or saved != list(range(len(names) + 1)):
         return state
-    gone = names.index("embed.weight") + 1  # the old order: embed.weight, embed.bias, project...
+    gone = names.index("embed.weight") + 1  # the saved order: embed.weight, embed.bias, project...
 
     def new(i: int) -> int:
         return i - (i > gone)
