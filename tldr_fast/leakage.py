@@ -156,8 +156,8 @@ SUITES: Dict[str, Suite] = {
         target_epochs=((10, 30),),
         invert=(("steps", 20), ("batch_size", 32)),
     ),
-    # what fits in 45 minutes on a 2-core CPU: the goal targets at 1,000 per class, the
-    # memorising regime at 10 per class, an MLP and Fashion-MNIST
+    # what fits in 45 minutes on a 2-core CPU: the two CNNs at 1,000 per class, the memorising regime at
+    # 10 per class, an MLP and Fashion-MNIST
     "default": Suite(
         targets=_grid(["mnist"], ["plain_cnn", "cnn"], [10, 1000])
         + (Target("mnist", 1000, "mlp"), Target("fashion-mnist", 100, "cnn")),
