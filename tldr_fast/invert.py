@@ -135,7 +135,8 @@ class Inversion:
     def load(
         cls, path: PathLike, classifier: Optional[nn.Module] = None, device: str = "auto", preprocess: Preprocess = None
     ) -> "Inversion":
-        """Load a saved inversion (or checkpoint). With ``classifier``, ``classifier_metrics`` works again."""
+        """Load a saved inversion (or checkpoint). With ``classifier`` (its target), ``classifier_metrics`` and
+        ``sample``'s selection (``select > 1``) work."""
         state = _load_state(path)
         cfg = InversionConfig.from_dict(state["config"], preprocess, path)
         dev = resolve_device(device)
