@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import json
 import math
 import operator
 import re
@@ -436,13 +437,11 @@ def check_field(name: str, value: Any) -> None:
     """A ``TypeError`` or ``ValueError`` naming ``InversionConfig`` field ``name`` unless ``value`` is of its
     type (an int, a finite number for a float, a bool, a string, one of a ``Literal``'s choices, a tuple of
     them, or None for an ``Optional``) within its bounds. Fields of other types are checked as they are built."""
-    kind, rule, bounds = field_specs()[name]
+    declared, rule, bounds = field_specs()[name]
+    kind = unwrap_optional(declared)
+    if value is None and kind is not declared:
+        return
     args = get_args(kind)
-    if get_origin(kind) is Union and len(args) == 2 and type(None) in args:  # Optional[X]
-        if value is None:
-            return
-        kind = next(k for k in args if k is not type(None))
-        args = get_args(kind)
     if get_origin(kind) is Literal:
         _choice(name, value, args)
     elif get_origin(kind) is tuple:
@@ -455,6 +454,14 @@ def check_field(name: str, value: Any) -> None:
         raise ValueError(f"{name} {rule or 'must be a finite number'}, got {value!r}")
 
 
+def unwrap_optional(kind: Any) -> Any:
+    """``X`` for the type ``Optional[X]``, else ``kind``."""
+    args = get_args(kind)
+    if get_origin(kind) is Union and len(args) == 2 and type(None) in args:
+        return next(k for k in args if k is not type(None))
+    return kind
+
+
 def _within(kind: type, value: Any, bounds: Mapping[str, float]) -> bool:
     """Whether ``value`` is an int (``kind`` int) or a finite number (float) within ``bounds``."""
     if kind is float and not (_number(value) and math.isfinite(value)):
@@ -464,14 +471,14 @@ def _within(kind: type, value: Any, bounds: Mapping[str, float]) -> bool:
     return all(_COMPARE[op](value, bound) for op, bound in bounds.items())
 
 
-def field_docs(cls: type) -> Dict[str, str]:
-    """``{field: its text}`` from the ``Args:`` section of ``cls``'s docstring, one line each; an entry
-    ``a, b: text`` documents both fields."""
+def field_docs(obj: Any, section: str = "Args") -> Dict[str, str]:
+    """``{name: its text}`` from the ``Args:`` (or other ``section``) of ``obj``'s docstring, one line each;
+    an entry ``a, b: text`` documents both names (fields, or options such as ``--out``)."""
     docs: Dict[str, str] = {}
     names: Sequence[str] = ()
-    section = inspect.cleandoc(cls.__doc__ or "").partition("Args:")[2]
-    for line in section.splitlines():
-        entry = re.match(r" {4}(\w+(?:, \w+)*): (.*)", line)
+    lines = inspect.cleandoc(obj.__doc__ or "").partition(f"\n{section}:\n")[2]
+    for line in lines.splitlines():
+        entry = re.match(r" {4}([\w-]+(?:, [\w-]+)*): (.*)", line)
         if entry:
             names = entry[1].split(", ")
             docs.update((n, entry[2]) for n in names)
@@ -480,3 +487,23 @@ def field_docs(cls: type) -> Dict[str, str]:
         elif line.strip():  # the section ended
             break
     return docs
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value: JSON when it parses (numbers, true/false, lists), else the string itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def parse_overrides(pairs: Sequence[str], option: str = "--set") -> Dict[str, Any]:
+    """``["tv=1e-3", "diversity=class"]`` -> ``{"tv": 0.001, "diversity": "class"}`` (validated by invert);
+    ``option``: the command-line option they came from, named in the error."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{option} expects KEY=VALUE, got {pair!r}")
+        out[key.strip()] = parse_value(value.strip())
+    return out
