@@ -47,7 +47,7 @@ import torch.nn as nn
 
 from . import models
 from .checkpoint import atomic_write, atomic_write_text, cache_dir, check_folder
-from .config import InversionConfig
+from .config import InversionConfig, parse_overrides
 from .data import DataUnavailable, ImageDataset, load_dataset, subset
 from .evaluate import EvaluationReport, evaluate
 from .models import load_classifier, save_classifier, train_classifier
@@ -391,6 +391,38 @@ def check_overrides(overrides: Mapping[str, Any], what: str = "variants") -> Non
         InversionConfig().with_overrides(**overrides)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{what}: {e}") from e
+
+
+def parse_variants(
+    common: Mapping[str, Any], specs: Sequence[str], ablation: bool = False
+) -> Dict[str, Dict[str, Any]]:
+    """The command line's variants: ``{"defaults": common}`` (the options of ``--set``) and one variant per
+    ``specs`` entry ``NAME:KEY=VALUE[,KEY=VALUE]`` (``--variant``; with ``ablation``, every variant of
+    ``ABLATION`` too), each over ``common``; each checked, an error names the option."""
+    check_overrides(common, "--set")
+    variants = {"defaults": dict(common)}
+    specs = list(specs)
+    if ablation:
+        specs += [
+            f"{name}:" + ",".join(f"{k}={json.dumps(v)}" for k, v in changes.items())
+            for name, changes in ABLATION.items()
+        ]
+    for spec in specs:
+        name, sep, rest = spec.partition(":")
+        if not sep or not name:
+            raise ValueError(f"--variant expects NAME:KEY=VALUE[,KEY=VALUE], got {spec!r}")
+        check_variant_name(name, "--variant")
+        if name in variants:
+            taken = "the runs of --set's options" if name == "defaults" else "another variant (--variant or --ablation)"
+            raise ValueError(f"--variant {name!r}: that name is taken by {taken}; give each variant its own name")
+        try:  # split at the commas before a KEY=: "eps=0.1,betas=[0.5,0.9]" is two pairs
+            changes = parse_overrides([p for p in re.split(r",(?=[^,=\[\]{}]+=)", rest) if p])
+        except ValueError as e:
+            raise ValueError(f"--variant {name}: {e}") from None
+        check_overrides(changes, f"--variant {name}")
+        variants[name] = {**common, **changes}
+        check_overrides(variants[name], f"--variant {name} with --set")
+    return variants
 
 
 def check_variant_name(name: Any, what: str = "variants") -> None:
