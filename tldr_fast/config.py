@@ -166,6 +166,13 @@ class InversionConfig:
             per-channel BatchNorm (affine) and a second tanh, so each batch has the same per-channel ink
             (mean and spread) before the squash. Part of the generator's layout (a run is resumed with
             its own).
+        scaled_spectrum: Olah et al.'s (2017) 1/f-scaled output: the generator's last convolution is filtered
+            by ``irfft2(S * rfft2(x))`` before the tanh, ``S`` the 1/f gains (``generator.spectrum_scale``):
+            low frequencies amplified, the power of white noise kept. Part of the generator's function (a
+            run is resumed with its own).
+        decorrelated_colour: Olah et al.'s (2017) decorrelated colour, for 3-channel images: each output
+            pixel's channels ``d`` become ``M d`` before the tanh, ``M`` the square root of natural images'
+            colour correlation (``generator.colour_basis``). Part of the generator's function.
         surrogate_relu: ``alpha > 0``: in the backward through the classifier, every ReLU's derivative
             ``1[x > 0]`` becomes ``sigmoid(alpha x)`` (Haim et al. 2022, Buzaglo et al. 2023): units that
             faint images leave off still pass gradient; the forward is unchanged (``reference.surrogate_relu``;
@@ -229,6 +236,8 @@ class InversionConfig:
     colour_shift: float = _bounded(0.0, "must be a finite number >= 0 (0: off)", ge=0)
     colour_contrast: float = _bounded(0.0, "must be a finite number >= 0 (0: off)", ge=0)
     output_norm: bool = False
+    scaled_spectrum: bool = False
+    decorrelated_colour: bool = False
     surrogate_relu: float = _bounded(0.0, "must be a finite number >= 0 (0: off)", ge=0)
     select: int = _bounded(4, "must be positive", ge=1)
     grad_norm: Literal["head", "full", "off"] = "head"

@@ -205,7 +205,9 @@ def _generator(
     weights: Optional[dict] = None,
     path: Optional[PathLike] = None,
 ) -> ConditionedGenerator:
-    g = ConditionedGenerator(num_classes, shape, cfg.nz, cfg.ngf, cfg.dropout, cfg.output_norm).to(device)
+    g = ConditionedGenerator(
+        num_classes, shape, cfg.nz, cfg.ngf, cfg.dropout, cfg.output_norm, cfg.scaled_spectrum, cfg.decorrelated_colour
+    ).to(device)
     if weights is not None:
         try:
             g.load_state_dict(weights)
@@ -314,8 +316,8 @@ class _Interrupts:
             signal.signal(sig, handler)
 
 
-# options that fix the generator's layout: a checkpoint is only resumed with its own
-ARCHITECTURE = ("nz", "ngf", "output_norm")
+# options that fix the generator's layout or function: a checkpoint is only resumed with its own
+ARCHITECTURE = ("nz", "ngf", "output_norm", "scaled_spectrum", "decorrelated_colour")
 
 
 def _config(
