@@ -13,10 +13,9 @@ VENV_MAX ?= .venv-triton-max
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 STAMP_MAX := $(VENV_MAX)/.installed
-# the tests of every Triton kernel: under the interpreter, and compiled for sm_90 by Triton's own compiler (no GPU needed)
-TRITON_TESTS := tests/test_feature_loss_triton.py tests/test_head_loss_triton.py tests/test_image_prior_triton.py \
-	tests/test_perturb_triton.py tests/test_pairwise_ssim.py tests/test_feature_loss.py tests/test_image_prior.py \
-	tests/test_kernels_aot.py tests/test_bn_stats.py tests/test_bn_stats_triton.py tests/test_mode_seek.py tests/test_mode_seek_triton.py
+# the tests of every Triton kernel (the pytest marker `triton`, set in tests/conftest.py): under the
+# interpreter, and compiled for sm_90 by Triton's own compiler (no GPU needed)
+TRITON_TESTS := -m triton
 
 # The benchmark suite (pytest-benchmark, benchmarks/; BENCHMARKS.md "Running the benchmark suite"):
 # `make bench` times it on this machine's devices and saves the run under .benchmarks/; `make
@@ -58,7 +57,7 @@ lint: $(STAMP)
 
 test: $(STAMP) $(STAMP_MAX) lint
 	TLDR_FAST_REQUIRE_DATA=1 $(PY) -m pytest -q
-	TRITON_INTERPRET=1 $(VENV_MAX)/bin/python -m pytest -q -p no:cacheprovider $(TRITON_TESTS) -k "triton or hopper"
+	TRITON_INTERPRET=1 $(VENV_MAX)/bin/python -m pytest -q -p no:cacheprovider $(TRITON_TESTS)
 	# every benchmark once, untimed, at small shapes (Triton rows under the interpreter): a broken benchmark fails
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider benchmarks/ --benchmark-disable
 

@@ -14,13 +14,15 @@ no GPU and no driver.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import subprocess
 import sys
-from functools import partial
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
+
+from tldr_fast import kernels
 
 _DTYPES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64", torch.int32: "i32"}
 
@@ -111,72 +113,24 @@ class _Launcher:
         return lambda *args, **kwargs: self.compiler.compile(self.kernel, args, kwargs)
 
 
-def _cases(op: str):
-    """Representative calls of each op: the dtypes and shapes that select every constexpr branch."""
-    import torch.nn.functional as F
+def compiled_ops() -> Tuple[str, ...]:
+    """The ops this checker compiles: those whose Triton module (``kernels/<op>.py``) defines
+    ``compile_cases(dtype)``, representative calls that launch every kernel variant (constexpr branch)."""
+    return tuple(op for op in kernels.__all__ if hasattr(importlib.import_module(f"{__package__}.{op}"), "compile_cases"))
 
-    from tldr_fast import kernels
 
+def _cases(op: str) -> Iterator[Callable[[], object]]:
+    """The calls of ``op``'s ``compile_cases``, for fp32 and bf16 inputs."""
+    if op not in compiled_ops():
+        raise ValueError(f"unknown op {op!r}: expected one of {compiled_ops()} (the ops whose kernels/<op>.py has compile_cases)")
+    module = importlib.import_module(f"{__package__}.{op}")
     for dtype in (torch.float32, torch.bfloat16):
-        if op == "head_loss":
-            w = torch.ones(5)
-            for b, k, d, variants in ((1024, 10, 256, "full"), (4099, 1000, 512, "gn"), (65536, 10, 256, "gn")):
-                labels = torch.zeros(b, dtype=torch.int64)
-                condition = F.one_hot(labels, k).to(dtype)
-                feats = torch.zeros(b, d, dtype=dtype)
-                z2 = torch.zeros(2 * b, k, dtype=dtype)
-                yield partial(kernels.head_loss, z2, condition, labels, feats, w, True)
-                if variants == "full":
-                    yield partial(kernels.head_loss, z2[:b], condition, labels, feats, w, False)
-                    yield partial(kernels.head_loss, z2, condition, labels, None, w, True)
-        elif op == "feature_loss":
-            for b, d in ((1024, 256), (65536, 256), (300, 4096)):
-                yield partial(kernels.feature_loss, torch.ones(b, d, dtype=dtype), torch.ones(3))
-            labels = torch.zeros(1024, dtype=torch.int64)
-            yield partial(kernels.feature_loss, torch.ones(1024, 256, dtype=dtype), torch.ones(3), labels, 10)
-        elif op == "image_prior":
-            for shape in ((1024, 1, 28, 28), (4, 3, 224, 300)):
-                yield partial(kernels.image_prior, torch.zeros(shape, dtype=dtype), torch.ones(3), -1.0, 1.0)
-                moments = torch.ones(2, shape[1])
-                yield partial(kernels.image_prior, torch.zeros(shape, dtype=dtype), torch.ones(3), -1.0, 1.0, moments)
-        elif op == "perturb":
-            x = torch.zeros(64, 3, 32, 32, dtype=dtype, requires_grad=True)
-            theta = torch.eye(2, 3).repeat(64, 1, 1)  # [B, 2, 3]
-
-            def forward_backward(x: torch.Tensor, kind: str, *warp) -> None:
-                kernels.perturb(x, 0.1, -1.0, 1.0, kind, 1, *warp).sum().backward()
-
-            for kind in ("rademacher", "uniform", "gaussian"):
-                for warp in ((), (theta, "bilinear"), (theta, "nearest")):
-                    yield partial(forward_backward, x, kind, *warp)
-        elif op == "bn_stats":
-
-            def value_backward(x: torch.Tensor) -> None:
-                c = x.shape[1]
-                kernels.bn_stats(x, torch.zeros(c), torch.ones(c)).backward()
-
-            # [N, C] (channels contiguous, several samples per tile; one sample: M = 1), odd and large
-            # spatial sizes, one channel
-            shapes = ((1024, 256), (33, 20), (1, 5), (64, 512, 7, 7), (8, 64, 56, 56), (4, 12, 31), (2, 1, 28, 28))
-            for shape in shapes:
-                yield partial(value_backward, torch.zeros(shape, dtype=dtype, requires_grad=True))
-        elif op == "mode_seek":
-
-            def seek_backward(x: torch.Tensor) -> None:
-                kernels.mode_seek(x, torch.ones(x.shape[0], 100)).backward()
-
-            # even and odd B; one pair per program (P >= 1024) and several split programs per pair
-            # (few pairs, large images); several pairs per tile (small P)
-            shapes = ((1024, 1, 28, 28), (4097, 3, 32, 32), (2, 3, 224, 224), (33, 50))
-            for shape in shapes:
-                yield partial(seek_backward, torch.zeros(shape, dtype=dtype, requires_grad=True))
-        else:
-            raise ValueError(f"unknown op {op!r}")
+        yield from module.compile_cases(dtype)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("ops", nargs="*", default=["head_loss", "feature_loss", "image_prior", "perturb", "bn_stats", "mode_seek"])
+    p.add_argument("ops", nargs="*", help=f"default: every op with compile_cases, {' '.join(compiled_ops())}")
     p.add_argument("--arch", type=int, default=90)
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -184,11 +138,9 @@ def main(argv=None) -> int:
     os.environ.pop("TLDR_FAST_POISON", None)  # CPU NaN fills of big buffers are just slow here
     compiler = _Compiler(a.arch)
     torch.library.wrap_triton = compiler  # what kernels._utils.launch calls
-    import importlib
-
     # size grids as for an H100 (132 SMs): split paths included
     importlib.import_module(f"{__package__}._gram").num_sms = lambda device: 132
-    for op in a.ops:
+    for op in a.ops or compiled_ops():
         for case in _cases(op):
             case()
     print(f"{len(compiler.seen)} kernel variants, {len(compiler.failed)} failed")

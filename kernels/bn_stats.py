@@ -25,7 +25,8 @@ backward 1 (``_backward_kernel``, one tile per program).
 
 from __future__ import annotations
 
-from typing import Tuple
+from functools import partial
+from typing import Callable, Iterator, Tuple
 
 import torch
 import triton
@@ -218,3 +219,17 @@ def bn_stats(activations: Tensor, running_mean: Tensor, running_var: Tensor) -> 
     differentiable w.r.t. the activations (gradient in their dtype)."""
     SPEC.check(activations, running_mean, running_var)
     return _bn_stats_op(compute_dtype(activations), running_mean, running_var)[0]
+
+
+def compile_cases(dtype: torch.dtype) -> Iterator[Callable[[], object]]:
+    """Representative calls of ``bn_stats`` on small CPU tensors of ``dtype``, for ``kernels._aot``: together
+    they launch every kernel variant (constexpr branch) that GPU shapes select, forward and backward."""
+    def value_backward(x: Tensor) -> None:
+        c = x.shape[1]
+        bn_stats(x, torch.zeros(c), torch.ones(c)).backward()
+
+    # [N, C] (channels contiguous, several samples per tile; one sample: M = 1), odd and large
+    # spatial sizes, one channel
+    shapes = ((1024, 256), (33, 20), (1, 5), (64, 512, 7, 7), (8, 64, 56, 56), (4, 12, 31), (2, 1, 28, 28))
+    for shape in shapes:
+        yield partial(value_backward, torch.zeros(shape, dtype=dtype, requires_grad=True))

@@ -43,7 +43,8 @@ large B), ``_feature_grad_kernel`` (d/dPhi, and the terms in its program 0): 3, 
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from functools import partial
+from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 import triton
@@ -257,3 +258,12 @@ def feature_loss(
     SPEC.check(features, weights, labels, num_classes)
     loss, terms, _ = _feature_loss_op(compute_dtype(features), weights_fp32(weights), labels, int(num_classes))
     return loss, terms
+
+
+def compile_cases(dtype: torch.dtype) -> Iterator[Callable[[], object]]:
+    """Representative calls of ``feature_loss`` on small CPU tensors of ``dtype``, for ``kernels._aot``: together
+    they launch every kernel variant (constexpr branch) that GPU shapes select."""
+    for b, d in ((1024, 256), (65536, 256), (300, 4096)):
+        yield partial(feature_loss, torch.ones(b, d, dtype=dtype), torch.ones(3))
+    labels = torch.zeros(1024, dtype=torch.int64)
+    yield partial(feature_loss, torch.ones(1024, 256, dtype=dtype), torch.ones(3), labels, 10)

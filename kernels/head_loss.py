@@ -25,7 +25,8 @@ its program 0): 3, or 4 at large B.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from functools import partial
+from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 import triton
@@ -305,3 +306,18 @@ def head_loss(
         compute_dtype(logits), compute_dtype(condition), labels, features, weights_fp32(weights), bool(head_bias)
     )
     return loss, terms
+
+
+def compile_cases(dtype: torch.dtype) -> Iterator[Callable[[], object]]:
+    """Representative calls of ``head_loss`` on small CPU tensors of ``dtype``, for ``kernels._aot``: together
+    they launch every kernel variant (constexpr branch) that GPU shapes select."""
+    w = torch.ones(5)
+    for b, k, d, variants in ((1024, 10, 256, "full"), (4099, 1000, 512, "gn"), (65536, 10, 256, "gn")):
+        labels = torch.zeros(b, dtype=torch.int64)
+        condition = torch.nn.functional.one_hot(labels, k).to(dtype)
+        feats = torch.zeros(b, d, dtype=dtype)
+        z2 = torch.zeros(2 * b, k, dtype=dtype)
+        yield partial(head_loss, z2, condition, labels, feats, w, True)
+        if variants == "full":
+            yield partial(head_loss, z2[:b], condition, labels, feats, w, False)
+            yield partial(head_loss, z2, condition, labels, None, w, True)

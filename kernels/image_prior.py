@@ -33,7 +33,8 @@ the pixel's row and column come from multiplications, not divisions.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from functools import partial
+from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 import triton
@@ -250,3 +251,12 @@ def image_prior(
     (in their dtype) and the weights."""
     SPEC.check(images, weights, lo, hi, moments)
     return _image_prior_op(compute_dtype(images), weights_fp32(weights), float(lo), float(hi), moments)[:2]
+
+
+def compile_cases(dtype: torch.dtype) -> Iterator[Callable[[], object]]:
+    """Representative calls of ``image_prior`` on small CPU tensors of ``dtype``, for ``kernels._aot``: together
+    they launch every kernel variant (constexpr branch) that GPU shapes select."""
+    for shape in ((1024, 1, 28, 28), (4, 3, 224, 300)):
+        yield partial(image_prior, torch.zeros(shape, dtype=dtype), torch.ones(3), -1.0, 1.0)
+        moments = torch.ones(2, shape[1])
+        yield partial(image_prior, torch.zeros(shape, dtype=dtype), torch.ones(3), -1.0, 1.0, moments)

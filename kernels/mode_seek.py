@@ -21,7 +21,8 @@ coef); backward 1 (``_backward_kernel``, one tile of pairs per program, writing 
 
 from __future__ import annotations
 
-from typing import Tuple
+from functools import partial
+from typing import Callable, Iterator, Tuple
 
 import torch
 import triton
@@ -210,3 +211,16 @@ def mode_seek(images: Tensor, latents: Tensor) -> Tensor:
     (gradient in their dtype)."""
     SPEC.check(images, latents)
     return _mode_seek_op(compute_dtype(images), compute_dtype(latents))[0]
+
+
+def compile_cases(dtype: torch.dtype) -> Iterator[Callable[[], object]]:
+    """Representative calls of ``mode_seek`` on small CPU tensors of ``dtype``, for ``kernels._aot``: together
+    they launch every kernel variant (constexpr branch) that GPU shapes select, forward and backward."""
+    def seek_backward(x: Tensor) -> None:
+        mode_seek(x, torch.ones(x.shape[0], 100)).backward()
+
+    # even and odd B; one pair per program (P >= 1024) and several split programs per pair
+    # (few pairs, large images); several pairs per tile (small P)
+    shapes = ((1024, 1, 28, 28), (4097, 3, 32, 32), (2, 3, 224, 224), (33, 50))
+    for shape in shapes:
+        yield partial(seek_backward, torch.zeros(shape, dtype=dtype, requires_grad=True))

@@ -42,13 +42,14 @@ computes in fp32 whatever the images' dtype.
 
 from __future__ import annotations
 
-from typing import Optional
+from functools import partial
+from typing import Callable, Iterator, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from tldr_fast.ops.perturb import SPEC, kind_index, mode_index
+from tldr_fast.ops.perturb import PERTURBATIONS, SPEC, kind_index, mode_index
 
 from ._utils import cdiv, compute_dtype, empty, launch, triton_op
 
@@ -256,3 +257,17 @@ def perturb_noise(shape: torch.Size, kind: str, seed: int, device: torch.device)
     of ``shape``: the same Philox stream, written out (for tests and inspection)."""
     out = torch.empty(tuple(shape), device=device, dtype=torch.float32)
     return _run(NOISE, out, out, None, out, 0.0, 0.0, 0.0, kind_index(kind), int(seed), 0)
+
+
+def compile_cases(dtype: torch.dtype) -> Iterator[Callable[[], object]]:
+    """Representative calls of ``perturb`` on small CPU tensors of ``dtype``, for ``kernels._aot``: together
+    they launch every kernel variant (constexpr branch) that GPU shapes select, forward and backward."""
+    x = torch.zeros(64, 3, 32, 32, dtype=dtype, requires_grad=True)
+    theta = torch.eye(2, 3).repeat(64, 1, 1)  # [B, 2, 3]
+
+    def forward_backward(kind: str, *warp) -> None:
+        perturb(x, 0.1, -1.0, 1.0, kind, 1, *warp).sum().backward()
+
+    for kind in PERTURBATIONS:
+        for warp in ((), (theta, "bilinear"), (theta, "nearest")):
+            yield partial(forward_backward, kind, *warp)

@@ -34,6 +34,12 @@ def pytest_report_header(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        # A test of a Triton kernel names Triton in its file, its name or a parameter (the ``fast``
+        # fixture's "triton" backend): marked ``triton``, so that ``make test`` runs these again under the
+        # newest Triton (``pytest -m triton``).
+        if any("triton" in keyword.lower() for keyword in item.keywords):
+            item.add_marker(pytest.mark.triton)
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

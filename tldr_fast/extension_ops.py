@@ -1,27 +1,26 @@
 """The ops of backend ``"extension"`` (the C++/CUDA extension, ``csrc/``), with the reference's signatures.
 
-Each checks its arguments against the op's declaration (``tldr_fast/ops/<op>.py``), as every backend
-does, and calls ``torch.ops.tldr_fast.<op>``, whose loss ops return ``(loss, terms, grad_<input>...)``
-(their gradients come out of the forward; ``csrc/autograd.cpp`` scales them in the backward). The
-library is loaded by ``tldr_fast.extension`` on first use.
+One function per declared op the extension implements (``spec.extension``), made from its declaration
+(``tldr_fast/ops/<op>.py``) by ``wrap``: it checks the arguments with ``spec.check``, as every backend does,
+converts the scalar arguments to the schema's types and calls ``torch.ops.tldr_fast.<op>``. Of the fused
+form's outputs it returns what the reference returns: ``(loss, terms)`` of a loss op's ``(loss, terms,
+grad_<input>...)`` (the gradients come out of the forward; ``csrc/autograd.cpp`` scales them in the
+backward), ``value`` of a value op's ``(value, saved...)``, and an op's only output as it is. The library
+is loaded by ``tldr_fast.extension`` on first use.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import inspect
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
-from . import extension
+from . import extension, reference
 from .errors import BackendUnavailable
-from .ops import bn_stats as _bn_stats
-from .ops import feature_loss as _feature_loss
-from .ops import head_loss as _head_loss
-from .ops import image_prior as _image_prior
-from .ops import mode_seek as _mode_seek
-from .ops import pairwise_ssim as _pairwise_ssim
+from .ops import SPECS, OpSpec
 
-Tensor = torch.Tensor
+_SCALAR_TYPES: Dict[str, Callable[[Any], Any]] = {"bool": bool, "int": int, "float": float}
 
 
 def _ops():
@@ -31,56 +30,49 @@ def _ops():
     return torch.ops.tldr_fast
 
 
-def head_loss(
-    logits: Tensor,
-    condition: Tensor,
-    labels: Tensor,
-    features: Optional[Tensor],
-    weights: Tensor,
-    head_bias: bool = True,
-) -> Tuple[Tensor, Tensor]:
-    """``tldr_fast.reference.head_loss`` in one fused kernel: ``(loss [], terms [5])``."""
-    _head_loss.check(logits, condition, labels, features, weights, head_bias)
-    loss, terms, _, _ = _ops().head_loss(logits, condition, labels, features, weights, bool(head_bias))
-    return loss, terms
+def _schema_parts(schema: str) -> Tuple[Tuple[str, ...], int]:
+    """The argument types of a declared schema ("(Tensor x, float lo) -> (Tensor a, Tensor b)") and its
+    number of outputs."""
+    arguments, outputs = schema.split("->")
+    types = tuple(a.split()[0] for a in arguments.strip().strip("()").split(","))
+    return types, len(outputs.split(","))
 
 
-def feature_loss(
-    features: Tensor, weights: Tensor, labels: Optional[Tensor] = None, num_classes: int = 0
-) -> Tuple[Tensor, Tensor]:
-    """``tldr_fast.reference.feature_loss`` by the closed forms: ``(loss [], terms [2])``; with ``labels``
-    over same-label pairs."""
-    _feature_loss.check(features, weights, labels, num_classes)
-    loss, terms, _ = _ops().feature_loss(features, weights, labels, int(num_classes))
-    return loss, terms
+def wrap(spec: OpSpec) -> Callable:
+    """The extension backend's function of ``spec``'s op: the signature and docs of
+    ``tldr_fast.reference.<op>``, the check of ``spec``, the kernel ``torch.ops.tldr_fast.<op>``."""
+    name, check = spec.name, spec.check
+    like = getattr(reference, name)
+    signature = inspect.signature(like)
+    defaults = tuple(p.default for p in signature.parameters.values())
+    required = sum(d is inspect.Parameter.empty for d in defaults)
+    types, n_outputs = _schema_parts(spec.schema)
+    if len(types) != len(defaults):
+        raise TypeError(f"{name}: the schema has {len(types)} arguments, tldr_fast.reference.{name} {len(defaults)}")
+    casts = tuple((i, _SCALAR_TYPES[t]) for i, t in enumerate(types) if t in _SCALAR_TYPES)
+    pick: Optional[int] = None if n_outputs == 1 else (2 if spec.terms else 1)  # outputs returned, None: the one
+
+    def op(*args: Any, **kwargs: Any) -> Any:
+        if kwargs or len(args) < required:
+            bound = signature.bind(*args, **kwargs)  # a TypeError names a missing or unknown argument
+            bound.apply_defaults()
+            args = bound.args
+        elif len(args) < len(defaults):
+            args = args + defaults[len(args) :]
+        check(*args)
+        args = list(args)
+        for i, cast in casts:
+            args[i] = cast(args[i])
+        out = getattr(_ops(), name)(*args)
+        return out if pick is None else (out[0] if pick == 1 else out[:pick])
+
+    op.__name__ = op.__qualname__ = name
+    op.__module__ = __name__
+    op.__signature__ = signature
+    op.__annotations__ = dict(like.__annotations__)
+    op.__doc__ = f"``tldr_fast.reference.{name}`` on the extension's kernels (C++ on CPU tensors, CUDA on CUDA tensors)."
+    return op
 
 
-def image_prior(
-    images: Tensor, weights: Tensor, lo: float = -1.0, hi: float = 1.0, moments: Optional[Tensor] = None
-) -> Tuple[Tensor, Tensor]:
-    """``tldr_fast.reference.image_prior`` in one pass (two with ``moments``): ``(loss [], terms [3])``."""
-    _image_prior.check(images, weights, lo, hi, moments)
-    loss, terms, _ = _ops().image_prior(images, weights, float(lo), float(hi), moments)
-    return loss, terms
-
-
-def bn_stats(activations: Tensor, running_mean: Tensor, running_var: Tensor) -> Tensor:
-    """``tldr_fast.reference.bn_stats`` in one pass over the activations (its backward one more): the value
-    ``[]``, differentiable w.r.t. ``activations``."""
-    _bn_stats.check(activations, running_mean, running_var)
-    value, _, _ = _ops().bn_stats(activations, running_mean, running_var)
-    return value
-
-
-def mode_seek(images: Tensor, latents: Tensor) -> Tensor:
-    """``tldr_fast.reference.mode_seek`` in one pass over the image pairs (its backward one more): the value
-    ``[]``, differentiable w.r.t. ``images`` only."""
-    _mode_seek.check(images, latents)
-    value, _ = _ops().mode_seek(images, latents)
-    return value
-
-
-def pairwise_ssim(a: Tensor, b: Tensor, data_range: float = 1.0) -> Tensor:
-    """``tldr_fast.reference.pairwise_ssim``: the ``[N, M]`` SSIM matrix."""
-    _pairwise_ssim.check(a, b, data_range)
-    return _ops().pairwise_ssim(a, b, float(data_range))
+globals().update({name: wrap(spec) for name, spec in SPECS.items() if spec.extension})
+__all__ = [name for name, spec in SPECS.items() if spec.extension]

@@ -1,9 +1,9 @@
 """Backend ``"torch"``: every op in plain PyTorch, in its fastest form.
 
-For the loss ops, ``perturb``, ``bn_stats`` and ``mode_seek`` that form is the reference's own code (``tldr_fast.reference``: autograd
-through plain tensor ops); ``pairwise_ssim`` is organised as batched matrix products over the window
-positions, which needs a fraction of the reference's memory and time (the reference materialises
-``[n, m, C, H, W]`` in fp64). Each op checks its arguments against its declaration (``tldr_fast/ops/``).
+For most ops that form is the reference's own code (``tldr_fast.reference``: autograd through plain
+tensor ops): every declared op not defined here is taken from it. ``pairwise_ssim`` is organised as
+batched matrix products over the window positions, which needs a fraction of the reference's memory and
+time (the reference materialises ``[n, m, C, H, W]`` in fp64). Each op checks its arguments against its declaration (``tldr_fast/ops/``).
 
 Cost of SSIM: the window means and variances belong to one image and are computed once per image; only
 the cross term ``sum_q a_q b_q`` over each window is per pair. Seen per window position ``p``, it is a
@@ -19,14 +19,15 @@ from typing import Iterator, Tuple
 import torch
 import torch.nn.functional as F
 
+from . import reference
+from .ops import OPS
 from .ops import pairwise_ssim as _pairwise_ssim
 from .ops.pairwise_ssim import SSIM_K1, SSIM_K2
 from .ops.pairwise_ssim import SSIM_WIN as WIN
-from .reference import bn_stats, feature_loss, head_loss, image_prior, mode_seek, perturb
 
 Tensor = torch.Tensor
 
-__all__ = ["bn_stats", "feature_loss", "head_loss", "image_prior", "mode_seek", "pairwise_ssim", "perturb"]
+__all__ = list(OPS)
 
 NPIX = WIN * WIN  # pixels per window
 # Elements of each [positions, n, m] temporary of pairwise_ssim: large enough that the per-op overhead
@@ -99,3 +100,7 @@ def pairwise_ssim(a: Tensor, b: Tensor, data_range: float = 1.0) -> Tensor:
             den = torch.add(lum_a[p], lum_b[p]).mul_(con_a[p] + con_b[p])
             out += num.div_(den).sum(0)
     return out.div_(pos)
+
+
+# Every op this module does not define is the reference's own code.
+globals().update({op: getattr(reference, op) for op in OPS if op not in globals()})
