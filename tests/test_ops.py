@@ -5,17 +5,19 @@ declarations, and every document a source file cites exists.
 """
 
 import ast
+import inspect
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.helpers import backend_or_skip
-from tldr_fast import backends, cli, config
+from tldr_fast import backends, cli, config, reference
 from tldr_fast.backends import BACKENDS, BackendUnavailable, resolve
-from tldr_fast.ops import LOSS_OPS, OPS, SPECS
+from tldr_fast.ops import LOSS_OPS, OPS, SPECS, OpSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,19 +25,109 @@ ROOT = Path(__file__).resolve().parent.parent
 # --- the declarations --------------------------------------------------------------------------------
 
 
-def test_every_op_is_declared_once_with_the_files_it_names():
-    assert set(OPS) == {"head_loss", "feature_loss", "image_prior", "perturb", "bn_stats", "mode_seek", "pairwise_ssim"}
+def _registered(folder: str, dispatch_key: str) -> dict:
+    """``{op name: file}`` of every ``m.impl("<op>", ...)`` in a ``TORCH_LIBRARY_IMPL(tldr_fast, <key>, m)``
+    block of the C++/CUDA sources under ``csrc/<folder>`` (``""``: csrc/ itself, not its subfolders)."""
+    found = {}
+    for path in sorted((ROOT / "csrc" / folder).glob("*.c*")):
+        text = path.read_text()
+        for block in re.findall(rf"TORCH_LIBRARY_IMPL\(tldr_fast, {dispatch_key}, m\) \{{(.*?)\}}", text, re.S):
+            for op in re.findall(r'm\.impl\("(\w+)"', block):
+                found[op] = str(path.relative_to(ROOT))
+    return found
+
+
+def op_problems(spec: OpSpec) -> list:
+    """What ``spec``'s op lacks of the checklist in CONTRIBUTING.md ("Adding an op"), one line each."""
+    name, files, problems = spec.name, set(spec.files), []
+    if not (ROOT / "tldr_fast" / "ops" / f"{name}.py").exists():
+        problems.append(f"no declaration tldr_fast/ops/{name}.py")
+    problems += [f"files names {f}, which does not exist" for f in spec.files if not (ROOT / f).exists()]
+    expected = {
+        "reference": "tldr_fast/reference.py",
+        "test": f"tests/test_{name}.py",
+        "benchmark": f"benchmarks/benchmark_{name}.py",
+    }
+    if "triton" in spec.auto.get("cuda", ()):
+        expected["Triton kernel"] = f"kernels/{name}.py"
+    if spec.extension:
+        expected["C++ kernel"] = f"csrc/cpu/{name}.cpp"
+        expected["CUDA kernel"] = f"csrc/cuda/{name}.cu"
+    problems += [f"files lacks its {what} {f}" for what, f in expected.items() if f not in files]
+    if not callable(getattr(reference, name, None)):
+        problems.append(f"tldr_fast/reference.py defines no function {name}")
+    elif list(inspect.signature(getattr(reference, name)).parameters) != list(inspect.signature(spec.check).parameters):
+        problems.append(f"reference.{name} and the declaration's check take different arguments")
+    if f"kernels/{name}.py" in files and (ROOT / "kernels" / f"{name}.py").exists():
+        text = (ROOT / "kernels" / f"{name}.py").read_text()
+        if not re.search(rf"^def {name}\(", text, re.M):
+            problems.append(f"kernels/{name}.py defines no function {name}")
+        if "triton_op(SPEC" in text and not re.search(r"^def compile_cases\(", text, re.M):
+            problems.append(f"kernels/{name}.py registers tldr_triton::{name} but has no compile_cases for _aot")
+    if spec.extension:
+        names = (name, *(helper for helper, _, _ in spec.helpers))
+        for folder, key, suffix in (("cpu", "CPU", ".cpp"), ("cuda", "CUDA", ".cu")):
+            registered = _registered(folder, key)
+            problems += [
+                f"csrc/{folder}/{name}{suffix} does not register tldr_fast::{n} for {key}"
+                for n in names
+                if registered.get(n) != f"csrc/{folder}/{name}{suffix}"
+            ]
+        if spec.schema.split("->")[1].strip().startswith("(") and name not in _registered("", "Autograd"):
+            problems.append(f"csrc/autograd.cpp registers no autograd for tldr_fast::{name} (its fused form)")
+    return problems
+
+
+def stray_files(specs) -> list:
+    """The op files (Triton kernels, C++/CUDA kernels, Triton tests, op declarations) that no declaration
+    in ``specs`` names."""
+    named = {f for spec in specs for f in (*spec.files, f"tldr_fast/ops/{spec.name}.py")}
+    candidates = [
+        *(ROOT / "kernels").glob("[!_]*.py"),
+        *(ROOT / "csrc" / "cpu").glob("*.cpp"),
+        *(ROOT / "csrc" / "cuda").glob("*.cu"),
+        *(ROOT / "tests").glob("test_*_triton.py"),
+        *(ROOT / "tldr_fast" / "ops").glob("[!_]*.py"),
+    ]
+    return sorted(str(p.relative_to(ROOT)) for p in candidates if str(p.relative_to(ROOT)) not in named)
+
+
+def test_every_op_is_complete():
+    """Every declared op has its files and registrations (CONTRIBUTING.md, "Adding an op"), and every op
+    file belongs to a declared op."""
+    problems = [f"{name}: {p}" for name, spec in SPECS.items() for p in op_problems(spec)]
+    problems += [f"{f} belongs to no declared op (tldr_fast.ops.SPECS)" for f in stray_files(SPECS.values())]
+    assert not problems, "\n".join(problems)
     for name, spec in SPECS.items():
         assert spec.name == name and spec.schema.startswith("(") and "->" in spec.schema
-        assert (ROOT / "tldr_fast" / "ops" / f"{name}.py").exists()
-        missing = [f for f in spec.files if not (ROOT / f).exists()]
-        assert not missing, f"{name} names files that do not exist: {missing}"
-        assert any(f.startswith("tests/") for f in spec.files) and any(f.startswith("benchmarks/") for f in spec.files)
         assert set(spec.auto) == {"cpu", "cuda"} and all(b in BACKENDS for o in spec.auto.values() for b in o)
     for name in LOSS_OPS:
         spec = SPECS[name]
         assert spec.terms and spec.weights_arg is not None and spec.grad_inputs
-        assert f"{spec.weights_arg}" and "Tensor weights" in spec.schema
+        assert "Tensor weights" in spec.schema
+
+
+def test_an_incomplete_op_is_named_with_what_it_lacks():
+    """The checklist's test fails where an op's files or registrations are missing."""
+    spec = SPECS["bn_stats"]
+    new = replace(spec, name="new_loss")
+    assert "no declaration tldr_fast/ops/new_loss.py" in op_problems(new)
+    assert "tldr_fast/reference.py defines no function new_loss" in op_problems(new)
+    assert "files lacks its Triton kernel kernels/new_loss.py" in op_problems(new)
+    assert "csrc/cpu/new_loss.cpp does not register tldr_fast::new_loss for CPU" in op_problems(new)
+    assert "csrc/autograd.cpp registers no autograd for tldr_fast::new_loss (its fused form)" in op_problems(new)
+    no_test = replace(spec, files=tuple(f for f in spec.files if f != "tests/test_bn_stats.py"))
+    assert op_problems(no_test) == ["files lacks its test tests/test_bn_stats.py"]
+    assert op_problems(replace(spec, files=(*spec.files, "benchmarks/gone.py"))) == [
+        "files names benchmarks/gone.py, which does not exist"
+    ]
+    assert stray_files(s for n, s in SPECS.items() if n != "mode_seek") == [
+        "csrc/cpu/mode_seek.cpp",
+        "csrc/cuda/mode_seek.cu",
+        "kernels/mode_seek.py",
+        "tests/test_mode_seek_triton.py",
+        "tldr_fast/ops/mode_seek.py",
+    ]
 
 
 def test_the_term_layout_is_the_declared_terms_by_name():
