@@ -70,7 +70,7 @@ def wrap(spec: OpSpec) -> Callable:
     op.__module__ = __name__
     op.__signature__ = signature
     op.__annotations__ = dict(like.__annotations__)
-    op.__doc__ = f"``tldr_fast.reference.{name}`` on the extension's kernels (C++ on CPU tensors, CUDA on CUDA tensors)."
+    op.__doc__ = f"``tldr_fast.reference.{name}`` on the extension's kernels (C++ on CPU, CUDA on CUDA tensors)."
     return op
 
 
