@@ -32,7 +32,8 @@ class OpSpec:
 
     ``auto`` maps a device type ("cpu", "cuda") to the backends ``backend="auto"`` tries, in order; a
     device type missing from it uses ``("torch",)``. ``files`` names the op's implementations, tests and
-    benchmarks (paths from the repository root; a test checks that they exist).
+    benchmark (paths from the repository root), the only list of them: ``tests/test_ops.py::
+    test_every_op_is_complete`` checks that each exists and is registered, and that no op file is left out.
     """
 
     name: str

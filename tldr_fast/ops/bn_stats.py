@@ -2,13 +2,6 @@
 ``||mu - running_mean||_2 + ||var - running_var||_2`` with ``mu``, ``var`` the per-channel mean and
 population variance of the layer's input over every dimension but the channels.
 
-    reference   tldr_fast/reference.py            bn_stats (autograd through var_mean and two norms)
-    Triton      kernels/bn_stats.py               tldr_triton::bn_stats, tldr_triton::bn_stats_backward
-    extension   csrc/cpu/bn_stats.cpp, csrc/cuda/bn_stats.cu (tldr_fast::bn_stats, ::bn_stats_backward),
-                csrc/autograd.cpp
-    tests       tests/test_bn_stats.py (all backends), tests/test_bn_stats_triton.py, tests/test_method.py (in the step)
-    benchmark   benchmarks/benchmark_bn_stats.py
-
 The fused form returns ``(value [], mean [C], coef [2, C])`` and its backward is one elementwise pass:
 with ``M`` the elements per channel, ``dm = mu - running_mean``, ``dv = var - running_var``,
 

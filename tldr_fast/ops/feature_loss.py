@@ -1,12 +1,6 @@
 """``feature_loss``: mean pairwise cosine similarity (Cos) and orthogonality (Ortho) of the penultimate
 features, over all pairs of the batch or over the pairs of the same label, by closed forms, and DAFL's
 activation loss (Act = -mean |phi|, over every row whatever the pairs) (DESIGN.md §2.4, §2.6).
-
-    reference   tldr_fast/reference.py            feature_loss
-    Triton      kernels/feature_loss.py           tldr_triton::feature_loss
-    extension   csrc/cpu/feature_loss.cpp, csrc/cuda/feature_loss.cu (tldr_fast::feature_loss), csrc/autograd.cpp
-    tests       tests/test_feature_loss.py, tests/test_feature_loss_triton.py, tests/test_extension.py
-    benchmark   benchmarks/benchmark_feature_loss.py
 """
 
 from __future__ import annotations

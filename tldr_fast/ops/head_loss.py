@@ -1,11 +1,5 @@
 """``head_loss``: CE and KL(c || p) on the clean and perturbed logits, and the closed-form grad-norm of
 the classifier's linear head (DESIGN.md §2.4, §2.6).
-
-    reference   tldr_fast/reference.py            head_loss
-    Triton      kernels/head_loss.py              tldr_triton::head_loss
-    extension   csrc/cpu/head_loss.cpp, csrc/cuda/head_loss.cu (tldr_fast::head_loss), csrc/autograd.cpp
-    tests       tests/test_head_loss.py, tests/test_head_loss_triton.py, tests/test_extension.py
-    benchmark   benchmarks/benchmark_head_loss.py
 """
 
 from __future__ import annotations

@@ -1,11 +1,5 @@
 """``image_prior``: total variation (TV), the pixel-range penalty (Pix) and the pixel moments (Moments)
 of a batch of images (DESIGN.md §2.4, §2.6).
-
-    reference   tldr_fast/reference.py            image_prior
-    Triton      kernels/image_prior.py            tldr_triton::image_prior
-    extension   csrc/cpu/image_prior.cpp, csrc/cuda/image_prior.cu (tldr_fast::image_prior), csrc/autograd.cpp
-    tests       tests/test_image_prior.py, tests/test_image_prior_triton.py, tests/test_extension.py
-    benchmark   benchmarks/benchmark_image_prior.py
 """
 
 from __future__ import annotations

@@ -7,13 +7,6 @@ with ``d_x(i)`` the mean absolute difference of the two images (``P`` elements e
 of their latents; an unpaired last row of an odd batch is left out. Differentiable w.r.t. the images
 only (the latents are sampled noise).
 
-    reference   tldr_fast/reference.py            mode_seek (autograd)
-    Triton      kernels/mode_seek.py              tldr_triton::mode_seek, tldr_triton::mode_seek_backward
-    extension   csrc/cpu/mode_seek.cpp, csrc/cuda/mode_seek.cu (tldr_fast::mode_seek, ::mode_seek_backward),
-                csrc/autograd.cpp
-    tests       tests/test_mode_seek.py (all backends), tests/test_mode_seek_triton.py, tests/test_method.py (in the step)
-    benchmark   benchmarks/benchmark_mode_seek.py
-
 The fused form returns ``(value [], coef [h])`` and its backward is one elementwise pass: with
 ``S = mean_i r_i``, ``d value / d r_i = -1 / (h (S + 1e-5)^2)`` and ``d r_i / d x_i = sign(x_i - x_{i+h}) / (P dz_i)``
 (``dz_i = max(d_z(i), 1e-12)``; the sign of 0 is 0, as autograd's ``abs``), so

@@ -1,12 +1,5 @@
 """``pairwise_ssim``: SSIM of every image of ``a`` against every image of ``b``, as scikit-image defines it
 (DESIGN.md §6). Evaluation only: no gradient. ``tldr_fast.ssim`` drives it over blocks of any size.
-
-    reference   tldr_fast/reference.py            pairwise_ssim (the batched fp64 oracle)
-    torch       tldr_fast/torch_ops.py            pairwise_ssim (matrix products over window positions)
-    Triton      kernels/pairwise_ssim.py          pairwise_ssim (a plain function: no torch.library op)
-    extension   csrc/cpu/pairwise_ssim.cpp, csrc/cuda/pairwise_ssim.cu (tldr_fast::pairwise_ssim)
-    tests       tests/test_pairwise_ssim.py (against scikit-image)
-    benchmark   benchmarks/benchmark_pairwise_ssim.py
 """
 
 from __future__ import annotations

@@ -6,12 +6,6 @@ With ``theta`` (``[B, 2, 3]``, ``F.affine_grid``'s convention, ``align_corners=F
 samples the perturbed, clipped images ("bilinear" or "nearest"); pixels from outside read ``lo``. The
 noise is that of the op without ``theta`` (same seed, same element); ``theta`` gets no gradient from the
 fused kernel.
-
-reference   tldr_fast/reference.py            perturb (then warp)
-Triton      kernels/perturb.py                tldr_triton::perturb (its own Philox noise; the warp fused)
-extension   none (the Triton kernel, or the reference on a CPU)
-tests       tests/test_perturb.py, tests/test_perturb_triton.py
-benchmark   benchmarks/benchmark_perturb.py
 """
 
 from __future__ import annotations
