@@ -222,7 +222,7 @@ def bn_stats(activations: Tensor, running_mean: Tensor, running_var: Tensor) -> 
 
 
 def compile_cases(dtype: torch.dtype) -> Iterator[Callable[[], object]]:
-    """Representative calls of ``bn_stats`` on small CPU tensors of ``dtype``, for ``kernels._aot``: together
+    """Representative calls of ``bn_stats`` on CPU tensors of ``dtype``, for ``kernels._aot``: together
     they launch every kernel variant (constexpr branch) that GPU shapes select, forward and backward."""
     def value_backward(x: Tensor) -> None:
         c = x.shape[1]

@@ -261,7 +261,7 @@ def feature_loss(
 
 
 def compile_cases(dtype: torch.dtype) -> Iterator[Callable[[], object]]:
-    """Representative calls of ``feature_loss`` on small CPU tensors of ``dtype``, for ``kernels._aot``: together
+    """Representative calls of ``feature_loss`` on CPU tensors of ``dtype``, for ``kernels._aot``: together
     they launch every kernel variant (constexpr branch) that GPU shapes select."""
     for b, d in ((1024, 256), (65536, 256), (300, 4096)):
         yield partial(feature_loss, torch.ones(b, d, dtype=dtype), torch.ones(3))

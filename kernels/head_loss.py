@@ -309,7 +309,7 @@ def head_loss(
 
 
 def compile_cases(dtype: torch.dtype) -> Iterator[Callable[[], object]]:
-    """Representative calls of ``head_loss`` on small CPU tensors of ``dtype``, for ``kernels._aot``: together
+    """Representative calls of ``head_loss`` on CPU tensors of ``dtype``, for ``kernels._aot``: together
     they launch every kernel variant (constexpr branch) that GPU shapes select."""
     w = torch.ones(5)
     for b, k, d, variants in ((1024, 10, 256, "full"), (4099, 1000, 512, "gn"), (65536, 10, 256, "gn")):

@@ -254,7 +254,7 @@ def image_prior(
 
 
 def compile_cases(dtype: torch.dtype) -> Iterator[Callable[[], object]]:
-    """Representative calls of ``image_prior`` on small CPU tensors of ``dtype``, for ``kernels._aot``: together
+    """Representative calls of ``image_prior`` on CPU tensors of ``dtype``, for ``kernels._aot``: together
     they launch every kernel variant (constexpr branch) that GPU shapes select."""
     for shape in ((1024, 1, 28, 28), (4, 3, 224, 300)):
         yield partial(image_prior, torch.zeros(shape, dtype=dtype), torch.ones(3), -1.0, 1.0)

@@ -214,7 +214,7 @@ def mode_seek(images: Tensor, latents: Tensor) -> Tensor:
 
 
 def compile_cases(dtype: torch.dtype) -> Iterator[Callable[[], object]]:
-    """Representative calls of ``mode_seek`` on small CPU tensors of ``dtype``, for ``kernels._aot``: together
+    """Representative calls of ``mode_seek`` on CPU tensors of ``dtype``, for ``kernels._aot``: together
     they launch every kernel variant (constexpr branch) that GPU shapes select, forward and backward."""
     def seek_backward(x: Tensor) -> None:
         mode_seek(x, torch.ones(x.shape[0], 100)).backward()

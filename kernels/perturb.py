@@ -260,7 +260,7 @@ def perturb_noise(shape: torch.Size, kind: str, seed: int, device: torch.device)
 
 
 def compile_cases(dtype: torch.dtype) -> Iterator[Callable[[], object]]:
-    """Representative calls of ``perturb`` on small CPU tensors of ``dtype``, for ``kernels._aot``: together
+    """Representative calls of ``perturb`` on CPU tensors of ``dtype``, for ``kernels._aot``: together
     they launch every kernel variant (constexpr branch) that GPU shapes select, forward and backward."""
     x = torch.zeros(64, 3, 32, 32, dtype=dtype, requires_grad=True)
     theta = torch.eye(2, 3).repeat(64, 1, 1)  # [B, 2, 3]
