@@ -349,8 +349,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--card", help=f"--add-leakage: the card (default for CPU results: {CPU_CARD!r})")
     p.add_argument("--note", help="--add-leakage: a note on every inversion row (how the run was made)")
     p.add_argument("--label", help="--add-leakage: the configuration's name in the tables (default: its overrides)")
-    p.add_argument("--update", metavar="FILE.md", nargs="+", default=[], help="regenerate these files' tables")
-    p.add_argument("--check", metavar="FILE.md", nargs="+", default=[], help="exit 1 if a table of these is stale")
+    p.add_argument("--update", metavar="MARKDOWN", nargs="+", default=[], help="regenerate these files' tables")
+    p.add_argument("--check", metavar="MARKDOWN", nargs="+", default=[], help="exit 1 if a table of these is stale")
     p.add_argument("--results", default=RESULTS, help="the curated results file (default: %(default)s)")
     args = p.parse_args(argv)
     if not (args.runs or args.add or args.add_leakage or args.update or args.check):

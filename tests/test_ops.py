@@ -307,11 +307,22 @@ def _modules():
 
 
 def _imports(name, path, modules):
-    """The package modules that ``name`` imports anywhere in its file (functions included)."""
+    """The package modules that ``name`` imports anywhere in its file (functions included), but for the
+    type-only imports under ``if TYPE_CHECKING:``, which never run."""
     is_package = path.name == "__init__.py"
     base = name if is_package else name.rsplit(".", 1)[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    type_only = {
+        id(n)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and isinstance(block.test, ast.Name) and block.test.id == "TYPE_CHECKING"
+        for stmt in block.body
+        for n in ast.walk(stmt)
+    }
+    for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
         if isinstance(node, ast.Import):
             targets = [(a.name, None) for a in node.names]
         elif isinstance(node, ast.ImportFrom):

@@ -24,7 +24,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -219,29 +219,3 @@ def resolve(name: str, device: "torch.device | str", quiet: bool = False, fallba
             except BackendUnavailable:
                 pass
     return Backend(name, device_type, ops, chosen)
-
-
-def info() -> Dict[str, Any]:
-    """Versions, devices, and the availability of every backend on cpu and cuda (``tldr-fast info``)."""
-    from . import __version__, extension
-
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError as e:
-        triton_version = f"not installed ({e})"
-    devices = (
-        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-    )
-    return {
-        "tldr_fast": __version__,
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "triton": triton_version,
-        "cuda_devices": devices,
-        "cpu_threads": torch.get_num_threads(),
-        "backends": {"cpu": available("cpu"), "cuda": available("cuda")},
-        "extension": extension.info(),
-    }

@@ -578,7 +578,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     Print torch/triton versions, the devices torch sees, tldr_fast.backends.available() for cpu and cuda,
     and the C++/CUDA extension's build info.
     """
-    from .backends import info
+    from .info import info
 
     facts = info()
     if args.json:
