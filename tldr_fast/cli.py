@@ -21,11 +21,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Union, get_args, get_origin
 
-import torch
-
-from .checkpoint import check_writable, output_folder, refuse_overwriting_inputs
+from .checkpoint import check_writable, refuse_overwriting_inputs
 from .config import InversionConfig, check_field, field_docs, field_specs, parse_overrides, unwrap_optional
-from .demo import EPOCHS, EVALUATION_FILES, TRAIN_PER_CLASS, metrics_line
+from .demo import EPOCHS, TRAIN_PER_CLASS, metrics_line
 
 PROG = "tldr-fast"
 # tldr_fast.backends.NAMES, spelled out so that the command line starts without importing the package
@@ -202,19 +200,11 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
         --lr: peak learning rate
         --out: checkpoint to write (.pt)
     """
-    from .data import load_dataset, subset
-    from .models import accuracies, save_classifier, train_classifier
+    from .models import accuracies, train_and_save
 
-    refuse_overwriting_inputs("--out", args.out, [Path(args.out)], {"--data": args.data, "--test-data": args.test_data})
-    check_writable(args.out, "--out")
-    device, seed = _device(args), args.seed if args.seed is not None else 0
-    train = subset(load_dataset(args.data, seed=seed), args.n_per_class, seed=seed)
-    test = load_dataset(args.test_data) if args.test_data else None
-    _say(f"training a {args.arch} on {len(train)} images of {train.source}")
-    model = train_classifier(
-        train, args.arch, args.epochs, args.batch_size, args.lr, seed, device, progress=not args.quiet, test=test
-    )
-    save_classifier(model, args.out)
+    seed = args.seed if args.seed is not None else 0
+    given = {k: getattr(args, k) for k in ("data", "n_per_class", "test_data", "arch", "epochs", "batch_size", "lr")}
+    model = train_and_save(args.out, **given, seed=seed, device=_device(args), progress=not args.quiet, say=_say)
     print(f"saved {args.out}: {accuracies(model.tldr_meta)}")
     return 0
 
@@ -277,30 +267,16 @@ def cmd_invert(args: argparse.Namespace) -> int:
             than --classifier
         --config: a JSON file of InversionConfig fields (e.g. as metrics or a checkpoint record them)
     """
-    from . import invert
     from .distributed import is_main
-    from .models import load_classifier
+    from .invert import invert_saved
 
     inputs = {"--classifier": args.classifier, "--config": args.config}  # --resume may be --out: the run goes on
     refuse_overwriting_inputs("--out", args.out, [Path(args.out)], inputs)
     check_writable(args.out, "--out")
-    overrides = _invert_overrides(args)
-    if not args.resume:  # every option checked before any work (a resumed run checks them against its own)
-        InversionConfig().with_overrides(**overrides)
-    device = _device(args)
-    classifier = load_classifier(args.classifier, device)
-    meta = classifier.tldr_meta
+    overrides, device = _invert_overrides(args), _device(args)
     try:
-        inv = invert(  # saves --out at the end and on Ctrl-C, resumable (with the optimiser state)
-            classifier,
-            meta["num_classes"],
-            tuple(meta["input_shape"]),
-            resume=args.resume,
-            checkpoint=Path(args.out),
-            allow_other_classifier=args.allow_other_classifier,
-            device=device,
-            progress=not args.quiet,
-            **overrides,
+        inv = invert_saved(
+            args.classifier, args.out, overrides, args.resume, args.allow_other_classifier, device, not args.quiet
         )
     except KeyboardInterrupt:
         if Path(args.out).is_file():
@@ -312,17 +288,6 @@ def cmd_invert(args: argparse.Namespace) -> int:
     if is_main():  # under torchrun: rank 0 saved it
         print(f"saved {args.out} after {inv.step} steps: target classifier {metrics_line(inv.metrics)}")
     return 0
-
-
-def _load_inversion(args: argparse.Namespace, device: str, classifier: Optional[torch.nn.Module] = None):
-    """``--inversion``, with ``--classifier`` (loaded as ``classifier``) as its target when given."""
-    from . import Inversion
-    from .classifier import ClassifierError
-
-    try:
-        return Inversion.load(args.inversion, classifier=classifier, device=device)
-    except ClassifierError as e:  # the classifier does not fit the inversion: name the option
-        raise ClassifierError(f"--classifier {args.classifier} does not fit --inversion {args.inversion}: {e}") from e
 
 
 def _sample_options(p: argparse.ArgumentParser) -> None:
@@ -359,50 +324,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
         --classifier: the target classifier checkpoint (scores the candidates of --select)
     """
     from .distributed import is_main
-    from .models import load_classifier
-    from .samples import INDEX, MANIFEST, write_samples
+    from .samples import sample_saved
 
-    out = Path(args.out)
-    if not args.out.strip():
-        raise ValueError("--out is empty: give an .npz file or a folder")
-    if args.select is not None and args.select > 1 and not args.classifier:
-        raise ValueError(f"--select {args.select} needs --classifier (the target classifier scores the candidates)")
-    if out.suffix.lower() == ".npz":  # a sharded sample's shards are named after its index
-        written = [out.with_name(out.stem + INDEX)] if args.shard_size else [out]
-    else:
-        written = [out, out / MANIFEST]
-    refuse_overwriting_inputs(
-        "--out", args.out, written, {"--inversion": args.inversion, "--classifier": args.classifier}
-    )
-    device = _device(args)
-    classifier = load_classifier(args.classifier, device) if args.classifier else None
-    inv = _load_inversion(args, device, classifier)
-    labels = inv.labels(n_per_class=args.n_per_class)
-    written = write_samples(
-        inv, out, labels, args.batch_size, args.seed, args.select, progress=not args.quiet, shard_size=args.shard_size
+    given = {k: getattr(args, k) for k in ("classifier", "shard_size", "batch_size", "select", "seed")}
+    n, written = sample_saved(
+        args.inversion, args.out, args.n_per_class, **given, device=_device(args), progress=not args.quiet
     )
     if is_main():  # under torchrun: every rank wrote its batches
-        print(f"wrote {len(labels)} images ({args.n_per_class} per class) to {written}")
+        print(f"wrote {n} images ({args.n_per_class} per class) to {written}")
     return 0
-
-
-def _write_evaluation(report, out: Path, grid_per_class: int, extra: Dict[str, Any], header: Sequence[str] = ()):
-    from .checkpoint import atomic_write_text
-
-    report.save_json(out / "metrics.json", extra)
-    report.save_grid(out / "grid.png", per_class=grid_per_class)
-    summary = "\n".join([*header, report.summary()])
-    atomic_write_text(out / "summary.txt", summary + "\n")
-    print(summary)
-    print(f"wrote {out / 'metrics.json'}, {out / 'grid.png'}, {out / 'summary.txt'}")
-
-
-def _teaching(args: argparse.Namespace, **changes: Any):
-    """The students' recipe: ``tldr_fast.utility.Teaching`` with ``--student-steps`` and ``changes``."""
-    from .utility import Teaching
-
-    steps = {"steps": args.student_steps} if args.student_steps else {}
-    return Teaching(**{**steps, **changes})
 
 
 def _evaluate_options(p: argparse.ArgumentParser) -> None:
@@ -443,64 +373,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         --backend: SSIM kernels ('cuda' = 'extension')
         --out: folder for metrics.json, grid.png, summary.txt
     """
-    from .data import load_dataset, load_npz
-    from .evaluate import evaluate
-    from .models import check_classifier, load_classifier, training_set
+    from .evaluate import evaluate_saved
 
-    inputs = {
-        "--inversion": args.inversion,
-        "--images": args.images,
-        "--classifier": args.classifier,
-        "--eval-classifier": args.eval_classifier,
-        "--data": args.data,
-        "--test-data": args.test_data,
-    }
-    out = output_folder(args.out, EVALUATION_FILES, inputs)
-    device = _device(args)
-    target = load_classifier(args.classifier, device) if args.classifier else None
-    judge = load_classifier(args.eval_classifier, device) if args.eval_classifier else None
-    train = load_dataset(args.data) if args.data else training_set(target)
-    test = load_dataset(args.test_data) if args.test_data else None
-    common = dict(
-        tau=args.tau,
-        classifier=target,
-        eval_classifier=judge,
-        test=test,
-        teach_per_class=args.teach_per_class,
-        teaching=_teaching(args),
-        cache=args.cache_dir,
-        backend=args.backend,
-        device=device,
-        progress=not args.quiet,
-    )
-    if args.inversion:
-        inv = _load_inversion(args, device, target)
-        given, classes, shape, source = (
-            [("--eval-classifier", args.eval_classifier, judge)],
-            inv.num_classes,
-            inv.image_shape,
-            inv,
-        )
-        common["n_per_class"] = args.n_per_class
-    else:
-        if Path(args.images).suffix.lower() == ".npz":
-            gen = load_npz(args.images)  # [N, C, H, W] in [0, 1]
-            images, labels = gen.images, gen.labels
-        else:  # a sharded sample's index or a PNG sample folder, as `sample` writes them
-            from .samples import load_sample
-
-            x, y = load_sample(args.images)  # uint8 [N, C, H, W], int64 [N]
-            images, labels = torch.from_numpy(x).float() / 255, torch.from_numpy(y)
-        given = [("--classifier", args.classifier, target), ("--eval-classifier", args.eval_classifier, judge)]
-        classes, shape, source = train.num_classes, images.shape[1:], images
-        common.update(labels=labels, value_range=(0.0, 1.0))
-    for option, path, model in given:  # each against the evaluated images, before any work; the error names the file
-        if model is not None:
-            check_classifier(model, classes, shape, f"{option} {path}")
-    report = evaluate(source, train, **common)
-    if report is not None:  # under torchrun: rank 0's
-        generated_from = {"inversion": args.inversion} if args.inversion else {"images": args.images}
-        _write_evaluation(report, out, args.grid_per_class, {"generated_from": generated_from})
+    names = ("inversion", "images", "classifier", "eval_classifier", "data", "test_data", "n_per_class", "tau")
+    given = {k: getattr(args, k) for k in (*names, "grid_per_class", "teach_per_class", "student_steps", "backend")}
+    evaluate_saved(args.out, **given, cache=args.cache_dir, device=_device(args), progress=not args.quiet, say=print)
     return 0
 
 
@@ -528,7 +405,7 @@ def cmd_leakage(args: argparse.Namespace) -> int:
     results.md and grids/ into --out. The invert options apply to every run, --set after them.
 
     Options:
-        --suite: quick: CI smoke test (< 3 min on 2 CPU cores); default: < 45 min; full: every target
+        --suite: quick: CI smoke test; default: < 45 min; full: every target
         --targets: comma-separated target names to run instead of the suite's, e.g.
             mnist-cnn-1000,mnist-plain_cnn-10
         --seeds: comma-separated seeds (default: the suite's, 0,1,2)
@@ -539,30 +416,17 @@ def cmd_leakage(args: argparse.Namespace) -> int:
     """
     from . import leakage
 
-    # every argument checked before any work starts
-    try:
+    try:  # every argument checked before any work starts
         common = {**_given_options(args), **parse_overrides(args.overrides)}
     except ValueError as e:
         raise ValueError(f"--set: {e}") from None
-    variants = leakage.parse_variants(common, args.variants, args.ablation)
-    seeds = None if args.seeds is None else leakage.check_seeds(args.seeds, "--seeds")
-    targets = None
-    if args.targets is not None:
-        names = [n.strip() for n in args.targets.split(",")]
-        targets = [t.name for t in leakage.choose_targets(leakage.SUITES[args.suite], names, "--targets")]
-    cache = leakage.check_folder(leakage.cache_dir(args.cache_dir), "--cache-dir (or $TLDR_FAST_CACHE)")
-    output_folder(args.out)
-    results = leakage.run(
-        args.suite,
-        args.out,
-        variants,
-        targets=targets,
-        seeds=seeds,
-        cache=cache,
-        device=_device(args),
-        progress=not args.quiet,
-        say=_say,
-    )
+    data = dict(args.data)
+    if len(data) < len(args.data):
+        raise ValueError("--data gives a name twice; give each data set its own name")
+    results = leakage.run_options(
+        args.suite, args.out, common, args.variants, args.ablation, args.targets, args.seeds, args.cache_dir,
+        data or None, _device(args), not args.quiet, _say,
+    )  # fmt: skip
     print(leakage.markdown(results))
     print(f"wrote {Path(args.out) / 'results.json'}, {Path(args.out) / 'results.md'} and {Path(args.out) / 'grids'}/")
     return 0
@@ -628,6 +492,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         --judge-epochs: its training epochs (default: the leakage benchmark's)
     """
     from . import demo, leakage
+    from .evaluate import write_evaluation
+    from .utility import Teaching
 
     args.seed = args.seed if args.seed is not None else 0
     cache = leakage.cache_dir(args.cache_dir)
@@ -637,14 +503,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     given.update(
         cache=cache,
         invert_options=overrides,
-        teaching=_teaching(args, draws=1),  # the real curve from one draw: a demo's budget
+        teaching=Teaching.with_steps(args.student_steps, draws=1),  # the real curve from one draw: a demo's budget
         backend=args.backend or "auto",
         device=_device(args),
         progress=not args.quiet,
         say=_say,
     )
     out, report, header, record = demo.run(**given)
-    _write_evaluation(report, out, args.grid_per_class, {"demo": record}, header)
+    write_evaluation(report, out, args.grid_per_class, {"demo": record}, header, say=print)
     return 0
 
 

@@ -14,14 +14,13 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 from . import leakage
 from .checkpoint import output_folder
 from .data import load_dataset, subset
-from .evaluate import EvaluationReport, evaluate
+from .evaluate import EVALUATION_FILES, EvaluationReport, evaluate
 from .invert import invert
 from .models import accuracies, load_classifier, save_classifier, train_classifier, training_set
 from .utility import Teaching
 
 TRAIN_PER_CLASS = 100  # 1,000 MNIST training images
 EPOCHS = 10
-EVALUATION_FILES = ("metrics.json", "grid.png", "summary.txt")  # what evaluate and demo write into --out
 
 
 def metrics_line(metrics: Optional[Dict[str, float]]) -> str:

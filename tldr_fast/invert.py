@@ -8,7 +8,7 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from time import monotonic
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -27,6 +27,7 @@ from .checkpoint import (
 from .classifier import ClassifierError, FrozenClassifier, fingerprint
 from .config import TERMS, InversionConfig, Preprocess
 from .generator import ConditionedGenerator, legacy_optimizer_state
+from .models import load_classifier
 from .progress import progress_bar
 from .step import PIXEL_RANGE, Student, TLDRObjective, pixel_eps, step_seed
 
@@ -391,6 +392,46 @@ def invert(
     with inv.target.attached():  # the classifier as invert needs it, and as it was afterwards (also on errors)
         _train(inv, opt, objective, ckpt if main else None, main)
     return inv
+
+
+def invert_saved(
+    classifier: PathLike,
+    out: PathLike,
+    overrides: Mapping[str, Any],
+    resume: Optional[PathLike] = None,
+    allow_other_classifier: bool = False,
+    device: str = "cpu",
+    progress: bool = True,
+) -> Inversion:
+    """``invert`` a classifier saved by ``save_classifier``, saving the run to ``out`` (at the end and on Ctrl-C,
+    resumable with the optimiser state). ``overrides`` (``InversionConfig`` fields or loss weights) are checked
+    before the classifier is loaded, unless the run resumes ``resume`` (they are checked against its own)."""
+    if not resume:
+        InversionConfig().with_overrides(**overrides)
+    model = load_classifier(classifier, device)
+    meta = model.tldr_meta
+    return invert(
+        model,
+        meta["num_classes"],
+        tuple(meta["input_shape"]),
+        resume=resume,
+        checkpoint=out,
+        allow_other_classifier=allow_other_classifier,
+        device=device,
+        progress=progress,
+        **overrides,
+    )
+
+
+def load_inversion(
+    path: PathLike, device: str = "cpu", classifier: Optional[nn.Module] = None, classifier_path: Optional[str] = None
+) -> Inversion:
+    """``Inversion.load(path)`` with ``classifier`` (loaded from ``classifier_path``) as its target; a classifier
+    that does not fit the inversion is a ``ClassifierError`` naming both files."""
+    try:
+        return Inversion.load(path, classifier=classifier, device=device)
+    except ClassifierError as e:
+        raise ClassifierError(f"--classifier {classifier_path} does not fit --inversion {path}: {e}") from e
 
 
 def _restore(

@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 
 from . import models
-from .checkpoint import atomic_write, atomic_write_text, cache_dir, check_folder
+from .checkpoint import atomic_write, atomic_write_text, cache_dir, check_folder, output_folder
 from .config import InversionConfig, parse_overrides
 from .data import DataUnavailable, ImageDataset, load_dataset, subset
 from .evaluate import EvaluationReport, evaluate
@@ -672,6 +672,34 @@ def run(
     results = _assemble(header, done, variants, seeds, skipped)
     _write(out, results, final=True)
     return results
+
+
+def run_options(
+    suite: str,
+    out: str,
+    common: Mapping[str, Any],
+    variants: Sequence[str] = (),
+    ablation: bool = False,
+    targets: Optional[str] = None,
+    seeds: Optional[Sequence[int]] = None,
+    cache: Optional[str] = None,
+    data: Optional[Mapping[str, Sequence[Any]]] = None,
+    device: str = "cpu",
+    progress: bool = True,
+    say: Callable[[str], None] = lambda msg: None,
+) -> Dict[str, Any]:
+    """``run`` with the command line's options, every one checked before any work (errors name the option):
+    ``common`` the invert options of every run, ``variants`` and ``ablation`` as ``parse_variants`` reads them,
+    ``targets`` comma-separated target names; the others ``run``'s."""
+    chosen_variants = parse_variants(common, variants, ablation)
+    seeds = None if seeds is None else check_seeds(seeds, "--seeds")
+    chosen = None
+    if targets is not None:
+        names = [n.strip() for n in targets.split(",")]
+        chosen = [t.name for t in choose_targets(SUITES[suite], names, "--targets", DATA + tuple(data or ()))]
+    folder = check_folder(cache_dir(cache), "--cache-dir (or $TLDR_FAST_CACHE)")
+    output_folder(out)
+    return run(suite, out, chosen_variants, chosen, seeds, folder, device, progress, say, data)
 
 
 def _measure(

@@ -14,16 +14,26 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .backends import resolve_device
-from .checkpoint import PathLike, atomic_save, drop_unknown, field_error, load_checkpoint, require_keys
+from .checkpoint import (
+    PathLike,
+    atomic_save,
+    check_writable,
+    drop_unknown,
+    field_error,
+    load_checkpoint,
+    refuse_overwriting_inputs,
+    require_keys,
+)
 from .classifier import ClassifierError
-from .data import ImageDataset, load_dataset
+from .data import ImageDataset, load_dataset, subset
 from .progress import progress_bar
 
 Tensor = torch.Tensor
@@ -392,6 +402,41 @@ def train_classifier(
     }
     model.tldr_meta["train_accuracy"] = accuracy(model, dataset)  # needs the normalisation above
     model.tldr_meta["test_accuracy"] = accuracy(model, test) if test is not None else None
+    return model
+
+
+def train_and_save(
+    out: str,
+    data: str,
+    n_per_class: Union[int, str],
+    test_data: Optional[str],
+    arch: str,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+    say: Callable[[str], None] = lambda msg: None,
+) -> nn.Module:
+    """Train a classifier on a class-balanced subset of a data set and save it to ``out``; return it.
+
+    Args:
+        out: checkpoint to write (.pt); never one of the inputs.
+        data: the data set (anything ``load_dataset`` reads).
+        n_per_class: training images per class, or ``"all"``.
+        test_data: held-out data set for the test accuracy, e.g. ``"mnist:test"`` (None: none).
+        arch, epochs, batch_size, lr, device, progress: ``train_classifier``'s.
+        seed: seed of the subset, initialisation and batches.
+        say: where progress messages go.
+    """
+    refuse_overwriting_inputs("--out", out, [Path(out)], {"--data": data, "--test-data": test_data})
+    check_writable(out, "--out")
+    train = subset(load_dataset(data, seed=seed), n_per_class, seed=seed)
+    test = load_dataset(test_data) if test_data else None
+    say(f"training a {arch} on {len(train)} images of {train.source}")
+    model = train_classifier(train, arch, epochs, batch_size, lr, seed, device, progress=progress, test=test)
+    save_classifier(model, out)
     return model
 
 

@@ -51,9 +51,17 @@ import torch
 from PIL import Image
 
 from . import distributed, reference
-from .checkpoint import atomic_write, atomic_write_many, atomic_write_text, check_parent, remove_stale_temps
+from .checkpoint import (
+    atomic_write,
+    atomic_write_many,
+    atomic_write_text,
+    check_parent,
+    refuse_overwriting_inputs,
+    remove_stale_temps,
+)
 from .data import _pil_to_array
 from .grid import to_pil
+from .models import load_classifier
 from .progress import progress_bar
 from .step import PIXEL_RANGE, pixel_eps, step_seed, warp_mode
 
@@ -308,6 +316,39 @@ def write_samples(
     finally:
         bar.close()
     return out
+
+
+def sample_saved(
+    inversion: str,
+    out: str,
+    n_per_class: int,
+    classifier: Optional[str] = None,
+    shard_size: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    select: Optional[int] = None,
+    seed: Optional[int] = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> Tuple[int, Path]:
+    """``write_samples`` of ``n_per_class`` images per class of a saved inversion, ``classifier`` (a saved
+    classifier's path) scoring the candidates of ``select``; every argument checked first, and ``out`` never
+    one of the inputs. Returns the number of images and what ``load_sample`` reads."""
+    from .invert import load_inversion  # invert samples with this module
+
+    path = Path(out)
+    if not out.strip():
+        raise ValueError("--out is empty: give an .npz file or a folder")
+    if select is not None and select > 1 and not classifier:
+        raise ValueError(f"--select {select} needs --classifier (the target classifier scores the candidates)")
+    if path.suffix.lower() == ".npz":  # a sharded sample's shards are named after its index
+        written = [path.with_name(path.stem + INDEX)] if shard_size else [path]
+    else:
+        written = [path, path / MANIFEST]
+    refuse_overwriting_inputs("--out", out, written, {"--inversion": inversion, "--classifier": classifier})
+    target = load_classifier(classifier, device) if classifier else None
+    inv = load_inversion(inversion, device, target, classifier)
+    labels = inv.labels(n_per_class=n_per_class)
+    return len(labels), write_samples(inv, path, labels, batch_size, seed, select, progress, shard_size)
 
 
 def _write_npz(
