@@ -19,7 +19,7 @@ import json
 import sys
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Union, get_args, get_origin
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union, get_args, get_origin
 
 from .checkpoint import check_writable, refuse_overwriting_inputs
 from .config import InversionConfig, check_field, field_docs, field_specs, parse_overrides, unwrap_optional
@@ -81,6 +81,16 @@ def _n_per_class(text: str) -> Union[int, str]:
         return _positive_int(text)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}") from None
+
+
+def _data_pair(text: str) -> Tuple[str, Tuple[str, str]]:
+    name, equals, paths = text.partition("=")
+    train, comma, test = paths.partition(",")
+    if not (name and equals and train and comma and test):
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=TRAIN,TEST (your data set's name, train and test sets), got {text!r}"
+        )
+    return name, (train, test)
 
 
 def _checked(name: str, kind: type) -> Callable[[str], Any]:
@@ -390,6 +400,7 @@ def _leakage_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ablation", action="store_true")
     p.add_argument("--out", default="leakage_out")
     p.add_argument("--cache-dir", default=None)
+    p.add_argument("--data", action="append", type=_data_pair, default=[], metavar="NAME=TRAIN,TEST")
     p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, ...")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_options(p)
@@ -413,6 +424,9 @@ def cmd_leakage(args: argparse.Namespace) -> int:
         --ablation: measure every variant of tldr_fast.leakage.ABLATION beside the defaults
         --out: output folder
         --cache-dir: where trained classifiers are cached (default: $TLDR_FAST_CACHE or ~/.cache/tldr_fast)
+        --data: a data set of yours, its train and test sets (.npz, a folder of IDX files or of class folders);
+            targets name it like the built-in ones, e.g. --data mine=tr.npz,te.npz --targets mine-cnn-100
+            (repeatable)
     """
     from . import leakage
 
