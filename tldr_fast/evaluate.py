@@ -601,39 +601,56 @@ def load_generated(path: str) -> Tuple[Tensor, Tensor]:
 
 
 def evaluate_saved(
-    out: str,
+    *,
     inversion: Optional[str] = None,
     images: Optional[str] = None,
     classifier: Optional[str] = None,
     eval_classifier: Optional[str] = None,
     data: Optional[str] = None,
     test_data: Optional[str] = None,
+    cache_dir: Optional[str] = None,
+    backend: str = "auto",
+    out: str,
     n_per_class: int = 10,
     tau: float = 0.4,
     grid_per_class: int = 8,
     teach_per_class: int = 100,
     student_steps: Optional[int] = None,
-    cache: Optional[str] = None,
-    backend: str = "auto",
     device: str = "cpu",
     progress: bool = True,
     say: Callable[[str], None] = lambda msg: None,
 ) -> Optional[EvaluationReport]:
-    """``evaluate`` the images of a saved inversion (``inversion``) or of a sample (``images``, as
-    ``load_generated`` reads) against the training set ``data`` (default: ``classifier``'s recorded one), and
-    write ``EVALUATION_FILES`` into the folder ``out`` (``write_evaluation``); every file is checked first.
+    """Measure how much of the training set an inversion reconstructs.
+
+    Compare generated images with the training images of their class by SSIM (nearest neighbour and
+    one-to-one Hungarian matching), and report attack accuracy and target confidence. Writes metrics.json,
+    grid.png and summary.txt into --out. The training set is the one recorded in --classifier unless --data
+    is given.
 
     Args:
-        classifier, eval_classifier: the target's and the evaluation classifier's saved checkpoints.
-        test_data: real images the target never saw: adds the utility metrics.
-        n_per_class: images per class sampled from ``inversion``.
-        student_steps: Adam steps of each student (default: ``Teaching``'s).
-        tau, teach_per_class, cache, backend, device, progress: ``evaluate``'s.
-        grid_per_class: pairs per class in ``grid.png``.
-        say: where the summary goes.
+        inversion: inversion checkpoint (sampled --n-per-class per class)
+        images: generated images: an .npz with images (uint8, or floats in [0, 1]) and labels, a sharded
+            sample's -index.json, or a folder of PNGs, as `sample` writes them
+        classifier: the target classifier checkpoint (its training subset, confidence)
+        eval_classifier: an independent classifier checkpoint for the attack accuracy
+        data: training set to compare with instead of the classifier's
+        test_data: real images the target never saw, e.g. mnist:test: adds what the generated images teach
+            (CAS, worth in real images per class, distillation accuracy), the students tested on them
+        cache_dir: where the real curve of --test-data is kept (default: $TLDR_FAST_CACHE or
+            ~/.cache/tldr_fast)
+        backend: SSIM kernels ('cuda' = 'extension')
+        out: folder for metrics.json, grid.png, summary.txt
+        n_per_class: generated images per class to evaluate
+        tau: SSIM threshold of 'reconstructed'
+        grid_per_class: pairs per class in grid.png
+        teach_per_class: generated images per class that the students of CAS and distillation learn from
+        student_steps: Adam steps of each student, also on the real curve (default: tldr_fast.utility.Teaching's,
+            400)
+        say: where the summary goes
 
     Returns:
-        The report (None on the ranks but 0 under torchrun).
+        The report (None on the ranks but 0 under torchrun), once ``write_evaluation`` wrote it; every file
+        is checked before any work.
     """
     inputs = {
         "--inversion": inversion,
@@ -655,7 +672,7 @@ def evaluate_saved(
         test=test,
         teach_per_class=teach_per_class,
         teaching=Teaching.with_steps(student_steps),
-        cache=cache,
+        cache=cache_dir,
         backend=backend,
         device=device,
         progress=progress,

@@ -395,17 +395,33 @@ def invert(
 
 
 def invert_saved(
-    classifier: PathLike,
-    out: PathLike,
     overrides: Mapping[str, Any],
-    resume: Optional[PathLike] = None,
+    *,
+    classifier: str,
+    out: str,
+    resume: Optional[str] = None,
     allow_other_classifier: bool = False,
     device: str = "cpu",
     progress: bool = True,
 ) -> Inversion:
-    """``invert`` a classifier saved by ``save_classifier``, saving the run to ``out`` (at the end and on Ctrl-C,
-    resumable with the optimiser state). ``overrides`` (``InversionConfig`` fields or loss weights) are checked
-    before the classifier is loaded, unless the run resumes ``resume`` (they are checked against its own)."""
+    """Train a generator that inverts a saved classifier (TLDR).
+
+    Invert a classifier saved by train-classifier: train a label-conditioned generator against it and save
+    the inversion (generator, config, history, metrics). --resume continues an interrupted run. Options
+    apply in this order: --config, then the options, then --set.
+
+    Args:
+        overrides: ``InversionConfig`` fields or loss weights, checked before the classifier is loaded (a
+            resumed run checks them against its own)
+        classifier: classifier checkpoint from train-classifier
+        out: inversion checkpoint to write (.pt)
+        resume: continue from this inversion checkpoint (options not given again are the run's own)
+        allow_other_classifier: with --resume: continue a run that was trained against another classifier
+            than --classifier
+
+    Returns:
+        The inversion, saved to ``out`` at the end and on Ctrl-C (resumable, with the optimiser state).
+    """
     if not resume:
         InversionConfig().with_overrides(**overrides)
     model = load_classifier(classifier, device)

@@ -37,6 +37,8 @@ from .data import ImageDataset, load_dataset, subset
 from .progress import progress_bar
 
 Tensor = torch.Tensor
+TRAIN_PER_CLASS = 100  # the command line's and the demo's: 1,000 MNIST training images
+EPOCHS = 10
 
 CHECKPOINT_FORMAT = "tldr_fast.classifier/1"
 
@@ -406,29 +408,39 @@ def train_classifier(
 
 
 def train_and_save(
+    *,
+    data: str = "mnist",
+    n_per_class: Union[int, str] = TRAIN_PER_CLASS,
+    test_data: Optional[str] = None,
+    arch: str = "cnn",
+    epochs: int = EPOCHS,
+    batch_size: int = 64,
+    lr: float = 3e-3,
     out: str,
-    data: str,
-    n_per_class: Union[int, str],
-    test_data: Optional[str],
-    arch: str,
-    epochs: int,
-    batch_size: int,
-    lr: float,
     seed: int = 0,
     device: str = "cpu",
     progress: bool = True,
     say: Callable[[str], None] = lambda msg: None,
 ) -> nn.Module:
-    """Train a classifier on a class-balanced subset of a data set and save it to ``out``; return it.
+    """Train a small CNN or MLP on a class-balanced subset and save it.
+
+    Train the reference CNN (or MLP) on n images per class of a data set and save weights + metadata
+    (architecture, normalisation, class names, the subset's indices, accuracies) to a weights-only checkpoint.
 
     Args:
-        out: checkpoint to write (.pt); never one of the inputs.
-        data: the data set (anything ``load_dataset`` reads).
-        n_per_class: training images per class, or ``"all"``.
-        test_data: held-out data set for the test accuracy, e.g. ``"mnist:test"`` (None: none).
-        arch, epochs, batch_size, lr, device, progress: ``train_classifier``'s.
-        seed: seed of the subset, initialisation and batches.
-        say: where progress messages go.
+        data: the data set (anything ``load_dataset`` reads)
+        n_per_class: training images per class, or 'all'
+        test_data: held-out data set for the test accuracy, e.g. mnist:test (default: none)
+        arch: classifier architecture: cnn (with BatchNorm), plain_cnn (without), mlp or lenet
+        epochs: training epochs
+        batch_size: training batch size
+        lr: peak learning rate
+        out: checkpoint to write (.pt)
+        seed: seed of the subset, initialisation and batches
+        say: where progress messages go
+
+    Returns:
+        The trained classifier.
     """
     refuse_overwriting_inputs("--out", out, [Path(out)], {"--data": data, "--test-data": test_data})
     check_writable(out, "--out")

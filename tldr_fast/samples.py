@@ -319,20 +319,42 @@ def write_samples(
 
 
 def sample_saved(
+    *,
     inversion: str,
+    n_per_class: int = 10,
     out: str,
-    n_per_class: int,
-    classifier: Optional[str] = None,
     shard_size: Optional[int] = None,
     batch_size: Optional[int] = None,
     select: Optional[int] = None,
+    classifier: Optional[str] = None,
     seed: Optional[int] = None,
     device: str = "cpu",
     progress: bool = True,
 ) -> Tuple[int, Path]:
-    """``write_samples`` of ``n_per_class`` images per class of a saved inversion, ``classifier`` (a saved
-    classifier's path) scoring the candidates of ``select``; every argument checked first, and ``out`` never
-    one of the inputs. Returns the number of images and what ``load_sample`` reads."""
+    """Write N generated images per class to an .npz or a folder of PNGs.
+
+    Sample an inversion: --out ending in .npz writes uint8 images [N, C, H, W] and labels; with --shard-size
+    it writes them in shards beside it plus an index (large samples; needed for an .npz under torchrun); any
+    other --out is a folder with one sub-folder of PNGs per class.
+
+    Args:
+        inversion: inversion checkpoint from invert
+        n_per_class: images per class
+        out: .npz file or folder (a folder or a sharded .npz resumes an interrupted sample)
+        shard_size: with an .npz --out such as s.npz: shards of N images, s-00000-of-000NN.npz, and their
+            index s-index.json (the same files for any number of torchrun ranks, each writing its shards;
+            resumable; read back with tldr_fast.samples.load_sample)
+        batch_size: images generated at a time (default: the inversion's batch size); the images do not
+            depend on it
+        select: keep the most robustly classified of N candidates per image (needs --classifier; default:
+            the inversion's select, or 1 without --classifier)
+        classifier: the target classifier checkpoint (scores the candidates of --select)
+        seed: sampling seed (default: the inversion's own)
+
+    Returns:
+        The number of images and what ``load_sample`` reads; every argument is checked first, and ``out`` is
+        never one of the inputs.
+    """
     from .invert import load_inversion  # invert samples with this module
 
     path = Path(out)
