@@ -137,18 +137,19 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
             options.update(nargs=len(get_args(kind)), type=get_args(kind)[0], metavar=name.upper())
         else:
             continue
-        action = parser.add_argument(
-            "--" + name.replace("_", "-"), default=None, help=_help(docs.get(name, "")), **options
-        )
+        text = _help(docs.get(name, ""))
+        action = parser.add_argument("--" + name.replace("_", "-"), default=None, help=text, **options)
         action.config_default = getattr(defaults, name)  # shown by _Formatter
 
 
-def add_function_options(parser: argparse.ArgumentParser, func: Callable[..., Any], **special: Any) -> None:
+def add_function_options(
+    parser: argparse.ArgumentParser, func: Callable[..., Any], also: Optional[Callable[..., Any]] = None, **special: Any
+) -> None:
     """Add an option for each keyword-only parameter of ``func`` (``n_per_class`` as ``--n-per-class``), its help
-    the parameter's doc (``Args:``), its default the parameter's (required without one): a bool is a switch,
-    an int a positive integer, a ``Literal`` its choices. ``special``: a parameter's own ``add_argument``
-    keywords (``flag``: another name, ``parser``: a group to add it to). Not ``RUN_FIELDS``, nor callables."""
-    docs, hints = field_docs(func), get_type_hints(func)
+    its doc (``Args:`` of ``func``, else of ``also``), its default the parameter's (required without one): a bool
+    is a switch, an int a positive integer, a ``Literal`` its choices. ``special``: a parameter's ``add_argument``
+    keywords (``flag``: another name, ``parser``: a group for it). Not ``RUN_FIELDS``, nor callables."""
+    docs, hints = {**(field_docs(also) if also else {}), **field_docs(func)}, get_type_hints(func)
     for name, param in inspect.signature(func).parameters.items():
         if param.kind is not param.KEYWORD_ONLY or name in RUN_FIELDS:
             continue
@@ -212,10 +213,10 @@ def _device(args: argparse.Namespace) -> str:
 
 
 def _call(func: Callable[..., Any], args: argparse.Namespace, **given: Any) -> Any:
-    """``func`` called with the options of its keyword-only parameters, ``--device`` made concrete, progress
-    unless ``--quiet``, and ``given``."""
-    params = inspect.signature(func).parameters
-    options = {k: getattr(args, k) for k, p in params.items() if p.kind is p.KEYWORD_ONLY and hasattr(args, k)}
+    """``func`` called with the options given of its keyword-only parameters (None: not given, the parameter's
+    default), ``--device`` made concrete, progress unless ``--quiet``, and ``given``."""
+    keywords = [k for k, p in inspect.signature(func).parameters.items() if p.kind is p.KEYWORD_ONLY]
+    options = {k: getattr(args, k) for k in keywords if getattr(args, k, None) is not None}
     options.update(device=_device(args), progress=not args.quiet)
     return func(**{**options, **given})
 
@@ -227,7 +228,7 @@ def _train_classifier_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> int:
-    model = _call(train_and_save, args, seed=args.seed if args.seed is not None else 0, say=_say)
+    model = _call(train_and_save, args, say=_say)
     print(f"saved {args.out}: {accuracies(model.tldr_meta)}")
     return 0
 
@@ -324,14 +325,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _demo_options(p: argparse.ArgumentParser) -> None:
-    add_function_options(p, demo.run)
+    add_function_options(p, demo.run, also=evaluate_saved)
     add_config_options(p)
     add_run_options(p)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    seed = args.seed if args.seed is not None else 0
-    _call(demo.run, args, invert_options=_invert_overrides(args), backend=args.backend or "auto", seed=seed, say=_say)
+    _call(demo.run, args, invert_options=_invert_overrides(args), backend=args.backend or "auto", say=_say)
     return 0
 
 

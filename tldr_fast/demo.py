@@ -75,17 +75,15 @@ def run(
         judge_train_per_class: training images per class of the evaluation classifier (default: the
             leakage benchmark's, ~560)
         judge_epochs: its training epochs (default: the leakage benchmark's)
-        n_per_class: generated images per class to evaluate
-        tau: SSIM threshold of 'reconstructed'
-        grid_per_class: pairs per class in grid.png
-        teach_per_class: generated images per class that the students of CAS and distillation learn from
-        student_steps: Adam steps of each student, also on the real curve (default: tldr_fast.utility.Teaching's,
-            400)
         say: where progress messages go
         show: where the summary goes
 
     Returns:
         The evaluation report.
+
+    See also:
+        evaluate_saved: the evaluation's options, n_per_class, tau, grid_per_class, teach_per_class and
+            student_steps.
     """
     cache = leakage.cache_dir(cache_dir)
     InversionConfig().with_overrides(**invert_options)  # every option checked before any work
