@@ -2,6 +2,7 @@
 checks it runs and writes well-formed results; quality thresholds are for the real suites, not tests)."""
 
 import dataclasses
+import inspect
 import json
 import math
 import shutil
@@ -160,6 +161,9 @@ def test_command_line(tmp_path, capsys):
         (["--variant", "a:eps=0.1", "--variant", "a:eps=0.2"], "--variant 'a': that name is taken"),
         (["--ablation", "--variant", "no-select:select=2"], "--variant 'no-select': that name is taken"),
         (["--variant", "b:betas=[0.5,0.9],eps=7"], "--variant b: eps is a fraction"),  # a comma inside a value
+        (["--data", "mine=tr.npz"], "--data expects NAME=TRAIN,TEST"),
+        (["--data", "=tr.npz,te.npz"], "--data expects NAME=TRAIN,TEST"),
+        (["--data", "m=a,b", "--data", "m=c,d"], "--data gives 'm' twice"),
     ],
 )
 def test_command_line_rejects_bad_options_before_any_work(tmp_path, capsys, argv, message):
@@ -168,6 +172,26 @@ def test_command_line_rejects_bad_options_before_any_work(tmp_path, capsys, argv
     )
     assert status == 1 and message in capsys.readouterr().err
     assert not (tmp_path / "c").exists()  # nothing trained
+
+
+class _Ran(BaseException):
+    """Raised in place of the benchmark's work: what the command line passed it is all the test needs."""
+
+
+def test_command_line_passes_its_data_sets_to_run(tmp_path, monkeypatch):
+    calls = []
+
+    def ran(*args, **kwargs):
+        calls.append(inspect.signature(run).bind(*args, **kwargs).arguments)
+        raise _Ran
+
+    run = leakage.run
+    monkeypatch.setattr(leakage, "run", ran)
+    argv = ["leakage", "--suite", "quick", "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")]
+    with pytest.raises(_Ran):
+        main([*argv, "--targets", "mine-mlp-10", "--data", "mine=tr.npz,te.npz", "--data", "yours=a/b,c"])
+    assert calls[0]["data"] == {"mine": ("tr.npz", "te.npz"), "yours": ("a/b", "c")}
+    assert calls[0]["targets"] == ["mine-mlp-10"]  # a target may name a data set of --data
 
 
 def test_command_line_rejects_seeds_that_are_not_integers(tmp_path, capsys):

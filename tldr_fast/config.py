@@ -10,6 +10,7 @@ import math
 import operator
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import (
     Any,
     Callable,
@@ -503,6 +504,18 @@ def parse_value(text: str) -> Any:
         return json.loads(text)
     except ValueError:
         return text
+
+
+def read_overrides(path: str) -> Dict[str, Any]:
+    """The ``InversionConfig`` fields of a JSON file (``--config``; e.g. as metrics or a checkpoint record
+    them), validated by invert; an error names the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except ValueError as e:  # not UTF-8, not JSON
+        raise ValueError(f"--config {path} is not a JSON file ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object of InversionConfig fields")
+    return data
 
 
 def parse_overrides(pairs: Sequence[str], option: str = "--set") -> Dict[str, Any]:

@@ -52,6 +52,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -60,11 +61,13 @@ import torch.nn as nn
 from scipy.optimize import linear_sum_assignment
 
 from . import distributed
-from .checkpoint import atomic_write_text, cache_dir
-from .data import ImageDataset, check_finite
+from .checkpoint import atomic_write_text, cache_dir, output_folder
+from .data import ImageDataset, check_finite, load_dataset, load_npz
 from .grid import save_pair_grid
-from .models import check_classifier, predict_logits
+from .invert import load_inversion
+from .models import check_classifier, load_classifier, predict_logits, training_set
 from .progress import progress_bar
+from .samples import load_sample
 from .ssim import classwise_ssim, pairwise_ssim
 from .utility import Teaching, classwise_prdc, minmax_rescale, nn_feature_distance, real_curve, student_accuracy, worth
 
@@ -582,6 +585,135 @@ def evaluate(
             real_pool, teaching or Teaching(), cache, control_seed, device, progress,
         )  # fmt: skip
     return report
+
+
+EVALUATION_FILES = ("metrics.json", "grid.png", "summary.txt")  # what evaluate_saved and the demo write into out
+
+
+def load_generated(path: str) -> Tuple[Tensor, Tensor]:
+    """Generated images ``[N, C, H, W]`` in [0, 1] and their labels from an ``.npz`` (uint8, or floats in
+    [0, 1]), a sharded sample's index or a folder of PNGs, as ``tldr-fast sample`` writes them."""
+    if Path(path).suffix.lower() == ".npz":
+        gen = load_npz(path)
+        return gen.images, gen.labels
+    x, y = load_sample(path)  # uint8 [N, C, H, W], int64 [N]
+    return torch.from_numpy(x).float() / 255, torch.from_numpy(y)
+
+
+def evaluate_saved(
+    *,
+    inversion: Optional[str] = None,
+    images: Optional[str] = None,
+    classifier: Optional[str] = None,
+    eval_classifier: Optional[str] = None,
+    data: Optional[str] = None,
+    test_data: Optional[str] = None,
+    cache_dir: Optional[str] = None,
+    backend: str = "auto",
+    out: str,
+    n_per_class: int = 10,
+    tau: float = 0.4,
+    grid_per_class: int = 8,
+    teach_per_class: int = 100,
+    student_steps: Optional[int] = None,
+    device: str = "cpu",
+    progress: bool = True,
+    say: Callable[[str], None] = lambda msg: None,
+) -> Optional[EvaluationReport]:
+    """Measure how much of the training set an inversion reconstructs.
+
+    Compare generated images with the training images of their class by SSIM (nearest neighbour and
+    one-to-one Hungarian matching), and report attack accuracy and target confidence. Writes metrics.json,
+    grid.png and summary.txt into --out. The training set is the one recorded in --classifier unless --data
+    is given.
+
+    Args:
+        inversion: inversion checkpoint (sampled --n-per-class per class)
+        images: generated images: an .npz with images (uint8, or floats in [0, 1]) and labels, a sharded
+            sample's -index.json, or a folder of PNGs, as `sample` writes them
+        classifier: the target classifier checkpoint (its training subset, confidence)
+        eval_classifier: an independent classifier checkpoint for the attack accuracy
+        data: training set to compare with instead of the classifier's
+        test_data: real images the target never saw, e.g. mnist:test: adds what the generated images teach
+            (CAS, worth in real images per class, distillation accuracy), the students tested on them
+        cache_dir: where the real curve of --test-data is kept (default: $TLDR_FAST_CACHE or
+            ~/.cache/tldr_fast)
+        backend: SSIM kernels ('cuda' = 'extension')
+        out: folder for metrics.json, grid.png, summary.txt
+        n_per_class: generated images per class to evaluate
+        tau: SSIM threshold of 'reconstructed'
+        grid_per_class: pairs per class in grid.png
+        teach_per_class: generated images per class that the students of CAS and distillation learn from
+        student_steps: Adam steps of each student, also on the real curve (default: tldr_fast.utility.Teaching's,
+            400)
+        say: where the summary goes
+
+    Returns:
+        The report (None on the ranks but 0 under torchrun), once ``write_evaluation`` wrote it; every file
+        is checked before any work.
+    """
+    inputs = {
+        "--inversion": inversion,
+        "--images": images,
+        "--classifier": classifier,
+        "--eval-classifier": eval_classifier,
+        "--data": data,
+        "--test-data": test_data,
+    }
+    folder = output_folder(out, EVALUATION_FILES, inputs)
+    target = load_classifier(classifier, device) if classifier else None
+    judge = load_classifier(eval_classifier, device) if eval_classifier else None
+    train = load_dataset(data) if data else training_set(target)
+    test = load_dataset(test_data) if test_data else None
+    common = dict(
+        tau=tau,
+        classifier=target,
+        eval_classifier=judge,
+        test=test,
+        teach_per_class=teach_per_class,
+        teaching=Teaching.with_steps(student_steps),
+        cache=cache_dir,
+        backend=backend,
+        device=device,
+        progress=progress,
+    )
+    if inversion:
+        source = load_inversion(inversion, device, target, classifier)
+        given = [("--eval-classifier", eval_classifier, judge)]
+        classes, shape = source.num_classes, source.image_shape
+        common["n_per_class"] = n_per_class
+    else:
+        source, labels = load_generated(images)
+        given = [("--classifier", classifier, target), ("--eval-classifier", eval_classifier, judge)]
+        classes, shape = train.num_classes, source.shape[1:]
+        common.update(labels=labels, value_range=(0.0, 1.0))
+    for option, path, model in given:  # each against the evaluated images, before any work; the error names the file
+        if model is not None:
+            check_classifier(model, classes, shape, f"{option} {path}")
+    report = evaluate(source, train, **common)
+    if report is not None:  # under torchrun: rank 0's
+        generated_from = {"inversion": inversion} if inversion else {"images": images}
+        write_evaluation(report, folder, grid_per_class, {"generated_from": generated_from}, say=say)
+    return report
+
+
+def write_evaluation(
+    report: EvaluationReport,
+    out: Path,
+    grid_per_class: int = 8,
+    extra: Optional[Dict[str, Any]] = None,
+    header: Sequence[str] = (),
+    say: Callable[[str], None] = lambda msg: None,
+) -> None:
+    """Write ``metrics.json`` (with ``extra``), ``grid.png`` (``grid_per_class`` pairs per class) and
+    ``summary.txt`` (``header`` lines, then the report's summary) into the folder ``out``; ``say`` the
+    summary and the files written."""
+    report.save_json(out / "metrics.json", extra)
+    report.save_grid(out / "grid.png", per_class=grid_per_class)
+    summary = "\n".join([*header, report.summary()])
+    atomic_write_text(out / "summary.txt", summary + "\n")
+    say(summary)
+    say(f"wrote {out / 'metrics.json'}, {out / 'grid.png'}, {out / 'summary.txt'}")
 
 
 def _utility(

@@ -33,3 +33,14 @@ def info() -> Dict[str, Any]:
         "backends": {"cpu": available("cpu"), "cuda": available("cuda")},
         "extension": extension.info(),
     }
+
+
+def info_text(facts: Dict[str, Any], indent: str = "") -> str:
+    """``info()``'s facts as ``key: value`` lines, the entries of a nested dict indented under its key."""
+    lines = []
+    for key, value in facts.items():
+        if isinstance(value, dict):
+            lines += [f"{indent}{key}:", *filter(None, [info_text(value, indent + "  ")])]
+        else:
+            lines.append(f"{indent}{key}: {value}")
+    return "\n".join(lines)

@@ -8,7 +8,7 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from time import monotonic
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -27,6 +27,7 @@ from .checkpoint import (
 from .classifier import ClassifierError, FrozenClassifier, fingerprint
 from .config import TERMS, InversionConfig, Preprocess
 from .generator import ConditionedGenerator, legacy_optimizer_state
+from .models import load_classifier
 from .progress import progress_bar
 from .step import PIXEL_RANGE, Student, TLDRObjective, pixel_eps, step_seed
 
@@ -391,6 +392,62 @@ def invert(
     with inv.target.attached():  # the classifier as invert needs it, and as it was afterwards (also on errors)
         _train(inv, opt, objective, ckpt if main else None, main)
     return inv
+
+
+def invert_saved(
+    overrides: Mapping[str, Any],
+    *,
+    classifier: str,
+    out: str,
+    resume: Optional[str] = None,
+    allow_other_classifier: bool = False,
+    device: str = "cpu",
+    progress: bool = True,
+) -> Inversion:
+    """Train a generator that inverts a saved classifier (TLDR).
+
+    Invert a classifier saved by train-classifier: train a label-conditioned generator against it and save
+    the inversion (generator, config, history, metrics). --resume continues an interrupted run. Options
+    apply in this order: --config, then the options, then --set.
+
+    Args:
+        overrides: ``InversionConfig`` fields or loss weights, checked before the classifier is loaded (a
+            resumed run checks them against its own)
+        classifier: classifier checkpoint from train-classifier
+        out: inversion checkpoint to write (.pt)
+        resume: continue from this inversion checkpoint (options not given again are the run's own)
+        allow_other_classifier: with --resume: continue a run that was trained against another classifier
+            than --classifier
+
+    Returns:
+        The inversion, saved to ``out`` at the end and on Ctrl-C (resumable, with the optimiser state).
+    """
+    if not resume:
+        InversionConfig().with_overrides(**overrides)
+    model = load_classifier(classifier, device)
+    meta = model.tldr_meta
+    return invert(
+        model,
+        meta["num_classes"],
+        tuple(meta["input_shape"]),
+        resume=resume,
+        checkpoint=out,
+        allow_other_classifier=allow_other_classifier,
+        device=device,
+        progress=progress,
+        **overrides,
+    )
+
+
+def load_inversion(
+    path: PathLike, device: str = "cpu", classifier: Optional[nn.Module] = None, classifier_path: Optional[str] = None
+) -> Inversion:
+    """``Inversion.load(path)`` with ``classifier`` (loaded from ``classifier_path``) as its target; a classifier
+    that does not fit the inversion is a ``ClassifierError`` naming both files."""
+    try:
+        return Inversion.load(path, classifier=classifier, device=device)
+    except ClassifierError as e:
+        raise ClassifierError(f"--classifier {classifier_path} does not fit --inversion {path}: {e}") from e
 
 
 def _restore(

@@ -40,13 +40,13 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from . import models
-from .checkpoint import atomic_write, atomic_write_text, cache_dir, check_folder
+from . import checkpoint, models
+from .checkpoint import atomic_write, atomic_write_text, cache_dir, check_folder, output_folder
 from .config import InversionConfig, parse_overrides
 from .data import DataUnavailable, ImageDataset, load_dataset, subset
 from .evaluate import EvaluationReport, evaluate
@@ -425,6 +425,23 @@ def parse_variants(
     return variants
 
 
+def parse_data(specs: Sequence[str]) -> Dict[str, Tuple[str, str]]:
+    """The command line's data sets of the user: ``{NAME: (TRAIN, TEST)}`` from ``NAME=TRAIN,TEST`` entries
+    (``--data``), for ``run``'s ``data``; an error names the option."""
+    data: Dict[str, Tuple[str, str]] = {}
+    for spec in specs:
+        name, equals, paths = spec.partition("=")
+        train, comma, test = paths.partition(",")
+        if not (name and equals and train and comma and test):
+            raise ValueError(
+                f"--data expects NAME=TRAIN,TEST (your data set's name, train and test sets), got {spec!r}"
+            )
+        if name in data:
+            raise ValueError(f"--data gives {name!r} twice; give each data set its own name")
+        data[name] = (train, test)
+    return data
+
+
 def check_variant_name(name: Any, what: str = "variants") -> None:
     """A ``ValueError`` naming ``what`` unless ``name`` can name a variant (and its grid file)."""
     if not isinstance(name, str) or not VARIANT_NAME.fullmatch(name):
@@ -672,6 +689,64 @@ def run(
     results = _assemble(header, done, variants, seeds, skipped)
     _write(out, results, final=True)
     return results
+
+
+def run_options(
+    common: Mapping[str, Any],
+    *,
+    suite: Literal["quick", "default", "colour", "full"] = "default",
+    targets: Optional[str] = None,
+    seeds: Optional[Sequence[int]] = None,
+    variants: Sequence[str] = (),
+    ablation: bool = False,
+    out: str = "leakage_out",
+    cache_dir: Optional[str] = None,
+    data: Sequence[str] = (),
+    overrides: Sequence[str] = (),
+    device: str = "cpu",
+    progress: bool = True,
+    say: Callable[[str], None] = lambda msg: None,
+) -> Dict[str, Any]:
+    """The leakage benchmark: invert classifiers it trains, measure how training-like the images are.
+
+    Train (or reuse from --cache-dir) the suite's target classifiers and an independent evaluation
+    classifier, invert each target over several seeds, and measure attack accuracy, nearest-neighbour SSIM to
+    the training images against the control (as many held-out images), one-to-one matches and same-class
+    diversity, beside the same metrics of real unseen images, noise and a black image. Writes results.json,
+    results.md and grids/ into --out. The invert options apply to every run, --set after them.
+
+    Args:
+        common: the invert options of every run, before --set's
+        suite: quick: CI smoke test; default: < 45 min; full: every target
+        targets: comma-separated target names to run instead of the suite's, e.g.
+            mnist-cnn-1000,mnist-plain_cnn-10
+        seeds: comma-separated seeds (default: the suite's, 0,1,2)
+        variants: measure a variant beside the defaults, e.g. --variant no-bn:bn_stats=0 (repeatable)
+        ablation: measure every variant of tldr_fast.leakage.ABLATION beside the defaults
+        out: output folder
+        cache_dir: where trained classifiers are cached (default: $TLDR_FAST_CACHE or ~/.cache/tldr_fast)
+        data: NAME=TRAIN,TEST: a data set of yours, its train and test sets (.npz, a folder of IDX files or of
+            class folders); targets name it like the built-in ones, e.g. --data mine=tr.npz,te.npz --targets
+            mine-cnn-100 (repeatable)
+        overrides: an invert option for every run, e.g. --set diversity=class (repeatable; after the options)
+
+    Returns:
+        ``run``'s results; every option is checked before any work, an error names the option.
+    """
+    try:
+        common = {**common, **parse_overrides(overrides)}
+    except ValueError as e:
+        raise ValueError(f"--set: {e}") from None
+    user = parse_data(data)
+    chosen_variants = parse_variants(common, variants, ablation)
+    seeds = None if seeds is None else check_seeds(seeds, "--seeds")
+    chosen = None
+    if targets is not None:
+        names = [n.strip() for n in targets.split(",")]
+        chosen = [t.name for t in choose_targets(SUITES[suite], names, "--targets", DATA + tuple(user))]
+    folder = check_folder(checkpoint.cache_dir(cache_dir), "--cache-dir (or $TLDR_FAST_CACHE)")
+    output_folder(out)
+    return run(suite, out, chosen_variants, chosen, seeds, folder, device, progress, say, user or None)
 
 
 def _measure(

@@ -14,19 +14,31 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .backends import resolve_device
-from .checkpoint import PathLike, atomic_save, drop_unknown, field_error, load_checkpoint, require_keys
+from .checkpoint import (
+    PathLike,
+    atomic_save,
+    check_writable,
+    drop_unknown,
+    field_error,
+    load_checkpoint,
+    refuse_overwriting_inputs,
+    require_keys,
+)
 from .classifier import ClassifierError
-from .data import ImageDataset, load_dataset
+from .data import ImageDataset, load_dataset, subset
 from .progress import progress_bar
 
 Tensor = torch.Tensor
+TRAIN_PER_CLASS = 100  # the command line's and the demo's: 1,000 MNIST training images
+EPOCHS = 10
 
 CHECKPOINT_FORMAT = "tldr_fast.classifier/1"
 
@@ -392,6 +404,51 @@ def train_classifier(
     }
     model.tldr_meta["train_accuracy"] = accuracy(model, dataset)  # needs the normalisation above
     model.tldr_meta["test_accuracy"] = accuracy(model, test) if test is not None else None
+    return model
+
+
+def train_and_save(
+    *,
+    data: str = "mnist",
+    n_per_class: Union[int, str] = TRAIN_PER_CLASS,
+    test_data: Optional[str] = None,
+    arch: str = "cnn",
+    epochs: int = EPOCHS,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    out: str,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+    say: Callable[[str], None] = lambda msg: None,
+) -> nn.Module:
+    """Train a small CNN or MLP on a class-balanced subset and save it.
+
+    Train the reference CNN (or MLP) on n images per class of a data set and save weights + metadata
+    (architecture, normalisation, class names, the subset's indices, accuracies) to a weights-only checkpoint.
+
+    Args:
+        data: the data set (anything ``load_dataset`` reads)
+        n_per_class: training images per class, or 'all'
+        test_data: held-out data set for the test accuracy, e.g. mnist:test (default: none)
+        arch: classifier architecture: cnn (with BatchNorm), plain_cnn (without), mlp or lenet
+        epochs: training epochs
+        batch_size: training batch size
+        lr: peak learning rate
+        out: checkpoint to write (.pt)
+        seed: seed of the subset, initialisation and batches
+        say: where progress messages go
+
+    Returns:
+        The trained classifier.
+    """
+    refuse_overwriting_inputs("--out", out, [Path(out)], {"--data": data, "--test-data": test_data})
+    check_writable(out, "--out")
+    train = subset(load_dataset(data, seed=seed), n_per_class, seed=seed)
+    test = load_dataset(test_data) if test_data else None
+    say(f"training a {arch} on {len(train)} images of {train.source}")
+    model = train_classifier(train, arch, epochs, batch_size, lr, seed, device, progress=progress, test=test)
+    save_classifier(model, out)
     return model
 
 

@@ -28,7 +28,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -53,6 +53,11 @@ class Teaching:
     temperature: float = 4.0  # of distillation
     real_sizes: Tuple[int, ...] = (1, 3, 10, 100)
     draws: int = 3
+
+    @classmethod
+    def with_steps(cls, steps: Optional[int] = None, **changes: Any) -> "Teaching":
+        """The recipe with ``steps`` Adam steps per student when given (else the default's) and ``changes``."""
+        return cls(**{**({"steps": steps} if steps else {}), **changes})
 
 
 def student_accuracy(
