@@ -19,7 +19,7 @@ from tldr_fast.audit import (
 )
 from tldr_fast.classifier import ClassifierError
 from tldr_fast.data import ImageDataset
-from tldr_fast.models import build_classifier
+from tldr_fast.models import build_classifier, save_classifier
 
 K, SHAPE = 3, (1, 12, 12)
 
@@ -205,3 +205,27 @@ def test_report_renders_in_a_browser(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def _npz(path, ds: ImageDataset) -> str:
+    np.savez(path, images=(ds.images * 255).round().to(torch.uint8).numpy(), labels=ds.labels.numpy())
+    return str(path)
+
+
+def test_cli_audit_end_to_end_and_bad_input(tmp_path, capsys):
+    from tldr_fast.cli import main
+
+    train = _npz(tmp_path / "train.npz", _data(6, 0, "train"))
+    held = _npz(tmp_path / "held.npz", _data(8, 1, "held"))
+    model = _classifier()
+    model.tldr_meta["arch"] = "mlp"
+    save_classifier(model, tmp_path / "clf.pt")
+    common = ["audit", "--classifier", str(tmp_path / "clf.pt"), "--train", train, "--device", "cpu", "--quiet"]
+    tiny = ["--steps", "3", "--batch-size", "12", "--n-per-class", "3", "--real-per-class", "3"]
+    assert main([*common, "--held-out", train, "--out", str(tmp_path / "bad"), *tiny]) == 1
+    assert "18 of the 18 held-out images" in capsys.readouterr().err
+    assert main([*common, "--held-out", held, "--out", str(tmp_path / "a"), *tiny, "--set", "tv=0.001"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert report["verdict"] in printed and report["settings"]["overrides"] == {"tv": 0.001, "steps": 3, "batch_size": 12}
+    assert report["settings"]["inversion"]["steps"] == 3 and (tmp_path / "a" / "report.html").is_file()

@@ -14,7 +14,7 @@ from tldr_fast.grid import grid_size
 from tldr_fast.models import load_classifier
 from tldr_fast.samples import load_sample
 
-COMMANDS = ("train-classifier", "invert", "sample", "evaluate", "leakage", "info", "demo")
+COMMANDS = ("train-classifier", "invert", "sample", "evaluate", "audit", "leakage", "info", "demo")
 TINY = ["--batch-size", "8", "--device", "cpu", "--backend", "torch", "--quiet"]
 
 
@@ -422,6 +422,11 @@ def test_demo_end_to_end(tmp_path):
         "summary.txt",
         "classifier.pt",
         "inversion.pt",
+        "report.html",
+        "report.json",
+        "grids",
+        "cache",
+        "audit-state.json",
     }
     m = json.loads((out / "metrics.json").read_text())
     assert m["num_generated"] == 30 and m["num_train"] == 100 and m["train_source"] == "mnist:train"

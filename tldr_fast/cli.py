@@ -324,6 +324,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(
+        "audit",
+        help="does a classifier give its training images away? invert, sample, measure, write a report",
+        description=(
+            "Invert --classifier with the library's defaults, sample with selection, compare the generated images with "
+            "the training images and, as the control, with as many held-out images, against real unseen images as the "
+            "null; write report.html (self-contained), report.json and grids/ into --out. A rerun with the same "
+            "arguments reuses what is done there; an interrupted one continues."
+        ),
+    )
+    p.add_argument("--classifier", required=True, help="classifier checkpoint from train-classifier")
+    p.add_argument(
+        "--train", default=None, help=f"its training images: {data_help} (default: the subset the checkpoint records)"
+    )
+    p.add_argument(
+        "--held-out",
+        default=None,
+        help="images of the same classes it never saw (default: the test split of --train's source, e.g. mnist:test)",
+    )
+    p.add_argument("--out", required=True, help="folder for report.html, report.json, grids/ and the stages' files")
+    p.add_argument(
+        "--eval-classifier", default=None, help="an independent classifier: attack accuracy, feature distances"
+    )
+    p.add_argument(
+        "--n-per-class", type=_positive_int, default=50, help="generated images per class measured (default: 50)"
+    )
+    p.add_argument(
+        "--real-per-class",
+        type=_positive_int,
+        default=None,
+        help="real unseen images per class taken from --held-out for the null (default: --n-per-class)",
+    )
+    p.add_argument("--tau", type=float, default=0.4, help="SSIM threshold of a match (default: 0.4)")
+    p.add_argument("--select", type=_positive_int, default=None, help="candidates per image (default: the config's)")
+    p.add_argument(
+        "--allow-overlap",
+        action="store_true",
+        help="leave held-out images that are also training images out, instead of refusing",
+    )
+    p.add_argument("--config", default=None, help="a JSON file of InversionConfig fields")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any InversionConfig field or loss weight (repeatable; after --config)",
+    )
+    _add_invert_options(p)
+    _add_run_options(p)
+    p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser(
         "leakage",
         help="the leakage benchmark: invert classifiers it trains, measure how training-like the images are",
         description=(
@@ -758,6 +810,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .audit import audit
+    from .models import load_classifier
+
+    inputs = {"--classifier": args.classifier, "--train": args.train, "--held-out": args.held_out}
+    _refuse_overwriting_inputs("--out", args.out, [Path(args.out) / "report.json"], inputs)
+    overrides = _invert_overrides(args)
+    device = _device(args)
+    classifier = load_classifier(args.classifier, device)
+    judge = load_classifier(args.eval_classifier, device) if args.eval_classifier else None
+    result = audit(
+        classifier, args.train, args.held_out, args.out, eval_classifier=judge, n_per_class=args.n_per_class,
+        real_per_class=args.real_per_class, tau=args.tau, select=args.select, allow_overlap=args.allow_overlap,
+        seed=overrides.pop("seed", 0), backend=overrides.pop("backend", "auto"), device=device,
+        progress=not args.quiet, say=_say, describe={"classifier_file": args.classifier}, **overrides,
+    )  # fmt: skip
+    print(result.verdict)
+    print(f"wrote {result.out / 'report.html'}, {result.out / 'report.json'} and {result.out / 'grids'}/")
+    return 0
+
+
 def parse_value(text: str) -> Any:
     """A command-line value: JSON when it parses (numbers, true/false, lists), else the string itself."""
     try:
@@ -903,6 +976,7 @@ def _print_tree(d: Dict[str, Any], indent: str = "") -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import leakage
+    from .audit import audit
     from .data import load_dataset, subset
     from .evaluate import evaluate
     from .models import load_classifier, save_classifier
@@ -911,7 +985,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     args.seed = args.seed if args.seed is not None else 0
     cache = leakage.cache_dir(args.cache_dir)
     cached = cache / f"demo-cnn-mnist-{args.train_per_class}pc-{args.epochs}ep-seed{args.seed}.pt"
-    files = (*EVALUATION_FILES, "classifier.pt", "inversion.pt")
+    files = (*EVALUATION_FILES, "classifier.pt", "inversion.pt", "report.html", "report.json")
     out = _output_folder(args.out, files, {"--cache-dir (its cached classifier)": str(cached)})
     args.device = _device(args)
     classifier = None
@@ -941,8 +1015,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"classifier: {_accuracies(classifier.tldr_meta)}; evaluation classifier (lenet on {len(parts.judge)} other "
         f"MNIST images): held-out accuracy {judge.tldr_meta['test_accuracy']:.3f}"
     )
-    inv = _invert(args, classifier, out / "inversion.pt")
+    overrides = _invert_overrides(args)
+    audited = audit(  # inverts into out/inversion.pt; report.html, report.json and grids/ beside it
+        classifier, train, parts.held_out, out, eval_classifier=judge, seed=overrides.pop("seed"),
+        backend=overrides.pop("backend", "auto"), device=args.device, progress=not args.quiet, say=_say,
+        describe={"classifier_file": str(out / "classifier.pt")}, **overrides,
+    )  # fmt: skip
+    inv = audited.inversion
     _say(f"inversion: target classifier {_metrics_line(inv.metrics)}")
+    _say(f"audit: {audited.verdict}")
     report = evaluate(
         inv,
         train,
@@ -973,6 +1054,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "eval_classifier": judge.tldr_meta["arch"],
             "eval_classifier_accuracy": judge.tldr_meta["test_accuracy"],
             "held_out_images": len(parts.held_out),
+            "audit": audited.verdict,
             "inversion_steps": inv.step,
             "inversion_batch_size": inv.config.batch_size,
             "inversion_metrics": inv.metrics,
