@@ -227,5 +227,9 @@ def test_cli_audit_end_to_end_and_bad_input(tmp_path, capsys):
     assert main([*common, "--held-out", held, "--out", str(tmp_path / "a"), *tiny, "--set", "tv=0.001"]) == 0
     printed = capsys.readouterr().out
     report = json.loads((tmp_path / "a" / "report.json").read_text())
-    assert report["verdict"] in printed and report["settings"]["overrides"] == {"tv": 0.001, "steps": 3, "batch_size": 12}
+    assert report["verdict"] in printed and report["settings"]["overrides"] == {
+        "tv": 0.001,
+        "steps": 3,
+        "batch_size": 12,
+    }
     assert report["settings"]["inversion"]["steps"] == 3 and (tmp_path / "a" / "report.html").is_file()

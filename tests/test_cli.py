@@ -464,6 +464,7 @@ def test_demo_end_to_end(tmp_path):
     assert len(list(cache.glob("real-curve-*.json"))) == 1
     assert 0 <= m["demo"]["eval_classifier_accuracy"] <= 1 and m["demo"]["eval_classifier"] == "lenet"
     assert m["demo"]["inversion_steps"] == 6 and len(m["images"]) == 30
+    assert json.loads((out / "report.json").read_text())["verdict"] == m["demo"]["audit"]
     with Image.open(out / "grid.png") as im:
         assert im.format == "PNG" and im.size == grid_size(10, 3, 28, 28)
     assert "reconstructed (SSIM >= 0.4)" in (out / "summary.txt").read_text()

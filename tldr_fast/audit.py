@@ -364,6 +364,7 @@ def _invert_stage(
     device: str,
     progress: bool,
     say: Callable[[str], None],
+    restart: bool,
 ) -> Tuple[Any, str]:
     """The inversion (resumed from ``out/inversion.pt`` when it is this audit's) and its key."""
     from . import invert
@@ -376,12 +377,16 @@ def _invert_stage(
             held = json.loads(state_file.read_text()).get("inversion")
         except (OSError, ValueError, AttributeError):
             held = None
-        if held != key:
+        if held != key and restart:
+            say(f"replacing {ckpt}: it is the inversion of another audit (another classifier or inversion options)")
+            ckpt.unlink()
+        elif held != key:
             raise ValueError(
                 f"out {out} holds {ckpt} from another audit (another classifier or inversion options): give another "
                 f"output folder, or remove {ckpt} to start this one there"
             )
-        say(f"continuing the inversion in {ckpt}")
+        else:
+            say(f"continuing the inversion in {ckpt}")
     atomic_write_text(state_file, json.dumps({"inversion": key}) + "\n")
     inv = invert(
         classifier,
@@ -428,6 +433,7 @@ def audit(
     seed: int = 0,
     select: Optional[int] = None,
     allow_overlap: bool = False,
+    restart: bool = False,
     resamples: int = RESAMPLES,
     backend: str = "auto",
     device: str = "cpu",
@@ -455,6 +461,8 @@ def audit(
         seed: the seed of the inversion, the sample, the splits and the statistics.
         select: candidates per generated image (default: the inversion's, ``InversionConfig.select``).
         allow_overlap: leave held-out images that are also training images out instead of refusing.
+        restart: replace an inversion in ``out`` that another audit left (other classifier or options)
+            instead of refusing.
         resamples: bootstrap resamples and permutations.
         backend, device: of the inversion and the SSIM computation; progress: progress bars.
         say: where notices go; describe: settings to record in the report (e.g. the classifier's file).
@@ -482,7 +490,7 @@ def audit(
     n_real = real_per_class or n_per_class
 
     inv, inv_key = _invert_stage(
-        classifier, train_ds, out, {**overrides, "seed": seed, "backend": backend}, device, progress, say
+        classifier, train_ds, out, {**overrides, "seed": seed, "backend": backend}, device, progress, say, restart
     )
     x01, labels, sample_key = _sample_stage(inv, out, n_per_class, select, progress, say)
     judge_id = fingerprint(eval_classifier) if eval_classifier is not None else None
