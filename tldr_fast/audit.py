@@ -103,8 +103,8 @@ def _load(data: DataArg, what: str) -> ImageDataset:
         return data
     try:
         return load_dataset(data)
-    except Exception as e:
-        raise type(e)(f"{what} {data}: {e}") from e
+    except ValueError as e:  # an unknown name, a malformed file: say which argument it was
+        raise ValueError(f"{what} {data}: {e}") from e
 
 
 def recorded_training_set(classifier: nn.Module) -> ImageDataset:
