@@ -142,6 +142,8 @@ def test_audit_writes_the_report_and_a_rerun_reuses_it(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["verdict"] == r.verdict and report["settings"]["generated"] == 12
     assert report["settings"]["real_unseen"] == 9 and report["settings"]["inversion"]["steps"] == 4
+    # the statistics and evaluate's control draw the same training and held-out images
+    assert report["evaluation"]["overall"]["closer_to_train"] == pytest.approx(report["closer_to_train"]["generated"])
     page = (tmp_path / "report.html").read_text()
     assert "data:image/png;base64," in page and "http" not in page.replace("<!DOCTYPE html>", "")
     assert r.verdict in page.replace("&#x27;", "'") or r.verdict.split(":")[0] in page
