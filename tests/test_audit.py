@@ -121,6 +121,8 @@ def test_audit_refuses_before_any_work(tmp_path):
     blocker.write_text("x")
     with pytest.raises(NotADirectoryError, match="out"):
         audit_fn(_classifier(), train, held, blocker / "a", **TINY)
+    with pytest.raises(ValueError, match="tau"):
+        audit_fn(_classifier(), train, held, tmp_path / "a", tau=2.0, **TINY)
     with pytest.raises(ValueError, match="no test split"):
         audit_fn(_classifier(), train, None, tmp_path / "b", **TINY)
     assert not [p for p in tmp_path.rglob("*") if p.is_file() and p != blocker]  # nothing written

@@ -473,6 +473,15 @@ def audit(
     """
     from . import __version__
 
+    for name, value in (
+        ("n_per_class", n_per_class),
+        ("real_per_class", real_per_class or 1),
+        ("resamples", resamples),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not 0 <= tau <= 1:
+        raise ValueError(f"tau must be an SSIM threshold in [0, 1], got {tau!r}")
     out = check_folder(Path(out), "out")
     check_writable(out / "report.json", "out folder")
     InversionConfig().with_overrides(**{**overrides, "seed": seed, "backend": backend})  # every option checked now
@@ -536,7 +545,7 @@ def audit(
             "generated": len(labels),
             "n_per_class": n_per_class,
             "inversion": {"steps": inv.step, "batch_size": inv.config.batch_size, "select": inv.resolve_select(select)},
-            "overrides": {k: v for k, v in overrides.items()},
+            "overrides": dict(overrides),
             "tau": tau,
             "seed": seed,
             "versions": {"tldr_fast": __version__, "torch": torch.__version__, "python": platform.python_version()},
