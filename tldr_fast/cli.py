@@ -821,12 +821,16 @@ def cmd_audit(args: argparse.Namespace) -> int:
     device = _device(args)
     classifier = load_classifier(args.classifier, device)
     judge = load_classifier(args.eval_classifier, device) if args.eval_classifier else None
-    result = audit(
-        classifier, args.train, args.held_out, args.out, eval_classifier=judge, n_per_class=args.n_per_class,
-        real_per_class=args.real_per_class, tau=args.tau, select=args.select, allow_overlap=args.allow_overlap,
-        seed=overrides.pop("seed", 0), backend=overrides.pop("backend", "auto"), device=device,
-        progress=not args.quiet, say=_say, describe={"classifier_file": args.classifier}, **overrides,
-    )  # fmt: skip
+    try:
+        result = audit(
+            classifier, args.train, args.held_out, args.out, eval_classifier=judge, n_per_class=args.n_per_class,
+            real_per_class=args.real_per_class, tau=args.tau, select=args.select, allow_overlap=args.allow_overlap,
+            seed=overrides.pop("seed", 0), backend=overrides.pop("backend", "auto"), device=device,
+            progress=not args.quiet, say=_say, describe={"classifier_file": args.classifier}, **overrides,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        _say(f"interrupted; {args.out} keeps what is done: the same command continues the audit")
+        raise
     print(result.verdict)
     print(f"wrote {result.out / 'report.html'}, {result.out / 'report.json'} and {result.out / 'grids'}/")
     return 0
