@@ -317,15 +317,21 @@ def statistics(
     eval_classifier: Optional[nn.Module] = None,
     resamples: int = RESAMPLES,
     confidence: float = CONFIDENCE,
+    progress: bool = False,
     **ssim: Any,
 ) -> Dict[str, Any]:
     """The measurements of generated images ``[N, C, H, W]`` in [0, 1] and of the ``real`` unseen images
     against ``train`` and ``control`` (module docstring): per image (``generated``, ``real``: lists as
     ``similarities``), ``closer_to_train`` (``closer_to_train_effect``), ``excess_matches`` (and the same for
-    the real images, ``real_excess_matches``), ``features`` and ``verdict``/``verdict_kind``."""
+    the real images, ``real_excess_matches``), ``features`` and ``verdict``/``verdict_kind``; ``progress``: a bar
+    over the images measured."""
     common = dict(tau=tau, seed=seed, eval_classifier=eval_classifier, **ssim)
+    bar = progress_bar(total=len(labels) + len(real), desc="audit: similarities", unit="img", disable=not progress)
     gen = similarities(generated, labels, train, control, **common)
+    bar.update(len(labels))
     ref = similarities(real.images, real.labels, train, control, **common)
+    bar.update(len(real))
+    bar.close()
     effect = closer_to_train_effect(closer(gen), closer(ref), seed, resamples, confidence)
     excess = excess_matches(gen["train_match"], gen["held_match"], seed, resamples, confidence)
     kind, sentence = verdict(effect, excess, tau)
@@ -512,19 +518,16 @@ def audit(
     ssim = dict(backend=backend, device=device)
     report_obj = evaluate(
         x01, train_ds, labels, value_range=(0.0, 1.0), tau=tau, classifier=classifier,
-        eval_classifier=eval_classifier, held_out=control, control_seed=seed, progress=progress, **ssim,
+        eval_classifier=eval_classifier, held_out=control, control_seed=seed, **ssim,
     )  # fmt: skip
     if stats_path.is_file():
         say(f"reusing the measurements {stats_path}")
         stats = json.loads(stats_path.read_text())
     else:
-        bar = progress_bar(total=1, desc="audit statistics", disable=not progress)
         stats = statistics(
             x01, labels, train_ds, real, control, tau=tau, seed=seed, eval_classifier=eval_classifier,
-            resamples=resamples, **ssim,
+            resamples=resamples, progress=progress, **ssim,
         )  # fmt: skip
-        bar.update()
-        bar.close()
         atomic_write_text(stats_path, json.dumps(stats, allow_nan=False) + "\n")
     evaluation = report_obj.to_dict()
     report = {
