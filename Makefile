@@ -79,4 +79,4 @@ clean:
 # `python benchmarks/tables.py --check BENCHMARKS.md` (run by benchmarks/test_tables.py) fails when they are stale.
 .PHONY: bench-tables
 bench-tables:
-	$(PYTHON) benchmarks/tables.py --update BENCHMARKS.md
+	$(PYTHON) benchmarks/tables.py --update BENCHMARKS.md README.md

@@ -1,5 +1,5 @@
-"""benchmarks/tables.py and the curated results file: BENCHMARKS.md is what the file says, every row is
-complete, and a saved pytest-benchmark run goes in as the rows it holds."""
+"""benchmarks/tables.py and the curated results file: BENCHMARKS.md and README.md are what the file says,
+README's numbers are BENCHMARKS.md's, every row is complete, and saved and leakage runs go in as rows."""
 
 import json
 import os
@@ -10,15 +10,43 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import results_file  # noqa: E402
 import tables  # noqa: E402
 
 BENCHMARKS_MD = os.path.join(os.path.dirname(HERE), "BENCHMARKS.md")
+README_MD = os.path.join(os.path.dirname(HERE), "README.md")
 
 
-def test_benchmarks_md_is_generated_from_the_results_file(capsys):
-    assert tables.main(["--check", BENCHMARKS_MD]) == 0, capsys.readouterr().err
-    names = [m.group(2) for m in tables.BLOCK.finditer(open(BENCHMARKS_MD).read())]
-    assert len(names) == len(set(names)) and set(names) == set(tables.BLOCKS)  # every table once, none unused
+def test_benchmarks_md_and_readme_are_generated_from_the_results_file(capsys):
+    assert tables.main(["--check", BENCHMARKS_MD, README_MD]) == 0, capsys.readouterr().err
+    names = [[m.group(2) for m in tables.BLOCK.finditer(open(p).read())] for p in (BENCHMARKS_MD, README_MD)]
+    assert all(len(n) == len(set(n)) for n in names)  # each table once per file
+    assert set(names[0]) | set(names[1]) == set(tables.SPECS) and not set(names[0]) & set(names[1])  # none unused
+    assert len(open(BENCHMARKS_MD).read().splitlines()) <= 400 and len(open(README_MD).read().splitlines()) <= 150
+
+
+def cells(path: str) -> dict:
+    """Every cell of the generated tables of ``path``: {(the row's first cell, the column's header): cell}."""
+    out = {}
+    for m in tables.BLOCK.finditer(open(path).read()):
+        head = None
+        for line in m.group(3).splitlines():
+            row = [c.strip() for c in line.strip("|").split("|")] if line.startswith("|") else None
+            if row is None or set(line) <= set("|-"):
+                head = None if row is None else head
+                continue
+            if head is None:
+                head = row
+                continue
+            out.update({(row[0], h): c for h, c in zip(head[1:], row[1:])})
+    return out
+
+
+def test_readme_numbers_are_those_of_benchmarks_md():
+    readme, benchmarks = cells(README_MD), cells(BENCHMARKS_MD)
+    assert len(readme) >= 30  # README's results table: a row per target, a column per metric
+    for key, value in readme.items():  # the same target and metric: the same number, in one spelling
+        assert benchmarks.get(key) == value, (key, value, benchmarks.get(key))
 
 
 def test_every_row_has_card_versions_date_source_and_value():
@@ -168,14 +196,27 @@ def test_add_appends_a_saved_run_as_curated_rows(tmp_path):
     assert tables.check_rows(rows) == []
 
     # its tables: the speed-up, GB/s and the fraction of the run's copy bandwidth are computed from the medians
-    flat = {r["impl"]: r for r in tables.derive([tables.flat(r) for r in rows])}
+    flat = {r["impl"]: r for r in results_file.derive([results_file.flat(r) for r in rows])}
     assert flat["triton"]["x_eager"] == pytest.approx(4.0)
     assert flat["triton"]["gbps"] == pytest.approx(8.0)  # 4e6 bytes in 0.5 ms
     assert flat["torch"]["gbps"] == pytest.approx(2 * 2**30 / 0.8e-3 / 1e9)
     assert flat["triton"]["frac_copy"] == pytest.approx(8.0 / (2 * 2**30 / 0.8e-3 / 1e9))
     assert tables.cell(flat["triton"]) == "0.500 ms · 4.00× · 8.00 GB/s (0%) · 3.25 MB"
-    text = tables.BLOCKS["suite-runs"](rows)
-    assert "`0003_h100`" in text and "#### head_loss, float32: NVIDIA H100 80GB HBM3 (× over `eager`" in text
+    text = tables.render(tables.SPECS["ops-gpu"], rows)
+    assert "#### head_loss, float32: NVIDIA H100 80GB HBM3, 2026-12-07 (× over `eager`); runs `0003_h100`" in text
+    assert (
+        "| B=1024 K=10 D=256 | 2.00 ms · 2.00 GB/s (0%) · 12.5 MB | 0.500 ms · 4.00× · 8.00 GB/s (0%) · 3.25 MB |"
+        in text
+    )
+
+    # a newer run replaces the older one's cells in the tables of current numbers, the older stays in the file
+    newer = dict(saved_run(), datetime="2026-12-08T00:00:00+00:00")
+    newer["benchmarks"][2]["stats"]["median"] = 0.00025
+    del newer["benchmarks"][1]  # triton again, without eager: its cell is the newer run's, eager's the older's
+    rows += results_file.saved_run_rows(newer, "0004_h100.json")
+    text = tables.render(tables.SPECS["ops-gpu"], rows)
+    assert "2026-12-07, 2026-12-08 (× over `eager`); runs `0003_h100`, `0004_h100`" in text
+    assert "| 2.00 ms · 2.00 GB/s (0%) · 12.5 MB | 0.250 ms · 16.0 GB/s (1%) · 3.25 MB |" in text
 
     # the same run twice is refused, and the file is left as it was
     before = results.read_text()
@@ -184,25 +225,29 @@ def test_add_appends_a_saved_run_as_curated_rows(tmp_path):
     assert results.read_text() == before
 
 
-def test_check_fails_on_a_stale_table_and_update_mends_it(tmp_path, capsys):
-    doc = open(BENCHMARKS_MD).read()
-    stale = tmp_path / "BENCHMARKS.md"
-    stale.write_text(doc.replace("| 0.183 |", "| 0.180 |", 1))
+@pytest.mark.parametrize("path, block", [(BENCHMARKS_MD, "leakage-defaults"), (README_MD, "leakage-summary")])
+def test_check_fails_on_a_stale_table_and_update_mends_it(tmp_path, capsys, path, block):
+    doc = open(path).read()
+    m = next(m for m in tables.BLOCK.finditer(doc) if m.group(2) == block)
+    stale = tmp_path / os.path.basename(path)
+    stale.write_text(doc[: m.start(3)] + m.group(3).replace("0.85 ± 0.05", "0.86 ± 0.05", 1) + doc[m.end(3) :])
     assert stale.read_text() != doc
     assert tables.main(["--check", str(stale)]) == 1
-    assert "distributed" in capsys.readouterr().err
+    assert f"stale: {block} differ" in capsys.readouterr().err
     assert tables.main(["--update", str(stale)]) == 0
     assert stale.read_text() == doc
 
 
 def test_former_names_show_under_the_current_one_and_stay_in_the_rows():
-    assert [tables.current_name(n) for n in ("cuda", "cuda+graph", "cuda+compile", "cuda-head-bf16")] == [
+    assert [results_file.current_name(n) for n in ("cuda", "cuda+graph", "cuda+compile", "cuda-head-bf16")] == [
         "extension",
         "extension+graph",
         "extension+compile",
         "extension-head-bf16",
     ]
-    assert [tables.current_name(n) for n in ("compile-ro", "torch.compile", "triton+graph", "extension", None)] == [
+    assert [
+        results_file.current_name(n) for n in ("compile-ro", "torch.compile", "triton+graph", "extension", None)
+    ] == [
         "compile-ro",
         "torch.compile",
         "triton+graph",
@@ -211,18 +256,21 @@ def test_former_names_show_under_the_current_one_and_stay_in_the_rows():
     ]
     rows = tables.read_results()
     old = [r for r in rows if r.get("impl") == "cuda+graph"]
-    assert old and all(tables.flat(r)["impl"] == "extension+graph" for r in old)  # the file keeps what was run
-    shown = {r["impl"] for r in tables.op_rows(rows)}
+    assert old and all(results_file.flat(r)["impl"] == "extension+graph" for r in old)  # the file keeps what was run
+    shown = {r["impl"] for r in results_file.op_rows(rows)}
     assert "extension-head" in shown and not any(n.split("+")[0].split("-")[0] == "cuda" for n in shown)
 
 
 def test_leakage_means_are_over_the_seeds_of_every_run_named():
     rows = tables.read_results()
-    kkt = tables.runs_of(rows, ["2026-12-06/k1c", "2026-12-06/k1c12"], "mnist-cnn-10", "kkt-1")
+    runs = ("2026-12-06/k1c", "2026-12-06/k1c12")
+    kkt = [r for r in rows if r["run"] in runs and r.get("target") == "mnist-cnn-10" and r.get("variant") == "kkt-1"]
     assert sorted(r["seed"] for r in kkt) == [0, 1, 2]
     assert [r["value"]["attack_accuracy"] for r in sorted(kkt, key=lambda r: r["seed"])] == [0.895, 0.855, 0.875]
     assert tables.pm(kkt, "attack_accuracy") == "0.88 ± 0.02"  # mean 0.875, sample std 0.020
     assert tables._fixed(0.835, 2) == "0.84" and tables._fixed(-0.0001, 3) == "0.000"
+    with pytest.raises(ValueError, match="a seed twice"):  # two runs of one configuration pool distinct seeds only
+        tables.pm(kkt + kkt[:1], "attack_accuracy")
 
 
 TEACH_METRICS = ("nn_ssim_ci_mean", "cas", "worth_real_per_class", "distill_accuracy", "precision", "recall")
@@ -357,36 +405,78 @@ def test_add_leakage_appends_a_leakage_results_json_as_rows_of_the_existing_kind
 
     # the defaults: the cache named by the results' date; --threads; a GPU's results need their card
     data = leakage_results()
-    assert {r["targets"] for r in tables.leakage_rows(data, "r", source)} == {"2026-12-07 cache"}
-    assert {r["threads"] for r in tables.leakage_rows(data, "r", source, threads=1)} == {1}
+    assert {r["targets"] for r in results_file.leakage_rows(data, "r", source)} == {"2026-12-07 cache"}
+    assert {r["threads"] for r in results_file.leakage_rows(data, "r", source, threads=1)} == {1}
     with pytest.raises(ValueError, match="name the card"):
-        tables.leakage_rows(dict(data, machine={"device": "cuda", "cpu_threads": 16}), "r", source)
+        results_file.leakage_rows(dict(data, machine={"device": "cuda", "cpu_threads": 16}), "r", source)
     data["targets"][0]["variants"]["defaults"]["runs"][0]["fid"] = 1.0  # a new metric is named, not lost
     with pytest.raises(ValueError, match="unknown metric.*fid"):
-        tables.leakage_rows(data, "r", source)
+        results_file.leakage_rows(data, "r", source)
 
 
-def test_teaching_table_means_over_seeds_the_real_curve_and_the_references_once():
-    rows = tables.leakage_rows(leakage_results(), "2026-12-07/default", "benchmarks/results/x.json (git abc1234)")
-    text = tables.teaching_table(rows, "2026-12-07/default", "defaults", ["mnist-plain_cnn-1000", "mnist-mlp-1000"])
-    assert text == (
-        "| target | NN-SSIM train | NN-SSIM contrast-inv. | CAS | worth (real images/class) | distill acc "
-        "| precision | recall | density | coverage | feature NN ratio |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n"
-        "| MNIST plain CNN, 1,000/class | 0.60 ± 0.14 | 0.60 ± 0.14 | 0.50 (seed 0) | 1.4 ± 0.9 | 0.60 ± 0.14 "
-        "| 0.60 ± 0.14 | 0.60 ± 0.14 | 0.60 ± 0.14 | 0.60 ± 0.14 | 0.60 ± 0.14 |\n"
-        "| MNIST MLP, 1,000/class | 0.40 | 0.40 | 0.40 | 0.4 | 0.40 | 0.40 | 0.40 | 0.40 | 0.40 | 0.40 |\n"
-        "\n"
-        "MNIST: real curve (the students' recipe on n real training images per class): "
-        "1/class 0.50, 3/class 0.70, 10/class 0.90, 100/class 0.99.\n"
-        "\n"
-        "| training set | reference | NN-SSIM train | NN-SSIM contrast-inv. | precision | recall | density "
-        "| coverage | feature NN ratio |\n"
-        "|---|---|---|---|---|---|---|---|---|\n"
-        "| MNIST, 1,000/class | real unseen images | 0.90 | 0.90 | 0.90 | 0.90 | 0.90 | 0.90 | 0.90 |\n"
-        "| MNIST, 1,000/class | uniform noise | 0.10 | 0.10 | 0.10 | 0.10 | 0.10 | 0.10 | 0.10 |\n"
-        "| MNIST, 1,000/class | a black image | 0.00 | 0.00 | 0.00 | 0.00 | 0.00 | 0.00 | 0.00 |\n"
+def test_teaching_real_curve_and_reference_tables_of_the_newest_defaults_run():
+    rows = results_file.leakage_rows(leakage_results(), "2026-12-07/default", "benchmarks/results/x.json (git abc1234)")
+    older = results_file.leakage_rows(dict(leakage_results(), date="2026-12-01"), "2026-12-01/default", "s")
+    rows = older + rows  # the newest run of the defaults is the one shown
+
+    def render(name):
+        return tables.render(tables.SPECS[name], rows)
+
+    assert render("leakage-teaching") == (
+        "| target | NN-SSIM contrast-inv. | CAS | worth (real images/class) | distill acc | precision | recall "
+        "| density | coverage | feature NN ratio |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
+        "| MNIST plain CNN, 1,000/class | 0.60 ± 0.14 | 0.50 (seed 0) | 1.4 ± 0.9 | 0.60 ± 0.14 | 0.60 ± 0.14 "
+        "| 0.60 ± 0.14 | 0.60 ± 0.14 | 0.60 ± 0.14 | 0.60 ± 0.14 |\n"
+        "| MNIST MLP, 1,000/class | 0.40 | 0.40 | 0.4 | 0.40 | 0.40 | 0.40 | 0.40 | 0.40 | 0.40 |\n"
     )
-    assert "leakage-teaching" in tables.BLOCKS  # BENCHMARKS.md's block of TEACH_RUN
-    with pytest.raises(KeyError, match="no leakage rows"):
-        tables.teaching_table(rows, tables.TEACH_RUN)  # a target of ORDER the run lacks
+    assert render("leakage-real-curves") == (
+        "| data | 1/class | 3/class | 10/class | 100/class |\n|---|---|---|---|---|\n| MNIST | 0.50 | 0.70 | 0.90 | 0.99 |\n"
+    )
+    refs = render("leakage-references").splitlines()  # once per training set: both targets share theirs
+    assert [r.split(" | ")[:3] for r in refs[2:]] == [
+        ["| MNIST, 1,000/class", "real unseen images", "0.90"],
+        ["| MNIST, 1,000/class", "uniform noise", "0.10"],
+        ["| MNIST, 1,000/class", "a black image", "0.00"],
+    ]
+    assert "| 0.900 / 0.900 | 0.90 | 3.0 of 10,000 |" in refs[2]
+    assert "2026-12-01" not in render("leakage-judges") and "| MNIST | lenet | 5,800 | 0.9900 |" in render(
+        "leakage-judges"
+    )
+    with pytest.raises(ValueError, match="no leakage run of the defaults"):
+        tables.render(tables.SPECS["leakage-defaults"], [r for r in rows if r.get("variant") != "defaults"])
+
+
+def test_a_new_leakage_run_with_overrides_shows_in_the_levers_table(tmp_path):
+    """A run added with --add-leakage on the defaults' targets is a row of the levers' table, named by its
+    --label or its overrides; a run on another cache of targets is not (its classifiers are others)."""
+    results, doc = tmp_path / "results.jsonl", tmp_path / "doc.md"
+    results.write_text("")
+    doc.write_text(
+        "x\n<!-- generated by benchmarks/tables.py: leakage-levers; do not edit -->\n<!-- end generated -->\n"
+    )
+    source = "benchmarks/results/2026-12-07-cpu-leakage/{}/results.json (git abc1234)"
+
+    def add(name, overrides, *extra, cache="2026-12-07 cache"):
+        data = leakage_results()
+        for t in data["targets"]:
+            t["variants"] = {"defaults": dict(t["variants"]["defaults"], overrides=overrides)}
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(data))
+        argv = ["--add-leakage", str(path), "--run", f"2026-12-07/{name}", "--source", source.format(name)]
+        assert tables.main([*argv, "--targets-cache", cache, "--results", str(results), *extra]) == 0
+
+    add("default", {})
+    add("zoom-adv", {"zoom": 4, "adversarial": 0.3})
+    add("student", {"adversarial": 0.5}, "--label", "adversarial student 0.5")
+    add("other-cache", {"zoom": 2}, cache="2026-12-08 cache")
+    assert tables.main(["--update", str(doc), "--results", str(results)]) == 0
+    body = [line.split(" | ")[:2] for line in doc.read_text().splitlines()[4:-1]]
+    assert body == [
+        ["| the defaults", "`default`"],
+        ["| `zoom=4, adversarial=0.3`", "`zoom-adv`"],
+        ["| adversarial student 0.5", "`student`"],
+    ]
+    assert {r.get("label") for r in tables.read_results(str(results)) if r["run"] == "2026-12-07/student"} >= {
+        "adversarial student 0.5"
+    }

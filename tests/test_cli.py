@@ -530,3 +530,42 @@ def test_checkpoint_minutes_reaches_invert():
     assert "checkpoint_minutes" not in _invert_overrides(
         build_parser().parse_args(["invert", "--classifier", "c.pt", "--out", "i.pt"])
     )
+
+
+def test_config_options_come_from_the_fields():
+    """invert, demo and leakage offer every InversionConfig field a command-line value expresses, typed and
+    documented from the field; each is None until given (so --config and a resumed run's own apply)."""
+    from tldr_fast.cli import _given_options
+
+    base = {"invert": ["--classifier", "c.pt", "--out", "i.pt"], "demo": [], "leakage": []}
+    given = [
+        "--eps",
+        "0.25",
+        "--zoom",
+        "3",
+        "--diversity",
+        "class",
+        "--paired",
+        "--betas",
+        "0.4",
+        "0.9",
+        "--head",
+        "fc",
+    ]
+    for command, required in base.items():
+        assert _given_options(build_parser().parse_args([command, *required])) == {}
+        args = build_parser().parse_args([command, *required, *given])
+        assert _given_options(args) == {
+            "eps": 0.25,
+            "zoom": 3,
+            "diversity": "class",
+            "paired": True,
+            "betas": [0.4, 0.9],
+            "head": "fc",
+        }
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["invert"]
+    helps = {a.dest: a.help for a in sub._actions}
+    assert helps["zoom"].startswith("Zoom (Plug-In Inversion") and helps["surrogate_relu"]
+    assert "(default: 600)" in sub.format_help().replace("\n", " ").split("--steps STEPS")[-1][:80]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["invert", "--classifier", "c.pt", "--out", "i.pt", "--eps", "2"])

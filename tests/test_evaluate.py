@@ -290,6 +290,21 @@ def test_control_against_held_out_images(gen, train):
     assert "control:" in r.summary()
 
 
+def test_one_progress_bar_for_the_evaluation(gen, train, capsys):
+    """Every SSIM comparison of an evaluation (per class: against the training images, plain and
+    contrast-inverted, against each other, and the control's held-out images) advances one bar, which
+    ends full; nothing is printed per class or per block."""
+    held = subset(load_dataset("mnist:test"), 3, seed=9)
+    labels = torch.tensor([0, 0, 0, 1, 2, 2, 5])
+    capsys.readouterr()
+    evaluate(_noise(gen, len(labels)), train, labels, held_out=held, progress=True, **SSIM)
+    lines = [line for line in capsys.readouterr().err.split("\n") if line]  # a bar redraws on its line ("\r")
+    assert len(lines) == 1 and lines[0].lstrip("\r").startswith("SSIM:"), lines
+    final = lines[0].split("\r")[-1]
+    pairs = 9 + 1 + 4 + 1 + 2 * 7 * 12 + 7 * 3  # same-class, training set (12 per class) twice, held-out (3)
+    assert "100%|" in final and f"{pairs}/{pairs} [" in final, final
+
+
 @pytest.mark.gpu
 def test_gpu_matches_cpu(gen, train):
     images = _noise(gen, 20)

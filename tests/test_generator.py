@@ -204,3 +204,55 @@ def test_output_norm_is_part_of_the_layout_only_when_on():
     on.load_state_dict({**off.state_dict(), **{k: on.state_dict()[k] for k in extra}})
     with pytest.raises(RuntimeError, match="out_norm"):
         on.load_state_dict(off.state_dict())
+
+
+# --- Olah et al.'s output parameterisation: 1/f-scaled spectrum, decorrelated colour ---------------------
+
+
+def _spectrum_by_definition(x, h, w):
+    """The 1/f filter on the full two-sided spectrum: gain ``1/max(|f|, 1/max(h, w))`` per frequency, scaled
+    so that the mean squared gain over all ``h * w`` frequencies is 1."""
+    fy = torch.fft.fftfreq(h, dtype=torch.float64).view(h, 1)
+    fx = torch.fft.fftfreq(w, dtype=torch.float64).view(1, w)
+    gain = 1.0 / torch.maximum(torch.sqrt(fx**2 + fy**2), torch.tensor(1.0 / max(h, w), dtype=torch.float64))
+    gain = gain / gain.pow(2).mean().sqrt()
+    return torch.fft.ifft2(torch.fft.fft2(x) * gain).real
+
+
+@pytest.mark.parametrize(
+    "shape, colour", [((3, 9, 11), False), ((3, 9, 11), True), ((3, 12, 8), True), ((1, 10, 10), False)]
+)
+def test_output_parameterisation_matches_its_definition(gen, shape, colour):
+    """tanh(M (1/f filter of x)) with x the last convolution's output: the filter by its two-sided definition,
+    M the normalised square root of the colour correlation applied per pixel."""
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    g = ConditionedGenerator(3, shape, nz=5, ngf=4, scaled_spectrum=True, decorrelated_colour=colour).double()
+    z, c, y = sample_conditions(4, 3, 5, "hot", gen, "cpu")
+    seen = []
+    g.out.register_forward_hook(lambda m, i, o: seen.append(o))
+    x = g(z.double(), c.double(), y)
+    want = _spectrum_by_definition(seen[0], *shape[1:])
+    if colour:
+        m = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]], dtype=torch.float64)
+        m = m / max(float(m[:, j].norm()) for j in range(3))
+        want = torch.stack([sum(m[i, j] * want[:, j] for j in range(3)) for i in range(3)], dim=1)
+    torch.testing.assert_close(x, torch.tanh(want), rtol=1e-6, atol=1e-6)  # the basis is stored in fp32
+
+
+def test_output_parameterisation_gradient(gen):
+    torch.manual_seed(0)
+    g = ConditionedGenerator(3, (3, 9, 10), nz=5, ngf=4, scaled_spectrum=True, decorrelated_colour=True).double()
+    _, c, y = sample_conditions(3, 3, 5, "hot", gen, "cpu")
+    z = torch.randn(3, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: g(t, c.double(), y), (z,))
+
+
+def test_output_parameterisation_keeps_the_layout_and_checks_channels():
+    """The filter and the colour basis are fixed buffers outside the state dict: weights load either way."""
+    torch.manual_seed(0)
+    off = ConditionedGenerator(3, (3, 12, 12), nz=8, ngf=8)
+    on = ConditionedGenerator(3, (3, 12, 12), nz=8, ngf=8, scaled_spectrum=True, decorrelated_colour=True)
+    assert list(on.state_dict()) == list(off.state_dict())
+    on.load_state_dict(off.state_dict())
+    with pytest.raises(ValueError, match="decorrelated_colour needs 3 channels"):
+        ConditionedGenerator(3, (1, 12, 12), decorrelated_colour=True)

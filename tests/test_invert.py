@@ -292,6 +292,24 @@ def test_output_norm_checkpoints_load_resume_and_sample_in_eval_mode(tmp_path):
         invert(mlp(), 3, (1, 8, 8), resume=old, steps=4, output_norm=True)
 
 
+def test_output_parameterisation_loads_resumes_and_is_checked(tmp_path):
+    """scaled_spectrum and decorrelated_colour change the generator's function, not its weights: a loaded run
+    samples as it did, a resume keeps them (turning one off is an error that names it), and decorrelated
+    colour on grey images is an error before any step."""
+    cfg = dict(TINY, steps=4, scaled_spectrum=True, decorrelated_colour=True, select=1)
+    ckpt = tmp_path / "run.pt"
+    first = invert(mlp(3, (3, 8, 8)), 3, (3, 8, 8), checkpoint=ckpt, **cfg)
+    loaded = Inversion.load(ckpt, classifier=mlp(3, (3, 8, 8)))
+    assert loaded.generator.spectrum is not None and loaded.generator.colour is not None
+    torch.testing.assert_close(loaded.sample(n_per_class=3), first.sample(n_per_class=3), rtol=0, atol=1e-6)
+    assert invert(mlp(3, (3, 8, 8)), 3, (3, 8, 8), resume=ckpt, steps=6).step == 6
+    for off in ("scaled_spectrum", "decorrelated_colour"):
+        with pytest.raises(ValueError, match=off):
+            invert(mlp(3, (3, 8, 8)), 3, (3, 8, 8), resume=ckpt, steps=8, **{off: False})
+    with pytest.raises(ValueError, match="decorrelated_colour needs 3 channels"):
+        invert(mlp(), 3, (1, 8, 8), **{**TINY, "decorrelated_colour": True})
+
+
 def test_the_adversarial_student_is_checkpointed_and_resumed(tmp_path):
     """With the adversarial term the checkpoint holds the student and its Adam state: N/2 steps, then a
     resume to N, end where N uninterrupted steps do (the generator and the student); a checkpoint from

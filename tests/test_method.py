@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tldr_fast import invert
+from tldr_fast import invert, samples
 from tldr_fast import reference as ref
 from tldr_fast.classifier import FrozenClassifier, batchnorm_layers, normalisation
 from tldr_fast.config import TERM_SLICES, TERMS, InversionConfig
@@ -330,13 +330,13 @@ def test_select_keeps_the_best_scored_candidate(monkeypatch):
     inv = invert(clf, 3, (1, 16, 16), **TINY)
     picked = {}
 
-    def score(self, images, labels, seed, first=0, draws=4):  # the third candidate of each image wins
+    def score(inv, images, labels, seed, first=0, draws=4):  # the third candidate of each image wins
         s = torch.zeros(len(labels))
         s[2::3] = 1.0
         picked["candidates"] = images.clone()
         return s
 
-    monkeypatch.setattr(type(inv), "robustness_score", score)
+    monkeypatch.setattr(samples, "robustness_score", score)
     out = inv.sample(n_per_class=2, select=3, batch_size=6)
     torch.testing.assert_close(out, picked["candidates"][2::3].float())
     with pytest.raises(ValueError, match="select"):

@@ -6,12 +6,14 @@ its CPU kernel here, its CUDA kernel on a GPU). scikit-image's ``structural_simi
 pair by pair) is the oracle: fp32 inputs must agree to ``TOL``.
 """
 
+import io
 import os
 import sys
 
 import pytest
 import torch
 from skimage.metrics import structural_similarity
+from tqdm import tqdm
 
 from tests.helpers import DEVICE, HAS_CUDA
 from tldr_fast import ssim, torch_ops
@@ -238,6 +240,20 @@ def test_nearest_finds_planted_duplicates(gen):
 def test_nearest_caps_k_at_m(gen):
     vals, idx = ssim.nearest_ssim(images(gen, 2, 1, 8, 8), images(gen, 3, 1, 8, 8), k=5, device=DEVICE)
     assert vals.shape == (2, 3) and sorted(idx[0].tolist()) == [0, 1, 2]
+
+
+def test_drivers_advance_a_shared_bar_by_the_pairs_compared(gen):
+    """A stage's one bar, passed to several calls, counts every pair once, block by block, and stays open
+    for the stage to close; the calls show no bar of their own."""
+    a, b, c = images(gen, 5, 1, 9, 9), images(gen, 40, 1, 9, 9), images(gen, 7, 1, 9, 9)
+    stream = io.StringIO()
+    bar = tqdm(total=5 * 40 + 5 * 7, file=stream)
+    ssim.pairwise_ssim(a, b, device=DEVICE, budget_mb=0.05, bar=bar, progress=True)
+    assert bar.n == 5 * 40
+    ssim.nearest_ssim(a, c, k=2, device=DEVICE, budget_mb=0.05, bar=bar, progress=True)
+    assert bar.n == bar.total and not bar.disable  # not closed by the calls
+    bar.close()
+    assert stream.getvalue().count("\n") == 1
 
 
 def test_classwise_blocks(gen):

@@ -409,21 +409,22 @@ def _invert_stage(
 
 def _sample_stage(
     inv: Any, out: Path, n_per_class: int, select: Optional[int], progress: bool, say: Callable[[str], None]
-) -> Tuple[Tensor, Tensor, str]:
-    """The sample ``(images [N, C, H, W] in [0, 1], labels [N])``, read from the cache when it holds it."""
+) -> Tuple[Tensor, Tensor, str, int]:
+    """The sample ``(images [N, C, H, W] in [0, 1], labels [N])``, read from the cache when it holds it, its
+    key and its candidates per image."""
     from .samples import fingerprint as generator_fingerprint
-    from .samples import load_sample, write_samples
+    from .samples import load_sample, resolve_select, sample_seed, write_samples
 
     labels = inv.labels(n_per_class=n_per_class)
-    select = inv.resolve_select(select)
-    key = _digest([FORMAT, generator_fingerprint(inv), n_per_class, inv.sample_seed(None), select])
+    select = resolve_select(inv, select)
+    key = _digest([FORMAT, generator_fingerprint(inv), n_per_class, sample_seed(inv), select])
     path = out / "cache" / f"samples-{key}.npz"
     if path.is_file():
         say(f"reusing the sample {path}")
     else:
         write_samples(inv, path, labels, select=select, progress=progress)
     x, y = load_sample(path)
-    return torch.from_numpy(x).float() / 255, torch.from_numpy(y), key
+    return torch.from_numpy(x).float() / 255, torch.from_numpy(y), key, select
 
 
 def audit(
@@ -507,7 +508,7 @@ def audit(
     inv, inv_key = _invert_stage(
         classifier, train_ds, out, {**overrides, "seed": seed, "backend": backend}, device, progress, say, restart
     )
-    x01, labels, sample_key = _sample_stage(inv, out, n_per_class, select, progress, say)
+    x01, labels, sample_key, select = _sample_stage(inv, out, n_per_class, select, progress, say)
     judge_id = fingerprint(eval_classifier) if eval_classifier is not None else None
     stats_key = _digest(
         [FORMAT, sample_key, _data_digest(train_ds, train_hashes), _data_digest(held_ds, held_hashes), judge_id,
@@ -547,7 +548,7 @@ def audit(
             "control": len(control),
             "generated": len(labels),
             "n_per_class": n_per_class,
-            "inversion": {"steps": inv.step, "batch_size": inv.config.batch_size, "select": inv.resolve_select(select)},
+            "inversion": {"steps": inv.step, "batch_size": inv.config.batch_size, "select": select},
             "overrides": dict(overrides),
             "tau": tau,
             "seed": seed,

@@ -6,8 +6,8 @@
 ``triton``    - ``tldr_fast.kernels`` (the folder ``kernels/``): fused Triton kernels, CUDA tensors (or
                 any tensor under ``TRITON_INTERPRET=1``, which is how CI tests them).
 ``extension`` - ``tldr_fast.extension_ops``: the C++/CUDA extension built from ``csrc/``, with C++ kernels
-                for CPU tensors and, when built with CUDA, CUDA kernels. ``"cuda"`` is its former name,
-                still accepted.
+                for CPU tensors and, when built with CUDA, CUDA kernels. ``"cuda"`` is accepted as
+                another name for it (older configs and checkpoints use it).
 ``auto``      - per op, the first available of the op's declared order (``tldr_fast.ops``: ``spec.auto``),
                 announced once per device type on stderr.
 
@@ -24,7 +24,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -48,7 +48,7 @@ REGISTRY: Dict[str, Implementation] = {
     "extension": Implementation("tldr_fast.extension_ops", "the C++/CUDA extension", "triton"),
 }
 BACKENDS: Tuple[str, ...] = tuple(REGISTRY)
-ALIASES = {"cuda": "extension"}  # a former name -> the backend's name
+ALIASES = {"cuda": "extension"}  # another accepted name (in older configs) -> the backend's name
 NAMES: Tuple[str, ...] = ("auto", *BACKENDS, *ALIASES)  # what backend= accepts
 __all__ = [
     "ALIASES",
@@ -219,3 +219,29 @@ def resolve(name: str, device: "torch.device | str", quiet: bool = False, fallba
             except BackendUnavailable:
                 pass
     return Backend(name, device_type, ops, chosen)
+
+
+def info() -> Dict[str, Any]:
+    """Versions, devices, and the availability of every backend on cpu and cuda (``tldr-fast info``)."""
+    from . import __version__, extension
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError as e:
+        triton_version = f"not installed ({e})"
+    devices = (
+        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    )
+    return {
+        "tldr_fast": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "cuda_devices": devices,
+        "cpu_threads": torch.get_num_threads(),
+        "backends": {"cpu": available("cpu"), "cuda": available("cuda")},
+        "extension": extension.info(),
+    }

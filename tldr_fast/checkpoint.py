@@ -9,7 +9,7 @@ import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, BinaryIO, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -165,6 +165,48 @@ def check_folder(path: PathLike, what: str) -> Path:
     if blocker is not None:
         raise NotADirectoryError(f"{what} {path}: {blocker} is a file, not a folder; give a folder")
     return path
+
+
+def refuse_overwriting_inputs(
+    option: str, value: str, files: Sequence[Path], inputs: Mapping[str, Optional[str]]
+) -> None:
+    """Refuse, before any work, to write any of ``files`` (what ``option value`` writes) where it is one of
+    the command's ``inputs`` (``{option: value}``; a data set given as ``PATH:test`` is its ``PATH``): the
+    same file by its resolved path, through a symbolic or hard link included. Writing it would destroy the input."""
+    for in_option, given in inputs.items():
+        if not given:
+            continue
+        source = Path(given.rsplit(":", 1)[0] if given.endswith((":train", ":test")) else given)
+        for file in files:
+            if _same_file(file, source):
+                what = "is" if file == Path(value) else f"would write {file}, which is"
+                raise ValueError(
+                    f"{option} {value} {what} the same file as {in_option} {given}: writing it would destroy that "
+                    f"input; give another {option}"
+                )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether paths ``a`` and ``b`` name one file (resolved, so also through links; existing or not)."""
+    try:
+        if os.path.samefile(a, b):
+            return True
+    except OSError:  # one of them does not exist (yet)
+        pass
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def output_folder(path: str, files: Sequence[str] = (), inputs: Optional[Mapping[str, Optional[str]]] = None) -> Path:
+    """``path`` (a command's ``--out``) as a folder for its outputs, checked for writability now; none of
+    the ``files`` it will hold may be one of the command's ``inputs`` (``refuse_overwriting_inputs``)."""
+    if not path.strip():
+        raise ValueError("--out is empty: give a folder")
+    out = Path(path)
+    refuse_overwriting_inputs("--out", path, [out / f for f in files], inputs or {})
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; give a folder")
+    check_writable(out / "metrics.json", "--out folder")
+    return out
 
 
 def save_checkpoint(path: PathLike, state: Dict[str, Any]) -> None:

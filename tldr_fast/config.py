@@ -3,8 +3,27 @@
 from __future__ import annotations
 
 import difflib
+import functools
+import inspect
+import json
+import math
+import operator
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Literal,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+    get_args,
+    get_origin,
+    get_type_hints,
+)
 
 from .backends import NAMES as BACKEND_NAMES
 from .checkpoint import drop_unknown
@@ -24,10 +43,11 @@ OP_TERMS = {
 TERMS = tuple(t for terms in OP_TERMS.values() for t in terms)
 TERM_SLICES = {op: slice(TERMS.index(t[0]), TERMS.index(t[0]) + len(t)) for op, t in OP_TERMS.items()}
 
-CONDITIONINGS = ("hot", "soft")
-DIVERSITIES = ("batch", "class")
-GRAD_NORMS = ("head", "full", "off")
-DTYPES = ("float32", "bfloat16")
+
+def _bounded(default: Any, rule: str, **bounds: float) -> Any:
+    """A field that ``check_field`` keeps within ``bounds`` (``ge``, ``gt``, ``le``, ``lt``: >=, >, <=, <; a
+    tuple's each element); ``rule`` completes its error, ``"<name> <rule>, got <value>"``."""
+    return field(default=default, metadata={"rule": rule, "bounds": bounds})
 
 
 @dataclass(frozen=True)
@@ -45,14 +65,13 @@ class LossWeights:
     the parameters (``reference.kkt``: the KKT stationarity of a converged classifier, Haim et al. 2022,
     Buzaglo et al. 2023; a double backward, so not with ``compile`` or ``cuda_graph``);
     ``activation``: DAFL's activation loss (Chen et al. 2019), -mean |phi| of the penultimate features:
-    rewards images that excite the classifier's features strongly; on the leakage benchmark it makes the
-    plain CNN's reconstructions more training-like and more diverse and changes nothing beyond the seeds'
-    spread on the other targets (BENCHMARKS.md), hence on by default.
+    rewards images that excite the classifier's features strongly; on by default (its effect on the
+    leakage benchmark: BENCHMARKS.md).
     ``adversarial``: DFAD's adversarial student (Fang et al. 2019): ``-(1/(B K)) sum |t - s|``, the
     negative mean absolute difference between the target's logits ``t`` and those of a small student
     ``s`` (``step.Student``) on the clean images, so the generator seeks images on which the student
     does not yet imitate the target; the student learns to imitate it on each step's images (its own
-    Adam; DESIGN.md §2.7). Off (0) by default: not yet measured on the leakage benchmark.
+    Adam; DESIGN.md §2.7). Off (0) by default.
     """
 
     ce: float = 1.0
@@ -115,12 +134,12 @@ class InversionConfig:
     Args:
         steps: optimisation steps of the generator.
         batch_size: images per step (B); the classifier sees 2B when a perturbed term is on.
-        lr, betas: Adam on the generator only.
+        lr, betas: the learning rate and betas of Adam (on the generator only).
         seed: everything random (labels, latents, perturbations) derives from (seed, step).
         device: "auto" (the GPU when there is one), "cpu", "cuda", "cuda:1", ...
         dtype: "float32", or "bfloat16" autocast for the generator and classifier (losses in fp32).
         backend: "auto" (per op, the fastest available), "reference", "torch" (plain PyTorch), "triton" or
-            "extension" (the C++/CUDA extension; "cuda" is its former name); ``tldr_fast.backends``.
+            "extension" (the C++/CUDA extension; "cuda" is another name for it); ``tldr_fast.backends``.
         conditioning: "hot" (one-hot, TLDR) or "soft" (softmax of Gaussian logits).
         perturbation: "rademacher", "uniform" or "gaussian" noise for the robustness terms.
         eps: perturbation size as a fraction of the pixel range (the generator's [-1, 1]).
@@ -147,6 +166,13 @@ class InversionConfig:
             per-channel BatchNorm (affine) and a second tanh, so each batch has the same per-channel ink
             (mean and spread) before the squash. Part of the generator's layout (a run is resumed with
             its own).
+        scaled_spectrum: Olah et al.'s (2017) 1/f-scaled output: the generator's last convolution is filtered
+            by ``irfft2(S * rfft2(x))`` before the tanh, ``S`` the 1/f gains (``generator.spectrum_scale``):
+            low frequencies amplified, the power of white noise kept. Part of the generator's function (a
+            run is resumed with its own).
+        decorrelated_colour: Olah et al.'s (2017) decorrelated colour, for 3-channel images: each output
+            pixel's channels ``d`` become ``M d`` before the tanh, ``M`` the square root of natural images'
+            colour correlation (``generator.colour_basis``). Part of the generator's function.
         surrogate_relu: ``alpha > 0``: in the backward through the classifier, every ReLU's derivative
             ``1[x > 0]`` becomes ``sigmoid(alpha x)`` (Haim et al. 2022, Buzaglo et al. 2023): units that
             faint images leave off still pass gradient; the forward is unchanged (``reference.surrogate_relu``;
@@ -189,40 +215,42 @@ class InversionConfig:
             the captured block).
     """
 
-    steps: int = 600
-    batch_size: int = 128
-    lr: float = 2e-3
-    betas: Tuple[float, float] = (0.5, 0.999)
+    steps: int = _bounded(600, "must be positive", ge=1)
+    batch_size: int = _bounded(128, "must be at least 2 (the diversity terms compare images)", ge=2)
+    lr: float = _bounded(2e-3, "must be a positive finite number", gt=0)
+    betas: Tuple[float, float] = _bounded((0.5, 0.999), "must be two numbers in [0, 1)", ge=0, lt=1)
     seed: int = 0
-    device: str = "auto"
-    dtype: str = "float32"
-    backend: str = "auto"
-    conditioning: str = "hot"
-    perturbation: str = "rademacher"
-    eps: float = 0.1
-    shift: int = 2
-    rotate: float = 15.0
-    scale: float = 0.1
-    diversity: str = "batch"
+    device: str = field(default="auto", metadata={"rule": "must be a string such as 'auto', 'cpu' or 'cuda'"})
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    backend: Literal[BACKEND_NAMES] = "auto"  # a Literal of the names of tldr_fast.backends
+    conditioning: Literal["hot", "soft"] = "hot"
+    perturbation: Literal[PERTURBATIONS] = "rademacher"  # of tldr_fast.ops.perturb
+    eps: float = _bounded(0.1, "is a fraction of the pixel range and must be in [0, 1]", ge=0, le=1)
+    shift: int = _bounded(2, "is a number of pixels >= 0", ge=0)
+    rotate: float = _bounded(15.0, "is a maximum angle in degrees in [0, 180]", ge=0, le=180)
+    scale: float = _bounded(0.1, "is a maximum relative change in [0, 1)", ge=0, lt=1)
+    diversity: Literal["batch", "class"] = "batch"
     paired: bool = False
-    dropout: float = 0.0
-    zoom: int = 0
-    colour_shift: float = 0.0
-    colour_contrast: float = 0.0
+    dropout: float = _bounded(0.0, "is a probability in [0, 1)", ge=0, lt=1)
+    zoom: int = _bounded(0, "is a number of resolution stages >= 0 (0: off)", ge=0)
+    colour_shift: float = _bounded(0.0, "must be a finite number >= 0 (0: off)", ge=0)
+    colour_contrast: float = _bounded(0.0, "must be a finite number >= 0 (0: off)", ge=0)
     output_norm: bool = False
-    surrogate_relu: float = 0.0
-    select: int = 4
-    grad_norm: str = "head"
+    scaled_spectrum: bool = False
+    decorrelated_colour: bool = False
+    surrogate_relu: float = _bounded(0.0, "must be a finite number >= 0 (0: off)", ge=0)
+    select: int = _bounded(4, "must be positive", ge=1)
+    grad_norm: Literal["head", "full", "off"] = "head"
     weights: LossWeights = field(default_factory=LossWeights)
     schedules: Mapping[str, Ramp] = field(default_factory=dict)
-    nz: int = 100
-    ngf: int = 32
+    nz: int = _bounded(100, "must be positive", ge=1)
+    ngf: int = _bounded(32, "must be positive", ge=1)
     preprocess: Preprocess = None
     head: Optional[str] = None
-    checkpoint_every: int = 0
-    checkpoint_minutes: float = 10.0
-    log_every: int = 10
-    eval_per_class: int = 64
+    checkpoint_every: int = _bounded(0, "must be >= 0", ge=0)
+    checkpoint_minutes: float = _bounded(10.0, "must be a finite number >= 0", ge=0)
+    log_every: int = _bounded(10, "must be positive", ge=1)
+    eval_per_class: int = _bounded(64, "must be positive", ge=1)
     progress: bool = True
     compile: bool = False
     cuda_graph: bool = False
@@ -238,67 +266,16 @@ class InversionConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ``ValueError``/``TypeError`` naming the first bad option and what it accepts."""
-        for name in (
-            "steps",
-            "batch_size",
-            "nz",
-            "ngf",
-            "checkpoint_every",
-            "log_every",
-            "eval_per_class",
-            "seed",
-            "shift",
-            "select",
-            "zoom",
-        ):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool):
-                raise TypeError(f"{name} must be an int, got {v!r}")
-        _positive(self, "steps", "nz", "ngf", "log_every", "eval_per_class", "select")
-        if self.batch_size < 2:
-            raise ValueError(
-                f"batch_size must be at least 2 (the diversity terms compare images), got {self.batch_size}"
-            )
-        if self.checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
-        if not (_number(self.checkpoint_minutes) and 0 <= self.checkpoint_minutes < float("inf")):
-            raise ValueError(f"checkpoint_minutes must be a finite number >= 0, got {self.checkpoint_minutes!r}")
-        if not (_number(self.lr) and 0 < self.lr < float("inf")):
-            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
-        if len(self.betas) != 2 or not all(_number(b) and 0 <= b < 1 for b in self.betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
-        if not (_number(self.eps) and 0 <= self.eps <= 1):
-            raise ValueError(f"eps is a fraction of the pixel range and must be in [0, 1], got {self.eps!r}")
-        if self.shift < 0:
-            raise ValueError(f"shift is a number of pixels >= 0, got {self.shift}")
-        if self.zoom < 0:
-            raise ValueError(f"zoom is a number of resolution stages >= 0 (0: off), got {self.zoom}")
-        if not (_number(self.rotate) and 0 <= self.rotate <= 180):
-            raise ValueError(f"rotate is a maximum angle in degrees in [0, 180], got {self.rotate!r}")
-        if not (_number(self.scale) and 0 <= self.scale < 1):
-            raise ValueError(f"scale is a maximum relative change in [0, 1), got {self.scale!r}")
-        if not (_number(self.dropout) and 0 <= self.dropout < 1):
-            raise ValueError(f"dropout is a probability in [0, 1), got {self.dropout!r}")
-        for name in ("colour_shift", "colour_contrast", "surrogate_relu"):
-            v = getattr(self, name)
-            if not (_number(v) and 0 <= v < float("inf")):
-                raise ValueError(f"{name} must be a finite number >= 0 (0: off), got {v!r}")
+        """Raise ``ValueError``/``TypeError`` naming the first bad option and what it accepts: each field
+        against its type and declared range (``check_field``), then the options that exclude each other."""
+        for f in fields(self):
+            check_field(f.name, getattr(self, f.name))
         if self.colour_shift or self.colour_contrast:
             if not (self.active("ce_pert") or self.active("kl_pert")):
                 raise ValueError(
                     "colour_shift and colour_contrast act on the perturbed copies: give ce_pert or kl_pert a weight, "
                     "or set both to 0"
                 )
-        _choice("diversity", self.diversity, DIVERSITIES)
-        _choice("dtype", self.dtype, DTYPES)
-        _choice("backend", self.backend, BACKEND_NAMES)
-        _choice("conditioning", self.conditioning, CONDITIONINGS)
-        _choice("perturbation", self.perturbation, PERTURBATIONS)
-        _choice("grad_norm", self.grad_norm, GRAD_NORMS)
-        for name in ("progress", "compile", "cuda_graph", "paired", "output_norm"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.compile and self.grad_norm == "full":
             raise ValueError(
                 "compile=True needs grad_norm='head' or 'off': torch.compile has no double backward, which 'full' needs"
@@ -316,8 +293,6 @@ class InversionConfig:
                 "surrogate_relu needs grad_norm='head' or 'off', a zero kkt weight and compile=False: 'full' and kkt "
                 "differentiate the classifier's true gradient, and the ReLU substitution is not supported under torch.compile"
             )
-        if not isinstance(self.device, str):
-            raise TypeError(f"device must be a string such as 'auto', 'cpu' or 'cuda', got {self.device!r}")
         for name, value in asdict(self.weights).items():
             if not (_number(value) and 0 <= value < float("inf")):
                 raise ValueError(f"weight {name!r} must be a finite number >= 0, got {value!r}")
@@ -391,7 +366,7 @@ class InversionConfig:
         weights = drop_unknown(weights, [f.name for f in fields(LossWeights)], source, "config.weights ")
         schedules = drop_unknown(schedules, TERMS, source, "config.schedules ")
         try:
-            # a weight the saved run does not name was no part of its objective (a term added since): 0, not today's default
+            # a weight the saved config does not name (a term its version lacked) was no part of its objective: 0
             d["weights"] = LossWeights(**{**{f.name: 0.0 for f in fields(LossWeights)}, **weights})
             d["schedules"] = {k: _ramp(k, v) for k, v in schedules.items()}
             return cls(**d)
@@ -451,7 +426,92 @@ def _choice(name: str, value: Any, options: Sequence[str]) -> None:
         )
 
 
-def _positive(cfg: InversionConfig, *names: str) -> None:
-    for name in names:
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"{name} must be positive, got {getattr(cfg, name)}")
+_COMPARE = {"ge": operator.ge, "gt": operator.gt, "le": operator.le, "lt": operator.lt}
+_TYPE_RULES = {bool: "must be True or False", int: "must be an int", str: "must be a string"}
+
+
+@functools.lru_cache(maxsize=None)
+def field_specs() -> Dict[str, Tuple[Any, str, Dict[str, float]]]:
+    """``{field: (type, rule, bounds)}`` of ``InversionConfig``: the resolved annotation (``Optional[X]``,
+    ``Literal[...]``, ``Tuple[...]`` included) and what ``_bounded`` declared (else ``""`` and ``{}``)."""
+    hints = get_type_hints(InversionConfig)
+    return {
+        f.name: (hints[f.name], f.metadata.get("rule", ""), f.metadata.get("bounds", {}))
+        for f in fields(InversionConfig)
+    }
+
+
+def check_field(name: str, value: Any) -> None:
+    """A ``TypeError`` or ``ValueError`` naming ``InversionConfig`` field ``name`` unless ``value`` is of its
+    type (an int, a finite number for a float, a bool, a string, one of a ``Literal``'s choices, a tuple of
+    them, or None for an ``Optional``) within its bounds. Fields of other types are checked as they are built."""
+    declared, rule, bounds = field_specs()[name]
+    kind = unwrap_optional(declared)
+    if value is None and kind is not declared:
+        return
+    args = get_args(kind)
+    if get_origin(kind) is Literal:
+        _choice(name, value, args)
+    elif get_origin(kind) is tuple:
+        sized = isinstance(value, (tuple, list)) and len(value) == len(args)
+        if not (sized and all(_within(k, v, bounds) for k, v in zip(args, value))):
+            raise ValueError(f"{name} {rule}, got {value!r}")
+    elif kind in _TYPE_RULES and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+        raise TypeError(f"{name} {rule if kind is str and rule else _TYPE_RULES[kind]}, got {value!r}")
+    elif kind in (int, float) and not _within(kind, value, bounds):
+        raise ValueError(f"{name} {rule or 'must be a finite number'}, got {value!r}")
+
+
+def unwrap_optional(kind: Any) -> Any:
+    """``X`` for the type ``Optional[X]``, else ``kind``."""
+    args = get_args(kind)
+    if get_origin(kind) is Union and len(args) == 2 and type(None) in args:
+        return next(k for k in args if k is not type(None))
+    return kind
+
+
+def _within(kind: type, value: Any, bounds: Mapping[str, float]) -> bool:
+    """Whether ``value`` is an int (``kind`` int) or a finite number (float) within ``bounds``."""
+    if kind is float and not (_number(value) and math.isfinite(value)):
+        return False
+    if kind is int and (not isinstance(value, int) or isinstance(value, bool)):
+        return False
+    return all(_COMPARE[op](value, bound) for op, bound in bounds.items())
+
+
+def field_docs(obj: Any, section: str = "Args") -> Dict[str, str]:
+    """``{name: its text}`` from the ``Args:`` (or other ``section``) of ``obj``'s docstring, one line each;
+    an entry ``a, b: text`` documents both names (fields, or options such as ``--out``)."""
+    docs: Dict[str, str] = {}
+    names: Sequence[str] = ()
+    lines = inspect.cleandoc(obj.__doc__ or "").partition(f"\n{section}:\n")[2]
+    for line in lines.splitlines():
+        entry = re.match(r" {4}([\w-]+(?:, [\w-]+)*): (.*)", line)
+        if entry:
+            names = entry[1].split(", ")
+            docs.update((n, entry[2]) for n in names)
+        elif line.startswith(" " * 8):
+            docs.update((n, f"{docs[n]} {line.strip()}") for n in names)
+        elif line.strip():  # the section ended
+            break
+    return docs
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value: JSON when it parses (numbers, true/false, lists), else the string itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def parse_overrides(pairs: Sequence[str], option: str = "--set") -> Dict[str, Any]:
+    """``["tv=1e-3", "diversity=class"]`` -> ``{"tv": 0.001, "diversity": "class"}`` (validated by invert);
+    ``option``: the command-line option they came from, named in the error."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{option} expects KEY=VALUE, got {pair!r}")
+        out[key.strip()] = parse_value(value.strip())
+    return out

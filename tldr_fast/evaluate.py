@@ -64,6 +64,7 @@ from .checkpoint import atomic_write_text, cache_dir
 from .data import ImageDataset, check_finite
 from .grid import save_pair_grid
 from .models import check_classifier, predict_logits
+from .progress import progress_bar
 from .ssim import classwise_ssim, pairwise_ssim
 from .utility import Teaching, classwise_prdc, minmax_rescale, nn_feature_distance, real_curve, student_accuracy, worth
 
@@ -401,6 +402,22 @@ def _classwise(
     return None if gathered is None else {c: torch.cat([g[c] for g in gathered], 1) for c in classes}
 
 
+def _ssim_pairs(labels: Tensor, classes: List[int], train: ImageDataset, held: Optional[ImageDataset]) -> int:
+    """The image pairs ``evaluate`` compares by SSIM on this rank, the total of its progress bar: per class,
+    the generated images against this rank's part of the class's training images (as they are and
+    contrast-inverted, ``_classwise``), against each other (``same_class_ssim``) and, on rank 0, against
+    the control's held-out images (``_control``)."""
+    rank, world = distributed.world()
+    n = {c: int((labels == c).sum()) for c in torch.unique(labels).tolist()}
+    pairs = sum(v * v for v in n.values())
+    for c in classes:
+        m = int((train.labels == c).sum())
+        pairs += 2 * n[c] * len(range(*distributed.bounds(m, rank, world)))
+        if held is not None and rank == 0:
+            pairs += n[c] * min(m, int((held.labels == c).sum()))
+    return pairs
+
+
 def _num(v: Tensor) -> Optional[float]:
     x = float(v)
     return None if math.isnan(x) else x
@@ -491,7 +508,7 @@ def evaluate(
         teaching: the students' recipe and the real curve's sizes (default: ``tldr_fast.utility.Teaching()``).
         cache: folder that keeps the real curve (default: ``tldr_fast.checkpoint.cache_dir()``).
         backend, device: of the SSIM computation (``tldr_fast.ssim.classwise_ssim``).
-        progress: progress bars of the SSIM computation.
+        progress: progress bars: one over all the SSIM comparisons, and one per student trained.
     """
     inversion = None
     if isinstance(generated, Tensor):
@@ -541,12 +558,32 @@ def evaluate(
     nearest = torch.zeros_like(x01)
     present = set(train.labels.tolist())
     classes = [c for c in torch.unique(labels).tolist() if c in present]  # a class without training images has no match
-    ssim = dict(backend=backend, device=device, progress=progress and distributed.is_main())
+    held = None
+    if held_out is not None:
+        held = _as_train(held_out, k, "held_out")
+        if held.image_shape != train.image_shape:
+            raise ValueError(f"held-out images are {held.image_shape}, training images {train.image_shape}")
+    bar = progress_bar(  # one bar for every SSIM comparison of the evaluation
+        total=_ssim_pairs(labels, classes, train, held),
+        desc="SSIM",
+        unit="pair",
+        unit_scale=True,
+        disable=not (progress and distributed.is_main()),
+    )
+    ssim = dict(backend=backend, device=device, bar=bar)
     sims = _classwise(x01, labels, train, classes, ssim)
     x_ci, blank = minmax_rescale(x01)
     sims_ci = _classwise(x_ci, labels, train, classes, ssim)
     if sims is None:  # another rank: rank 0 has its columns and makes the report
+        bar.close()
         return None
+    same = same_class_ssim(x01, labels, **ssim)
+    control = {}
+    if held is not None:
+        control = dict(
+            zip(("train_control_ssim", "held_out_ssim"), _control(x01, labels, sims, train, held, control_seed, ssim))
+        )
+    bar.close()
     nn_ssim_ci = torch.full((n,), math.nan)
     for c, s in sims_ci.items():
         nn_ssim_ci[labels == c] = s.max(dim=1).values
@@ -561,15 +598,6 @@ def evaluate(
         matched = torch.from_numpy(partner >= 0)
         matched_ssim[gen_pos] = torch.from_numpy(score).float()
         matched_index[gen_pos[matched]] = train_pos[torch.from_numpy(partner[partner >= 0])]
-    same = same_class_ssim(x01, labels, **ssim)
-    control = {}
-    if held_out is not None:
-        held = _as_train(held_out, k, "held_out")
-        if held.image_shape != train.image_shape:
-            raise ValueError(f"held-out images are {held.image_shape}, training images {train.image_shape}")
-        control = dict(
-            zip(("train_control_ssim", "held_out_ssim"), _control(x01, labels, sims, train, held, control_seed, ssim))
-        )
     report = EvaluationReport(
         tau, names, labels, x01, nearest, nn_ssim, nn_index, matched_ssim, matched_index, train, same, **control
     )
@@ -588,7 +616,7 @@ def evaluate(
         if inversion is not None and test_ds is not None:  # the students' own, larger sample
             y_t = inversion.labels(n_per_class=teach_per_class)
             x_t = ((inversion.sample(labels=y_t).float().cpu() + 1) / 2).clamp_(0, 1)
-        unseen = _as_train(held_out, k, "held_out") if held_out is not None else test_ds
+        unseen = held if held is not None else test_ds
         report.utility = _utility(
             x01, labels, x_t, y_t.long().cpu(), k, names, train, test_ds, unseen, target, eval_classifier,
             real_pool, teaching or Teaching(), cache, control_seed, device, progress,

@@ -10,7 +10,32 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 Tensor = torch.Tensor
-LEGACY_EMBED_BIAS = "embed.bias"  # in generator weights saved before the embedding lost its bias
+LEGACY_EMBED_BIAS = "embed.bias"  # an embedding bias, held by older generator weights; folded away when they load
+# Olah et al. 2017 (Feature Visualization, "decorrelated space"): the square root of ImageNet's RGB colour
+# correlation from its SVD, as Lucid ships it; columns scaled so that the largest has norm 1 in `colour_basis`
+COLOUR_CORRELATION_SQRT = ((0.26, 0.09, 0.02), (0.27, 0.00, -0.05), (0.27, -0.09, 0.03))
+
+
+def colour_basis() -> Tensor:
+    """``M [3, 3]``: a decorrelated output ``d`` becomes RGB ``M d`` (per pixel); ``M`` is
+    ``COLOUR_CORRELATION_SQRT`` divided by its largest column norm."""
+    m = torch.tensor(COLOUR_CORRELATION_SQRT, dtype=torch.float64)
+    return (m / m.norm(dim=0).max()).float()
+
+
+def spectrum_scale(h: int, w: int) -> Tensor:
+    """``S [h, w//2 + 1]``: the gain of each ``rfft2`` frequency in the 1/f-scaled output (Olah et al. 2017):
+    ``1 / max(f, 1/max(h, w))`` with ``f`` the frequency's magnitude in cycles per pixel, normalised so that
+    ``mean(S**2) = 1`` over the full spectrum (white noise keeps its power, moved to low frequencies)."""
+    fy = torch.fft.fftfreq(h, dtype=torch.float64).view(h, 1)
+    fx = torch.fft.rfftfreq(w, dtype=torch.float64).view(1, w // 2 + 1)
+    s = 1.0 / torch.sqrt(fx**2 + fy**2).clamp(min=1.0 / max(h, w))
+    # rfft2 keeps columns 0 and (for even w) w/2 once and the others for their mirror too: weight 1 or 2
+    weight = torch.full((1, w // 2 + 1), 2.0, dtype=torch.float64)
+    weight[0, 0] = 1.0
+    if w % 2 == 0:
+        weight[0, -1] = 1.0
+    return (s / torch.sqrt((weight * s**2).sum() / (h * w))).float()
 
 
 def sample_conditions(
@@ -61,7 +86,11 @@ class ConditionedGenerator(nn.Module):
     ``output_norm``, DAFL's and DFAD's output standardisation: a per-channel BatchNorm (affine) after the
     tanh, then tanh again into (-1, 1), so that in training mode each channel's pre-squash mean and std over
     the batch are exactly the BatchNorm's learned shift and scale (a fixed ink budget per batch). Any
-    ``(C, H, W)`` with H, W >= 8 and any K >= 2.
+    ``(C, H, W)`` with H, W >= 8 and any K >= 2. Olah et al.'s (2017) parameterisation of the output, before the
+    tanh: ``scaled_spectrum`` passes the last convolution's output ``x`` through the fixed filter
+    ``irfft2(S * rfft2(x))`` (``S = spectrum_scale(H, W)``, 1/f gains: low frequencies amplified, the power of
+    white noise kept), and ``decorrelated_colour`` (C = 3 only) maps each pixel's channels ``d`` to ``M d``
+    (``M = colour_basis()``, the square root of natural images' colour correlation).
 
     >>> g = ConditionedGenerator(10, (1, 28, 28))
     >>> z, c, y = sample_conditions(4, 10, g.nz, "hot", torch.Generator().manual_seed(0), "cpu")
@@ -77,6 +106,8 @@ class ConditionedGenerator(nn.Module):
         ngf: int = 64,
         dropout: float = 0.0,
         output_norm: bool = False,
+        scaled_spectrum: bool = False,
+        decorrelated_colour: bool = False,
     ):
         super().__init__()
         c, h, w = image_shape
@@ -84,6 +115,8 @@ class ConditionedGenerator(nn.Module):
             raise ValueError(f"num_classes must be at least 2, got {num_classes}")
         if h < 8 or w < 8 or c < 1:
             raise ValueError(f"image_shape must be (C, H, W) with C >= 1 and H, W >= 8, got {tuple(image_shape)}")
+        if decorrelated_colour and c != 3:
+            raise ValueError(f"decorrelated_colour needs 3 channels (RGB), the images have {c}")
         self.num_classes, self.image_shape, self.nz, self.ngf = num_classes, tuple(image_shape), nz, ngf
         self.mid = (math.ceil(h / 2), math.ceil(w / 2))
         self.start = (math.ceil(h / 4), math.ceil(w / 4))
@@ -114,9 +147,12 @@ class ConditionedGenerator(nn.Module):
         self.output_norm = output_norm
         if output_norm:  # absent otherwise: weights saved without it load unchanged
             self.out_norm = nn.BatchNorm2d(c)
+        # fixed, not learned: buffers outside the state dict, so the saved layout does not change
+        self.register_buffer("spectrum", spectrum_scale(h, w) if scaled_spectrum else None, persistent=False)
+        self.register_buffer("colour", colour_basis() if decorrelated_colour else None, persistent=False)
 
     def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
-        """Weights saved with the embedding's former bias ``b`` load as the same function: ``b`` added
+        """Weights with an embedding bias ``b`` (``LEGACY_EMBED_BIAS``) load as the same function: ``b`` added
         ``P_e b`` (``P_e = project[0].weight[:, nz:]``) to the BatchNorm's input, which the batch statistics
         cancel and the running mean absorbed; so ``b`` is dropped and ``P_e b`` taken off the running mean."""
         bias = state_dict.get(prefix + LEGACY_EMBED_BIAS)
@@ -137,7 +173,14 @@ class ConditionedGenerator(nn.Module):
         x = self.project(v).view(z.shape[0], 2 * self.ngf, *self.start)
         x = self.up1(x)  # [B, ngf, H/2, W/2]
         x = torch.cat([x, hot_matrix(labels, self.num_classes, self.mid).to(x.dtype)], dim=1)
-        x = torch.tanh(self.out(self.up2(x)))
+        x = self.out(self.up2(x))  # [B, C, H, W]
+        if self.spectrum is not None:
+            # in fp32 at least: cuFFT takes half precision only for power-of-two sizes
+            y = x.to(torch.promote_types(x.dtype, torch.float32))
+            x = torch.fft.irfft2(torch.fft.rfft2(y) * self.spectrum.to(y.dtype), s=x.shape[-2:]).to(x.dtype)
+        if self.colour is not None:
+            x = torch.einsum("cd,bdhw->bchw", self.colour.to(x.dtype), x)
+        x = torch.tanh(x)
         return torch.tanh(self.out_norm(x)) if self.output_norm else x
 
 
@@ -151,7 +194,7 @@ def legacy_optimizer_state(
     saved = sorted(i for group in state["param_groups"] for i in group["params"])
     if LEGACY_EMBED_BIAS not in weights or LEGACY_EMBED_BIAS in names or saved != list(range(len(names) + 1)):
         return state
-    gone = names.index("embed.weight") + 1  # the old order: embed.weight, embed.bias, project...
+    gone = names.index("embed.weight") + 1  # the saved order: embed.weight, embed.bias, project...
 
     def new(i: int) -> int:
         return i - (i > gone)

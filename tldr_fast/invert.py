@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 import signal
 import sys
 import threading
@@ -14,7 +13,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from . import distributed, reference
+from . import distributed, samples
 from .backends import resolve, resolve_device
 from .checkpoint import (
     PathLike,
@@ -29,7 +28,7 @@ from .classifier import ClassifierError, FrozenClassifier, fingerprint
 from .config import TERMS, InversionConfig, Preprocess
 from .generator import ConditionedGenerator, legacy_optimizer_state
 from .progress import progress_bar
-from .step import PIXEL_RANGE, Student, TLDRObjective, pixel_eps, step_seed, warp_mode
+from .step import PIXEL_RANGE, Student, TLDRObjective, pixel_eps, step_seed
 
 Tensor = torch.Tensor
 
@@ -60,97 +59,10 @@ class Inversion:
     def device(self) -> torch.device:
         return next(self.generator.parameters()).device
 
-    def _batches(
-        self, labels: Tensor, batch_size: int, seed: int, select: int = 1, offset: int = 0
-    ) -> Iterator[Tuple[Tensor, Tensor]]:
-        """``(labels, images)`` on the generator's device, ``batch_size`` images at a time, generator in
-        eval mode; with ``select > 1`` each image is the best of ``select`` candidates (``robustness_score``).
-        Candidate ``c`` (image ``c // select``, counting from image ``offset``) has its own latent, a
-        function of ``(seed, c)`` alone, so the images do not depend on ``batch_size``."""
-        g, was_training = self.generator, self.generator.training
-        dev = self.device
-        g.eval()
-        try:
-            with torch.no_grad():
-                for start in range(0, len(labels), batch_size):
-                    y = labels[start : start + batch_size].to(dev)
-                    yc = y.repeat_interleave(select)  # [n * select]: the candidates of each image together
-                    first = (offset + start) * select
-                    z = indexed_draws(
-                        seed,
-                        0,
-                        first,
-                        first + len(yc),
-                        lambda gen, k: torch.randn(k, g.nz, generator=gen, device=dev),
-                        dev,
-                    )
-                    x = g(z, torch.nn.functional.one_hot(yc, self.num_classes).float(), yc)
-                    if select > 1:
-                        best = self.robustness_score(x, yc, seed, first).view(len(y), select).argmax(1)  # [n]
-                        x = x.view(len(y), select, *x.shape[1:])[torch.arange(len(y), device=dev), best]
-                    yield y, x
-        finally:
-            g.train(was_training)
-
-    def robustness_score(self, images: Tensor, labels: Tensor, seed: int, first: int = 0, draws: int = 4) -> Tensor:
-        """The target classifier's mean probability of ``labels`` over ``draws`` random perturbations of
-        each image (the noise and geometric transforms of training): ``[N]``. Image ``i``'s perturbations
-        are a function of ``(seed, first + i)``. Needs the classifier."""
-        if self.target is None:
-            raise ValueError(
-                "selecting samples needs the target classifier: pass classifier= to Inversion.load (on the command "
-                "line: --classifier), or select=1"
-            )
-        cfg, eps, dev = self.config, pixel_eps(self.config), images.device
-        n, shape = len(labels), images.shape[1:]
-        score = torch.zeros(n, device=dev)
-        for r in range(draws):
-            noise = indexed_draws(
-                seed,
-                1 + 2 * r,
-                first,
-                first + n,
-                lambda gen, k: reference.perturb_noise((k, *shape), cfg.perturbation, gen, dev, images.dtype),
-                dev,
-            )
-            theta = indexed_draws(
-                seed,
-                2 + 2 * r,
-                first,
-                first + n,
-                lambda gen, k: reference.warp_theta(k, shape[-2:], cfg.shift, cfg.rotate, cfg.scale, gen, dev),
-                dev,
-            )
-            x = reference.warp((images + eps * noise).clamp(*PIXEL_RANGE), theta, PIXEL_RANGE[0], warp_mode(cfg))
-            p = torch.softmax(self.target(x)[0].float(), 1)
-            score += p.gather(1, labels[:, None]).view(-1) / draws
-        return score
-
     def labels(self, labels: Union[None, Sequence[int], Tensor] = None, n_per_class: Optional[int] = None) -> Tensor:
         """The label vector ``sample`` uses: ``labels`` as given, or ``n_per_class`` of each class in
         order (class 0 x n, class 1 x n, ...)."""
-        if (labels is None) == (n_per_class is None):
-            raise ValueError("give exactly one of labels= or n_per_class=")
-        if labels is None:
-            if isinstance(n_per_class, bool) or not isinstance(n_per_class, int) or n_per_class < 1:
-                raise ValueError(f"n_per_class must be a positive int, got {n_per_class!r}")
-            return torch.arange(self.num_classes).repeat_interleave(n_per_class)
-        if isinstance(labels, Tensor):
-            if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-                raise ValueError(f"labels must be integers, got a {labels.dtype} tensor")
-            y = labels.long()
-        else:
-            values = list(labels)
-            integral = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)  # noqa: E731
-            if not all(integral(v) for v in values):
-                bad = next(v for v in values if not integral(v))
-                raise ValueError(f"labels must be a flat sequence of class indices (ints), got {bad!r}")
-            y = torch.tensor([int(v) for v in values], dtype=torch.long)
-        if y.dim() != 1:
-            raise ValueError(f"labels must be one-dimensional, got shape {tuple(y.shape)}")
-        if len(y) and (y.min() < 0 or y.max() >= self.num_classes):
-            raise ValueError(f"labels must lie in [0, {self.num_classes - 1}]")
-        return y.cpu()
+        return samples.sample_labels(self.num_classes, labels, n_per_class)
 
     def sample(
         self,
@@ -163,18 +75,15 @@ class Inversion:
         """Generate images ``[n, C, H, W]`` in [-1, 1] on the CPU, for ``labels`` or ``n_per_class``
         of each class (ordered by class). Generated in batches of ``batch_size`` (default: the
         training batch size), so a million samples never hold more than one batch of activations.
-        ``select`` (default ``config.select``): each image is the most robustly classified of that
-        many candidates of its label (``robustness_score``; needs the target classifier: without it,
-        the default falls back to no selection with a notice, and an explicit ``select > 1`` is an error).
+        ``seed`` (default: the inversion's own). ``select`` (default ``config.select``): each image is the
+        most robustly classified of that many candidates of its label (``robustness_score``; needs the target
+        classifier: without it, the default falls back to no selection with a notice, and an explicit
+        ``select > 1`` is an error). Implemented by ``tldr_fast.samples.sample``.
 
         >>> inv.sample(n_per_class=2).shape  # doctest: +SKIP
         torch.Size([20, 1, 28, 28])
         """
-        y = self.labels(labels, n_per_class)
-        out = torch.empty(len(y), *self.image_shape)
-        for start, x in self.sample_batches(y, batch_size, seed, select):
-            out[start : start + len(x)] = x
-        return out
+        return samples.sample(self, labels, n_per_class, batch_size, seed, select)
 
     def sample_batches(
         self,
@@ -188,71 +97,18 @@ class Inversion:
         first image, images [n, C, H, W] in [-1, 1] on the CPU)``. Memory is one batch, whatever the total.
         ``offset``: the first label is image number ``offset`` of a longer sample (a resumed writer
         continues it with exactly the images an uninterrupted one would have written)."""
-        bs = self.resolve_batch_size(batch_size)
-        seed = self.sample_seed(seed)
-        select = self.resolve_select(select)
-        for start, (_, x) in zip(range(0, len(labels), bs), self._batches(labels, bs, seed, select, offset)):
-            yield start, x.float().cpu()
+        return samples.sample_batches(self, labels, batch_size, seed, select, offset)
 
-    def resolve_batch_size(self, batch_size: Optional[int] = None) -> int:
-        """The images per batch that sampling with ``batch_size`` generates: ``batch_size`` itself (a
-        positive int), or the inversion's own for None."""
-        bs = self.config.batch_size if batch_size is None else batch_size
-        if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        return bs
-
-    def sample_seed(self, seed: Optional[int] = None) -> int:
-        """The seed sampling with ``seed`` uses: ``seed`` itself (an int), or the inversion's own for None."""
-        if seed is None:
-            return self.config.seed + 1_000_000_007
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
-        return seed
-
-    def resolve_select(self, select: Optional[int] = None) -> int:
-        """The candidates per image that sampling with ``select`` uses: ``select`` itself (a positive
-        int), or for None ``config.select``, which falls back to 1 with a one-line notice when the
-        target classifier that scores the candidates is not attached."""
-        if select is None:
-            select = self.config.select
-            if select > 1 and self.target is None:  # the default asks for what is missing: say so, do not fail
-                print(
-                    f"tldr_fast: sampling without selection (this inversion's select={select} needs its target "
-                    "classifier: Inversion.load(..., classifier=) or --classifier)",
-                    file=sys.stderr,
-                )
-                return 1
-        if isinstance(select, bool) or not isinstance(select, int) or select < 1:
-            raise ValueError(f"select must be a positive int, got {select!r}")
-        return select
+    def robustness_score(self, images: Tensor, labels: Tensor, seed: int, first: int = 0, draws: int = 4) -> Tensor:
+        """The target classifier's mean probability of ``labels`` over ``draws`` random perturbations of
+        each image (the noise and geometric transforms of training): ``[N]``; ``sample``'s selection
+        criterion (``tldr_fast.samples.robustness_score``). Needs the classifier."""
+        return samples.robustness_score(self, images, labels, seed, first, draws)
 
     def classifier_metrics(self, n_per_class: Optional[int] = None, seed: Optional[int] = None) -> Dict[str, float]:
-        """Accuracy, confidence and perturbed accuracy of the target classifier on fresh samples."""
-        if self.target is None:
-            raise ValueError("this inversion has no classifier attached; pass classifier= to Inversion.load")
-        cfg = self.config
-        y_all = self.labels(n_per_class=n_per_class or cfg.eval_per_class)
-        seed = cfg.seed + 2_000_000_011 if seed is None else seed
-        ops = resolve(cfg.backend, self.device, quiet=True)
-        eps = pixel_eps(cfg)
-        hits = conf = pert_hits = saturated = 0.0
-        with torch.no_grad():
-            for i, (y, x) in enumerate(self._batches(y_all, cfg.batch_size, seed, select=1)):
-                p = torch.softmax(self.target(x)[0].float(), 1)
-                hits += (p.argmax(1) == y).sum().item()
-                conf += p.gather(1, y[:, None]).sum().item()
-                saturated += (x.abs() >= SATURATED).float().mean((1, 2, 3)).sum().item()
-                x_pert = ops.perturb(x, eps, *PIXEL_RANGE, cfg.perturbation, step_seed(seed, i, 2))
-                pert_hits += (self.target(x_pert)[0].argmax(1) == y).sum().item()
-        n = len(y_all)
-        return {
-            "accuracy": hits / n,
-            "confidence": conf / n,
-            "perturbed_accuracy": pert_hits / n,
-            "saturated": saturated / n,
-            "samples": n,
-        }
+        """The ``metrics`` that ``invert`` records, on ``n_per_class`` fresh samples per class (default
+        ``config.eval_per_class``); needs the classifier."""
+        return classifier_metrics(self, n_per_class, seed)
 
     def state(self, optimizer: Optional[torch.optim.Optimizer] = None, student: Optional[Student] = None) -> dict:
         """The checkpoint's contents: with the generator's ``optimizer`` and the adversarial ``student``
@@ -279,7 +135,8 @@ class Inversion:
     def load(
         cls, path: PathLike, classifier: Optional[nn.Module] = None, device: str = "auto", preprocess: Preprocess = None
     ) -> "Inversion":
-        """Load a saved inversion (or checkpoint). With ``classifier``, ``classifier_metrics`` works again."""
+        """Load a saved inversion (or checkpoint). With ``classifier`` (its target), ``classifier_metrics`` and
+        ``sample``'s selection (``select > 1``) work."""
         state = _load_state(path)
         cfg = InversionConfig.from_dict(state["config"], preprocess, path)
         dev = resolve_device(device)
@@ -296,24 +153,6 @@ class Inversion:
         )  # fmt: skip
 
 
-SAMPLE_BLOCK = 64  # sampling draws its randomness in blocks of this many consecutive indices
-
-
-def indexed_draws(seed: int, stream: int, start: int, stop: int, draw, device) -> Tensor:
-    """Rows ``start .. stop-1`` of an endless sequence of random draws in which row ``i`` is a function
-    of ``(seed, stream, i)`` only: ``draw(generator, k)`` makes ``k`` rows, and the sequence is drawn in
-    blocks of ``SAMPLE_BLOCK`` rows, each block from its own seed (a generator on ``device``)."""
-    parts = []
-    for block in range(start // SAMPLE_BLOCK, (stop - 1) // SAMPLE_BLOCK + 1):
-        base = block * SAMPLE_BLOCK
-        gen = torch.Generator(device).manual_seed(step_seed(seed, block, 3 + stream))
-        rows = draw(gen, SAMPLE_BLOCK)
-        parts.append(rows[max(start, base) - base : min(stop, base + SAMPLE_BLOCK) - base])
-    return torch.cat(parts)
-
-
-# |x| at or above this is a saturated tanh output (counted in metrics["saturated"])
-SATURATED = 0.999
 STATE_KEYS = ("generator", "optimizer", "step", "config", "num_classes", "image_shape", "history", "metrics")
 OPTIONAL_STATE_KEYS = ("format", "student", "classifier")  # not in checkpoints of older versions
 
@@ -366,7 +205,9 @@ def _generator(
     weights: Optional[dict] = None,
     path: Optional[PathLike] = None,
 ) -> ConditionedGenerator:
-    g = ConditionedGenerator(num_classes, shape, cfg.nz, cfg.ngf, cfg.dropout, cfg.output_norm).to(device)
+    g = ConditionedGenerator(
+        num_classes, shape, cfg.nz, cfg.ngf, cfg.dropout, cfg.output_norm, cfg.scaled_spectrum, cfg.decorrelated_colour
+    ).to(device)
     if weights is not None:
         try:
             g.load_state_dict(weights)
@@ -401,6 +242,42 @@ def _save(
             "term, e.g. an infinite weight, or a learning rate too high?)"
         )
     save_checkpoint(path, inv.state(optimizer, student))
+
+
+# |x| at or above this is a saturated tanh output (counted in metrics["saturated"])
+SATURATED = 0.999
+
+
+def classifier_metrics(
+    inv: Inversion, n_per_class: Optional[int] = None, seed: Optional[int] = None
+) -> Dict[str, float]:
+    """``Inversion.metrics``, on ``n_per_class`` fresh samples per class (default ``config.eval_per_class``;
+    no selection): ``accuracy`` and ``confidence`` of the target classifier, ``perturbed_accuracy`` (on
+    ``ops.perturb`` copies), ``saturated`` (mean fraction of pixels at ``|x| >= SATURATED``), ``samples``."""
+    if inv.target is None:
+        raise ValueError("this inversion has no classifier attached; pass classifier= to Inversion.load")
+    cfg = inv.config
+    y_all = inv.labels(n_per_class=n_per_class or cfg.eval_per_class)
+    seed = cfg.seed + 2_000_000_011 if seed is None else seed
+    ops = resolve(cfg.backend, inv.device, quiet=True)
+    eps = pixel_eps(cfg)
+    hits = conf = pert_hits = saturated = 0.0
+    with torch.no_grad():
+        for i, (y, x) in enumerate(samples.generate(inv, y_all, cfg.batch_size, seed, select=1)):
+            p = torch.softmax(inv.target(x)[0].float(), 1)
+            hits += (p.argmax(1) == y).sum().item()
+            conf += p.gather(1, y[:, None]).sum().item()
+            saturated += (x.abs() >= SATURATED).float().mean((1, 2, 3)).sum().item()
+            x_pert = ops.perturb(x, eps, *PIXEL_RANGE, cfg.perturbation, step_seed(seed, i, 2))
+            pert_hits += (inv.target(x_pert)[0].argmax(1) == y).sum().item()
+    n = len(y_all)
+    return {
+        "accuracy": hits / n,
+        "confidence": conf / n,
+        "perturbed_accuracy": pert_hits / n,
+        "saturated": saturated / n,
+        "samples": n,
+    }
 
 
 def _check_converged(inv: "Inversion") -> None:
@@ -439,8 +316,8 @@ class _Interrupts:
             signal.signal(sig, handler)
 
 
-# options that fix the generator's layout: a checkpoint is only resumed with its own
-ARCHITECTURE = ("nz", "ngf", "output_norm")
+# options that fix the generator's layout or function: a checkpoint is only resumed with its own
+ARCHITECTURE = ("nz", "ngf", "output_norm", "scaled_spectrum", "decorrelated_colour")
 
 
 def _config(
@@ -504,6 +381,30 @@ def invert(
     >>> images = inv.sample(n_per_class=8)  # [80, 1, 28, 28] in [-1, 1]  # doctest: +SKIP
     """
     main = distributed.is_main()  # under torch.distributed: rank 0 reads, writes and reports
+    state, cfg, shape, classifier_id = _restore(
+        classifier, num_classes, image_shape, config, resume, allow_other_classifier, overrides, main
+    )
+    ckpt = checkpoint if checkpoint is not None else resume
+    if ckpt is not None and main:
+        check_writable(ckpt, "checkpoint")  # before the training, not after it
+    inv, opt, objective = _setup(classifier, num_classes, shape, cfg, classifier_id, state, resume, main)
+    with inv.target.attached():  # the classifier as invert needs it, and as it was afterwards (also on errors)
+        _train(inv, opt, objective, ckpt if main else None, main)
+    return inv
+
+
+def _restore(
+    classifier: nn.Module,
+    num_classes: int,
+    image_shape: Sequence[int],
+    config: Optional[InversionConfig],
+    resume: Optional[PathLike],
+    allow_other_classifier: bool,
+    overrides: dict,
+    main: bool,
+) -> Tuple[Optional[dict], InversionConfig, Tuple[int, int, int], Optional[str]]:
+    """``invert``'s arguments checked, and the checkpoint to ``resume`` (read by rank 0, sent to every rank)
+    checked against them: ``(its state or None, the config, the image shape, the classifier's fingerprint)``."""
     state = distributed.broadcast_object(_load_state(resume) if resume is not None and main else None)
     cfg = _config(config, state, overrides, resume)
     shape = _check_problem(num_classes, image_shape)
@@ -519,12 +420,24 @@ def invert(
         changed = [f"{k} ({saved[k]} -> {getattr(cfg, k)})" for k in ARCHITECTURE if saved[k] != getattr(cfg, k)]
         if changed:
             raise ValueError(f"cannot resume {resume} with another generator layout: {', '.join(changed)}")
-    classifier_id = fingerprint(classifier) if isinstance(classifier, nn.Module) else None  # else refused below
+    classifier_id = fingerprint(classifier) if isinstance(classifier, nn.Module) else None  # else refused in _setup
     if state is not None and classifier_id is not None:
         _check_resumed_classifier(resume, state.get("classifier"), classifier_id, allow_other_classifier, main)
-    ckpt = checkpoint if checkpoint is not None else resume
-    if ckpt is not None and main:
-        check_writable(ckpt, "checkpoint")  # now, not after the training
+    return state, cfg, shape, classifier_id
+
+
+def _setup(
+    classifier: nn.Module,
+    num_classes: int,
+    shape: Tuple[int, int, int],
+    cfg: InversionConfig,
+    classifier_id: Optional[str],
+    state: Optional[dict],
+    resume: Optional[PathLike],
+    main: bool,
+) -> Tuple[Inversion, torch.optim.Optimizer, TLDRObjective]:
+    """The run: the frozen target, the generator (initial weights from ``cfg.seed``, or the checkpoint's),
+    Adam and the objective; with a checkpoint's ``state``, its optimizer, step, history and student."""
     device = resolve_device(cfg.device, quiet=not (cfg.progress and main))
     target = FrozenClassifier(classifier, num_classes, shape, cfg.preprocess, cfg.head, cfg.param_grads, device=device)
     if cfg.grad_norm == "head" and target.head is None:
@@ -539,37 +452,28 @@ def invert(
     if state is not None:
         if state["optimizer"] is not None:
             opt.load_state_dict(legacy_optimizer_state(g, state["generator"], state["optimizer"]))
-            for group in opt.param_groups:  # the lr and betas given now apply (and are what the checkpoint records)
+            for group in opt.param_groups:  # the lr and betas given to this call apply (and are what it records)
                 group["lr"], group["betas"] = cfg.lr, cfg.betas
         inv.step, inv.history = state["step"], state["history"]
     objective = TLDRObjective(g, target, cfg, ops, device)
     if objective.student is not None and state is not None and state.get("student") is not None:
         objective.student.load_state_dict(state["student"])  # else a fresh one: the term is new to this run
-    with target.attached():  # the classifier as invert needs it, and as it was afterwards (also on errors)
-        _train(inv, opt, objective, ckpt if main else None, main, device)
-    return inv
+    return inv, opt, objective
 
 
 def _train(
-    inv: Inversion,
-    opt: torch.optim.Optimizer,
-    objective: TLDRObjective,
-    ckpt: Optional[PathLike],
-    main: bool,
-    device: torch.device,
+    inv: Inversion, opt: torch.optim.Optimizer, objective: TLDRObjective, ckpt: Optional[PathLike], main: bool
 ) -> None:
     """``invert``'s loop: train ``inv`` from its step to ``config.steps``, checkpointing to ``ckpt`` (None:
     not this rank's job) every ``checkpoint_every`` steps and ``checkpoint_minutes`` minutes, then its
-    metrics; stops (saved) on a deferred signal. On an immediate interrupt, or when another rank dies (a
-    collective fails: this rank's generator and optimizer are still the last complete step's, as every rank
-    holds the same), the last complete step is saved before the error goes on."""
-    cfg, g = inv.config, inv.generator
-    shard, student = objective.shard, objective.student  # student: the adversarial term's, or None
-    params = list(g.parameters())
+    metrics; stops (saved) on a deferred signal. On an immediate interrupt, or when another rank dies, the
+    last complete step is saved before the error goes on (``_save_interrupted``)."""
+    cfg, student = inv.config, objective.student  # student: the adversarial term's, or None
+    params = list(inv.generator.parameters())
     bar = progress_bar(
         total=cfg.steps, initial=inv.step, desc="invert", unit="step", disable=not (cfg.progress and main)
     )
-    buffers = list(g.buffers())  # BatchNorm statistics and counts: updated by the forward
+    buffers = list(inv.generator.buffers())  # BatchNorm statistics and counts: updated by the forward
     before = [b.clone() for b in buffers]  # their values before the current step
     phase = "between"  # of a step: "between" steps, in its "forward" (and backward), or in its "update"
     stopped = False  # a stop request (on any rank, agreed at logging steps under torch.distributed)
@@ -588,49 +492,82 @@ def _train(
                 inv.step += 1
                 phase = "between"
                 bar.update()
-                logged = inv.step % cfg.log_every == 0 or inv.step == cfg.steps
-                if logged:
-                    _log(inv, objective.global_terms(terms), bar)
-                if logged or shard.world == 1:  # every rank stops after the same step
-                    stopped = shard.any(stop.requested is not None, device)
-                if ckpt is not None and (
-                    (cfg.checkpoint_every and inv.step % cfg.checkpoint_every == 0)
-                    or (cfg.checkpoint_minutes and monotonic() - saved_at >= 60 * cfg.checkpoint_minutes)
-                ):
+                stopped = _log_and_agree(inv, objective, terms, bar, stop)
+                if ckpt is not None and _checkpoint_due(cfg, inv.step, saved_at):
                     _save(ckpt, inv, opt, student)
                     saved_at = monotonic()
             if not stopped:
-                inv.metrics = inv.classifier_metrics()
+                inv.metrics = classifier_metrics(inv)
                 _check_converged(inv)
             if ckpt is not None:  # the final state, or the state at the interrupt: consistent either way
                 _save(ckpt, inv, opt, student)
         except BaseException as err:
-            # not a deferred signal (a second Ctrl-C, or raised by the classifier's code), or a peer rank died
-            interrupted = isinstance(err, KeyboardInterrupt)
-            peer = shard.world > 1 and isinstance(err, Exception) and distributed.collective_failed(err)
-            if (interrupted or peer) and ckpt is not None and phase != "update":  # the last step's parameters
-                if phase == "forward":  # with the statistics from before the unfinished step
-                    torch._foreach_copy_(buffers, before)
-                _save(ckpt, inv, opt, student)
-                why = "interrupted" if interrupted else "another rank stopped (a collective failed)"
-                print(
-                    f"\ntldr_fast: {why} at step {inv.step}; saved step {inv.step} to {ckpt}, resume with "
-                    f"invert(..., resume={str(ckpt)!r}) or --resume",
-                    file=sys.stderr,
-                )
+            _save_interrupted(err, inv, opt, objective, ckpt, phase, buffers, before)
             raise
         finally:
             bar.close()
         if stopped or stop.requested is not None:
-            reason = stop.requested or "stopped by another rank"
-            where = (
-                f"; saved to {ckpt}, resume with invert(..., resume={str(ckpt)!r})"
-                if ckpt is not None
-                else " (no checkpoint= to save to)"
-            )
-            if main:
-                print(f"\ntldr_fast: {reason} at step {inv.step}{where}", file=sys.stderr)
-            raise KeyboardInterrupt(reason)
+            _stopped(stop.requested or "stopped by another rank", inv.step, ckpt, main)
+
+
+def _log_and_agree(inv: Inversion, objective: TLDRObjective, terms: Tensor, bar, stop: "_Interrupts") -> bool:
+    """After a step: its terms to ``history`` at logging steps; whether to stop, agreed by every rank (at
+    logging steps under torch.distributed, so every rank stops after the same step)."""
+    cfg, shard = inv.config, objective.shard
+    logged = inv.step % cfg.log_every == 0 or inv.step == cfg.steps
+    if logged:
+        _log(inv, objective.global_terms(terms), bar)
+    return (logged or shard.world == 1) and shard.any(stop.requested is not None, objective.device)
+
+
+def _checkpoint_due(cfg: InversionConfig, step: int, saved_at: float) -> bool:
+    """Whether ``step`` is a checkpoint step, or ``checkpoint_minutes`` have passed since ``saved_at``."""
+    return bool(
+        (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+        or (cfg.checkpoint_minutes and monotonic() - saved_at >= 60 * cfg.checkpoint_minutes)
+    )
+
+
+def _save_interrupted(
+    err: BaseException,
+    inv: Inversion,
+    opt: torch.optim.Optimizer,
+    objective: TLDRObjective,
+    ckpt: Optional[PathLike],
+    phase: str,
+    buffers: List[Tensor],
+    before: List[Tensor],
+) -> None:
+    """On an immediate interrupt (a second Ctrl-C, or one raised by the classifier's code) or a dead peer
+    rank (a collective failed: this rank's generator and optimizer are still the last complete step's, as
+    every rank holds the same), save the last complete step to ``ckpt``, unless the error came during the
+    optimizer update (``phase``); BatchNorm ``buffers`` go back to their values ``before`` an unfinished step."""
+    interrupted = isinstance(err, KeyboardInterrupt)
+    peer = objective.shard.world > 1 and isinstance(err, Exception) and distributed.collective_failed(err)
+    if not (interrupted or peer) or ckpt is None or phase == "update":
+        return
+    if phase == "forward":
+        torch._foreach_copy_(buffers, before)
+    _save(ckpt, inv, opt, objective.student)
+    why = "interrupted" if interrupted else "another rank stopped (a collective failed)"
+    print(
+        f"\ntldr_fast: {why} at step {inv.step}; saved step {inv.step} to {ckpt}, resume with "
+        f"invert(..., resume={str(ckpt)!r}) or --resume",
+        file=sys.stderr,
+    )
+
+
+def _stopped(reason: str, step: int, ckpt: Optional[PathLike], main: bool) -> None:
+    """A run stopped by a deferred signal (``reason``) ends in ``KeyboardInterrupt``, after saying where it was
+    saved (rank 0)."""
+    where = (
+        f"; saved to {ckpt}, resume with invert(..., resume={str(ckpt)!r})"
+        if ckpt is not None
+        else " (no checkpoint= to save to)"
+    )
+    if main:
+        print(f"\ntldr_fast: {reason} at step {step}{where}", file=sys.stderr)
+    raise KeyboardInterrupt(reason)
 
 
 def _check_resumed_classifier(

@@ -24,6 +24,7 @@ training images). Every finished run is kept in ``runs/`` and reused by a rerun 
     tldr-fast leakage --suite colour           # coloured MNIST and Fashion-MNIST, plain and BN CNNs
     tldr-fast leakage --suite full             # every target (hours on a CPU; for a GPU)
     tldr-fast leakage --variant class:diversity=class --variant no-bn:bn_stats=0   # an ablation
+    tldr-fast leakage --data mine=train.npz,test.npz --targets mine-cnn-100   # a data set of your own
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ import torch.nn as nn
 
 from . import models
 from .checkpoint import atomic_write, atomic_write_text, cache_dir, check_folder
-from .config import InversionConfig
+from .config import InversionConfig, parse_overrides
 from .data import DataUnavailable, ImageDataset, load_dataset, subset
 from .evaluate import EvaluationReport, evaluate
 from .models import load_classifier, save_classifier, train_classifier
@@ -100,16 +101,16 @@ class Target:
         return f"{self.data}-{self.arch}-{self.n_per_class}"
 
     @classmethod
-    def parse(cls, name: str) -> "Target":
+    def parse(cls, name: str, data: Sequence[str] = DATA) -> "Target":
         """``"mnist-plain_cnn-1000"`` -> ``Target("mnist", 1000, "plain_cnn")``; a ``ValueError`` that lists
-        the valid data sets and architectures for a name of another form."""
+        the valid data sets (``data``) and architectures for a name of another form."""
         parts = name.rsplit("-", 2)
-        if len(parts) == 3 and parts[0] in DATA and parts[1] in ARCHS:
+        if len(parts) == 3 and parts[0] in data and parts[1] in ARCHS:
             data, arch, n = parts
             if n == "all" or (n.isdigit() and int(n) > 0):
                 return cls(data, n if n == "all" else int(n), arch)
         raise ValueError(
-            f"target {name!r} is not DATA-ARCH-N: DATA one of {', '.join(DATA)}; ARCH one of {', '.join(ARCHS)}; "
+            f"target {name!r} is not DATA-ARCH-N: DATA one of {', '.join(data)}; ARCH one of {', '.join(ARCHS)}; "
             "N images per class (a positive integer) or 'all'; e.g. mnist-cnn-1000"
         )
 
@@ -155,8 +156,8 @@ SUITES: Dict[str, Suite] = {
         target_epochs=((10, 30),),
         invert=(("steps", 20), ("batch_size", 32)),
     ),
-    # what fits in 45 minutes on a 2-core CPU: the issue's goal targets at 1,000 per class, the
-    # memorising regime at 10 per class, an MLP and Fashion-MNIST
+    # what fits in 45 minutes on a 2-core CPU: the two CNNs at 1,000 per class, the memorising regime at
+    # 10 per class, an MLP and Fashion-MNIST
     "default": Suite(
         targets=_grid(["mnist"], ["plain_cnn", "cnn"], [10, 1000])
         + (Target("mnist", 1000, "mlp"), Target("fashion-mnist", 100, "cnn")),
@@ -181,18 +182,52 @@ class Split:
     held_out: ImageDataset  # the control set
     real: ImageDataset  # real unseen reference images
     judge: ImageDataset  # the evaluation classifier's training set
+    digest: Optional[str] = None  # a user data set's content (pixels and labels of both splits): in every recipe
 
 
-def split(data: str, suite: Suite, seed: int = 12345) -> Split:
-    """The seeded, per-class split of ``data``'s test split (see the module docstring)."""
-    test = load_dataset(f"{data}:test")
+def user_data(sources: Optional[Mapping[str, Sequence[Any]]], what: str = "data") -> Dict[str, Tuple[Any, ...]]:
+    """The user's data sets ``{name: (train, test)}`` loaded and checked: ``{name: (train, test, digest)}``.
+
+    ``train`` and ``test`` are anything ``load_dataset`` reads (an ``.npz`` file, a folder of class folders,
+    IDX files), grey or colour; targets name the data set like the built-in ones (``NAME-ARCH-N``). The two
+    must have the same classes and image shape; ``digest`` (their pixels and labels) goes into the cached
+    classifiers' recipes and the stored runs' keys, so edited files are never mistaken for the old ones.
+    Errors name ``what`` and the data set."""
+    loaded: Dict[str, Tuple[Any, ...]] = {}
+    for name, pair in (sources or {}).items():
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.]+(-[A-Za-z0-9_.]+)*", name):
+            raise ValueError(f"{what}: name {name!r} must be letters, digits, '_', '.' and inner '-'")
+        if name in DATA:
+            raise ValueError(f"{what}: {name!r} is a built-in data set; give yours another name")
+        if isinstance(pair, (str, bytes)) or len(pair) != 2:
+            raise ValueError(f"{what}[{name!r}] must be (train, test): two data sets load_dataset reads")
+        train, test = (load_dataset(p) for p in pair)
+        if train.class_names != test.class_names or train.image_shape != test.image_shape:
+            raise ValueError(
+                f"{what}[{name!r}]: the train and test sets differ: {train.num_classes} classes of "
+                f"{tuple(train.image_shape)} against {test.num_classes} of {tuple(test.image_shape)}"
+            )
+        h = hashlib.sha256()
+        for t in (train.images, train.labels, test.images, test.labels):
+            h.update(t.contiguous().numpy().tobytes())
+        loaded[name] = (train, test, h.hexdigest())
+    return loaded
+
+
+def split(data: str, suite: Suite, seed: int = 12345, user: Optional[Mapping[str, Tuple[Any, ...]]] = None) -> Split:
+    """The seeded, per-class split of ``data``'s test split (see the module docstring); ``user``: the user's
+    data sets as ``user_data`` returns them."""
+    if user and data in user:
+        train, test, digest = user[data]
+    else:
+        train, test, digest = load_dataset(f"{data}:train"), load_dataset(f"{data}:test"), None
     held = subset(test, suite.held_out_per_class, seed=seed)
     rest = _without(test, held)
     real = subset(rest, suite.real_per_class, seed=seed + 1)
     judge = _without(rest, real)
     if suite.judge_max_per_class is not None:
         judge = subset(judge, suite.judge_max_per_class, seed=seed + 2)
-    return Split(load_dataset(f"{data}:train"), held, real, judge)
+    return Split(train, held, real, judge, digest)
 
 
 def _without(ds: ImageDataset, part: ImageDataset) -> ImageDataset:
@@ -221,6 +256,11 @@ def _recipe(kind: str, data: str, arch: str, train_set: ImageDataset, epochs: in
         "input_shape": list(train_set.image_shape),
         **more,
     }
+
+
+def _content(parts: Split) -> Dict[str, str]:
+    """A user data set's digest for a recipe (nothing for the built-in data sets, whose recipes name them)."""
+    return {} if parts.digest is None else {"data_digest": parts.digest}
 
 
 def _mismatch(meta: Dict[str, Any], recipe: Dict[str, Any]) -> Optional[str]:
@@ -264,7 +304,7 @@ def judge(data: str, parts: Split, suite: Suite, cache: Path, device: str, say: 
     """The evaluation classifier of ``data`` (trained once, then loaded from ``cache``)."""
     n = len(parts.judge)
     path = cache / f"leakage-v{CACHE_VERSION}-judge-{data}-lenet-{n}-e{suite.judge_epochs}.pt"
-    recipe = _recipe("judge", data, "lenet", parts.judge, suite.judge_epochs, augment=2)
+    recipe = _recipe("judge", data, "lenet", parts.judge, suite.judge_epochs, augment=2, **_content(parts))
 
     def train() -> nn.Module:
         say(f"training the evaluation classifier (lenet) on {n} {data} test-split images")
@@ -281,7 +321,7 @@ def target(t: Target, parts: Split, suite: Suite, cache: Path, device: str, say:
     path = cache / f"leakage-v{CACHE_VERSION}-{t.name}-e{epochs}.pt"
     train_set = subset(parts.train, t.n_per_class, seed=0)
     batch = 64 if len(train_set) <= 20_000 else 128
-    recipe = _recipe("target", t.data, t.arch, train_set, epochs, batch_size=batch)
+    recipe = _recipe("target", t.data, t.arch, train_set, epochs, batch_size=batch, **_content(parts))
 
     def train() -> nn.Module:
         say(f"training target {t.name} on {len(train_set)} images ({epochs} epochs)")
@@ -353,6 +393,38 @@ def check_overrides(overrides: Mapping[str, Any], what: str = "variants") -> Non
         raise ValueError(f"{what}: {e}") from e
 
 
+def parse_variants(
+    common: Mapping[str, Any], specs: Sequence[str], ablation: bool = False
+) -> Dict[str, Dict[str, Any]]:
+    """The command line's variants: ``{"defaults": common}`` (the options of ``--set``) and one variant per
+    ``specs`` entry ``NAME:KEY=VALUE[,KEY=VALUE]`` (``--variant``; with ``ablation``, every variant of
+    ``ABLATION`` too), each over ``common``; each checked, an error names the option."""
+    check_overrides(common, "--set")
+    variants = {"defaults": dict(common)}
+    specs = list(specs)
+    if ablation:
+        specs += [
+            f"{name}:" + ",".join(f"{k}={json.dumps(v)}" for k, v in changes.items())
+            for name, changes in ABLATION.items()
+        ]
+    for spec in specs:
+        name, sep, rest = spec.partition(":")
+        if not sep or not name:
+            raise ValueError(f"--variant expects NAME:KEY=VALUE[,KEY=VALUE], got {spec!r}")
+        check_variant_name(name, "--variant")
+        if name in variants:
+            taken = "the runs of --set's options" if name == "defaults" else "another variant (--variant or --ablation)"
+            raise ValueError(f"--variant {name!r}: that name is taken by {taken}; give each variant its own name")
+        try:  # split at the commas before a KEY=: "eps=0.1,betas=[0.5,0.9]" is two pairs
+            changes = parse_overrides([p for p in re.split(r",(?=[^,=\[\]{}]+=)", rest) if p])
+        except ValueError as e:
+            raise ValueError(f"--variant {name}: {e}") from None
+        check_overrides(changes, f"--variant {name}")
+        variants[name] = {**common, **changes}
+        check_overrides(variants[name], f"--variant {name} with --set")
+    return variants
+
+
 def check_variant_name(name: Any, what: str = "variants") -> None:
     """A ``ValueError`` naming ``what`` unless ``name`` can name a variant (and its grid file)."""
     if not isinstance(name, str) or not VARIANT_NAME.fullmatch(name):
@@ -375,9 +447,12 @@ def check_seeds(seeds: Sequence[Any], what: str = "seeds") -> Tuple[int, ...]:
     return seeds
 
 
-def choose_targets(suite: Suite, names: Optional[Sequence[str]] = None, what: str = "targets") -> List[Target]:
+def choose_targets(
+    suite: Suite, names: Optional[Sequence[str]] = None, what: str = "targets", data: Sequence[str] = DATA
+) -> List[Target]:
     """The targets ``names`` (``Target.name``s; ``None``: the suite's), checked before any work: each of the
-    form DATA-ARCH-N, N one of the suite's sizes (it sets the epochs), none twice. Errors name ``what``."""
+    form DATA-ARCH-N (DATA one of ``data``), N one of the suite's sizes (it sets the epochs), none twice.
+    Errors name ``what``."""
     if names is None:
         return list(suite.targets)
     if isinstance(names, str):
@@ -387,7 +462,7 @@ def choose_targets(suite: Suite, names: Optional[Sequence[str]] = None, what: st
     chosen: List[Target] = []
     for name in names:
         try:
-            t = known.get(name) or Target.parse(name)
+            t = known.get(name) or Target.parse(name, data)
         except ValueError as e:
             raise ValueError(f"{what}: {e}") from None
         if t.n_per_class not in sizes:
@@ -453,6 +528,7 @@ def run(
     device: str = "cpu",
     progress: bool = True,
     say: Callable[[str], None] = lambda msg: None,
+    data: Optional[Mapping[str, Sequence[Any]]] = None,
 ) -> Dict[str, Any]:
     """Run the benchmark; write ``results.json``, ``results.md`` and ``grids/`` into ``out``; return the results.
 
@@ -471,6 +547,9 @@ def run(
         seeds: replace the suite's seeds (distinct integers >= 0).
         cache: where trained classifiers are kept (``cache_dir``).
         device: where everything runs.
+        data: the user's data sets, ``{name: (train, test)}``, each anything ``load_dataset`` reads (see
+            ``user_data``); ``targets`` name them like the built-in ones, e.g. ``{"mine": ("tr.npz",
+            "te.npz")}`` and ``targets=["mine-cnn-100"]``.
 
     Raises:
         ValueError, NotADirectoryError: a bad argument (named), before any work.
@@ -481,7 +560,8 @@ def run(
         raise ValueError(f"suite must be one of {', '.join(SUITES)} or a Suite, got {suite!r}")
     s = SUITES[suite] if isinstance(suite, str) else suite
     suite_name = suite if isinstance(suite, str) else "custom"
-    chosen = choose_targets(s, targets)
+    user = user_data(data)
+    chosen = choose_targets(s, targets, data=DATA + tuple(user))
     seeds = check_seeds(s.seeds if seeds is None else seeds)
     variants = dict(variants or {"defaults": {}})
     for vname, overrides in variants.items():
@@ -504,7 +584,10 @@ def run(
         "variants": {k: dict(v) for k, v in variants.items()},
     }
     measurement = {k: v for k, v in asdict(s).items() if k not in ("targets", "seeds", "invert")}
-    store = _Store(out / "runs", {"versions": [__version__, CACHE_VERSION], "device": device, "suite": measurement})
+    common = {"versions": [__version__, CACHE_VERSION], "device": device, "suite": measurement}
+    if user:  # their content decides the numbers too
+        common["data"] = {name: u[2] for name, u in sorted(user.items())}
+    store = _Store(out / "runs", common)
 
     def run_keys(t: Target) -> Dict[Tuple[str, int], str]:  # (variant, seed) -> the key of its run
         return {
@@ -531,7 +614,7 @@ def run(
         if record is None or todo:
             try:
                 if t.data not in splits:
-                    splits[t.data] = split(t.data, s)
+                    splits[t.data] = split(t.data, s, user=user)
                     judges[t.data] = judge(t.data, splits[t.data], s, cache_path, device, say)
             except DataUnavailable as e:
                 skipped[t.name] = str(e)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .backends import resolve_device
 from .checkpoint import PathLike, atomic_save, drop_unknown, field_error, load_checkpoint, require_keys
 from .classifier import ClassifierError
-from .data import ImageDataset
+from .data import ImageDataset, load_dataset
 from .progress import progress_bar
 
 Tensor = torch.Tensor
@@ -438,3 +438,19 @@ def load_classifier(path: PathLike, device: str = "cpu") -> nn.Module:
         ) from e
     model.tldr_meta = meta
     return model.to(resolve_device(device)).eval()
+
+
+def training_set(classifier: Optional[nn.Module]) -> ImageDataset:
+    """The training subset recorded in ``classifier``'s ``tldr_meta`` (by ``train_classifier``), loaded."""
+    meta = getattr(classifier, "tldr_meta", None) or {}
+    if "train_source" not in meta:
+        raise ValueError(
+            "no training set to compare with: give --data, or --classifier with a recorded training subset"
+        )
+    return load_dataset(meta["train_source"]).select_source(meta["train_indices"])
+
+
+def accuracies(meta: Dict[str, Any]) -> str:
+    """A classifier's recorded accuracies, e.g. ``"train accuracy 0.990, test accuracy 0.950"``."""
+    test = meta.get("test_accuracy")
+    return f"train accuracy {meta['train_accuracy']:.3f}" + (f", test accuracy {test:.3f}" if test is not None else "")

@@ -1,4 +1,11 @@
-"""Writing samples of an inversion to disk, one batch at a time: memory stays one batch for any count.
+"""Sampling an inversion, and writing its samples to disk one batch at a time (memory stays one batch).
+
+Sampling (``sample``, ``sample_batches``; ``Inversion.sample`` calls them): the generator in eval mode,
+image ``i`` (counting from ``offset``) has candidates ``i*select .. i*select + select - 1``, each with its
+own latent drawn by ``indexed_draws``, so the images do not depend on the batch size. With ``select > 1``
+the kept candidate is the one with the highest ``robustness_score``.
+
+Writing (``write_samples``):
 
 * ``.npz`` (any case): ``images`` uint8 ``[N, C, H, W]`` and ``labels`` int64 ``[N]``, streamed into the
   zip member by member and renamed into place when complete (an interrupted write leaves no file).
@@ -30,28 +37,214 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
 import re
 import sys
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image
 
-from . import distributed
+from . import distributed, reference
 from .checkpoint import atomic_write, atomic_write_many, atomic_write_text, check_parent, remove_stale_temps
 from .data import _pil_to_array
 from .grid import to_pil
 from .progress import progress_bar
+from .step import PIXEL_RANGE, pixel_eps, step_seed, warp_mode
+
+if TYPE_CHECKING:
+    from .invert import Inversion
 
 Tensor = torch.Tensor
 PathLike = Union[str, os.PathLike]
 MANIFEST = "samples.json"
 INDEX = "-index.json"  # a sharded sample's index: <stem>-index.json beside its shards
+SAMPLE_BLOCK = 64  # sampling draws its randomness in blocks of this many consecutive indices
+
+
+# --- sampling ----------------------------------------------------------------------------------------
+
+
+def sample_labels(
+    num_classes: int, labels: Union[None, Sequence[int], Tensor] = None, n_per_class: Optional[int] = None
+) -> Tensor:
+    """The label vector ``sample`` uses (on the CPU): ``labels`` as given, checked to be class indices in
+    ``[0, num_classes)``, or ``n_per_class`` of each class in order (class 0 x n, class 1 x n, ...)."""
+    if (labels is None) == (n_per_class is None):
+        raise ValueError("give exactly one of labels= or n_per_class=")
+    if labels is None:
+        if isinstance(n_per_class, bool) or not isinstance(n_per_class, int) or n_per_class < 1:
+            raise ValueError(f"n_per_class must be a positive int, got {n_per_class!r}")
+        return torch.arange(num_classes).repeat_interleave(n_per_class)
+    if isinstance(labels, Tensor):
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be integers, got a {labels.dtype} tensor")
+        y = labels.long()
+    else:
+        values = list(labels)
+        integral = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)  # noqa: E731
+        if not all(integral(v) for v in values):
+            bad = next(v for v in values if not integral(v))
+            raise ValueError(f"labels must be a flat sequence of class indices (ints), got {bad!r}")
+        y = torch.tensor([int(v) for v in values], dtype=torch.long)
+    if y.dim() != 1:
+        raise ValueError(f"labels must be one-dimensional, got shape {tuple(y.shape)}")
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes - 1}]")
+    return y.cpu()
+
+
+def resolve_batch_size(inv: "Inversion", batch_size: Optional[int] = None) -> int:
+    """The images per batch that sampling with ``batch_size`` generates: ``batch_size`` itself (a
+    positive int), or the inversion's own for None."""
+    bs = inv.config.batch_size if batch_size is None else batch_size
+    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    return bs
+
+
+def sample_seed(inv: "Inversion", seed: Optional[int] = None) -> int:
+    """The seed sampling with ``seed`` uses: ``seed`` itself (an int), or the inversion's own for None."""
+    if seed is None:
+        return inv.config.seed + 1_000_000_007
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    return seed
+
+
+def resolve_select(inv: "Inversion", select: Optional[int] = None) -> int:
+    """The candidates per image that sampling with ``select`` uses: ``select`` itself (a positive
+    int), or for None ``config.select``, which falls back to 1 with a one-line notice when the
+    target classifier that scores the candidates is not attached."""
+    if select is None:
+        select = inv.config.select
+        if select > 1 and inv.target is None:  # the default asks for what is missing: say so, do not fail
+            print(
+                f"tldr_fast: sampling without selection (this inversion's select={select} needs its target "
+                "classifier: Inversion.load(..., classifier=) or --classifier)",
+                file=sys.stderr,
+            )
+            return 1
+    if isinstance(select, bool) or not isinstance(select, int) or select < 1:
+        raise ValueError(f"select must be a positive int, got {select!r}")
+    return select
+
+
+def indexed_draws(seed: int, stream: int, start: int, stop: int, draw, device) -> Tensor:
+    """Rows ``start .. stop-1`` of an endless sequence of random draws in which row ``i`` is a function
+    of ``(seed, stream, i)`` only: ``draw(generator, k)`` makes ``k`` rows, and the sequence is drawn in
+    blocks of ``SAMPLE_BLOCK`` rows, each block from its own seed (a generator on ``device``)."""
+    parts = []
+    for block in range(start // SAMPLE_BLOCK, (stop - 1) // SAMPLE_BLOCK + 1):
+        base = block * SAMPLE_BLOCK
+        gen = torch.Generator(device).manual_seed(step_seed(seed, block, 3 + stream))
+        rows = draw(gen, SAMPLE_BLOCK)
+        parts.append(rows[max(start, base) - base : min(stop, base + SAMPLE_BLOCK) - base])
+    return torch.cat(parts)
+
+
+def generate(
+    inv: "Inversion", labels: Tensor, batch_size: int, seed: int, select: int = 1, offset: int = 0
+) -> Iterator[Tuple[Tensor, Tensor]]:
+    """``(labels, images)`` on the generator's device, ``batch_size`` images at a time, generator in
+    eval mode; with ``select > 1`` each image is the best of ``select`` candidates (``robustness_score``).
+    Candidate ``c`` (image ``c // select``, counting from image ``offset``) has its own latent, a
+    function of ``(seed, c)`` alone, so the images do not depend on ``batch_size``."""
+    g, was_training = inv.generator, inv.generator.training
+    dev = inv.device
+    g.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(labels), batch_size):
+                y = labels[start : start + batch_size].to(dev)
+                yc = y.repeat_interleave(select)  # [n * select]: the candidates of each image together
+                first = (offset + start) * select
+                z = indexed_draws(
+                    seed, 0, first, first + len(yc), lambda gen, k: torch.randn(k, g.nz, generator=gen, device=dev), dev
+                )
+                x = g(z, torch.nn.functional.one_hot(yc, inv.num_classes).float(), yc)
+                if select > 1:
+                    best = robustness_score(inv, x, yc, seed, first).view(len(y), select).argmax(1)  # [n]
+                    x = x.view(len(y), select, *x.shape[1:])[torch.arange(len(y), device=dev), best]
+                yield y, x
+    finally:
+        g.train(was_training)
+
+
+def robustness_score(
+    inv: "Inversion", images: Tensor, labels: Tensor, seed: int, first: int = 0, draws: int = 4
+) -> Tensor:
+    """The target classifier's mean probability of ``labels`` over ``draws`` random perturbations of
+    each image (the noise and geometric transforms of training): ``[N]``. Image ``i``'s perturbations
+    are a function of ``(seed, first + i)``. Needs the inversion's classifier."""
+    if inv.target is None:
+        raise ValueError(
+            "selecting samples needs the target classifier: pass classifier= to Inversion.load (on the command "
+            "line: --classifier), or select=1"
+        )
+    cfg, eps, dev = inv.config, pixel_eps(inv.config), images.device
+    n, shape = len(labels), images.shape[1:]
+    score = torch.zeros(n, device=dev)
+    for r in range(draws):
+        noise = indexed_draws(
+            seed,
+            1 + 2 * r,
+            first,
+            first + n,
+            lambda gen, k: reference.perturb_noise((k, *shape), cfg.perturbation, gen, dev, images.dtype),
+            dev,
+        )
+        theta = indexed_draws(
+            seed,
+            2 + 2 * r,
+            first,
+            first + n,
+            lambda gen, k: reference.warp_theta(k, shape[-2:], cfg.shift, cfg.rotate, cfg.scale, gen, dev),
+            dev,
+        )
+        x = reference.warp((images + eps * noise).clamp(*PIXEL_RANGE), theta, PIXEL_RANGE[0], warp_mode(cfg))
+        p = torch.softmax(inv.target(x)[0].float(), 1)
+        score += p.gather(1, labels[:, None]).view(-1) / draws
+    return score
+
+
+def sample_batches(
+    inv: "Inversion",
+    labels: Tensor,
+    batch_size: Optional[int] = None,
+    seed: Optional[int] = None,
+    select: Optional[int] = None,
+    offset: int = 0,
+) -> Iterator[Tuple[int, Tensor]]:
+    """``Inversion.sample_batches``: ``(position of the batch's first image, images [n, C, H, W] in
+    [-1, 1] on the CPU)``, one batch at a time."""
+    bs, seed, select = resolve_batch_size(inv, batch_size), sample_seed(inv, seed), resolve_select(inv, select)
+    for start, (_, x) in zip(range(0, len(labels), bs), generate(inv, labels, bs, seed, select, offset)):
+        yield start, x.float().cpu()
+
+
+def sample(
+    inv: "Inversion",
+    labels: Union[None, Sequence[int], Tensor] = None,
+    n_per_class: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    seed: Optional[int] = None,
+    select: Optional[int] = None,
+) -> Tensor:
+    """``Inversion.sample``: images ``[n, C, H, W]`` in [-1, 1] on the CPU."""
+    y = sample_labels(inv.num_classes, labels, n_per_class)
+    out = torch.empty(len(y), *inv.image_shape)
+    for start, x in sample_batches(inv, y, batch_size, seed, select):
+        out[start : start + len(x)] = x
+    return out
+
+
+# --- writing -----------------------------------------------------------------------------------------
 
 
 def _uint8(x: Tensor) -> np.ndarray:
@@ -98,8 +291,8 @@ def write_samples(
             f"{out}: a single .npz is written by one process; under torchrun give a shard size "
             "(--shard-size N: each rank writes its shards) or a folder (each rank writes its PNGs)"
         )
-    labels = inv.labels(labels)  # every argument checked before any file is touched
-    batch_size, seed, select = inv.resolve_batch_size(batch_size), inv.sample_seed(seed), inv.resolve_select(select)
+    labels = sample_labels(inv.num_classes, labels)  # every argument checked before any file is touched
+    batch_size, seed, select = resolve_batch_size(inv, batch_size), sample_seed(inv, seed), resolve_select(inv, select)
     if npz and shard_size is None and out.is_dir():
         raise IsADirectoryError(f"{out} is a folder; an .npz output must be a file name")
     if not npz and out.exists() and not out.is_dir():
@@ -136,7 +329,7 @@ def _write_npz(
             with zf.open("images.npy", "w", force_zip64=True) as member:
                 header = {"descr": "|u1", "fortran_order": False, "shape": (len(labels), *inv.image_shape)}
                 np.lib.format.write_array_header_2_0(member, header)
-                for _, x in inv.sample_batches(labels, batch_size, seed, select, offset=offset):
+                for _, x in sample_batches(inv, labels, batch_size, seed, select, offset=offset):
                     member.write(np.ascontiguousarray(_uint8(x)).tobytes())
                     bar.update(len(x))
             arrays = {"labels": labels.numpy().astype(np.int64), **(extra or {})}
@@ -437,7 +630,7 @@ def _write_folder(inv, out: Path, labels: Tensor, batch_size: int, seed: int, se
         if all(p.is_file() for p in todo):  # written by an earlier, interrupted run of this sample
             bar.update(len(todo))
             continue
-        for _, x in inv.sample_batches(labels[start : start + bs], len(todo), seed, select, offset=start):
+        for _, x in sample_batches(inv, labels[start : start + bs], len(todo), seed, select, offset=start):
             atomic_write_many([(p, _png(img)) for p, img in zip(todo, x)], "image")
             bar.update(len(todo))
     distributed.barrier()  # the whole sample is on disk when any rank returns

@@ -28,6 +28,7 @@ from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from . import torch_ops
 from .backends import BackendUnavailable, resolve, resolve_device
@@ -124,6 +125,14 @@ def _blocks(n: int, size: int) -> Iterator[slice]:
         yield slice(i, min(i + size, n))
 
 
+def _progress(bar: Optional[tqdm], progress: bool, pairs: int, desc: str) -> Tuple[tqdm, bool]:
+    """``(the bar to advance by the pairs compared, whether it is this call's own to close)``: ``bar``, a
+    stage's bar shared by several calls, or a bar of this call's ``pairs`` (shown if ``progress``)."""
+    if bar is not None:
+        return bar, False
+    return progress_bar(total=pairs, desc=desc, unit="pair", unit_scale=True, disable=not progress), True
+
+
 # --- drivers -----------------------------------------------------------------------------------------
 
 
@@ -136,6 +145,7 @@ def pairwise_ssim(
     budget_mb: float = 512,
     progress: bool = False,
     out_device: Optional[Union[str, torch.device]] = "cpu",
+    bar: Optional[tqdm] = None,
 ) -> Tensor:
     """The ``[N, M]`` fp32 SSIM matrix of images ``a`` against images ``b``.
 
@@ -146,8 +156,10 @@ def pairwise_ssim(
         backend: "auto", "extension", "triton", "torch" or "reference" (see the module docstring).
         device: where to compute; default the GPU when there is one. Blocks move there one at a time.
         budget_mb: working memory of one block on ``device``.
-        progress: show a progress bar over the blocks.
+        progress: show a progress bar of the image pairs compared (updated per block).
         out_device: where the matrix is returned; None: ``device``.
+        bar: a progress bar to advance by the pairs compared instead (``progress`` is then ignored): one bar
+            for a stage of several calls, such as ``tldr_fast.evaluate``'s.
 
     >>> x = torch.rand(3, 1, 16, 16)
     >>> torch.allclose(pairwise_ssim(x, x, backend="torch").diagonal(), torch.ones(3))
@@ -158,15 +170,14 @@ def pairwise_ssim(
     name, op = implementation(backend, device)
     bn, bm = _block_shape(name, device, a, b, budget_mb)
     out = torch.empty(a.shape[0], b.shape[0], dtype=torch.float32, device=out_device or device)
-    bar = progress_bar(
-        total=-(-a.shape[0] // bn) * -(-b.shape[0] // bm), desc="SSIM", unit="block", disable=not progress
-    )
+    bar, own = _progress(bar, progress, a.shape[0] * b.shape[0], "SSIM")
     for j in _blocks(b.shape[0], bm):
         bj = _to_device(b[j], device)
         for i in _blocks(a.shape[0], bn):
             out[i, j] = op(_to_device(a[i], device), bj, data_range)
-            bar.update()
-    bar.close()
+            bar.update((i.stop - i.start) * (j.stop - j.start))
+    if own:
+        bar.close()
     return out
 
 
@@ -179,6 +190,7 @@ def nearest_ssim(
     device: Optional[Union[str, torch.device]] = None,
     budget_mb: float = 512,
     progress: bool = False,
+    bar: Optional[tqdm] = None,
 ) -> Tuple[Tensor, Tensor]:
     """The ``k`` most similar images of ``b`` for each image of ``a``: ``(values [N, k], indices [N, k])``
     (fp32 and int64, on the CPU), by descending SSIM; the top-k is merged block by block, so ``N x M``
@@ -190,9 +202,7 @@ def nearest_ssim(
     bn, bm = _block_shape(name, device, a, b, budget_mb)
     vals = torch.full((a.shape[0], k), -float("inf"), device=device)
     idx = torch.zeros((a.shape[0], k), dtype=torch.long, device=device)
-    bar = progress_bar(
-        total=-(-a.shape[0] // bn) * -(-b.shape[0] // bm), desc="SSIM top-k", unit="block", disable=not progress
-    )
+    bar, own = _progress(bar, progress, a.shape[0] * b.shape[0], "SSIM top-k")
     for j in _blocks(b.shape[0], bm):
         bj = _to_device(b[j], device)
         cols = torch.arange(j.start, j.stop, device=device)
@@ -201,8 +211,9 @@ def nearest_ssim(
             top = torch.cat([vals[i], s], 1).topk(k, dim=1)
             idx[i] = torch.cat([idx[i], cols.expand(s.shape[0], -1)], 1).gather(1, top.indices)
             vals[i] = top.values
-            bar.update()
-    bar.close()
+            bar.update(s.shape[0] * s.shape[1])
+    if own:
+        bar.close()
     return vals.cpu(), idx.cpu()
 
 
