@@ -237,3 +237,13 @@ def test_cli_audit_end_to_end_and_bad_input(tmp_path, capsys):
         "batch_size": 12,
     }
     assert report["settings"]["inversion"]["steps"] == 3 and (tmp_path / "a" / "report.html").is_file()
+
+
+def test_held_out_defaults_to_the_test_split_of_a_source_that_has_one():
+    from tldr_fast.audit import default_held_out
+
+    ds = _data(2, 0, "mnist:train")
+    assert default_held_out(ds) == "mnist:test"
+    for source in ("mnist:test", "digits", "x.npz"):
+        with pytest.raises(ValueError, match="no test split"):
+            default_held_out(ImageDataset(ds.images, ds.labels, ds.class_names, ds.indices, source))
