@@ -14,7 +14,7 @@ from tldr_fast.grid import grid_size
 from tldr_fast.models import load_classifier
 from tldr_fast.samples import load_sample
 
-COMMANDS = ("train-classifier", "invert", "sample", "evaluate", "leakage", "info", "demo")
+COMMANDS = ("train-classifier", "invert", "sample", "evaluate", "audit", "leakage", "info", "demo")
 TINY = ["--batch-size", "8", "--device", "cpu", "--backend", "torch", "--quiet"]
 
 
@@ -422,6 +422,11 @@ def test_demo_end_to_end(tmp_path):
         "summary.txt",
         "classifier.pt",
         "inversion.pt",
+        "report.html",
+        "report.json",
+        "grids",
+        "cache",
+        "audit-state.json",
     }
     m = json.loads((out / "metrics.json").read_text())
     assert m["num_generated"] == 30 and m["num_train"] == 100 and m["train_source"] == "mnist:train"
@@ -459,6 +464,7 @@ def test_demo_end_to_end(tmp_path):
     assert len(list(cache.glob("real-curve-*.json"))) == 1
     assert 0 <= m["demo"]["eval_classifier_accuracy"] <= 1 and m["demo"]["eval_classifier"] == "lenet"
     assert m["demo"]["inversion_steps"] == 6 and len(m["images"]) == 30
+    assert json.loads((out / "report.json").read_text())["verdict"] == m["demo"]["audit"]
     with Image.open(out / "grid.png") as im:
         assert im.format == "PNG" and im.size == grid_size(10, 3, 28, 28)
     assert "reconstructed (SSIM >= 0.4)" in (out / "summary.txt").read_text()

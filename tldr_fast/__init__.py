@@ -3,6 +3,7 @@
 >>> from tldr_fast import invert, evaluate, InversionConfig
 """
 
+from .audit import AuditResult, audit
 from .config import TERMS, InversionConfig, LossWeights, Ramp
 from .data import ImageDataset, load_dataset, subset
 from .evaluate import EvaluationReport, evaluate
@@ -12,6 +13,8 @@ from .models import load_classifier, save_classifier, train_classifier
 
 __version__ = "0.1.0"
 __all__ = [
+    "audit",
+    "AuditResult",
     "invert",
     "Inversion",
     "InversionConfig",

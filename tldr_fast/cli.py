@@ -5,6 +5,7 @@
     tldr-fast invert --classifier clf.pt --steps 2000 --out inv.pt
     tldr-fast sample --inversion inv.pt --n-per-class 10 --out samples.npz   # or a folder of PNGs
     tldr-fast evaluate --inversion inv.pt --classifier clf.pt --out eval/
+    tldr-fast audit --classifier clf.pt --out audit/    # which training images does it leak? report.html
     tldr-fast leakage --suite quick                 # the leakage benchmark (default suite: < 45 min on a CPU)
     tldr-fast info
 
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Union, get_args, get_origin, get_type_hints
 
 from . import demo, distributed, leakage
+from .audit import audit_saved
 from .backends import NAMES as BACKEND_NAMES
 from .backends import resolve_device
 from .checkpoint import check_writable, refuse_overwriting_inputs
@@ -310,6 +312,26 @@ def cmd_leakage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit_options(p: argparse.ArgumentParser) -> None:
+    add_function_options(p, audit_saved)
+    p.add_argument("--config", help="a JSON file of InversionConfig fields")
+    example = "any InversionConfig field or loss weight, e.g. --set tv=1e-3 (repeatable; after --config)"
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=example)
+    add_config_options(p)
+    add_run_options(p)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    try:
+        result = _call(audit_saved, args, overrides=_invert_overrides(args), say=_say)
+    except KeyboardInterrupt:
+        _say(f"interrupted; {args.out} keeps what is done: the same command continues the audit")
+        raise
+    print(result.verdict)
+    print(f"wrote {result.out / 'report.html'}, {result.out / 'report.json'} and {result.out / 'grids'}/")
+    return 0
+
+
 def _info_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
@@ -342,6 +364,7 @@ COMMANDS = {  # name: (its function, what adds its options, the function whose d
     "sample": (cmd_sample, _sample_options, sample_saved),
     "evaluate": (cmd_evaluate, _evaluate_options, evaluate_saved),
     "leakage": (cmd_leakage, _leakage_options, leakage.run_options),
+    "audit": (cmd_audit, _audit_options, audit_saved),
     "info": (cmd_info, _info_options, cmd_info),
     "demo": (cmd_demo, _demo_options, demo.run),
 }

@@ -1,7 +1,8 @@
 """The demo (``tldr-fast demo``): the whole pipeline on 1,000 MNIST images, in a few minutes on a CPU.
 
 Train (or reuse from the cache) a small CNN and the leakage benchmark's independent evaluation classifier,
-invert the CNN, and evaluate the generated images against its training images and held-out ones.
+audit it (``tldr_fast.audit``: invert, sample, the leakage verdict and report.html), and evaluate the
+generated images against its training images and held-out ones.
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ from dataclasses import replace
 from typing import Any, Callable, Dict, Mapping, Optional
 
 from . import leakage
+from .audit import audit
 from .checkpoint import output_folder
 from .config import InversionConfig
 from .data import load_dataset, subset
 from .evaluate import EVALUATION_FILES, EvaluationReport, evaluate, write_evaluation
-from .invert import invert
 from .models import (
     EPOCHS,
     TRAIN_PER_CLASS,
@@ -59,10 +60,10 @@ def run(
     """The whole pipeline on 1,000 MNIST images, in a few minutes on a CPU.
 
     Train (or reuse from --cache-dir) a small CNN on 1,000 MNIST training images and an independent
-    evaluation classifier on other MNIST images, invert the CNN with the library's defaults, evaluate the
+    evaluation classifier on other MNIST images, audit the CNN with the library's defaults (invert it, then
+    the leakage verdict against held-out MNIST images: report.html, report.json, grids/), evaluate the
     generated images against the 1,000 training images and, as the control, as many held-out images, and
-    write metrics.json, grid.png, classifier.pt, inversion.pt and summary.txt into --out. At most 5 minutes
-    on a 2-core CPU.
+    write metrics.json, grid.png, classifier.pt, inversion.pt and summary.txt into --out.
 
     Args:
         invert_options: ``invert`` keywords, checked before any work (``seed``, ``device`` and ``progress``
@@ -90,7 +91,7 @@ def run(
     teaching = Teaching.with_steps(student_steps, draws=1)  # the real curve from one draw: a demo's budget
     start = time.perf_counter()
     cached = cache / f"demo-cnn-mnist-{train_per_class}pc-{epochs}ep-seed{seed}.pt"
-    files = (*EVALUATION_FILES, "classifier.pt", "inversion.pt")
+    files = (*EVALUATION_FILES, "classifier.pt", "inversion.pt", "report.html", "report.json")
     folder = output_folder(out, files, {"--cache-dir (its cached classifier)": str(cached)})
     classifier = None
     if cached.is_file():
@@ -124,16 +125,15 @@ def run(
         f"MNIST images): held-out accuracy {judge.tldr_meta['test_accuracy']:.3f}"
     )
     meta = classifier.tldr_meta
-    inv = invert(  # saves inversion.pt at the end and on Ctrl-C
-        classifier,
-        meta["num_classes"],
-        tuple(meta["input_shape"]),
-        checkpoint=folder / "inversion.pt",
-        device=device,
-        progress=progress,
-        **{"backend": backend, "seed": seed, **invert_options},
-    )
+    options = {k: v for k, v in invert_options.items() if k not in ("backend", "seed")}
+    audited = audit(  # inverts into inversion.pt (saved at the end and on Ctrl-C); report.html, report.json, grids/
+        classifier, train, parts.held_out, folder, eval_classifier=judge, seed=seed, backend=backend,
+        device=device, progress=progress, say=say, describe={"classifier_file": str(folder / "classifier.pt")},
+        restart=True, **options,
+    )  # fmt: skip
+    inv = audited.inversion
     say(f"inversion: target classifier {metrics_line(inv.metrics)}")
+    say(f"audit: {audited.verdict}")
     report = evaluate(
         inv,
         train,
@@ -163,6 +163,7 @@ def run(
         "eval_classifier": judge.tldr_meta["arch"],
         "eval_classifier_accuracy": judge.tldr_meta["test_accuracy"],
         "held_out_images": len(parts.held_out),
+        "audit": audited.verdict,
         "inversion_steps": inv.step,
         "inversion_batch_size": inv.config.batch_size,
         "inversion_metrics": inv.metrics,

@@ -324,6 +324,54 @@ def same_class_ssim(x01: Tensor, labels: Tensor, **ssim: Any) -> Tensor:
     return out
 
 
+@dataclass
+class ControlPart:
+    """One class of the control: the generated images ``gen_pos`` of the class, the ``m`` training images
+    ``train_pos`` and ``m`` held-out images ``held_pos`` drawn for it (positions in their data sets), and
+    the SSIM of each generated image to each: ``to_train`` and ``to_held`` ``[n_c, m]``."""
+
+    gen_pos: Tensor
+    train_pos: Tensor
+    held_pos: Tensor
+    to_train: Tensor
+    to_held: Tensor
+
+
+def control_parts(
+    x01: Tensor,
+    labels: Tensor,
+    train: ImageDataset,
+    held: ImageDataset,
+    seed: int = 0,
+    sims: Optional[Dict[int, Tensor]] = None,
+    **ssim: Any,
+) -> Dict[int, ControlPart]:
+    """The control of ``evaluate(held_out=...)``, per class of ``labels`` that both sets have: ``m =
+    min(n_train, n_held)`` random training and held-out images of the class (seeded by ``seed``, the same
+    draws whatever ``x01`` is) and the SSIM matrices to them. ``sims``: the SSIM matrices to all training
+    images of each class, when already computed (their columns are reused); ``ssim``: arguments of
+    ``tldr_fast.ssim.pairwise_ssim``."""
+    gen = torch.Generator().manual_seed(seed)
+    parts = {}
+    for c in torch.unique(labels).tolist():
+        train_all = torch.nonzero(train.labels == c).view(-1)
+        held_all = torch.nonzero(held.labels == c).view(-1)
+        m = min(len(train_all), len(held_all))
+        if m == 0:
+            continue
+        gen_pos = torch.nonzero(labels == c).view(-1)
+        t_cols = torch.randperm(len(train_all), generator=gen)[:m]
+        h_sel = held_all[torch.randperm(len(held_all), generator=gen)[:m]]
+        to_train = (
+            sims[c][:, t_cols]
+            if sims is not None
+            else pairwise_ssim(x01[gen_pos], train.images[train_all[t_cols]], **ssim)
+        )
+        to_held = pairwise_ssim(x01[gen_pos], held.images[h_sel], **ssim)
+        parts[c] = ControlPart(gen_pos, train_all[t_cols], h_sel, to_train, to_held)
+    return parts
+
+
 def _control(
     x01: Tensor,
     labels: Tensor,
@@ -336,18 +384,10 @@ def _control(
     """``(train_control_ssim [N], held_out_ssim [N])``: per class, nearest-neighbour SSIM to ``m`` random
     training images (columns of ``sims``, already computed) and to ``m`` random held-out images,
     ``m = min(n_train, n_held)`` of the class; NaN where a class has none of either."""
-    gen = torch.Generator().manual_seed(seed)
     t_out, h_out = torch.full((len(labels),), math.nan), torch.full((len(labels),), math.nan)
-    for c, s in sims.items():
-        held_pos = torch.nonzero(held.labels == c).view(-1)
-        m = min(s.shape[1], len(held_pos))
-        if m == 0:
-            continue
-        gen_pos = torch.nonzero(labels == c).view(-1)
-        t_cols = torch.randperm(s.shape[1], generator=gen)[:m]
-        h_sel = held_pos[torch.randperm(len(held_pos), generator=gen)[:m]]
-        t_out[gen_pos] = s[:, t_cols].max(dim=1).values
-        h_out[gen_pos] = pairwise_ssim(x01[gen_pos], held.images[h_sel], **ssim).max(dim=1).values
+    for part in control_parts(x01, labels, train, held, seed, sims, **ssim).values():
+        t_out[part.gen_pos] = part.to_train.max(dim=1).values
+        h_out[part.gen_pos] = part.to_held.max(dim=1).values
     return t_out, h_out
 
 
