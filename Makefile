@@ -55,11 +55,16 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# the tests run in TEST_WORKERS processes (pytest-xdist; a file's tests stay in one, so its fixtures are built
+# once), one thread each
+TEST_WORKERS ?= auto
+PARALLEL := -n $(TEST_WORKERS) --dist loadfile
+
 test: $(STAMP) $(STAMP_MAX) lint
-	TLDR_FAST_REQUIRE_DATA=1 $(PY) -m pytest -q
-	TRITON_INTERPRET=1 $(VENV_MAX)/bin/python -m pytest -q -p no:cacheprovider $(TRITON_TESTS)
+	TLDR_FAST_REQUIRE_DATA=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q $(PARALLEL)
+	TRITON_INTERPRET=1 OMP_NUM_THREADS=1 $(VENV_MAX)/bin/python -m pytest -q -p no:cacheprovider $(PARALLEL) $(TRITON_TESTS)
 	# every benchmark once, untimed, at small shapes (Triton rows under the interpreter): a broken benchmark fails
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider benchmarks/ --benchmark-disable
+	TRITON_INTERPRET=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider $(PARALLEL) benchmarks/ --benchmark-disable
 
 bench: $(STAMP)
 	$(PY) -m pytest $(BENCH_ARGS) --benchmark-only --benchmark-autosave
