@@ -305,6 +305,31 @@ def test_one_progress_bar_for_the_evaluation(gen, train, capsys):
     assert "100%|" in final and f"{pairs}/{pairs} [" in final, final
 
 
+def test_one_progress_bar_for_the_students(gen, train, capsys, tmp_path):
+    """What the images teach is one stage with one bar: the CAS student and every student of the real curve
+    advance it, each without a bar of its own."""
+    from tldr_fast.utility import Teaching
+
+    labels = torch.arange(10).repeat_interleave(2)
+    recipe = Teaching(arch="mlp", steps=6, batch_size=8, real_sizes=(1, 2), draws=2)
+    capsys.readouterr()
+    evaluate(
+        _noise(gen, 20),
+        train,
+        labels,
+        test=train,
+        teaching=recipe,
+        teach_per_class=2,
+        cache=tmp_path,
+        progress=True,
+        **SSIM,
+    )
+    lines = [line for line in capsys.readouterr().err.split("\n") if line]
+    assert [line.lstrip("\r").split(":")[0] for line in lines] == ["SSIM", "teach"], lines
+    final = lines[1].split("\r")[-1]
+    assert "100%|" in final and "5/5 [" in final, final  # CAS + 2 sizes x 2 draws of the real curve
+
+
 @pytest.mark.gpu
 def test_gpu_matches_cpu(gen, train):
     images = _noise(gen, 20)

@@ -511,7 +511,7 @@ def evaluate(
         teaching: the students' recipe and the real curve's sizes (default: ``tldr_fast.utility.Teaching()``).
         cache: folder that keeps the real curve (default: ``tldr_fast.checkpoint.cache_dir()``).
         backend, device: of the SSIM computation (``tldr_fast.ssim.classwise_ssim``).
-        progress: progress bars: one over all the SSIM comparisons, and one per student trained.
+        progress: progress bars: one over all the SSIM comparisons, one over the students trained.
     """
     inversion = None
     if isinstance(generated, Tensor):
@@ -781,11 +781,21 @@ def _utility(
     if test is not None:
         dev = str(device) if device else "auto"
         pool = real_pool if real_pool is not None else train
-        curve = real_curve(pool, test, teaching, device=dev, cache=cache_dir(cache), progress=progress)
-        student = dict(class_names=names, recipe=teaching, seed=seed, device=dev, progress=progress)
-        cas = student_accuracy(x_teach, y_teach, test, **student)
-        out.update(cas=cas, real_curve=curve, worth_real_per_class=worth(cas, curve, 1 / k) if curve else None)
-        distill = None if target is None else student_accuracy(x_teach, y_teach, test, teacher=target, **student)
+        # one bar for the stage: the students of CAS and distillation, and the real curve's unless cached
+        bar = progress_bar(
+            total=1 + (target is not None),
+            desc="teach",
+            unit="student",
+            disable=not (progress and distributed.is_main()),
+        )
+        with bar:
+            curve = real_curve(pool, test, teaching, device=dev, cache=cache_dir(cache), bar=bar)
+            student = dict(class_names=names, recipe=teaching, seed=seed, device=dev)
+            cas = student_accuracy(x_teach, y_teach, test, **student)
+            bar.update(1)
+            out.update(cas=cas, real_curve=curve, worth_real_per_class=worth(cas, curve, 1 / k) if curve else None)
+            distill = None if target is None else student_accuracy(x_teach, y_teach, test, teacher=target, **student)
+            bar.update(target is not None)
         out["distill_accuracy"] = distill
     if eval_classifier is not None:
         feats = predict_logits(eval_classifier, x01, features=True)  # [N, D]

@@ -113,11 +113,14 @@ def real_curve(
     device: str = "cpu",
     cache: Optional[Path] = None,
     progress: bool = False,
+    bar: Optional[Any] = None,
 ) -> Dict[str, float]:
     """``{str(n): accuracy}``: a student (``recipe``) trained on ``n`` real images per class of ``pool``
     for each of ``recipe.real_sizes`` (a class-balanced draw, seeds ``0..draws-1``; the mean over
     draws), tested on ``test``. Sizes larger than ``pool``'s smallest class are left out. Kept as JSON
-    in ``cache`` (a folder), keyed by both data sets' contents and the recipe."""
+    in ``cache`` (a folder), keyed by both data sets' contents and the recipe. ``bar``: a progress bar of the
+    caller's stage, advanced by one per student trained here (its total grown by their number), instead of
+    one bar per student."""
     present = [c for c in pool.class_counts() if c > 0]
     sizes = sorted(n for n in set(int(s) for s in recipe.real_sizes) if 1 <= n <= min(present))
     key = json.dumps([CURVE_VERSION, asdict(recipe), sizes, _fingerprint(pool, test)], sort_keys=True)
@@ -132,6 +135,9 @@ def real_curve(
             except (ValueError, KeyError):
                 pass  # unreadable: compute it again
     curve = {}
+    if bar is not None:
+        bar.total = (bar.total or 0) + len(sizes) * recipe.draws
+        bar.refresh()
     for n in sizes:
         accs = []
         for d in range(recipe.draws):
@@ -145,9 +151,11 @@ def real_curve(
                     recipe=recipe,
                     seed=d,
                     device=device,
-                    progress=progress,
+                    progress=progress and bar is None,
                 )
             )
+            if bar is not None:
+                bar.update(1)
         curve[str(n)] = sum(accs) / len(accs)
     if path is not None:
         atomic_write_text(path, json.dumps({"key": key, "curve": curve}, indent=2) + "\n")
