@@ -247,3 +247,88 @@ def test_held_out_defaults_to_the_test_split_of_a_source_that_has_one():
     for source in ("mnist:test", "digits", "x.npz"):
         with pytest.raises(ValueError, match="no test split"):
             default_held_out(ImageDataset(ds.images, ds.labels, ds.class_names, ds.indices, source))
+
+
+class _Pair(torch.nn.Module):
+    """A classifier of another library: returns (logits, features), as a TorchScript classifier must."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(144, 8), torch.nn.ReLU())
+        self.head = torch.nn.Linear(8, K)
+
+    def forward(self, x):
+        f = self.body(x)
+        return self.head(f), f
+
+
+def test_classifiers_of_other_libraries_load(tmp_path, monkeypatch):
+    """--classifier as TorchScript (forward returning (logits, features)) and as module:factory with --weights:
+    the same function as the module, in eval mode, with the --preprocess normalisation as their tldr_meta."""
+    from tldr_fast.models import Scripted, load_model, predict_logits
+
+    torch.manual_seed(0)
+    net = _Pair().eval()
+    x = _data(2, 0, "x").images
+    want_logits, want_features = (t.detach() for t in net(x * 4 - 2))  # (x - 0.5) / 0.25
+    torch.jit.save(torch.jit.script(net), tmp_path / "net.ts")
+    scripted = load_model(str(tmp_path / "net.ts"), preprocess="0.5,0.25")
+    assert isinstance(scripted, Scripted) and scripted.tldr_meta == {"mean": [0.5], "std": [0.25]}
+    torch.testing.assert_close(predict_logits(scripted, x), want_logits)
+    torch.testing.assert_close(predict_logits(scripted, x, features=True), want_features)
+
+    (tmp_path / "mylib.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(144, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(1)
+    built = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(144, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)
+    ).eval()
+    torch.save(built.state_dict(), tmp_path / "w.pt")
+    factory = load_model("mylib:build", weights=str(tmp_path / "w.pt"))
+    assert factory.tldr_meta == {"mean": [0.0], "std": [1.0]} and not factory.training  # unit: [0, 1] images
+    torch.testing.assert_close(predict_logits(factory, x), built(x).detach())
+
+    for spec, options, match in (
+        ("mylib:build", {}, "needs --weights"),
+        ("mylib:nothing", {"weights": "w.pt"}, "cannot import nothing from mylib"),
+        (str(tmp_path / "net.ts"), {"preprocess": "0.5"}, "--preprocess expects"),
+        (str(tmp_path / "net.ts"), {"weights": "w.pt"}, "--weights is for"),
+        (str(tmp_path / "missing.pt"), {}, "neither a file nor module:factory"),
+    ):
+        with pytest.raises((ValueError, FileNotFoundError), match=match):
+            load_model(spec, **options)
+
+
+def test_audit_of_a_module_factory_classifier(tmp_path, monkeypatch):
+    """The audit on classifiers of other libraries, their --train given: module:factory with its weights, and
+    TorchScript."""
+    from tldr_fast.audit import audit_saved
+
+    (tmp_path / "otherlib.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(144, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import otherlib
+
+    torch.save(otherlib.build().state_dict(), tmp_path / "w.pt")
+    train = _npz(tmp_path / "train.npz", _data(6, 0, "train"))
+    held = _npz(tmp_path / "held.npz", _data(8, 1, "held"))
+    result = audit_saved(
+        classifier="otherlib:build", weights=str(tmp_path / "w.pt"), preprocess="identity", train=train,
+        held_out=held, out=str(tmp_path / "a"), n_per_class=3, real_per_class=3,
+        overrides={"steps": 3, "batch_size": 12}, device="cpu", progress=False,
+    )  # fmt: skip
+    report = json.loads((result.out / "report.json").read_text())
+    assert report["verdict"] == result.verdict and (result.out / "report.html").is_file()
+    torch.jit.save(torch.jit.script(_Pair()), tmp_path / "net.ts")
+    scripted = audit_saved(
+        classifier=str(tmp_path / "net.ts"), train=train, held_out=held, out=str(tmp_path / "b"), n_per_class=3,
+        real_per_class=3, overrides={"steps": 3, "batch_size": 12, "grad_norm": "off"}, device="cpu", progress=False,
+    )  # fmt: skip
+    assert (scripted.out / "report.html").is_file()

@@ -572,6 +572,8 @@ def audit_saved(
     train: Optional[str] = None,
     held_out: Optional[str] = None,
     eval_classifier: Optional[str] = None,
+    weights: Optional[str] = None,
+    preprocess: Optional[str] = None,
     n_per_class: int = N_PER_CLASS,
     real_per_class: Optional[int] = None,
     tau: float = 0.4,
@@ -589,13 +591,18 @@ def audit_saved(
     with the same arguments reuses what is done there; an interrupted one continues.
 
     Args:
-        classifier: classifier checkpoint from train-classifier
+        classifier: the classifier: a checkpoint from train-classifier, a TorchScript file (its forward returning
+            (logits, features); with --grad-norm full or off, as its head cannot be found), or module:factory (a
+            function that builds it) with --weights
         out: folder for report.html, report.json, grids/ and the stages' files
         train: its training images, a data set as load_dataset reads it (default: the subset the checkpoint
             records)
         held_out: images of the same classes it never saw (default: the test split of the training data's
             source, e.g. mnist:test)
         eval_classifier: an independent classifier checkpoint: attack accuracy, feature-space distances
+        weights: the state dict of a module:factory classifier
+        preprocess: a TorchScript or module:factory classifier's input: unit ([0, 1] images), identity ([-1, 1])
+            or MEAN,STD (per channel M1:M2:M3,S1:S2:S3) of the [0, 1] images (default: unit)
         n_per_class: generated images per class measured
         real_per_class: real unseen images per class taken from the held-out set for the null (default: the
             generated images per class)
@@ -604,13 +611,13 @@ def audit_saved(
         overrides: InversionConfig fields and loss weights (seed and backend among them)
     """
     from .checkpoint import refuse_overwriting_inputs
-    from .models import load_classifier
+    from .models import load_model
 
-    inputs = {"--classifier": classifier, "--train": train, "--held-out": held_out}
+    inputs = {"--classifier": classifier, "--train": train, "--held-out": held_out, "--weights": weights}
     refuse_overwriting_inputs("--out", out, [Path(out) / "report.json"], inputs)
     options = dict(overrides or {})
-    model = load_classifier(classifier, device)
-    judge = load_classifier(eval_classifier, device) if eval_classifier else None
+    model = load_model(classifier, device, weights, preprocess)
+    judge = load_model(eval_classifier, device) if eval_classifier else None
     return audit(
         model, train, held_out, out, eval_classifier=judge, n_per_class=n_per_class,
         real_per_class=real_per_class, tau=tau, allow_overlap=allow_overlap, seed=options.pop("seed", 0),

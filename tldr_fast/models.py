@@ -274,7 +274,11 @@ def predict_logits(model: nn.Module, x01: Tensor, batch_size: int = 1024, featur
         )
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    fn = model.features if features else model
+
+    def fn(x: Tensor) -> Tensor:
+        y = model.features(x) if features else model(x)
+        return y[0] if isinstance(y, tuple) else y  # a classifier returning (logits, features)
+
     was_training = model.training
     model.eval()
     try:
@@ -511,3 +515,86 @@ def accuracies(meta: Dict[str, Any]) -> str:
     """A classifier's recorded accuracies, e.g. ``"train accuracy 0.990, test accuracy 0.950"``."""
     test = meta.get("test_accuracy")
     return f"train accuracy {meta['train_accuracy']:.3f}" + (f", test accuracy {test:.3f}" if test is not None else "")
+
+
+class Scripted(nn.Module):
+    """A TorchScript classifier as an ``nn.Module`` of this library: its layers cannot be hooked, so its
+    ``forward`` must return ``(logits [B, K], features [B, D])`` for the feature terms; ``features(x)`` is
+    the second (what the feature-space metrics read). Its head is not found either: invert it with
+    ``grad_norm="full"`` or ``"off"``."""
+
+    def __init__(self, net: torch.jit.ScriptModule):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Any:
+        return self.net(x)
+
+    def features(self, x: Tensor) -> Tensor:
+        out = self.net(x)
+        if not isinstance(out, tuple) or len(out) != 2:
+            raise ValueError("a TorchScript classifier's features are the second output of (logits, features)")
+        return out[1]
+
+
+def parse_preprocess(text: str) -> Dict[str, Any]:
+    """``--preprocess``: what a classifier of another library expects of the generator's [0, 1] images, as
+    the ``mean``/``std`` of a ``tldr_meta``: ``unit`` (the [0, 1] images), ``identity`` ([-1, 1]), or
+    ``MEAN,STD`` with numbers or ``:``-separated numbers per channel, e.g. ``0.1307,0.3081`` or
+    ``0.485:0.456:0.406,0.229:0.224:0.225``."""
+    named = {"unit": ([0.0], [1.0]), "identity": ([0.5], [0.5])}
+    try:
+        mean, std = named[text] if text in named else ([float(v) for v in part.split(":")] for part in text.split(","))
+    except ValueError:
+        mean, std = None, None
+    if mean is None or not std or len(mean) != len(std) or min(std) <= 0:
+        raise ValueError(
+            f"--preprocess expects unit, identity or MEAN,STD (per channel: M1:M2:M3,S1:S2:S3; std > 0), got {text!r}"
+        )
+    return {"mean": mean, "std": std}
+
+
+def load_model(
+    spec: str, device: str = "cpu", weights: Optional[PathLike] = None, preprocess: Optional[str] = None
+) -> nn.Module:
+    """A classifier named on the command line, in eval mode on ``device``: a checkpoint of
+    ``save_classifier``, a TorchScript file (``Scripted``), or ``module:factory`` (a function of an
+    importable module that builds the ``nn.Module``) with its state dict ``weights``. The last two learn
+    their input normalisation from ``preprocess`` (``parse_preprocess``; default ``unit``) as the
+    ``tldr_meta`` of this library's classifiers. Errors name the argument."""
+    import importlib
+    import zipfile
+
+    if weights is not None and ":" not in str(spec):
+        raise ValueError("--weights is for a --classifier given as module:factory")
+    if Path(spec).is_file():
+        if zipfile.is_zipfile(spec) and any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(spec).namelist()):
+            model: nn.Module = Scripted(torch.jit.load(spec, map_location=device))
+        else:
+            if preprocess is not None:
+                raise ValueError(
+                    "--preprocess is for a TorchScript or module:factory classifier; a checkpoint records its own"
+                )
+            return load_classifier(spec, device)
+    elif ":" in spec:
+        module_name, _, factory = spec.partition(":")
+        try:
+            build = getattr(importlib.import_module(module_name), factory)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"--classifier {spec!r}: cannot import {factory} from {module_name} ({e})") from e
+        model = build()
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"--classifier {spec!r}: {factory}() returned a {type(model).__name__}, not an nn.Module")
+        if weights is None:
+            raise ValueError(f"--classifier {spec!r} needs --weights: the state dict of the model it builds")
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        try:
+            model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+        except (RuntimeError, TypeError, AttributeError) as e:
+            raise ValueError(
+                f"--weights {weights}: not a state dict of {spec} ({' '.join(str(e).split())[:200]})"
+            ) from e
+    else:
+        raise FileNotFoundError(f"--classifier {spec!r} is neither a file nor module:factory")
+    model.tldr_meta = parse_preprocess(preprocess or "unit")
+    return model.to(device).eval()
