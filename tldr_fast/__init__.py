@@ -3,6 +3,7 @@
 >>> from tldr_fast import invert, evaluate, InversionConfig
 """
 
+from ._version import __version__ as __version__
 from .audit import AuditResult, audit
 from .config import TERMS, InversionConfig, LossWeights, Ramp
 from .data import ImageDataset, load_dataset, subset
@@ -11,7 +12,6 @@ from .generator import ConditionedGenerator
 from .invert import Inversion, invert
 from .models import load_classifier, save_classifier, train_classifier
 
-__version__ = "0.1.0"
 __all__ = [
     "audit",
     "AuditResult",

@@ -478,7 +478,7 @@ def audit(
     Raises:
         ValueError, ClassifierError, NotADirectoryError, PermissionError: bad input (named), before any work.
     """
-    from . import __version__
+    from ._version import __version__
 
     for name, value in (
         ("n_per_class", n_per_class),

@@ -39,9 +39,8 @@ from .config import (
 from .data import dataset_names
 from .evaluate import evaluate_saved
 from .info import info, info_text
-from .invert import invert_saved
+from .invert import invert_saved, sample_saved
 from .models import ARCHS, accuracies, train_and_save
-from .samples import sample_saved
 
 PROG = "tldr-fast"
 RUN_FIELDS = ("seed", "device", "progress")  # InversionConfig fields of add_run_options: --seed, --device, --quiet

@@ -7,7 +7,8 @@ from typing import Any, Dict
 
 import torch
 
-from . import __version__, extension
+from . import extension
+from ._version import __version__
 from .backends import available
 
 

@@ -56,12 +56,10 @@ from .checkpoint import (
     atomic_write_many,
     atomic_write_text,
     check_parent,
-    refuse_overwriting_inputs,
     remove_stale_temps,
 )
 from .data import _pil_to_array
 from .grid import to_pil
-from .models import load_classifier
 from .progress import progress_bar
 from .step import PIXEL_RANGE, pixel_eps, step_seed, warp_mode
 
@@ -316,61 +314,6 @@ def write_samples(
     finally:
         bar.close()
     return out
-
-
-def sample_saved(
-    *,
-    inversion: str,
-    n_per_class: int = 10,
-    out: str,
-    shard_size: Optional[int] = None,
-    batch_size: Optional[int] = None,
-    select: Optional[int] = None,
-    classifier: Optional[str] = None,
-    seed: Optional[int] = None,
-    device: str = "cpu",
-    progress: bool = True,
-) -> Tuple[int, Path]:
-    """Write N generated images per class to an .npz or a folder of PNGs.
-
-    Sample an inversion: --out ending in .npz writes uint8 images [N, C, H, W] and labels; with --shard-size
-    it writes them in shards beside it plus an index (large samples; needed for an .npz under torchrun); any
-    other --out is a folder with one sub-folder of PNGs per class.
-
-    Args:
-        inversion: inversion checkpoint from invert
-        n_per_class: images per class
-        out: .npz file or folder (a folder or a sharded .npz resumes an interrupted sample)
-        shard_size: with an .npz --out such as s.npz: shards of N images, s-00000-of-000NN.npz, and their
-            index s-index.json (the same files for any number of torchrun ranks, each writing its shards;
-            resumable; read back with tldr_fast.samples.load_sample)
-        batch_size: images generated at a time (default: the inversion's batch size); the images do not
-            depend on it
-        select: keep the most robustly classified of N candidates per image (needs --classifier; default:
-            the inversion's select, or 1 without --classifier)
-        classifier: the target classifier checkpoint (scores the candidates of --select)
-        seed: sampling seed (default: the inversion's own)
-
-    Returns:
-        The number of images and what ``load_sample`` reads; every argument is checked first, and ``out`` is
-        never one of the inputs.
-    """
-    from .invert import load_inversion  # invert samples with this module
-
-    path = Path(out)
-    if not out.strip():
-        raise ValueError("--out is empty: give an .npz file or a folder")
-    if select is not None and select > 1 and not classifier:
-        raise ValueError(f"--select {select} needs --classifier (the target classifier scores the candidates)")
-    if path.suffix.lower() == ".npz":  # a sharded sample's shards are named after its index
-        written = [path.with_name(path.stem + INDEX)] if shard_size else [path]
-    else:
-        written = [path, path / MANIFEST]
-    refuse_overwriting_inputs("--out", out, written, {"--inversion": inversion, "--classifier": classifier})
-    target = load_classifier(classifier, device) if classifier else None
-    inv = load_inversion(inversion, device, target, classifier)
-    labels = inv.labels(n_per_class=n_per_class)
-    return len(labels), write_samples(inv, path, labels, batch_size, seed, select, progress, shard_size)
 
 
 def _write_npz(
