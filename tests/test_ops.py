@@ -405,3 +405,17 @@ def test_every_cited_document_and_section_exists():
             if sec not in sections:
                 bad.append(f"{path.relative_to(ROOT)} cites DESIGN.md §{sec}")
     assert not bad, "\n".join(bad)
+
+
+def test_ops_are_found_and_ordered_by_their_declared_positions(monkeypatch):
+    """Every module of tldr_fast/ops is an op, in the order of the positions its declaration gives; two ops
+    at one position are an error, not a silent reordering of the term vector."""
+    from tldr_fast import ops
+
+    assert [SPECS[name].position for name in ops.OPS] == list(range(len(ops.OPS)))
+    found = {p.stem for p in (ROOT / "tldr_fast" / "ops").glob("*.py") if not p.name.startswith("_")}
+    assert set(ops.OPS) == found
+    clash = replace(SPECS["perturb"], position=SPECS["head_loss"].position)
+    monkeypatch.setattr(ops.perturb, "SPEC", clash)
+    with pytest.raises(RuntimeError, match="positions must be 0..6, each once"):
+        ops._declared()

@@ -14,16 +14,32 @@ vector (the step adds its own terms after these: ``tldr_fast.config.TERMS``).
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Dict, Tuple
 
-from . import bn_stats, feature_loss, head_loss, image_prior, mode_seek, pairwise_ssim, perturb
 from ._spec import OpSpec
 
+
+def _declared() -> Dict[str, OpSpec]:
+    """The ``SPEC`` of every module of this package, in the order of their ``position``s (distinct)."""
+    specs = sorted(
+        (
+            importlib.import_module(f"{__name__}.{m.name}").SPEC
+            for m in pkgutil.iter_modules(__path__)
+            if m.name[0] != "_"
+        ),
+        key=lambda spec: spec.position,
+    )
+    positions = [spec.position for spec in specs]
+    if positions != list(range(len(specs))):
+        raise RuntimeError(f"the ops' positions must be 0..{len(specs) - 1}, each once; got {positions}")
+    return {spec.name: spec for spec in specs}
+
+
 # The order of OPS, and of LOSS_OPS' terms in the per-step term vector (the weights rows, the history and the
-# checkpoints follow it): a new op is appended.
-SPECS: Dict[str, OpSpec] = {
-    m.SPEC.name: m.SPEC for m in (head_loss, feature_loss, image_prior, perturb, bn_stats, mode_seek, pairwise_ssim)
-}
+# checkpoints follow it): each op's declared position; a new op takes the next one.
+SPECS: Dict[str, OpSpec] = _declared()
 OPS: Tuple[str, ...] = tuple(SPECS)
 LOSS_OPS: Tuple[str, ...] = tuple(name for name, spec in SPECS.items() if spec.terms)
 

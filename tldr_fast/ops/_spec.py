@@ -37,6 +37,7 @@ class OpSpec:
     """
 
     name: str
+    position: int  # its place in OPS and of its terms in the per-step term vector: a new op takes the next
     schema: str  # the torch.library schema after the op's name: "(Tensor x, ...) -> (...)"
     check: Callable[..., None]  # the public arguments -> None, or ValueError
     fake: Callable[..., Any]  # the op's outputs as empty tensors of the right shape and dtype

@@ -56,6 +56,7 @@ def fake_backward(grad, activations, mean, coef):
 
 SPEC = OpSpec(
     name=NAME,
+    position=4,
     schema="(Tensor activations, Tensor running_mean, Tensor running_var) -> (Tensor value, Tensor mean, Tensor coef)",
     check=check,
     fake=fake,

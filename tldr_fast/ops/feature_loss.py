@@ -50,6 +50,7 @@ def fake(features, weights, labels, num_classes):
 
 SPEC = OpSpec(
     name=NAME,
+    position=1,
     schema="(Tensor features, Tensor weights, Tensor? labels, int num_classes)"
     " -> (Tensor loss, Tensor terms, Tensor grad_features)",
     check=check,

@@ -69,6 +69,7 @@ def fake(logits, condition, labels, features, weights, head_bias):
 
 SPEC = OpSpec(
     name=NAME,
+    position=0,
     schema="(Tensor logits, Tensor condition, Tensor labels, Tensor? features, Tensor weights, bool head_bias)"
     " -> (Tensor loss, Tensor terms, Tensor grad_logits, Tensor grad_features)",
     check=check,

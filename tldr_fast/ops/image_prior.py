@@ -44,6 +44,7 @@ def fake(images, weights, lo, hi, moments):
 
 SPEC = OpSpec(
     name=NAME,
+    position=2,
     schema="(Tensor images, Tensor weights, float lo, float hi, Tensor? moments)"
     " -> (Tensor loss, Tensor terms, Tensor grad_images)",
     check=check,

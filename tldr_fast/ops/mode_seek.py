@@ -54,6 +54,7 @@ def fake_backward(grad, images, coef):
 
 SPEC = OpSpec(
     name=NAME,
+    position=5,
     schema="(Tensor images, Tensor latents) -> (Tensor value, Tensor coef)",
     check=check,
     fake=fake,

@@ -45,6 +45,7 @@ def fake(a, b, data_range):
 
 SPEC = OpSpec(
     name=NAME,
+    position=6,
     schema="(Tensor a, Tensor b, float data_range) -> Tensor",
     check=check,
     fake=fake,

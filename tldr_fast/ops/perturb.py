@@ -81,6 +81,7 @@ def fake(images, eps, lo, hi, kind, seed, theta=None, mode=0):
 
 SPEC = OpSpec(
     name=NAME,
+    position=3,
     schema="(Tensor images, float eps, float lo, float hi, int kind, int seed, Tensor? theta=None, int mode=0) -> Tensor",
     check=check,
     fake=fake,
