@@ -480,3 +480,20 @@ def test_a_new_leakage_run_with_overrides_shows_in_the_levers_table(tmp_path):
     assert {r.get("label") for r in tables.read_results(str(results)) if r["run"] == "2026-12-07/student"} >= {
         "adversarial student 0.5"
     }
+
+
+def test_a_newer_run_of_other_targets_leaves_the_defaults_tables_alone(tmp_path):
+    """The defaults' tables (README's among them) show the newest defaults run of the default suite's targets:
+    a newer defaults run of other targets alone (e.g. the colour suite's) does not replace it."""
+    results = tmp_path / "results.jsonl"
+    results.write_text("")
+    source = "benchmarks/results/2026-12-07-cpu-leakage/{}/results.json (git abc1234)"
+    for name, data in (("default", leakage_results()), ("colour", leakage_results())):
+        if name == "colour":
+            for t in data["targets"]:
+                t["target"], t["data"] = t["target"].replace("mnist", "colour-mnist"), "colour-mnist"
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(data))
+        argv = ["--add-leakage", str(path), "--run", f"2026-12-07/{name}", "--source", source.format(name)]
+        assert tables.main([*argv, "--results", str(results)]) == 0
+    assert tables.defaults_run(tables.read_results(str(results))) == "2026-12-07/default"
