@@ -212,6 +212,7 @@ def test_schedules_and_weights():
     cfg = InversionConfig(schedules={"tv": (0.0, 1.0, 0, 4)}, weights={"cos": 0.5})
     assert cfg.weights.cos == 0.5 and cfg.weight("tv", 2) == 0.5 and cfg.weight("tv", 10) == 1.0
     assert cfg.weight("ce", 3) == LossWeights().ce
+    assert cfg.weight("my_new_term", 3) == 0.0 and not cfg.active("my_new_term")  # declared, not yet weighed
     assert cfg.active("tv") and not cfg.active("kl")
     assert Ramp(1.0, 0.0, 10, 20).at(torch.tensor([0.0, 15.0, 30.0])).tolist() == [1.0, 0.5, 0.0]
     inv = invert(mlp(), 3, (1, 8, 8), schedules={"tv": Ramp(0.0, 1e-3, 0, 4)}, tv=5.0, **TINY)

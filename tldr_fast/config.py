@@ -305,7 +305,7 @@ class InversionConfig:
     def weight(self, term: str, step):
         """The weight of ``term`` at ``step`` (an int or a tensor of steps), by its schedule if it has one."""
         ramp = self.schedules.get(term)
-        return ramp.at(step) if ramp is not None else getattr(self.weights, term)
+        return ramp.at(step) if ramp is not None else getattr(self.weights, term, 0.0)
 
     @property
     def param_grads(self) -> bool:
@@ -313,9 +313,10 @@ class InversionConfig:
         return self.grad_norm == "full" or self.active("kkt")
 
     def active(self, term: str) -> bool:
-        """Whether ``term`` has a nonzero weight at some step (inactive terms are not computed)."""
+        """Whether ``term`` has a nonzero weight at some step (inactive terms are not computed). A term that
+        ``LossWeights`` does not name (a newly declared op's, before the objective weighs it) is off."""
         ramp = self.schedules.get(term)
-        return bool(ramp.start or ramp.end) if ramp is not None else getattr(self.weights, term) != 0
+        return bool(ramp.start or ramp.end) if ramp is not None else getattr(self.weights, term, 0.0) != 0
 
     def with_overrides(self, **overrides: Any) -> "InversionConfig":
         """A copy with fields (or single loss weights, e.g. ``tv=1e-3``) replaced; unknown names are
