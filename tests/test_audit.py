@@ -70,6 +70,21 @@ def test_statistics_noise_is_no_measurable_leakage():
     assert s["excess_matches"]["train_matched"] == 0
 
 
+def test_statistics_reuse_the_control_that_evaluate_computed():
+    """The generated images' control from ``evaluate(held_out=...)`` (its SSIM matrices) gives the statistics
+    that computing it again gives: the same draws, so no second SSIM pass is needed."""
+    from tldr_fast import evaluate
+
+    train, held = _data(10, 0, "train"), _data(20, 1, "held")
+    real, control = split_unseen(held, 10, seed=3)
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.rand(15, *SHAPE, generator=g), torch.arange(K).repeat_interleave(5)
+    report = evaluate(x, train, y, value_range=(0.0, 1.0), held_out=control, control_seed=3, backend="torch")
+    common = dict(tau=0.4, seed=3, resamples=200, backend="torch")
+    reused = statistics(x, y, train, real, control, generated_parts=report.control, **common)
+    assert reused == statistics(x, y, train, real, control, **common)
+
+
 def test_effect_against_its_definitions():
     # all of 3 generated closer, none of 3 real: of the C(6, 3) = 20 equally likely relabellings only one
     # gives a difference as large, so the permutation p-value is 1/20

@@ -53,7 +53,7 @@ from .checkpoint import atomic_write_text, check_folder, check_writable
 from .classifier import fingerprint
 from .config import InversionConfig
 from .data import ImageDataset, load_dataset
-from .evaluate import control_parts, evaluate, match_one_to_one
+from .evaluate import ControlPart, control_parts, evaluate, match_one_to_one
 from .models import check_classifier, predict_logits
 from .progress import progress_bar
 from .utility import nn_feature_distance
@@ -191,17 +191,21 @@ def similarities(
     tau: float = 0.4,
     seed: int = 0,
     eval_classifier: Optional[nn.Module] = None,
+    parts: Optional[Dict[int, ControlPart]] = None,
     **ssim: Any,
 ) -> Dict[str, np.ndarray]:
     """Per image of ``x01`` ``[N, C, H, W]`` in [0, 1] (module docstring): ``to_train``, ``to_held`` (NaN
     for a class without images), ``train_nn``/``held_nn`` (positions in ``train``/``control``, -1 if none),
     ``train_match``/``held_match`` (matched at SSIM >= ``tau``) and, with ``eval_classifier``,
-    ``feature_to_train``/``feature_to_held``. ``ssim``: arguments of ``tldr_fast.ssim.pairwise_ssim``."""
+    ``feature_to_train``/``feature_to_held``. ``parts``: the control of these images with this ``seed``,
+    when ``evaluate`` already computed it (``EvaluationReport.control``); ``ssim``: arguments of
+    ``tldr_fast.ssim.pairwise_ssim``."""
     n = len(labels)
     out = {k: np.full(n, np.nan) for k in ("to_train", "to_held", "feature_to_train", "feature_to_held")}
     out.update({k: np.full(n, -1, dtype=np.int64) for k in ("train_nn", "held_nn")})
     out.update({k: np.zeros(n, dtype=bool) for k in ("train_match", "held_match")})
-    parts = control_parts(x01, labels, train, control, seed, **ssim)
+    if parts is None:
+        parts = control_parts(x01, labels, train, control, seed, **ssim)
     for p in parts.values():
         g = p.gen_pos.numpy()
         for side, sims, pos in (("train", p.to_train, p.train_pos), ("held", p.to_held, p.held_pos)):
@@ -318,16 +322,17 @@ def statistics(
     resamples: int = RESAMPLES,
     confidence: float = CONFIDENCE,
     progress: bool = False,
+    generated_parts: Optional[Dict[int, ControlPart]] = None,
     **ssim: Any,
 ) -> Dict[str, Any]:
     """The measurements of generated images ``[N, C, H, W]`` in [0, 1] and of the ``real`` unseen images
     against ``train`` and ``control`` (module docstring): per image (``generated``, ``real``: lists as
     ``similarities``), ``closer_to_train`` (``closer_to_train_effect``), ``excess_matches`` (and the same for
     the real images, ``real_excess_matches``), ``features`` and ``verdict``/``verdict_kind``; ``progress``: a bar
-    over the images measured."""
+    over the images measured; ``generated_parts``: the generated images' control, when already computed."""
     common = dict(tau=tau, seed=seed, eval_classifier=eval_classifier, **ssim)
     bar = progress_bar(total=len(labels) + len(real), desc="audit: similarities", unit="img", disable=not progress)
-    gen = similarities(generated, labels, train, control, **common)
+    gen = similarities(generated, labels, train, control, parts=generated_parts, **common)
     bar.update(len(labels))
     ref = similarities(real.images, real.labels, train, control, **common)
     bar.update(len(real))
@@ -527,7 +532,7 @@ def audit(
     else:
         stats = statistics(
             x01, labels, train_ds, real, control, tau=tau, seed=seed, eval_classifier=eval_classifier,
-            resamples=resamples, progress=progress, **ssim,
+            resamples=resamples, progress=progress, generated_parts=report_obj.control, **ssim,
         )  # fmt: skip
         atomic_write_text(stats_path, json.dumps(stats, allow_nan=False) + "\n")
     evaluation = report_obj.to_dict()

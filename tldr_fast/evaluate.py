@@ -151,6 +151,7 @@ class EvaluationReport:
     train_control_ssim: Optional[Tensor] = None  # [N], with held_out
     held_out_ssim: Optional[Tensor] = None  # [N], with held_out
     nn_ssim_ci: Optional[Tensor] = None  # [N]: contrast-invariant nn_ssim
+    control: Optional[Dict[int, "ControlPart"]] = None  # the control's draws and SSIM matrices, with held_out
     utility: Optional[Dict[str, Any]] = None  # what the images teach (tldr_fast.utility), overall
 
     def _stats(self, sel: Tensor) -> Dict[str, Any]:
@@ -372,23 +373,14 @@ def control_parts(
     return parts
 
 
-def _control(
-    x01: Tensor,
-    labels: Tensor,
-    sims: Dict[int, Tensor],
-    train: ImageDataset,
-    held: ImageDataset,
-    seed: int,
-    ssim: Dict[str, Any],
-) -> Tuple[Tensor, Tensor]:
-    """``(train_control_ssim [N], held_out_ssim [N])``: per class, nearest-neighbour SSIM to ``m`` random
-    training images (columns of ``sims``, already computed) and to ``m`` random held-out images,
-    ``m = min(n_train, n_held)`` of the class; NaN where a class has none of either."""
-    t_out, h_out = torch.full((len(labels),), math.nan), torch.full((len(labels),), math.nan)
-    for part in control_parts(x01, labels, train, held, seed, sims, **ssim).values():
+def _control(parts: Dict[int, ControlPart], n: int) -> Dict[str, Tensor]:
+    """``train_control_ssim`` and ``held_out_ssim`` ``[n]``: per class, the nearest-neighbour SSIM to the
+    control's ``m`` training and ``m`` held-out images; NaN where a class has none of either."""
+    t_out, h_out = torch.full((n,), math.nan), torch.full((n,), math.nan)
+    for part in parts.values():
         t_out[part.gen_pos] = part.to_train.max(dim=1).values
         h_out[part.gen_pos] = part.to_held.max(dim=1).values
-    return t_out, h_out
+    return {"train_control_ssim": t_out, "held_out_ssim": h_out}
 
 
 def _classwise(
@@ -581,11 +573,8 @@ def evaluate(
         bar.close()
         return None
     same = same_class_ssim(x01, labels, **ssim)
-    control = {}
-    if held is not None:
-        control = dict(
-            zip(("train_control_ssim", "held_out_ssim"), _control(x01, labels, sims, train, held, control_seed, ssim))
-        )
+    parts = None if held is None else control_parts(x01, labels, train, held, control_seed, sims, **ssim)
+    control = {} if parts is None else _control(parts, n)
     bar.close()
     nn_ssim_ci = torch.full((n,), math.nan)
     for c, s in sims_ci.items():
@@ -604,7 +593,7 @@ def evaluate(
     report = EvaluationReport(
         tau, names, labels, x01, nearest, nn_ssim, nn_index, matched_ssim, matched_index, train, same, **control
     )
-    report.nn_ssim_ci = nn_ssim_ci
+    report.nn_ssim_ci, report.control = nn_ssim_ci, parts
     target = _logits_fn(classifier, inversion)
     if target is not None:
         p = torch.softmax(target(x01), dim=1)
