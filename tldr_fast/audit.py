@@ -52,7 +52,7 @@ import torch.nn as nn
 from .checkpoint import atomic_write_text, check_folder, check_writable
 from .classifier import fingerprint
 from .config import InversionConfig
-from .data import ImageDataset, load_dataset
+from .data import SPLIT_DATA, ImageDataset, load_dataset
 from .evaluate import ControlPart, control_parts, evaluate, match_one_to_one
 from .models import check_classifier, predict_logits
 from .progress import progress_bar
@@ -66,8 +66,6 @@ N_PER_CLASS = 50  # generated images per class that are measured
 RESAMPLES = 2000  # bootstrap resamples and permutations
 CONFIDENCE = 0.95
 FORMAT = 1  # part of every cache key: bump when what a stage computes changes
-# the data sets with a train and a test split (as tldr_fast.leakage.DATA)
-SPLIT_DATA = ("mnist", "fashion-mnist", "colour-mnist", "colour-fashion-mnist")
 
 
 @dataclass

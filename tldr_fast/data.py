@@ -488,10 +488,14 @@ def from_torch_dataset(
     return _dataset(_as_nchw(x, source), ys, [str(n) for n in names], source)
 
 
+GREY_SPLIT_DATA = ("mnist", "fashion-mnist")
+# the data sets with a train and a test split (NAME:train, NAME:test)
+SPLIT_DATA = GREY_SPLIT_DATA + tuple(COLOUR_PREFIX + g for g in GREY_SPLIT_DATA)
+
+
 def dataset_names() -> List[str]:
     """The names ``load_dataset`` accepts besides paths."""
-    grey = ["mnist", "fashion-mnist"]
-    return grey + [COLOUR_PREFIX + g for g in grey] + ["mnist5k", "digits"] + [f"foolbox-{n}" for n in FOOLBOX_SETS]
+    return list(SPLIT_DATA) + ["mnist5k", "digits"] + [f"foolbox-{n}" for n in FOOLBOX_SETS]
 
 
 def load_dataset(name: Union[str, PathLike], split: str = "train", seed: int = 0) -> ImageDataset:

@@ -48,7 +48,7 @@ import torch.nn as nn
 from . import checkpoint, models
 from .checkpoint import atomic_write, atomic_write_text, cache_dir, check_folder, output_folder
 from .config import InversionConfig, parse_overrides
-from .data import DataUnavailable, ImageDataset, load_dataset, subset
+from .data import COLOUR_PREFIX, SPLIT_DATA, DataUnavailable, ImageDataset, load_dataset, subset
 from .evaluate import EvaluationReport, evaluate
 from .models import load_classifier, save_classifier, train_classifier
 from .progress import progress_bar
@@ -84,8 +84,8 @@ REFERENCES = ("real_unseen", "noise", "black")
 CACHE_VERSION = 1  # part of every cached classifier's file name: bump when a training recipe changes
 # the target architectures: every one of tldr_fast.models.ARCHS but the evaluation classifier's (LeNet)
 ARCHS = tuple(a for a in models.ARCHS if a != "lenet")
-COLOUR_DATA = ("colour-mnist", "colour-fashion-mnist")
-DATA = ("mnist", "fashion-mnist") + COLOUR_DATA  # the data sets with a train and a test split
+DATA = SPLIT_DATA  # the data sets with a train and a test split
+COLOUR_DATA = tuple(d for d in DATA if d.startswith(COLOUR_PREFIX))
 
 
 @dataclass(frozen=True)
