@@ -114,7 +114,7 @@ def test_bad_inputs_are_refused():
     )  # fmt: skip
     with pytest.raises(ValueError, match="2 of the 14 held-out images"):
         check_inputs(train, mixed)
-    kept, n, _, _ = check_inputs(train, mixed, allow_overlap=True)
+    kept, n = check_inputs(train, mixed, allow_overlap=True)
     assert n == 2 and len(kept) == 12
 
 

@@ -49,10 +49,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .checkpoint import atomic_write_text, check_folder, check_writable
+from .checkpoint import atomic_write_text, check_folder, check_writable, json_digest
 from .classifier import fingerprint
 from .config import InversionConfig
-from .data import SPLIT_DATA, ImageDataset, load_dataset
+from .data import SPLIT_DATA, ImageDataset, content_digest, load_dataset
 from .evaluate import ControlPart, control_parts, evaluate, match_one_to_one
 from .models import check_classifier, predict_logits
 from .progress import progress_bar
@@ -89,11 +89,8 @@ def image_hashes(ds: ImageDataset) -> List[str]:
 
 
 def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=repr).encode()).hexdigest()[:16]
-
-
-def _data_digest(ds: ImageDataset, hashes: List[str]) -> str:
-    return _digest([hashes, ds.labels.tolist(), list(ds.class_names)])
+    """A stage's key in ``out``'s file names: ``json_digest``, shortened."""
+    return json_digest(obj)[:16]
 
 
 def _load(data: DataArg, what: str) -> ImageDataset:
@@ -124,13 +121,11 @@ def default_held_out(train: ImageDataset) -> str:
     return f"{base}:test"
 
 
-def check_inputs(
-    train: ImageDataset, held: ImageDataset, allow_overlap: bool = False
-) -> Tuple[ImageDataset, int, List[str], List[str]]:
+def check_inputs(train: ImageDataset, held: ImageDataset, allow_overlap: bool = False) -> Tuple[ImageDataset, int]:
     """Refuse training and held-out sets that cannot be compared: other classes, other image shapes, a
     class of the training set without held-out images, or held-out images that are also training images
     (by hash; with ``allow_overlap`` they are left out of the held-out set instead). Returns the held-out
-    set to use, the number of overlapping images and the hashes of both sets."""
+    set to use and the number of overlapping images."""
     if list(train.class_names) != list(held.class_names):
         raise ValueError(
             f"the training set ({train.source}) has classes {train.class_names}, the held-out set ({held.source}) "
@@ -148,9 +143,8 @@ def check_inputs(
             f"the held-out set ({held.source}) has fewer than 2 images of class(es) {missing} of the training set: "
             "it needs real unseen images and control images of every class"
         )
-    train_hashes, held_hashes = image_hashes(train), image_hashes(held)
-    seen = set(train_hashes)
-    overlap = [i for i, h in enumerate(held_hashes) if h in seen]
+    seen = set(image_hashes(train))
+    overlap = [i for i, h in enumerate(image_hashes(held)) if h in seen]
     if overlap and not allow_overlap:
         raise ValueError(
             f"{len(overlap)} of the {len(held)} held-out images ({held.source}) are also training images "
@@ -158,9 +152,8 @@ def check_inputs(
             "leave those images out of it"
         )
     if overlap:
-        keep = sorted(set(range(len(held))) - set(overlap))
-        held, held_hashes = held.select(keep), [held_hashes[i] for i in keep]
-    return held, len(overlap), train_hashes, held_hashes
+        held = held.select(sorted(set(range(len(held))) - set(overlap)))
+    return held, len(overlap)
 
 
 def split_unseen(held: ImageDataset, n_per_class: int, seed: int = 0) -> Tuple[ImageDataset, ImageDataset]:
@@ -500,7 +493,7 @@ def audit(
         held_out = default_held_out(train_ds)
         say(f"no held-out set given: using {held_out}, the test split of the training data's source")
     held_ds = _load(held_out, "held_out")
-    held_ds, n_overlap, train_hashes, held_hashes = check_inputs(train_ds, held_ds, allow_overlap)
+    held_ds, n_overlap = check_inputs(train_ds, held_ds, allow_overlap)
     if n_overlap:
         say(f"left {n_overlap} held-out images that are also training images out of the held-out set")
     check_classifier(classifier, train_ds.num_classes, train_ds.image_shape, "classifier")
@@ -514,8 +507,8 @@ def audit(
     x01, labels, sample_key, select = _sample_stage(inv, out, n_per_class, select, progress, say)
     judge_id = fingerprint(eval_classifier) if eval_classifier is not None else None
     stats_key = _digest(
-        [FORMAT, sample_key, _data_digest(train_ds, train_hashes), _data_digest(held_ds, held_hashes), judge_id,
-         n_real, tau, seed, resamples]
+        [FORMAT, sample_key, content_digest(train_ds), content_digest(held_ds), judge_id, n_real, tau, seed,
+         resamples]
     )  # fmt: skip
     stats_path = out / "cache" / f"stats-{stats_key}.json"
     real, control = split_unseen(held_ds, n_real, seed)

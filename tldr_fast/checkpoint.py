@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
+import json
 import os
 import re
 import sys
@@ -14,6 +16,13 @@ from typing import Any, BinaryIO, Callable, Dict, Iterable, List, Mapping, Optio
 import torch
 
 from .errors import NoSpaceLeft
+
+
+def json_digest(obj: Any) -> str:
+    """A SHA-256 (hex) of ``obj`` as canonical JSON (values JSON cannot hold by their ``repr``): the key of
+    a stored result, from everything that decides it."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=repr).encode()).hexdigest()
+
 
 FORMAT = "tldr_fast.inversion/1"
 PathLike = Union[str, os.PathLike]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import importlib.util
 import os
 import pickle
@@ -486,6 +487,16 @@ def from_torch_dataset(
     x = np.stack(xs)
     names = list(class_names or getattr(dataset, "classes", None) or [str(i) for i in range(max(ys) + 1)])
     return _dataset(_as_nchw(x, source), ys, [str(n) for n in names], source)
+
+
+def content_digest(*parts: ImageDataset) -> str:
+    """A SHA-256 (hex) of the data sets' pixels, labels and class names: equal only for the same images."""
+    h = hashlib.sha256()
+    for ds in parts:
+        h.update(ds.images.contiguous().numpy().tobytes())
+        h.update(ds.labels.contiguous().numpy().tobytes())
+        h.update("\0".join(ds.class_names).encode())
+    return h.hexdigest()
 
 
 GREY_SPLIT_DATA = ("mnist", "fashion-mnist")

@@ -29,7 +29,6 @@ training images). Every finished run is kept in ``runs/`` and reused by a rerun 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -46,9 +45,9 @@ import torch
 import torch.nn as nn
 
 from . import checkpoint, models
-from .checkpoint import atomic_write, atomic_write_text, cache_dir, check_folder, output_folder
+from .checkpoint import atomic_write, atomic_write_text, cache_dir, check_folder, json_digest, output_folder
 from .config import InversionConfig, parse_overrides
-from .data import COLOUR_PREFIX, SPLIT_DATA, DataUnavailable, ImageDataset, load_dataset, subset
+from .data import COLOUR_PREFIX, SPLIT_DATA, DataUnavailable, ImageDataset, content_digest, load_dataset, subset
 from .evaluate import EvaluationReport, evaluate
 from .models import load_classifier, save_classifier, train_classifier
 from .progress import progress_bar
@@ -207,10 +206,7 @@ def user_data(sources: Optional[Mapping[str, Sequence[Any]]], what: str = "data"
                 f"{what}[{name!r}]: the train and test sets differ: {train.num_classes} classes of "
                 f"{tuple(train.image_shape)} against {test.num_classes} of {tuple(test.image_shape)}"
             )
-        h = hashlib.sha256()
-        for t in (train.images, train.labels, test.images, test.labels):
-            h.update(t.contiguous().numpy().tobytes())
-        loaded[name] = (train, test, h.hexdigest())
+        loaded[name] = (train, test, content_digest(train, test))
     return loaded
 
 
@@ -235,12 +231,6 @@ def _without(ds: ImageDataset, part: ImageDataset) -> ImageDataset:
     return ds.select(torch.nonzero(keep).view(-1))
 
 
-def _digest(obj: Any) -> str:
-    """A SHA-256 of ``obj`` as canonical JSON (values JSON cannot hold by their ``repr``)."""
-    text = json.dumps(obj, sort_keys=True, default=repr)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def _recipe(kind: str, data: str, arch: str, train_set: ImageDataset, epochs: int, **more: Any) -> Dict[str, Any]:
     """What a cached classifier was trained from: stored in its file and checked when it is loaded."""
     return {
@@ -249,7 +239,7 @@ def _recipe(kind: str, data: str, arch: str, train_set: ImageDataset, epochs: in
         "data": data,
         "arch": arch,
         "n_train": len(train_set),
-        "train_indices": _digest(train_set.indices.tolist()),
+        "train_indices": json_digest(train_set.indices.tolist()),
         "epochs": epochs,
         "seed": 0,
         "num_classes": train_set.num_classes,
@@ -518,10 +508,10 @@ class _Store:
         self.common = common  # what every key holds: versions, device, the suite's measurement settings
 
     def target_key(self, t: Target) -> str:
-        return _digest({"target": t.name, **self.common})
+        return json_digest({"target": t.name, **self.common})
 
     def run_key(self, t: Target, settings: Mapping[str, Any]) -> str:
-        return _digest({"target": self.target_key(t), "invert": dict(settings)})
+        return json_digest({"target": self.target_key(t), "invert": dict(settings)})
 
     def path(self, t: Target, key: str, kind: str, suffix: str = ".json") -> Path:
         return self.folder / t.name / f"{kind}-{key[:24]}{suffix}"
