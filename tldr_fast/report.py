@@ -225,27 +225,22 @@ def write_report(
     figure = similarity_figure(report)
     atomic_write(grids / "similarity.png", lambda f: f.write(figure))
     gen, names = report["generated"], list(train.class_names)
-    best = []
     scale = max(1, TILE // x01.shape[-1])
-    for i in best_reconstructed(report):
-        b = {
-            "train": png_bytes(train.images[gen["train_nn"][i]], scale),
-            "generated": png_bytes(x01[i], scale),
-            "held": png_bytes(control.images[gen["held_nn"][i]], scale),
+    chosen = best_reconstructed(report)
+    triples = [(train.images[gen["train_nn"][i]], x01[i], control.images[gen["held_nn"][i]]) for i in chosen]
+    best = [
+        {
+            "train": png_bytes(t, scale),
+            "generated": png_bytes(g, scale),
+            "held": png_bytes(h, scale),
             "name": names[int(labels[i])],
             "to_train": gen["to_train"][i],
             "to_held": gen["to_held"][i],
         }
-        best.append(b)
-    if best:
-        triples = torch.stack(
-            [
-                t
-                for i in best_reconstructed(report)
-                for t in (train.images[gen["train_nn"][i]], x01[i], control.images[gen["held_nn"][i]])
-            ]
-        )
-        sheet = tile_png(triples, columns=3)
+        for i, (t, g, h) in zip(chosen, triples)
+    ]
+    if triples:
+        sheet = tile_png(torch.stack([image for triple in triples for image in triple]), columns=3)
         atomic_write(grids / "best.png", lambda f: f.write(sheet))
     bar.update()
     per_class = {c["class"]: c for c in report["evaluation"]["per_class"]}
