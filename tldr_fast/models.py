@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
@@ -554,6 +555,14 @@ def parse_preprocess(text: str) -> Dict[str, Any]:
     return {"mean": mean, "std": std}
 
 
+def _is_torchscript(path: PathLike) -> bool:
+    """Whether ``path`` is a TorchScript file (a zip archive with ``constants.pkl``, as ``torch.jit.save`` writes)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(n.endswith("/constants.pkl") for n in archive.namelist())
+
+
 def load_model(
     spec: str, device: str = "cpu", weights: Optional[PathLike] = None, preprocess: Optional[str] = None
 ) -> nn.Module:
@@ -563,12 +572,11 @@ def load_model(
     their input normalisation from ``preprocess`` (``parse_preprocess``; default ``unit``) as the
     ``tldr_meta`` of this library's classifiers. Errors name the argument."""
     import importlib
-    import zipfile
 
     if weights is not None and ":" not in str(spec):
         raise ValueError("--weights is for a --classifier given as module:factory")
     if Path(spec).is_file():
-        if zipfile.is_zipfile(spec) and any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(spec).namelist()):
+        if _is_torchscript(spec):
             model: nn.Module = Scripted(torch.jit.load(spec, map_location=device))
         else:
             if preprocess is not None:
