@@ -19,6 +19,7 @@ from tldr_fast.audit import (
 )
 from tldr_fast.classifier import ClassifierError
 from tldr_fast.data import ImageDataset
+from tldr_fast.evaluate import closer_probability
 from tldr_fast.models import build_classifier, save_classifier
 
 K, SHAPE = 3, (1, 12, 12)
@@ -98,6 +99,26 @@ def test_effect_against_its_definitions():
     assert e["interval"] == pytest.approx([0.2 - half, 0.2 + half], abs=0.01)
     m = excess_matches(np.array([1, 1, 1, 0], bool), np.array([0, 1, 0, 0], bool))
     assert (m["train_matched"], m["held_out_matched"], m["excess"]) == (3, 1, 2.0)
+
+
+def test_closer_probability_against_every_draw():
+    """The exact probability equals the mean over every pair of m-draws (enumerated), at unequal sizes."""
+    from itertools import combinations
+
+    rng = np.random.default_rng(4)
+    for big_n, big_m, m in ((5, 6, 3), (7, 4, 2), (4, 4, 4), (6, 5, 1)):
+        t, h = rng.random((3, big_n)), rng.random((3, big_m))
+        want = [
+            np.mean([max(t[i, list(a)]) > max(h[i, list(b)])
+                     for a in combinations(range(big_n), m) for b in combinations(range(big_m), m)])
+            for i in range(3)
+        ]  # fmt: skip
+        assert closer_probability(t, h, m) == pytest.approx(want, abs=1e-12)
+    # m = N = M: the indicator of the two nearest neighbours
+    t, h = rng.random((50, 8)), rng.random((50, 8))
+    assert np.array_equal(closer_probability(t, h, 8), (t.max(1) > h.max(1)).astype(float))
+    with pytest.raises(ValueError, match="m must be"):
+        closer_probability(t, h, 9)
 
 
 def test_bad_inputs_are_refused():

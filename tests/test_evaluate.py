@@ -14,7 +14,7 @@ from PIL import Image
 from tldr_fast import invert
 from tldr_fast.classifier import ClassifierError
 from tldr_fast.data import colourise, load_dataset, load_digits, subset
-from tldr_fast.evaluate import DEFINITIONS, evaluate, match_one_to_one
+from tldr_fast.evaluate import DEFINITIONS, closer_probability, evaluate, match_one_to_one
 from tldr_fast.grid import grid_size
 from tldr_fast.models import predict_logits, train_classifier
 from tldr_fast.reference import pairwise_ssim as reference_ssim
@@ -282,10 +282,14 @@ def test_control_against_held_out_images(gen, train):
             h = reference_ssim(x01[i : i + 1].double(), held.images[h_sel].double()).max()
             assert r.train_control_ssim[i].item() == pytest.approx(float(t), abs=1e-4)
             assert r.held_out_ssim[i].item() == pytest.approx(float(h), abs=1e-4)
+            # closer to train: the exact probability over every draw, from all the class's images
+            t_all = reference_ssim(x01[i : i + 1].double(), train.images[t_pos].double()).view(1, -1).numpy()
+            h_all = reference_ssim(x01[i : i + 1].double(), held.images[h_pos].double()).view(1, -1).numpy()
+            assert r.closer_to_train[i].item() == pytest.approx(closer_probability(t_all, h_all, m)[0], abs=1e-6)
     o = r.to_dict()["overall"]
     gap = (r.train_control_ssim - r.held_out_ssim).double().mean().item()
     assert o["leakage_gap"] == pytest.approx(gap) and o["leakage_gap"] > 0.1  # copies of training images leak
-    assert o["closer_to_train"] == pytest.approx((r.train_control_ssim > r.held_out_ssim).double().mean().item())
+    assert o["closer_to_train"] == pytest.approx(r.closer_to_train.mean().item())
     assert o["n_train_matched"] == 20  # twenty distinct training images, each matched at SSIM 1
     assert "control:" in r.summary()
 

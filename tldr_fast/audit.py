@@ -12,15 +12,19 @@ image that was never trained on scores) and the **control** they are all compare
 same draws for the generated and the real images), and for every image:
 
 * ``to_train`` / ``to_held``: its nearest-neighbour SSIM to the ``m`` training and the ``m`` control
-  images of its class; it is **closer to train** when ``to_train > to_held``;
+  images of its class;
+* ``closer_to_train``: the probability, over every equally likely draw of ``m`` training and ``m`` control images
+  of its class, that its most similar drawn training image is more similar than its most similar drawn
+  control image (``evaluate.closer_probability``, exact: no draw's luck in it); with ``m`` equal to both sets'
+  sizes it is 1 when ``to_train > to_held`` and 0 otherwise;
 * with an evaluation classifier, the same nearest-neighbour distances in its penultimate features;
 * its partner in the one-to-one (Hungarian) matching of the class's images to the ``m`` training
   images and, separately, to the ``m`` control images: a **match** when the partner's SSIM >= ``tau``.
 
 The statistics of the verdict:
 
-* **closer-to-train effect**: the fraction of generated images closer to train minus the same fraction
-  for real unseen images (the null: a real unseen image is closer to either set by chance); a
+* **closer-to-train effect**: the mean ``closer_to_train`` of the generated images (the fraction closer to train)
+  minus the same mean for real unseen images (the null: a real unseen image is closer to either set by chance); a
   percentile bootstrap interval (generated and real images resampled separately) and a one-sided
   permutation p-value (labels "generated"/"real" permuted: how often chance gives an effect this large);
 * **excess matches**: training images matched at SSIM >= ``tau`` minus control images matched by the
@@ -62,10 +66,11 @@ Tensor = torch.Tensor
 PathLike = Union[str, os.PathLike]
 DataArg = Union[None, str, os.PathLike, ImageDataset]
 
-N_PER_CLASS = 50  # generated images per class that are measured
+N_PER_CLASS = 100  # generated images per class that are measured
+REAL_PER_CLASS = 300  # real unseen images per class of the null (at most half of each held-out class)
 RESAMPLES = 2000  # bootstrap resamples and permutations
 CONFIDENCE = 0.95
-FORMAT = 1  # part of every cache key: bump when what a stage computes changes
+FORMAT = {"inversion": 1, "sample": 1, "statistics": 2}  # in each stage's cache key: bump when it computes anew
 
 
 @dataclass
@@ -192,7 +197,9 @@ def similarities(
     when ``evaluate`` already computed it (``EvaluationReport.control``); ``ssim``: arguments of
     ``tldr_fast.ssim.pairwise_ssim``."""
     n = len(labels)
-    out = {k: np.full(n, np.nan) for k in ("to_train", "to_held", "feature_to_train", "feature_to_held")}
+    out = {
+        k: np.full(n, np.nan) for k in ("to_train", "to_held", "closer_to_train", "feature_to_train", "feature_to_held")
+    }
     out.update({k: np.full(n, -1, dtype=np.int64) for k in ("train_nn", "held_nn")})
     out.update({k: np.zeros(n, dtype=bool) for k in ("train_match", "held_match")})
     if parts is None:
@@ -205,6 +212,7 @@ def similarities(
             out[f"{side}_nn"][g] = pos[arg].numpy()
             _, score = match_one_to_one(sims.double().numpy())
             out[f"{side}_match"][g] = np.nan_to_num(score, nan=-1.0) >= tau
+        out["closer_to_train"][g] = p.closer.numpy()
     if eval_classifier is not None and parts:
         feats = predict_logits(eval_classifier, x01, features=True)
         for side, ds, key in (("train", train, "train_pos"), ("held", control, "held_pos")):
@@ -215,9 +223,10 @@ def similarities(
 
 
 def closer(sims: Dict[str, np.ndarray]) -> np.ndarray:
-    """Whether each image with both similarities is nearer the training images (``to_train > to_held``)."""
-    ok = ~(np.isnan(sims["to_train"]) | np.isnan(sims["to_held"]))
-    return sims["to_train"][ok] > sims["to_held"][ok]
+    """Each measured image's ``closer_to_train`` probability (``evaluate.closer_probability``; images of a
+    class that lacks training or control images left out)."""
+    c = sims["closer_to_train"]
+    return c[~np.isnan(c)]
 
 
 def _interval(draws: np.ndarray, confidence: float) -> List[float]:
@@ -232,8 +241,8 @@ def closer_to_train_effect(
     resamples: int = RESAMPLES,
     confidence: float = CONFIDENCE,
 ) -> Dict[str, Any]:
-    """The fraction of ``generated`` images closer to train (booleans) minus the same fraction of ``real``
-    unseen images: ``effect``, its percentile bootstrap ``interval`` and the one-sided permutation
+    """The mean of the ``generated`` images' closer-to-train probabilities (or booleans) minus the same mean
+    of the ``real`` unseen images': ``effect``, its percentile bootstrap ``interval`` and the one-sided permutation
     ``p_value`` ``(1 + #{permuted effect >= effect}) / (1 + resamples)``."""
     g, r = np.asarray(generated, dtype=float), np.asarray(real, dtype=float)
     if not len(g) or not len(r):
@@ -286,8 +295,8 @@ def verdict(effect: Dict[str, Any], excess: Dict[str, Any], tau: float) -> Tuple
     lo, hi = effect["interval"]
     pct = round(100 * effect["confidence"])
     numbers = (
-        f"{100 * effect['generated']:.0f}% of the generated images are closer to a training image than to an unseen "
-        f"one, against {100 * effect['null']:.0f}% of real unseen images (difference {effect['effect']:+.2f}, {pct}% "
+        f"the generated images are closer to a training image than to an unseen one {100 * effect['generated']:.0f}% "
+        f"of the time, real unseen images {100 * effect['null']:.0f}% (difference {effect['effect']:+.2f}, {pct}% "
         f"interval [{lo:+.2f}, {hi:+.2f}], p = {effect['p_value']:.3g}); excess training images matched at SSIM >= "
         f"{tau:g}: {excess['excess']:+.0f} [{excess['interval'][0]:+.0f}, {excess['interval'][1]:+.0f}]"
     )
@@ -373,7 +382,7 @@ def _invert_stage(
 
     ckpt, state_file = out / "inversion.pt", out / "audit-state.json"
     saved = {k: v for k, v in overrides.items() if k not in ("checkpoint_every", "checkpoint_minutes")}
-    key = _digest([FORMAT, fingerprint(classifier), train.num_classes, train.image_shape, saved])
+    key = _digest([FORMAT["inversion"], fingerprint(classifier), train.num_classes, train.image_shape, saved])
     if ckpt.is_file():
         try:
             held = json.loads(state_file.read_text()).get("inversion")
@@ -413,7 +422,7 @@ def _sample_stage(
 
     labels = inv.labels(n_per_class=n_per_class)
     select = resolve_select(inv, select)
-    key = _digest([FORMAT, generator_fingerprint(inv), n_per_class, sample_seed(inv), select])
+    key = _digest([FORMAT["sample"], generator_fingerprint(inv), n_per_class, sample_seed(inv), select])
     path = out / "cache" / f"samples-{key}.npz"
     if path.is_file():
         say(f"reusing the sample {path}")
@@ -458,8 +467,8 @@ def audit(
         out: the output folder; a rerun with the same arguments reuses what is done there.
         eval_classifier: an independent classifier: adds the attack accuracy and feature-space distances.
         n_per_class: generated images per class that are measured.
-        real_per_class: real unseen images per class taken from ``held_out`` for the null (default:
-            ``n_per_class``; at most half of each class, the rest is the control).
+        real_per_class: real unseen images per class taken from ``held_out`` for the null (default
+            ``REAL_PER_CLASS``; at most half of each class, the rest is the control).
         tau: the SSIM threshold of a match.
         seed: the seed of the inversion, the sample, the splits and the statistics.
         select: candidates per generated image (default: the inversion's, ``InversionConfig.select``).
@@ -499,7 +508,7 @@ def audit(
     check_classifier(classifier, train_ds.num_classes, train_ds.image_shape, "classifier")
     if eval_classifier is not None:
         check_classifier(eval_classifier, train_ds.num_classes, train_ds.image_shape, "eval_classifier")
-    n_real = real_per_class or n_per_class
+    n_real = real_per_class or REAL_PER_CLASS
 
     inv, inv_key = _invert_stage(
         classifier, train_ds, out, {**overrides, "seed": seed, "backend": backend}, device, progress, say, restart
@@ -507,7 +516,7 @@ def audit(
     x01, labels, sample_key, select = _sample_stage(inv, out, n_per_class, select, progress, say)
     judge_id = fingerprint(eval_classifier) if eval_classifier is not None else None
     stats_key = _digest(
-        [FORMAT, sample_key, content_digest(train_ds), content_digest(held_ds), judge_id, n_real, tau, seed,
+        [FORMAT["statistics"], sample_key, content_digest(train_ds), content_digest(held_ds), judge_id, n_real, tau, seed,
          resamples]
     )  # fmt: skip
     stats_path = out / "cache" / f"stats-{stats_key}.json"
@@ -600,8 +609,8 @@ def audit_saved(
         preprocess: a TorchScript or module:factory classifier's input: unit ([0, 1] images), identity ([-1, 1])
             or MEAN,STD (per channel M1:M2:M3,S1:S2:S3) of the [0, 1] images (default: unit)
         n_per_class: generated images per class measured
-        real_per_class: real unseen images per class taken from the held-out set for the null (default: the
-            generated images per class)
+        real_per_class: real unseen images per class taken from the held-out set for the null (default: 300,
+            at most half of each class)
         tau: SSIM threshold of a match
         allow_overlap: leave held-out images that are also training images out, instead of refusing
         overrides: InversionConfig fields and loss weights (seed and backend among them)

@@ -23,7 +23,9 @@ section 6.1):
   ``m = min(n_train, n_held_out)`` training images and ``m`` held-out images drawn at random (seeded),
   and each generated image's nearest-neighbour SSIM to either: ``train_control_ssim`` and
   ``held_out_ssim``. ``leakage_gap`` = their mean difference; ``closer_to_train`` = the fraction of
-  generated images nearer to the training images. A generated image is training-like, rather than
+  generated images nearer to the training images, each image counted by its exact probability over every
+  draw of the ``m`` and ``m`` images (``closer_probability``: the expected fraction, without the luck of
+  one draw). A generated image is training-like, rather than
   class-typical, only if it is closer to the training set than to unseen data of its class: a high
   ``nn_ssim`` alone proves only "looks like the class" (a real unseen MNIST digit scores ~0.77, and an
   all-black image ~0.49, against the 60k MNIST training images).
@@ -89,7 +91,7 @@ DEFINITIONS = {
     "train_control_ssim": "nearest-neighbour SSIM to m random training images of the class, m = min(n_train, n_held_out) of the class",
     "held_out_ssim": "nearest-neighbour SSIM to m random held-out images of the class (never seen by the target)",
     "leakage_gap": "mean of train_control_ssim - held_out_ssim: > 0 when generated images are nearer the training set than unseen data",
-    "closer_to_train": "fraction of generated images with train_control_ssim > held_out_ssim",
+    "closer_to_train": "mean over generated images of the probability, over every draw of m training and m held-out images of its class, that its nearest drawn training image is nearer than its nearest drawn held-out one",
     "nn_ssim_ci": "nn_ssim of the generated image min-max rescaled to [0, 1] (contrast-invariant); 0 for a blank image",
     "cas": "Classification Accuracy Score: real held-out test accuracy of a fresh classifier (utility.Teaching) trained on "
     "teach_images generated images with their conditioned labels",
@@ -150,6 +152,7 @@ class EvaluationReport:
     eval_pred: Optional[Tensor] = None
     train_control_ssim: Optional[Tensor] = None  # [N], with held_out
     held_out_ssim: Optional[Tensor] = None  # [N], with held_out
+    closer_to_train: Optional[Tensor] = None  # [N] float64, with held_out: the probability over the draws
     nn_ssim_ci: Optional[Tensor] = None  # [N]: contrast-invariant nn_ssim
     control: Optional[Dict[int, "ControlPart"]] = None  # the control's draws and SSIM matrices, with held_out
     utility: Optional[Dict[str, Any]] = None  # what the images teach (tldr_fast.utility), overall
@@ -174,7 +177,7 @@ class EvaluationReport:
                 "train_control_ssim_mean": mean(t),
                 "held_out_ssim_mean": mean(h),
                 "leakage_gap": mean((t - h)[ok]),
-                "closer_to_train": mean((t[ok] > h[ok]).double()),
+                "closer_to_train": mean(self.closer_to_train[sel]),
             }
         return {
             "n_generated": n,
@@ -220,6 +223,7 @@ class EvaluationReport:
                     if self.train_control_ssim is not None
                     else None,
                     "held_out_ssim": _num(self.held_out_ssim[i]) if self.held_out_ssim is not None else None,
+                    "closer_to_train": _num(self.closer_to_train[i]) if self.closer_to_train is not None else None,
                     "target_prob": _num(self.target_prob[i]) if self.target_prob is not None else None,
                     "eval_prediction": int(self.eval_pred[i]) if self.eval_pred is not None else None,
                 }
@@ -329,13 +333,47 @@ def same_class_ssim(x01: Tensor, labels: Tensor, **ssim: Any) -> Tensor:
 class ControlPart:
     """One class of the control: the generated images ``gen_pos`` of the class, the ``m`` training images
     ``train_pos`` and ``m`` held-out images ``held_pos`` drawn for it (positions in their data sets), and
-    the SSIM of each generated image to each: ``to_train`` and ``to_held`` ``[n_c, m]``."""
+    the SSIM of each generated image to each: ``to_train`` and ``to_held`` ``[n_c, m]``; ``closer`` ``[n_c]``:
+    each image's probability of being closer to train over every draw of ``m`` (``closer_probability``)."""
 
     gen_pos: Tensor
     train_pos: Tensor
     held_pos: Tensor
     to_train: Tensor
     to_held: Tensor
+    closer: Tensor
+
+
+def closer_probability(to_train: np.ndarray, to_held: np.ndarray, m: int) -> np.ndarray:
+    """``[n]``: per row (an image; ``to_train`` ``[n, N]`` and ``to_held`` ``[n, M]`` its similarities to the
+    N training and M control images of its class), the probability that the most similar of ``m`` training
+    images drawn at random is more similar than the most similar of ``m`` control images drawn at random
+    (independent draws without replacement, ``m <= min(N, M)``).
+
+    With H the control draw's maximum and T the training draw's, and a row's control similarities sorted
+    h_(1) <= ... <= h_(M): P(H <= h_(j)) = C(j, m) / C(M, m) (all m drawn among the j smallest), so
+    P(H = h_(j)) = [C(j, m) - C(j-1, m)] / C(M, m); and P(T > x) = 1 - C(#{t <= x}, m) / C(N, m). Hence
+    P(T > H) = sum_j P(H = h_(j)) P(T > h_(j)); with m = N = M it is 1 when max t > max h, else 0."""
+    # to_train: [n, N], to_held: [n, M]
+    n, big_n = to_train.shape
+    big_m = to_held.shape[1]
+    if not 1 <= m <= min(big_n, big_m):
+        raise ValueError(f"m must be in [1, min(N, M)] = [1, {min(big_n, big_m)}], got {m}")
+    log_fact = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, max(big_n, big_m) + 1)))])
+
+    def ratio(a: np.ndarray, total: int) -> np.ndarray:  # C(a, m) / C(total, m), 0 where a < m
+        ok = a >= m
+        safe = np.where(ok, a, m)
+        value = np.exp(log_fact[safe] - log_fact[safe - m] - log_fact[total] + log_fact[total - m])
+        return np.where(ok, value, 0.0)
+
+    p_h = np.diff(ratio(np.arange(big_m + 1), big_m))  # [M]: P(H = h_(j))
+    # #{t <= h_(j)} per row at once: rows offset by 3 apart (similarities lie in [-1, 1]) and searched together
+    offset = 3.0 * np.arange(n)[:, None]
+    t = (np.sort(to_train, axis=1) + offset).ravel()
+    below = np.searchsorted(t, (np.sort(to_held, axis=1) + offset).ravel(), side="right").reshape(n, big_m)
+    below -= big_n * np.arange(n)[:, None]  # [n, M]
+    return (1.0 - ratio(below, big_n)) @ p_h
 
 
 def control_parts(
@@ -362,25 +400,28 @@ def control_parts(
             continue
         gen_pos = torch.nonzero(labels == c).view(-1)
         t_cols = torch.randperm(len(train_all), generator=gen)[:m]
-        h_sel = held_all[torch.randperm(len(held_all), generator=gen)[:m]]
-        to_train = (
-            sims[c][:, t_cols]
-            if sims is not None
-            else pairwise_ssim(x01[gen_pos], train.images[train_all[t_cols]], **ssim)
-        )
-        to_held = pairwise_ssim(x01[gen_pos], held.images[h_sel], **ssim)
-        parts[c] = ControlPart(gen_pos, train_all[t_cols], h_sel, to_train, to_held)
+        h_cols = torch.randperm(len(held_all), generator=gen)[:m]
+        # every training and held-out image of the class: [n_c, n_train_c] and [n_c, n_held_c]
+        train_full = sims[c] if sims is not None else pairwise_ssim(x01[gen_pos], train.images[train_all], **ssim)
+        held_full = pairwise_ssim(x01[gen_pos], held.images[held_all], **ssim)
+        closer = closer_probability(train_full.double().numpy(), held_full.double().numpy(), m)
+        parts[c] = ControlPart(
+            gen_pos, train_all[t_cols], held_all[h_cols], train_full[:, t_cols], held_full[:, h_cols],
+            torch.from_numpy(closer),
+        )  # fmt: skip
     return parts
 
 
 def _control(parts: Dict[int, ControlPart], n: int) -> Dict[str, Tensor]:
-    """``train_control_ssim`` and ``held_out_ssim`` ``[n]``: per class, the nearest-neighbour SSIM to the
-    control's ``m`` training and ``m`` held-out images; NaN where a class has none of either."""
-    t_out, h_out = torch.full((n,), math.nan), torch.full((n,), math.nan)
+    """``train_control_ssim``, ``held_out_ssim`` and ``closer_to_train`` ``[n]``: per class, the nearest-neighbour
+    SSIM to the control's ``m`` training and ``m`` held-out images, and the probability over every such draw
+    of being closer to train; NaN where a class has none of either."""
+    t_out, h_out, c_out = (torch.full((n,), math.nan, dtype=torch.float64) for _ in range(3))
     for part in parts.values():
-        t_out[part.gen_pos] = part.to_train.max(dim=1).values
-        h_out[part.gen_pos] = part.to_held.max(dim=1).values
-    return {"train_control_ssim": t_out, "held_out_ssim": h_out}
+        t_out[part.gen_pos] = part.to_train.max(dim=1).values.double()
+        h_out[part.gen_pos] = part.to_held.max(dim=1).values.double()
+        c_out[part.gen_pos] = part.closer
+    return {"train_control_ssim": t_out.float(), "held_out_ssim": h_out.float(), "closer_to_train": c_out}
 
 
 def _classwise(
