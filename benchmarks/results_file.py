@@ -201,6 +201,47 @@ def add_leakage(path: str, run: str, source: str, results: str = RESULTS, **kw) 
         return _append(leakage_rows(json.load(f), run, source, **kw), path, results)
 
 
+def audit_rows(reports: Sequence[Tuple[str, Dict]], run: str, source: str, note: Optional[str] = None) -> List[Dict]:
+    """Audits' ``report.json`` files ``(path, report)`` as curated rows of kind "audit", one per report: the
+    target (the leakage cache's name of the classifier file, else its stem), seed, verdict, the closer-to-train
+    fractions, effect, interval and p-value, the excess matches, and the audit's wall time and peak memory
+    (``settings.wall_seconds``, ``settings.peak_rss_mb``) where the report has them."""
+    rows = []
+    for path, rep in reports:
+        s, e, x = rep["settings"], rep["closer_to_train"], rep["excess_matches"]
+        stem = os.path.basename(s.get("classifier_file") or path).rsplit(".", 1)[0]
+        m = re.fullmatch(r"leakage-v\d+-(.+)-e\d+", stem)
+        value = {
+            "closer_generated": e["generated"], "closer_null": e["null"], "effect": e["effect"],
+            "effect_lo": e["interval"][0], "effect_hi": e["interval"][1], "p_value": e["p_value"],
+            "excess": x["excess"], "excess_lo": x["interval"][0], "excess_hi": x["interval"][1],
+            "wall": s.get("wall_seconds"), "peak_rss": s.get("peak_rss_mb"),
+        }  # fmt: skip
+        value = {k: v for k, v in value.items() if v is not None}
+        unit = {k: {"wall": "s", "peak_rss": "MB", "p_value": "probability"}.get(k, "fraction") for k in value}
+        unit.update({k: "images" for k in ("excess", "excess_lo", "excess_hi") if k in unit})
+        rows.append({
+            "benchmark": "audit", "kind": "audit", "target": m.group(1) if m else stem, "seed": s["seed"],
+            "verdict": rep["verdict_kind"], "classifier": s["classifier"]["fingerprint"],
+            "n_per_class": s["n_per_class"], "real_unseen": s["real_unseen"], "steps": s["inversion"]["steps"],
+            "value": value, "unit": unit, "run": run, "card": CPU_CARD if s["device"] == "cpu" else s["device"],
+            "device": s["device"], "versions": s["versions"], "date": s["date"][:10], "source": source,
+            **({"note": note} if note else {}),
+        })  # fmt: skip
+    return rows
+
+
+def add_audit(paths: Sequence[str], run: str, source: str, results: str = RESULTS, **kw) -> List[Dict]:
+    """Append audits' report.json files ``paths`` to the results file as run ``run`` (``audit_rows``)."""
+    if not source.startswith("benchmarks/results/"):
+        sys.exit(f"--source {source!r}: name the raw files as committed, 'benchmarks/results/... (git <commit>)'")
+    reports = []
+    for path in paths:
+        with open(path) as f:
+            reports.append((path, json.load(f)))
+    return _append(audit_rows(reports, run, source, **kw), ", ".join(paths), results)
+
+
 # ---------------------------------------------------------------- op rows as the tables show them: flat, derived
 
 

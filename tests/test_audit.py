@@ -180,6 +180,7 @@ def test_audit_writes_the_report_and_a_rerun_reuses_it(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["verdict"] == r.verdict and report["settings"]["generated"] == 12
     assert report["settings"]["real_unseen"] == 9 and report["settings"]["inversion"]["steps"] == 4
+    assert report["settings"]["wall_seconds"] > 0 and report["settings"]["peak_rss_mb"] > 50  # this process's peak
     # the statistics and evaluate's control draw the same training and held-out images
     assert report["evaluation"]["overall"]["closer_to_train"] == pytest.approx(report["closer_to_train"]["generated"])
     page = (tmp_path / "report.html").read_text()

@@ -44,6 +44,7 @@ import json
 import os
 import platform
 import sys
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -358,6 +359,16 @@ def statistics(
     return out
 
 
+def peak_rss_mb() -> Optional[float]:
+    """This process's peak resident memory so far in MB (None where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(peak / (1e6 if sys.platform == "darwin" else 1e3), 1)
+
+
 def _plain(a: np.ndarray) -> List[Any]:
     if a.dtype == bool or a.dtype.kind == "i":
         return a.tolist()
@@ -485,6 +496,7 @@ def audit(
     """
     from ._version import __version__
 
+    started = time.perf_counter()
     for name, value in (
         ("n_per_class", n_per_class),
         ("real_per_class", real_per_class or 1),
@@ -559,6 +571,8 @@ def audit(
             "seed": seed,
             "versions": {"tldr_fast": __version__, "torch": torch.__version__, "python": platform.python_version()},
             "device": device,
+            "wall_seconds": round(time.perf_counter() - started, 1),  # this call, up to the report
+            "peak_rss_mb": peak_rss_mb(),
             "keys": {"inversion": inv_key, "sample": sample_key, "statistics": stats_key},
         },
         **{k: v for k, v in stats.items() if k not in ("verdict", "verdict_kind")},

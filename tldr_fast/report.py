@@ -137,6 +137,8 @@ def render_html(
         ("seed, SSIM threshold", f"{s['seed']}, {s['tau']}"),
         ("versions", ", ".join(f"{k} {v}" for k, v in s["versions"].items())),
         ("date, device", f"{s['date']}, {s['device']}"),
+        ("wall time, peak memory", f"{s['wall_seconds']:g} s, "
+         + (f"{s['peak_rss_mb']:g} MB resident" if s.get("peak_rss_mb") is not None else "peak memory not measured")),
     ]  # fmt: skip
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in settings)
     numbers = [
