@@ -195,7 +195,9 @@ img {{ image-rendering: pixelated; }}
 <p>A generated image is <em>closer to training</em> when its most similar training image (SSIM, same class) is more
 similar than its most similar held-out image, both sets of equal size per class; each image counts with its exact
 probability over every such draw of training and held-out images. Real images the classifier never saw are closer to
-training about half of the time: that is the null. The interval is a percentile bootstrap; the p-value
+training about half of the time: that is the null. It holds when the held-out images are drawn like the training
+images; held-out images from another source (other writers, another camera) let images that resemble the training
+distribution, not its individual images, score above it. The interval is a percentile bootstrap; the p-value
 counts how often permuting the labels generated/real gives a difference this large.</p>
 <h2>Settings</h2><table>{rows}</table>
 <h2>The training images reconstructed best</h2>
