@@ -309,7 +309,7 @@ COLUMNS: Dict[str, Cell] = {
 
 
 def _audit(fmt: Callable[[Dict], str]) -> Cell:
-    return lambda rs: fmt(rs[-1]["value"]) if rs[-1]["value"] else "—"
+    return lambda rs: fmt(rs[-1]["value"])  # the newest row of the target and seed
 
 
 # fmt: off

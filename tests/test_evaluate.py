@@ -309,6 +309,18 @@ def test_one_progress_bar_for_the_evaluation(gen, train, capsys):
     assert "100%|" in final and f"{pairs}/{pairs} [" in final, final
 
 
+def test_the_progress_bar_counts_every_held_out_image_of_a_larger_held_out_set(gen, train, capsys):
+    """With more held-out than training images per class, the control still compares every generated image
+    with every held-out image of its class (for the exact closer-to-train probability): the bar ends full."""
+    held = subset(load_dataset("mnist"), 20, seed=9)
+    labels = torch.tensor([0, 0, 0, 1, 2, 2, 5])
+    capsys.readouterr()
+    evaluate(_noise(gen, len(labels)), train, labels, held_out=held, progress=True, **SSIM)
+    final = capsys.readouterr().err.strip().split("\r")[-1]
+    pairs = 9 + 1 + 4 + 1 + 2 * 7 * 12 + 7 * 20  # same-class, training set (12 per class) twice, held-out (20)
+    assert "100%|" in final and f"{pairs}/{pairs} [" in final, final
+
+
 def test_one_progress_bar_for_the_students(gen, train, capsys, tmp_path):
     """What the images teach is one stage with one bar: the CAS student and every student of the real curve
     advance it, each without a bar of its own."""

@@ -416,12 +416,13 @@ def _control(parts: Dict[int, ControlPart], n: int) -> Dict[str, Tensor]:
     """``train_control_ssim``, ``held_out_ssim`` and ``closer_to_train`` ``[n]``: per class, the nearest-neighbour
     SSIM to the control's ``m`` training and ``m`` held-out images, and the probability over every such draw
     of being closer to train; NaN where a class has none of either."""
-    t_out, h_out, c_out = (torch.full((n,), math.nan, dtype=torch.float64) for _ in range(3))
+    t_out, h_out = torch.full((n,), math.nan), torch.full((n,), math.nan)
+    c_out = torch.full((n,), math.nan, dtype=torch.float64)
     for part in parts.values():
-        t_out[part.gen_pos] = part.to_train.max(dim=1).values.double()
-        h_out[part.gen_pos] = part.to_held.max(dim=1).values.double()
+        t_out[part.gen_pos] = part.to_train.max(dim=1).values
+        h_out[part.gen_pos] = part.to_held.max(dim=1).values
         c_out[part.gen_pos] = part.closer
-    return {"train_control_ssim": t_out.float(), "held_out_ssim": h_out.float(), "closer_to_train": c_out}
+    return {"train_control_ssim": t_out, "held_out_ssim": h_out, "closer_to_train": c_out}
 
 
 def _classwise(
@@ -442,7 +443,7 @@ def _ssim_pairs(labels: Tensor, classes: List[int], train: ImageDataset, held: O
     """The image pairs ``evaluate`` compares by SSIM on this rank, the total of its progress bar: per class,
     the generated images against this rank's part of the class's training images (as they are and
     contrast-inverted, ``_classwise``), against each other (``same_class_ssim``) and, on rank 0, against
-    the control's held-out images (``_control``)."""
+    every held-out image of the class (``control_parts``: the closer-to-train probability needs them all)."""
     rank, world = distributed.world()
     n = {c: int((labels == c).sum()) for c in torch.unique(labels).tolist()}
     pairs = sum(v * v for v in n.values())
@@ -450,7 +451,7 @@ def _ssim_pairs(labels: Tensor, classes: List[int], train: ImageDataset, held: O
         m = int((train.labels == c).sum())
         pairs += 2 * n[c] * len(range(*distributed.bounds(m, rank, world)))
         if held is not None and rank == 0:
-            pairs += n[c] * min(m, int((held.labels == c).sum()))
+            pairs += n[c] * int((held.labels == c).sum())
     return pairs
 
 
