@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import torch
 
 from .checkpoint import atomic_write_text
-from .data import ImageDataset, subset
+from .data import ImageDataset, content_digest, subset
 
 Tensor = torch.Tensor
 
@@ -97,15 +97,6 @@ def student_accuracy(
     return float(model.tldr_meta["test_accuracy"])
 
 
-def _fingerprint(*parts: ImageDataset) -> str:
-    h = hashlib.sha256()
-    for ds in parts:
-        h.update(ds.source.encode())
-        h.update(ds.indices.numpy().tobytes())
-        h.update(ds.labels.numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def real_curve(
     pool: ImageDataset,
     test: ImageDataset,
@@ -123,7 +114,7 @@ def real_curve(
     one bar per student."""
     present = [c for c in pool.class_counts() if c > 0]
     sizes = sorted(n for n in set(int(s) for s in recipe.real_sizes) if 1 <= n <= min(present))
-    key = json.dumps([CURVE_VERSION, asdict(recipe), sizes, _fingerprint(pool, test)], sort_keys=True)
+    key = json.dumps([CURVE_VERSION, asdict(recipe), sizes, content_digest(pool, test)], sort_keys=True)
     path = None
     if cache is not None:
         path = Path(cache) / f"real-curve-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
