@@ -6,7 +6,7 @@
 //
 //   d/d input = grad_loss * grad_<input>,   d/d weights = grad_loss * terms   (outputs 1.. carry no gradient)
 //
-// A value op (bn_stats, mode_seek) returns (value, saved...) and its backward is one elementwise pass, its helper
+// A value op (bn_stats, mode_seek, colour_line) returns (value, saved...) and its backward is one elementwise pass, its helper
 // op <op>_backward (called through the dispatcher: CPU and CUDA alike; ValueAutograd):
 //
 //   d/d x = <op>_backward(grad_value, x, saved...)   (x: the first argument; the saved outputs carry no gradient
@@ -177,6 +177,8 @@ constexpr char kBnStats[] = "tldr_fast::bn_stats";
 constexpr char kBnStatsBackward[] = "tldr_fast::bn_stats_backward";
 constexpr char kModeSeek[] = "tldr_fast::mode_seek";
 constexpr char kModeSeekBackward[] = "tldr_fast::mode_seek_backward";
+constexpr char kColourLine[] = "tldr_fast::colour_line";
+constexpr char kColourLineBackward[] = "tldr_fast::colour_line_backward";
 
 }  // namespace
 
@@ -192,6 +194,7 @@ TORCH_LIBRARY_IMPL(tldr_fast, Autograd, m) {
   m.impl("bn_stats",
          &ValueAutograd<kBnStats, kBnStatsBackward, Tensor3(const Tensor&, const Tensor&, const Tensor&)>::call);
   m.impl("mode_seek", &ValueAutograd<kModeSeek, kModeSeekBackward, Tensor2(const Tensor&, const Tensor&)>::call);
+  m.impl("colour_line", &ValueAutograd<kColourLine, kColourLineBackward, Tensor2(const Tensor&)>::call);
 }
 
 }  // namespace tldr_fast

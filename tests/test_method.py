@@ -246,9 +246,24 @@ def test_new_terms_are_logged_where_they_apply():
     assert inv.history["moments"][-1] == 0.0  # no known normalisation: nothing to match
 
 
-@pytest.mark.parametrize("op", ["bn_stats", "mode_seek"])
+def test_colour_line_needs_rgb_images_and_is_logged():
+    """The colour-line prior is refused before any step on a grey classifier, with the reason; on an RGB one
+    its term is logged and the generator's images move towards one colour line per image."""
+    grey = with_meta(PlainCNN([1, 12, 12], 3, width=4, feature_dim=8))
+    with pytest.raises(ValueError, match="colour_line needs RGB images \\(3 channels\\), the classifier takes 1"):
+        invert(grey, 3, (1, 12, 12), colour_line=1.0, **TINY)
+    rgb = with_meta(PlainCNN([3, 12, 12], 3, width=4, feature_dim=8))
+    runs = {w: invert(rgb, 3, (3, 12, 12), colour_line=w, **{**TINY, "steps": 12}) for w in (0.0, 50.0)}
+    assert runs[0.0].history["colour_line"][-1] == 0.0  # weight 0: not computed
+    assert runs[50.0].history["colour_line"][-1] > 0
+    off_line = {w: float(ref.colour_line(inv.sample(torch.arange(3).repeat(4)))) for w, inv in runs.items()}
+    assert off_line[50.0] < off_line[0.0]
+
+
+@pytest.mark.parametrize("op", ["bn_stats", "mode_seek", "colour_line"])
 def test_fused_method_terms_in_the_step_are_the_backends(fast, op):
-    """The step takes bn_stats (once per BatchNorm layer) and mode_seek from its backend: with only that op
+    """The step takes bn_stats (once per BatchNorm layer), mode_seek and colour_line (RGB images) from its
+    backend: with only that op
     from a fast backend (every other op from the reference), the first step's terms and the generator's
     gradients are the reference path's. (Later steps are not compared: Adam's first steps are about
     lr * sign(gradient), so a rounding difference in a near-zero gradient can become a step of lr.)"""
@@ -265,9 +280,10 @@ def test_fused_method_terms_in_the_step_are_the_backends(fast, op):
         calls.append(args[0].shape)
         return fused(*args)
 
-    shape = (1, 12, 12)
+    shape = (3, 12, 12) if op == "colour_line" else (1, 12, 12)
     clf = with_meta(SmallCNN(list(shape), 3, width=4, feature_dim=8))  # BatchNorm layers
-    cfg = InversionConfig().with_overrides(**{**TINY, "backend": "reference", "mode_seek": 0.5})
+    weights = {"mode_seek": 0.5, "colour_line": 0.5 if op == "colour_line" else 0.0}
+    cfg = InversionConfig().with_overrides(**{**TINY, "backend": "reference", **weights})
     target = FrozenClassifier(clf, 3, shape, preprocess=cfg.preprocess, device="cpu")
     out = []
     for use_fused in (False, True):

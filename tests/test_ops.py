@@ -246,6 +246,11 @@ BAD = {
         ((torch.randn(4, 1, 4, 4), torch.randn(3, 8)), r"latents must be \[B, \.\.\.\] with B = 4"),
         ((torch.randn(4, 1, 4, 4), torch.ones(4, 8, dtype=torch.long)), "latents must be a floating-point"),
     ],
+    "colour_line": [
+        ((torch.randn(2, 1, 4, 4),), r"images must be a non-empty \[B, 3, H, W\] \(RGB\)"),
+        ((torch.randn(2, 3, 4),), r"images must be a non-empty \[B, 3, H, W\] \(RGB\)"),
+        ((torch.ones(2, 3, 4, 4, dtype=torch.long),), "images must be a floating-point"),
+    ],
     "pairwise_ssim": [
         ((torch.rand(2, 1, 6, 8), torch.rand(2, 1, 6, 8)), "at least 7x7"),
         ((torch.rand(2, 1, 8, 8), torch.rand(2, 3, 8, 8)), r"the same \[C, H, W\]"),
@@ -417,5 +422,5 @@ def test_ops_are_found_and_ordered_by_their_declared_positions(monkeypatch):
     assert set(ops.OPS) == found
     clash = replace(SPECS["perturb"], position=SPECS["head_loss"].position)
     monkeypatch.setattr(ops.perturb, "SPEC", clash)
-    with pytest.raises(RuntimeError, match="positions must be 0..6, each once"):
+    with pytest.raises(RuntimeError, match="positions must be 0..7, each once"):
         ops._declared()

@@ -40,6 +40,7 @@ OP_TERMS = {
     "mode_seek": ("mode_seek",),
     "kkt": ("kkt",),
     "adversarial": ("adversarial",),
+    "colour_line": ("colour_line",),
 }
 TERMS = tuple(t for terms in OP_TERMS.values() for t in terms)
 TERM_SLICES = {op: slice(TERMS.index(t[0]), TERMS.index(t[0]) + len(t)) for op, t in OP_TERMS.items()}
@@ -73,6 +74,9 @@ class LossWeights:
     ``s`` (``step.Student``) on the clean images, so the generator seeks images on which the student
     does not yet imitate the target; the student learns to imitate it on each step's images (its own
     Adam; DESIGN.md §2.7). Off (0) by default.
+    ``colour_line``: for RGB images, the variance of each image's pixel colours off their principal line
+    (``reference.colour_line``): 0 for an image in one ink on one background. A prior for data sets drawn
+    that way (the suite's colour MNIST and Fashion-MNIST), not for photographs. Off (0) by default.
     """
 
     ce: float = 1.0
@@ -90,6 +94,7 @@ class LossWeights:
     mode_seek: float = 0.05
     kkt: float = 0.0
     adversarial: float = 0.0
+    colour_line: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .ops import bn_stats as _bn_stats
+from .ops import colour_line as _colour_line
 from .ops import feature_loss as _feature_loss
 from .ops import head_loss as _head_loss
 from .ops import image_prior as _image_prior
@@ -175,6 +176,24 @@ def image_prior(
         mom = (((mean - mu).square() + (std - sigma).square()) / sigma.square()).mean()
     terms = torch.stack([tv, pix, mom])
     return (weights.to(terms.dtype) * terms).sum(), terms.detach()
+
+
+def colour_line(images: Tensor) -> Tensor:
+    """The mean over images of the variance of each image's pixel colours off their principal line,
+    ``(1/B) sum_i (tr S_i - lambda_1(S_i))`` with ``S_i`` the [3, 3] colour covariance of image i's pixels
+    (``tldr_fast/ops/colour_line.py``): 0 for an image in one ink on one background. ``images``:
+    ``[B, 3, H, W]``; returns ``[]``.
+
+    >>> ink, back = torch.tensor([0.9, 0.1, 0.3]), torch.tensor([-0.5, 0.4, -0.8])
+    >>> g = torch.rand(2, 1, 5, 5)  # two grey images drawn in one ink on one background
+    >>> abs(float(colour_line(back[:, None, None] + (ink - back)[:, None, None] * g))) < 1e-6
+    True
+    """
+    _colour_line.check(images)
+    x = _acc(images).flatten(2)  # [B, 3, N]
+    x = x - x.mean(2, keepdim=True)
+    cov = x @ x.transpose(1, 2) / x.shape[2]  # [B, 3, 3]
+    return torch.linalg.eigvalsh(cov)[:, :-1].sum(1).mean()
 
 
 def perturb_noise(shape: torch.Size, kind: str, generator: torch.Generator, device, dtype=torch.float32) -> Tensor:

@@ -137,6 +137,11 @@ class TLDRObjective:
         self.prior = cfg.active("tv") or cfg.active("pix") or self.moments is not None
         self.bn_stats = cfg.active("bn_stats") and bool(target.batchnorms)
         self.mode_seek = cfg.active("mode_seek")
+        self.colour_line = cfg.active("colour_line")
+        if self.colour_line and generator.image_shape[0] != 3:
+            raise ValueError(
+                f"colour_line needs RGB images (3 channels), the classifier takes {generator.image_shape[0]}"
+            )
         self.paired = cfg.paired or self.mode_seek
         self.warp = bool(cfg.shift or cfg.rotate or cfg.scale)
         self.colour = bool(cfg.colour_shift or cfg.colour_contrast)
@@ -236,6 +241,8 @@ class TLDRObjective:
             extra["grad_norm"] = reference.grad_norm_full(logits[:b], c, self.params)
         if cfg.active("kkt"):
             extra["kkt"] = reference.kkt(logits[:b], y, self.params)
+        if self.colour_line:
+            extra["colour_line"] = self.ops.colour_line(x)
         if self.student is not None:  # outside the surrogate: only the target's ReLUs have it
             with self.autocast:  # the student sees the clean rows as the target did (zoomed, preprocessed)
                 extra["adversarial"] = -self.student.disagreement(self.target.preprocess(batch[:b]), logits[:b])
