@@ -267,6 +267,16 @@ def real_curves(rows: List[Dict]) -> List[Dict]:
     ]
 
 
+def _configuration(r: Dict) -> str:
+    """A leakage row's configuration as the tables name it: "the defaults", else its label or its overrides."""
+    if not r["overrides"]:
+        return "the defaults"
+    return (
+        r.get("label")
+        or "`" + ", ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in r["overrides"].items()) + "`"
+    )
+
+
 def levers(rows: List[Dict]) -> List[Dict]:
     """The defaults on ``LEVER_TARGET``, then every configuration with overrides on the same cached target
     (its ``label``, else its overrides; runs of one configuration pool their seeds)."""
@@ -275,12 +285,16 @@ def levers(rows: List[Dict]) -> List[Dict]:
     if not base:
         raise ValueError(f"the defaults' run {run!r} has no rows of {LEVER_TARGET!r}")
     same = [r for r in _leak(rows, "inversion") if r["targets"] == base[0]["targets"] and r["target"] == LEVER_TARGET]
-
-    def name(o: Dict) -> str:
-        return "`" + ", ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in o.items()) + "`"
-
-    levers_ = [dict(r, configuration=r.get("label") or name(r["overrides"])) for r in same if r["overrides"]]
+    levers_ = [dict(r, configuration=_configuration(r)) for r in same if r["overrides"]]
     return [_shown(r) for r in [dict(r, configuration="the defaults") for r in base] + levers_]
+
+
+def colour(rows: List[Dict]) -> List[Dict]:
+    """Every leakage run on a colour data set (``colour-...``), one row per target and configuration (its
+    seeds pooled), the rows of a target together."""
+    rs = [r for r in _leak(rows, "inversion") if r["data"].startswith("colour-")]
+    first = {t: i for i, t in reversed(list(enumerate(r["target"] for r in rs)))}
+    return [_shown(dict(r, configuration=_configuration(r))) for r in sorted(rs, key=lambda r: first[r["target"]])]
 
 
 def _wall(r: Dict) -> str:
@@ -347,6 +361,8 @@ SPECS: Dict[str, Spec] = {
              (("held-out accuracy", lambda rs: _fixed(rs[0]["value"]["held_out_accuracy"], 4)),)),
         Spec("leakage-levers", levers, ("configuration",), columns(
             "run", "attack acc", "NN-SSIM train", "same-class", *TEACHING, "coverage", "s/run")),
+        Spec("leakage-colour", colour, ("target", "configuration"), columns(
+            "run", "attack acc", "closer to train", "same-class", *TEACHING[:4], "s/run")),
         Spec("audit", lambda rows: [r for r in rows if r.get("kind") == "audit"], ("target", "seed"), AUDIT_COLUMNS),
         Spec("leakage-suite-time",
              lambda rows: newest([r for r in rows if r.get("kind") == "suite"], lambda r: r["suite"]),
