@@ -1,11 +1,9 @@
 // colour_line: the principal direction of an image's [3, 3] colour covariance and the variance off it, shared by
-// the CPU (cpu/colour_line.cpp) and CUDA (cuda/colour_line.cu) kernels (declaration: tldr_fast/ops/colour_line.py).
+// the CPU (cpu/colour_line.cpp) and CUDA (cuda/colour_line.cu) kernels (declaration: tldr_fast/ops/colour_line.py;
+// the input check: common.h, prepare_colour_line).
 #pragma once
 
-#include <ATen/ATen.h>
-
 #include <cmath>
-#include <cstdint>
 
 #ifdef __CUDACC__
 #define TLDR_FAST_HOST_DEVICE __host__ __device__
@@ -67,14 +65,5 @@ TLDR_FAST_HOST_DEVICE inline double principal_line(const double* s, const double
 }
 
 }  // namespace colour
-
-// images: [B, 3, H, W], non-empty -> contiguous (NCHW).
-inline at::Tensor prepare_colour_line(const at::Tensor& images) {
-  TORCH_CHECK(at::isFloatingType(images.scalar_type()), "images must be a floating-point tensor, got ",
-              images.scalar_type());
-  TORCH_CHECK(images.dim() == 4 && images.size(1) == 3 && images.numel() > 0,
-              "images must be a non-empty [B, 3, H, W] (RGB), got ", images.sizes());
-  return images.contiguous();
-}
 
 }  // namespace tldr_fast

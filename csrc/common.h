@@ -112,6 +112,14 @@ inline at::Tensor prepare_image_prior(const at::Tensor& images) {
   return images.contiguous();
 }
 
+// images of colour_line: [B, 3, H, W] (RGB), non-empty -> contiguous (NCHW).
+inline at::Tensor prepare_colour_line(const at::Tensor& images) {
+  check_floating(images, "images");
+  TORCH_CHECK(images.dim() == 4 && images.size(1) == 3 && images.numel() > 0,
+              "images must be a non-empty [B, 3, H, W] (RGB), got ", images.sizes());
+  return images.contiguous();
+}
+
 // The pixel std of image_prior's Moments term is sqrt(max(var, kMomentVarEps)) (reference.MOMENT_VAR_EPS).
 constexpr double kMomentVarEps = 1e-12;
 
